@@ -1,0 +1,237 @@
+//! Types shared by the BPF programs (`dataplane-ebpf`) and the agent (`dataplane`).
+//!
+//! Everything here is `#[repr(C)]`, padded explicitly (no implicit holes, so
+//! the kernel never sees uninitialised bytes in a key) and size-checked at
+//! compile time. Addresses and ports are kept in network byte order as byte
+//! arrays: that is what is on the wire, and `bpftool map dump` prints them as
+//! `[10,244,1,0]`, which an operator can read.
+//!
+//! Map names carry a version suffix (as Cilium's do) so a later layout change
+//! can live beside the old pinned map and migrate it.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Names of the pinned maps (the file names under `--pin-path`).
+pub mod map_names {
+    /// LPM trie: remote pod subnet -> remote node (PublicIP, VtepMAC).
+    pub const PEERS: &str = "peers_v1";
+    /// Hash: remote node PublicIP -> VtepMAC; a VXLAN sender must be in here.
+    pub const PEER_IPS: &str = "peer_ips_v1";
+    /// Array[1]: this node's configuration (addresses, ifindexes, VNI, port).
+    pub const NODE_CONFIG: &str = "node_cfg_v1";
+    /// Per-CPU array indexed by [`Stat`]: packets and bytes per outcome.
+    pub const STATS: &str = "stats_v1";
+}
+
+/// Program names as they appear in the object file.
+pub mod prog_names {
+    pub const FROM_POD: &str = "from_pod";
+    pub const FROM_UNDERLAY: &str = "from_underlay";
+    pub const DECAP_XDP: &str = "decap_xdp";
+}
+
+pub const PEERS_MAX: u32 = 16_384;
+pub const PEER_IPS_MAX: u32 = 16_384;
+
+/// Length of what VXLAN adds in front of the inner IPv4 packet when the inner
+/// Ethernet header is counted: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner
+/// Ethernet (14). The outer Ethernet header replaces the original one.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The flags byte of a VXLAN header with only the I (VNI valid) bit set.
+pub const VXLAN_FLAGS_I: u8 = 0x08;
+
+/// Key of the [`map_names::PEERS`] LPM trie. Layout is what the kernel's
+/// LPM trie expects: a 32-bit prefix length followed by the address bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub prefix_len: u32,
+    /// Subnet network address, network byte order.
+    pub addr: [u8; 4],
+}
+
+/// Value of the [`map_names::PEERS`] LPM trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Remote node's PublicIP (outer IPv4 destination), network byte order.
+    pub public_ip: [u8; 4],
+    /// Remote node's VtepMAC (inner Ethernet destination).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Key of [`map_names::PEER_IPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerIpKey {
+    pub public_ip: [u8; 4],
+}
+
+/// Value of [`map_names::PEER_IPS`]: how many leases this PublicIP holds
+/// (normally one; a node may transiently hold two while re-leasing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerIpInfo {
+    pub leases: u32,
+}
+
+/// `NodeConfig::flags` bit: the node is configured (the agent wrote it).
+pub const NODE_CFG_READY: u32 = 1 << 0;
+
+/// The single entry of [`map_names::NODE_CONFIG`]: what the programs need to
+/// know about this node. Written by the agent before it attaches anything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    pub flags: u32,
+    /// VXLAN network identifier (flannel: Backend.VNI, default 1).
+    pub vni: u32,
+    /// Underlay interface (where VXLAN leaves and arrives).
+    pub underlay_ifindex: u32,
+    /// The pod bridge (cni0).
+    pub bridge_ifindex: u32,
+    /// This node's PublicIP (outer IPv4 source).
+    pub public_ip: [u8; 4],
+    /// Cluster pod network (flannel `Network`).
+    pub network: [u8; 4],
+    /// This node's pod subnet.
+    pub subnet: [u8; 4],
+    /// The bridge's address (first address of `subnet`).
+    pub gateway: [u8; 4],
+    pub network_prefix_len: u8,
+    pub subnet_prefix_len: u8,
+    /// VXLAN UDP destination port, host byte order (flannel default 8472).
+    pub vxlan_port: u16,
+    /// This node's VtepMAC (inner Ethernet source; inner destination of
+    /// frames sent to us).
+    pub vtep_mac: [u8; 6],
+    /// MAC of the underlay interface (outer Ethernet source).
+    pub underlay_mac: [u8; 6],
+}
+
+/// Outcomes counted in [`map_names::STATS`]. The numbers are stable: they
+/// are array indexes that operators and dashboards read; never renumber or
+/// reuse one, only append.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// A pod packet was VXLAN-encapsulated and sent to a remote node.
+    Encapsulated = 0,
+    /// A VXLAN packet from a peer was decapsulated and delivered to a pod.
+    Decapsulated = 1,
+    /// Underlay traffic that is not our VXLAN, passed untouched.
+    PassNotOverlay = 2,
+    /// Pod traffic that stays on this node or leaves the cluster network,
+    /// passed to the kernel untouched.
+    PassLocal = 3,
+    /// A decapsulated packet for this node itself (the bridge address), passed up.
+    PassToHost = 4,
+
+    /// VXLAN from a source IP that holds no lease.
+    DropUnknownPeer = 10,
+    /// VXLAN to our port with another VNI.
+    DropWrongVni = 11,
+    /// VXLAN header flags other than exactly the I bit.
+    DropBadVxlanFlags = 12,
+    /// A header was cut short.
+    DropTruncated = 13,
+    /// bpf_skb_adjust_room / bpf_xdp_adjust_head failed.
+    DropAdjustRoom = 14,
+    /// No route or neighbour towards the remote node.
+    DropFib = 15,
+    /// Decapsulated frame is not IPv4.
+    DropInnerNotIpv4 = 16,
+    /// Decapsulated packet is not for a pod of this node.
+    DropInnerNotLocal = 17,
+    /// Destination is in the cluster network but no lease covers it.
+    DropNoPeer = 18,
+    /// The agent has not written the node configuration yet.
+    DropNoConfig = 19,
+    /// IPv4 options or fragments in the outer header of VXLAN to us.
+    DropOuterMalformed = 20,
+    /// Inner Ethernet destination is not our VtepMAC.
+    DropWrongVtepMac = 21,
+}
+
+/// Size of the stats array; leaves room for later reasons.
+pub const STATS_LEN: u32 = 64;
+
+impl Stat {
+    /// Every stat, for listing. Keep in numeric order.
+    pub const ALL: &'static [Stat] = &[
+        Stat::Encapsulated,
+        Stat::Decapsulated,
+        Stat::PassNotOverlay,
+        Stat::PassLocal,
+        Stat::PassToHost,
+        Stat::DropUnknownPeer,
+        Stat::DropWrongVni,
+        Stat::DropBadVxlanFlags,
+        Stat::DropTruncated,
+        Stat::DropAdjustRoom,
+        Stat::DropFib,
+        Stat::DropInnerNotIpv4,
+        Stat::DropInnerNotLocal,
+        Stat::DropNoPeer,
+        Stat::DropNoConfig,
+        Stat::DropOuterMalformed,
+        Stat::DropWrongVtepMac,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::Encapsulated => "encapsulated",
+            Stat::Decapsulated => "decapsulated",
+            Stat::PassNotOverlay => "pass_not_overlay",
+            Stat::PassLocal => "pass_local",
+            Stat::PassToHost => "pass_to_host",
+            Stat::DropUnknownPeer => "drop_unknown_peer",
+            Stat::DropWrongVni => "drop_wrong_vni",
+            Stat::DropBadVxlanFlags => "drop_bad_vxlan_flags",
+            Stat::DropTruncated => "drop_truncated",
+            Stat::DropAdjustRoom => "drop_adjust_room",
+            Stat::DropFib => "drop_fib",
+            Stat::DropInnerNotIpv4 => "drop_inner_not_ipv4",
+            Stat::DropInnerNotLocal => "drop_inner_not_local",
+            Stat::DropNoPeer => "drop_no_peer",
+            Stat::DropNoConfig => "drop_no_config",
+            Stat::DropOuterMalformed => "drop_outer_malformed",
+            Stat::DropWrongVtepMac => "drop_wrong_vtep_mac",
+        }
+    }
+}
+
+/// One slot of [`map_names::STATS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Marker an XDP decapsulation leaves in the packet metadata so that the TC
+/// program on the same interface knows the frame was a verified VXLAN packet
+/// and forwards it to the pod bridge.
+pub const XDP_META_DECAPPED: u32 = 0xdec0_0001;
+
+const _: () = assert!(size_of::<PeerKey>() == 8);
+const _: () = assert!(size_of::<PeerInfo>() == 12);
+const _: () = assert!(size_of::<PeerIpKey>() == 4);
+const _: () = assert!(size_of::<PeerIpInfo>() == 4);
+const _: () = assert!(size_of::<NodeConfig>() == 48);
+const _: () = assert!(size_of::<Counter>() == 16);
+const _: () = assert!((Stat::DropWrongVtepMac as u32) < STATS_LEN);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, contain only integers and
+    // byte arrays, and have no implicit padding (see the size assertions).
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PeerInfo {}
+    unsafe impl aya::Pod for super::PeerIpKey {}
+    unsafe impl aya::Pod for super::PeerIpInfo {}
+    unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::Counter {}
+}

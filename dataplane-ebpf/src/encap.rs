@@ -1,0 +1,141 @@
+//! VXLAN encapsulation of a pod's packet, in TC, without a vxlan device.
+//!
+//! `bpf_skb_adjust_room` opens 50 bytes after the Ethernet header and,
+//! through the ENCAP flags, marks the skb as UDP-tunnelled so a GSO packet
+//! is segmented correctly (outer lengths and IDs fixed per segment) wherever
+//! that happens. The original Ethernet header stays in front and becomes
+//! the outer one; the room is filled with outer IPv4, UDP, VXLAN and the
+//! inner Ethernet header, exactly as flannel's kernel vxlan device writes
+//! them (spec: shared/docs/flannel-compat.md).
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    btf_maps::lpm_trie::Key,
+    helpers::generated::{bpf_get_hash_recalc, bpf_get_prandom_u32},
+    programs::TcContext,
+};
+use dataplane_common::{NodeConfig, Stat, VXLAN_FLAGS_I, VXLAN_OVERHEAD};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
+
+use crate::{
+    csum::ipv4_header_csum,
+    forward::redirect_to_underlay,
+    maps::PEERS,
+    parse::{in_prefix, ptr_at},
+    stats::count,
+    vxlan::{INNER_ETH_OFF, OUTER_IP_OFF, UDP_OFF, VXLAN_OFF},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+/// Linux's default ip_local_port_range, which the kernel vxlan driver uses
+/// for its source ports.
+const SPORT_MIN: u32 = 32768;
+const SPORT_RANGE: u32 = 60999 - 32768 + 1;
+
+/// FIXED_GSO: the pod MTU already leaves room for the 50 bytes, so GSO
+/// segments keep the inner MSS instead of shrinking by 50.
+/// ENCAP_*: mark the skb as Ethernet-in-UDP-in-IPv4 so segmentation and
+/// checksum offload treat the inner headers as inner.
+const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
+    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+    | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
+    | ((EthHdr::LEN as u64) << 56);
+
+/// Encapsulates an IPv4 packet from a pod whose destination is a pod subnet
+/// of another node. `dst` is the inner destination. Returns the TC action.
+#[inline(always)]
+pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8) -> i32 {
+    let len = ctx.len();
+    if !in_prefix(dst, cfg.network, cfg.network_prefix_len)
+        || in_prefix(dst, cfg.subnet, cfg.subnet_prefix_len)
+    {
+        count(Stat::PassLocal, len);
+        return TC_ACT_OK as i32;
+    }
+    let Some(peer) = PEERS.get(&Key::new(32, dst)) else {
+        count(Stat::DropNoPeer, len);
+        return TC_ACT_SHOT as i32;
+    };
+    let (peer_ip, peer_mac) = (peer.public_ip, peer.vtep_mac);
+
+    // Entropy for ECMP/RSS in the underlay: the inner flow's hash, as the
+    // kernel's udp_flow_src_port() does.
+    // SAFETY: helper on our own skb.
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let sport = (SPORT_MIN + hash % SPORT_RANGE) as u16;
+
+    if ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS).is_err() {
+        count(Stat::DropAdjustRoom, len);
+        return TC_ACT_SHOT as i32;
+    }
+    let new_len = ctx.len();
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, OUTER_IP_OFF) else {
+        count(Stat::DropTruncated, len);
+        return TC_ACT_SHOT as i32;
+    };
+    let Some(udp) = ptr_at::<UdpHdr>(data, data_end, UDP_OFF) else {
+        count(Stat::DropTruncated, len);
+        return TC_ACT_SHOT as i32;
+    };
+    let Some(vx) = ptr_at::<VxlanHdr>(data, data_end, VXLAN_OFF) else {
+        count(Stat::DropTruncated, len);
+        return TC_ACT_SHOT as i32;
+    };
+    let Some(inner_eth) = ptr_at::<EthHdr>(data, data_end, INNER_ETH_OFF) else {
+        count(Stat::DropTruncated, len);
+        return TC_ACT_SHOT as i32;
+    };
+    let outer_len = (new_len - EthHdr::LEN as u32) as u16;
+    // SAFETY: every pointer was bounds-checked by ptr_at above.
+    unsafe {
+        let ip = &mut *ip;
+        ip.vihl = 0x45;
+        // Copy ECN from the inner header (RFC 6040 normal mode), no DSCP.
+        ip.tos = tos & 0x03;
+        ip.tot_len = outer_len.to_be_bytes();
+        ip.id = (bpf_get_prandom_u32() as u16).to_be_bytes();
+        ip.frags = [0, 0];
+        ip.ttl = 64;
+        ip.proto = 17;
+        ip.src_addr = cfg.public_ip;
+        ip.dst_addr = peer_ip;
+        ip.check = [0, 0];
+        ip.check = ipv4_header_csum(ip);
+
+        let udp = &mut *udp;
+        udp.src = sport.to_be_bytes();
+        udp.dst = cfg.vxlan_port.to_be_bytes();
+        udp.len = (outer_len - Ipv4Hdr::LEN as u16).to_be_bytes();
+        // Zero is valid for UDP over IPv4 and what GSO keeps consistent
+        // across segments (SKB_GSO_UDP_TUNNEL without _CSUM).
+        udp.check = [0, 0];
+
+        let vx = &mut *vx;
+        vx.flags = VXLAN_FLAGS_I;
+        vx._reserved1 = [0, 0, 0];
+        vx.set_vni(cfg.vni);
+        vx._reserved2 = 0;
+
+        let inner_eth = &mut *inner_eth;
+        inner_eth.dst_addr = peer_mac;
+        inner_eth.src_addr = cfg.vtep_mac;
+        inner_eth.ether_type = ETH_P_IP.to_be();
+    }
+
+    match redirect_to_underlay(ctx, cfg.public_ip, peer_ip, cfg.underlay_ifindex) {
+        Some(action) => {
+            count(Stat::Encapsulated, new_len);
+            action
+        }
+        None => {
+            count(Stat::DropFib, new_len);
+            TC_ACT_SHOT as i32
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Sending a packet on its way: FIB lookups and redirects.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        TC_ACT_REDIRECT, bpf_fib_lookup as FibParams,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+    EbpfContext,
+};
+use network_types::eth::EthHdr;
+
+use crate::parse::ptr_at;
+
+const AF_INET: u8 = 2;
+
+/// Sends an encapsulated frame towards `dst` (the remote node's PublicIP)
+/// out of the interface the routing table picks. The outer Ethernet
+/// addresses come from the FIB and neighbour tables; when the neighbour is
+/// not resolved yet the kernel resolves it (bpf_redirect_neigh), so the
+/// first packet to a new node is not lost.
+///
+/// Returns the TC action, or `None` when there is no route.
+#[inline(always)]
+pub fn redirect_to_underlay(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], ifindex: u32) -> Option<i32> {
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: p lives on the stack for the duration of the call.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut p as *mut FibParams,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0)?;
+        // SAFETY: bounds checked.
+        unsafe {
+            (*eth).dst_addr = p.dmac;
+            (*eth).src_addr = p.smac;
+        }
+        let rc = unsafe { bpf_redirect(p.ifindex, 0) };
+        return Some(rc as i32);
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // Let the kernel resolve the next hop (it queues the packet while ARP runs).
+        let rc = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) };
+        return Some(rc as i32);
+    }
+    None
+}
+
+/// Delivers a decapsulated IPv4 packet to a pod behind the bridge: the
+/// kernel resolves the pod's MAC on the bridge and the bridge forwards it
+/// to the pod's port. This skips the IP forwarding path (and its GSO and
+/// MTU checks, which misjudge a just-decapsulated GSO packet).
+#[inline(always)]
+pub fn redirect_to_bridge(bridge_ifindex: u32) -> i32 {
+    // SAFETY: plain helper call; NULL params means "look up the next hop".
+    let rc = unsafe { bpf_redirect_neigh(bridge_ifindex, core::ptr::null_mut(), 0, 0) };
+    if rc == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT as i32 } else { rc as i32 }
+}

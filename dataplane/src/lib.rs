@@ -1,0 +1,9 @@
+//! The node agent, as a library so the integration tests can drive its parts.
+//!
+//! Control plane: [`config`] (flannel network config), [`lease`] (subnet
+//! leases in etcd), [`subnet_env`], [`peers`] (watching every node's lease).
+//! Host plumbing: [`netlink`]. Data plane: [`bpf`] (loading, pinning,
+//! attaching, typed map access). [`agent`] wires them together.
+
+/// The BPF object built by build.rs from `dataplane-ebpf`, with BTF.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
