@@ -103,7 +103,9 @@ pub fn xdp_decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         }
     };
     // SAFETY: helpers on our own frame; pointers re-derived afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, (VXLAN_OVERHEAD + EthHdr::LEN as u32) as i32) } != 0 {
+    // Strip outer Ethernet + IPv4 + UDP + VXLAN (14 + 20 + 8 + 8, which is
+    // also VXLAN_OVERHEAD); the inner Ethernet header is left in front.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
         count(Stat::DropAdjustRoom, len);
         return xdp_action::XDP_DROP;
     }

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
         TC_ACT_REDIRECT, bpf_fib_lookup as FibParams,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
@@ -49,8 +49,10 @@ pub fn redirect_to_underlay(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], ifindex
         let rc = unsafe { bpf_redirect(p.ifindex, 0) };
         return Some(rc as i32);
     }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        // Let the kernel resolve the next hop (it queues the packet while ARP runs).
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 {
+        // Let the kernel route and resolve the next hop (it queues the
+        // packet while ARP runs). bpf_fib_lookup refuses to answer when IP
+        // forwarding is off on the interface; bpf_redirect_neigh does not.
         let rc = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) };
         return Some(rc as i32);
     }
