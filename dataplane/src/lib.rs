@@ -7,3 +7,11 @@
 
 /// The BPF object built by build.rs from `dataplane-ebpf`, with BTF.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
+pub mod bpf;
+pub mod netlink;
+pub mod config;
+pub mod etcd;
+pub mod lease;
+pub mod peers;
+pub mod subnet_env;
+pub mod agent;

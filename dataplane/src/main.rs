@@ -1,1 +1,227 @@
-fn main() {}
+//! `dataplane`: the node agent and its operator commands.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use dataplane::{
+    agent::{self, AgentConfig},
+    bpf::{DecapMode, fmt_mac},
+    etcd::EtcdOptions,
+};
+
+#[derive(Parser)]
+#[command(name = "dataplane", version, about = "Overlay dataplane node agent: flannel-compatible leases in etcd, VXLAN in BPF")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent (as root).
+    Agent(AgentArgs),
+    /// Read or write the network config (`<prefix>/config`).
+    Config {
+        #[command(subcommand)]
+        op: ConfigOp,
+    },
+    /// List the subnet leases in etcd.
+    Leases {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Print the data path counters of the agent on this node.
+    Stats {
+        /// Where the agent pinned its maps.
+        #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
+        pin_path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigOp {
+    /// Print the config as stored.
+    Get {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Store a config (JSON, flannel's format) after validating it.
+    Put {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        json: String,
+        /// Leave an existing config alone.
+        #[arg(long)]
+        if_absent: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct EtcdArgs {
+    /// etcd endpoints, comma separated.
+    #[arg(long, env = "DATAPLANE_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: Vec<String>,
+    /// CA certificate for etcd TLS.
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    /// Client certificate for etcd TLS.
+    #[arg(long)]
+    etcd_certfile: Option<PathBuf>,
+    /// Client key for etcd TLS.
+    #[arg(long)]
+    etcd_keyfile: Option<PathBuf>,
+    #[arg(long, env = "DATAPLANE_ETCD_USERNAME")]
+    etcd_username: Option<String>,
+    #[arg(long, env = "DATAPLANE_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+    /// Key prefix of the network (flannel's --etcd-prefix).
+    #[arg(long, default_value = "/coreos.com/network")]
+    etcd_prefix: String,
+}
+
+impl EtcdArgs {
+    fn options(&self) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: self.etcd_endpoints.clone(),
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Underlay interface VXLAN leaves and arrives on (default: the one
+    /// holding the IPv4 default route).
+    #[arg(long)]
+    iface: Option<String>,
+    /// IP published in the lease (default: the underlay's first IPv4 address).
+    #[arg(long)]
+    public_ip: Option<Ipv4Addr>,
+    /// Where to write flannel's subnet.env.
+    #[arg(long, default_value = "/run/flannel/subnet.env")]
+    subnet_file: PathBuf,
+    /// bpffs directory for the pinned maps.
+    #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
+    pin_path: PathBuf,
+    /// Where VXLAN is decapsulated: xdp, tc, or auto (XDP on physical NICs,
+    /// TC on veth and other virtual devices).
+    #[arg(long, value_enum, default_value = "auto")]
+    decap_mode: DecapMode,
+    /// The pod bridge (the CNI bridge plugin's default name).
+    #[arg(long, default_value = "cni0")]
+    bridge: String,
+    /// TTL of the etcd lease holding our subnet, in seconds (flannel: 24 h).
+    #[arg(long, default_value_t = 86_400)]
+    lease_ttl_secs: u64,
+    /// Renew the lease this many seconds before it expires (flannel: 1 h).
+    #[arg(long, default_value_t = 3_600)]
+    renew_margin_secs: u64,
+    /// Written to subnet.env as FLANNEL_IPMASQ.
+    #[arg(long)]
+    ip_masq: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Agent(a) => {
+                if a.lease_ttl_secs == 0 {
+                    bail!("--lease-ttl-secs must be positive");
+                }
+                agent::run(AgentConfig {
+                    etcd: a.etcd.options(),
+                    prefix: a.etcd.etcd_prefix.trim_end_matches('/').to_owned(),
+                    iface: a.iface,
+                    public_ip: a.public_ip,
+                    subnet_file: a.subnet_file,
+                    pin_path: a.pin_path,
+                    decap_mode: a.decap_mode,
+                    bridge: a.bridge,
+                    lease_ttl: Duration::from_secs(a.lease_ttl_secs),
+                    renew_margin: Duration::from_secs(a.renew_margin_secs),
+                    ip_masq: a.ip_masq,
+                })
+                .await
+            }
+            Cmd::Config { op } => config_cmd(op).await,
+            Cmd::Leases { etcd } => leases_cmd(&etcd).await,
+            Cmd::Stats { pin_path } => {
+                for (stat, c) in dataplane::bpf::read_pinned_stats(&pin_path)? {
+                    println!("{:<24} {:>12} pkts {:>16} bytes", stat.name(), c.packets, c.bytes);
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn config_cmd(op: ConfigOp) -> anyhow::Result<()> {
+    let etcd = match &op {
+        ConfigOp::Get { etcd } | ConfigOp::Put { etcd, .. } => etcd.clone(),
+    };
+    let mut client = dataplane::etcd::connect(&etcd.options()).await?;
+    let key = dataplane::config::config_key(etcd.etcd_prefix.trim_end_matches('/'));
+    match op {
+        ConfigOp::Get { .. } => {
+            let resp = client.get(key.as_str(), None).await?;
+            match resp.kvs().first() {
+                Some(kv) => println!("{}", String::from_utf8_lossy(kv.value())),
+                None => bail!("{key} is not set"),
+            }
+        }
+        ConfigOp::Put { json, if_absent, .. } => {
+            dataplane::config::NetworkConfig::parse(&json).with_context(|| format!("refusing to store an invalid {key}"))?;
+            if if_absent {
+                use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                let txn = Txn::new()
+                    .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.as_str(), json.as_str(), None)]);
+                let resp = client.txn(txn).await?;
+                println!("{}", if resp.succeeded() { "stored" } else { "already set, left alone" });
+            } else {
+                client.put(key.as_str(), json.as_str(), None).await?;
+                println!("stored");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn leases_cmd(etcd: &EtcdArgs) -> anyhow::Result<()> {
+    let mut client = dataplane::etcd::connect(&etcd.options()).await?;
+    let prefix = etcd.etcd_prefix.trim_end_matches('/');
+    let dir = format!("{prefix}/subnets/");
+    let resp = client.get(dir.as_str(), Some(etcd_client::GetOptions::new().with_prefix())).await?;
+    println!("{:<20} {:<16} {:<18} {:>10}", "SUBNET", "PUBLIC IP", "VTEP MAC", "TTL (s)");
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let Some(subnet) = dataplane::lease::parse_subnet_key(prefix, &key) else {
+            println!("{key:<20} (not a subnet key)");
+            continue;
+        };
+        let ttl = if kv.lease() != 0 {
+            client.lease_time_to_live(kv.lease(), None).await.map(|r| r.ttl().to_string()).unwrap_or_else(|_| "?".into())
+        } else {
+            "none".into()
+        };
+        match dataplane::lease::LeaseAttrs::from_json(kv.value()) {
+            Ok(a) => println!("{:<20} {:<16} {:<18} {:>10}", subnet.to_string(), a.public_ip.to_string(), fmt_mac(&a.vtep_mac), ttl),
+            Err(e) => println!("{:<20} malformed: {e}", subnet.to_string()),
+        }
+    }
+    Ok(())
+}

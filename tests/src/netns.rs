@@ -105,3 +105,17 @@ pub fn is_root() -> bool {
     // SAFETY: trivial syscall.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Runs `f` on a new thread that has joined the named namespace (setns):
+/// sockets it opens live there. The calling thread is unaffected.
+pub fn in_netns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid netns fd; affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}

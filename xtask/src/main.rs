@@ -1,1 +1,255 @@
-fn main() {}
+//! Project tasks. `cargo xtask <task>`; see `--help`.
+//!
+//! xtask itself depends on nothing that needs the BPF toolchain, so
+//! `cargo xtask setup` works on a fresh machine and installs it.
+
+use std::{
+    env,
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// The toolchain pinned in rust-toolchain.toml (preinstalled; its LLVM is 22).
+const TOOLCHAIN: &str = "1.95.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "bpftool",
+    "protobuf-compiler",
+    "etcd-server",
+    "iproute2",
+    "iperf3",
+    "ethtool",
+    "iputils-ping",
+];
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (Debian packages, rust-src,
+    /// bpf-linker). Idempotent: a second run does nothing and says so.
+    Setup,
+    /// Setup, then every test: unit, BPF packet tests, network-namespace
+    /// tests with a real etcd (as root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build and run the agent on this node (as root). Arguments after
+    /// `--` go to `dataplane agent`. Without --etcd-endpoints and with
+    /// nothing listening on 127.0.0.1:2379, starts a local etcd first.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A small cluster on this machine, in network namespaces: etcd, three
+    /// nodes with agents, pods pinging each other. Cleans up after itself.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.task {
+        Task::Setup => setup(),
+        Task::Test { args } => setup().and_then(|()| test(&args)),
+        Task::Run { args } => setup().and_then(|()| run(&args)),
+        Task::Demo => setup().and_then(|()| demo()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn status(mut c: Command) -> anyhow::Result<()> {
+    let desc = format!("{c:?}");
+    let st = c.status().with_context(|| format!("spawning {desc}"))?;
+    if !st.success() {
+        bail!("{desc} failed: {st}");
+    }
+    Ok(())
+}
+
+fn output_ok(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    // SAFETY: trivial syscall.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn setup() -> anyhow::Result<()> {
+    let mut did = Vec::new();
+
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output_ok("dpkg-query", &["-W", "-f=${Status}", p]).is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}; run as root to install them");
+        }
+        eprintln!("setup: installing {}", missing.join(" "));
+        let mut c = Command::new("apt-get");
+        c.arg("update").arg("-qq");
+        status(c)?;
+        let mut c = Command::new("apt-get");
+        c.env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing);
+        status(c)?;
+        did.push(format!("installed {}", missing.join(" ")));
+    }
+
+    let components = output_ok("rustup", &["component", "list", "--toolchain", TOOLCHAIN, "--installed"])
+        .context("rustup cannot list components of the pinned toolchain")?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("setup: adding rust-src to {TOOLCHAIN}");
+        let mut c = Command::new("rustup");
+        c.args(["component", "add", "rust-src", "--toolchain", TOOLCHAIN]);
+        status(c)?;
+        did.push("added rust-src".into());
+    }
+
+    if !bpf_linker_ok() {
+        eprintln!("setup: building bpf-linker against LLVM 22 (a few minutes)");
+        let mut c = cargo();
+        c.env("LLVM_PREFIX", LLVM_PREFIX).args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]);
+        status(c)?;
+        if !bpf_linker_ok() {
+            bail!("bpf-linker still not usable after installing it");
+        }
+        did.push("installed bpf-linker".into());
+    }
+
+    if did.is_empty() {
+        eprintln!("setup: everything is installed, nothing to do");
+    } else {
+        eprintln!("setup: {}", did.join("; "));
+    }
+    Ok(())
+}
+
+/// bpf-linker is on PATH and runs (it links LLVM dynamically; a removed
+/// or upgraded LLVM makes it fail to start).
+fn bpf_linker_ok() -> bool {
+    output_ok("bpf-linker", &["--version"]).is_some()
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the tests create network namespaces and load BPF programs: run as root");
+    }
+    // Build the agent binary first: end-to-end tests start it as a process.
+    let mut c = cargo();
+    c.args(["build", "--locked", "-p", "dataplane", "--bin", "dataplane"]);
+    status(c)?;
+    let mut c = cargo();
+    c.args(["test", "--locked", "--workspace"])
+        .env("DATAPLANE_BIN", root().join("target/debug/dataplane"))
+        .args(extra);
+    status(c)
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the agent loads BPF programs and configures interfaces: run as root");
+    }
+    let mut c = cargo();
+    c.args(["build", "--locked", "-p", "dataplane", "--bin", "dataplane"]);
+    status(c)?;
+    let bin = root().join("target/debug/dataplane");
+    let has_endpoints = args.iter().any(|a| a.starts_with("--etcd-endpoints"))
+        || env::var_os("DATAPLANE_ETCD_ENDPOINTS").is_some();
+    let mut etcd = None;
+    if !has_endpoints && TcpStream::connect_timeout(&"127.0.0.1:2379".parse()?, Duration::from_millis(300)).is_err() {
+        let dir = PathBuf::from("/var/lib/dataplane/etcd");
+        std::fs::create_dir_all(&dir)?;
+        eprintln!("run: no etcd on 127.0.0.1:2379; starting a local single-member etcd, data in {}", dir.display());
+        let log = std::fs::File::create(dir.with_extension("log"))?;
+        let child = Command::new("etcd")
+            .args(["--name", "dataplane-local", "--data-dir"])
+            .arg(&dir)
+            .args([
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd")?;
+        etcd = Some(child);
+        for _ in 0..100 {
+            if TcpStream::connect_timeout(&"127.0.0.1:2379".parse()?, Duration::from_millis(100)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // One node works out of the box: a default network if none is set.
+        let mut c = Command::new(&bin);
+        c.args(["config", "put", "--if-absent", r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#]);
+        status(c)?;
+    }
+    let mut c = Command::new(&bin);
+    c.arg("agent").args(args);
+    let r = status(c);
+    if let Some(mut e) = etcd {
+        let _ = e.kill();
+        let _ = e.wait();
+    }
+    r
+}
+
+fn demo() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the demo creates network namespaces: run as root");
+    }
+    let mut c = cargo();
+    c.args(["build", "--locked", "-p", "dataplane", "--bin", "dataplane"]);
+    status(c)?;
+    let mut c = cargo();
+    c.args(["run", "--locked", "-q", "-p", "tests", "--bin", "demo"])
+        .env("DATAPLANE_BIN", root().join("target/debug/dataplane"));
+    status(c)
+}

@@ -1,0 +1,466 @@
+//! Watching every node's lease under `<prefix>/subnets/`.
+//!
+//! [`watch_peers`] lists the directory, sends a full [`PeerUpdate::Snapshot`],
+//! then watches from the next revision and sends incremental updates. When
+//! the watch breaks (etcd restart, network trouble, compaction) it lists
+//! again and sends a new snapshot; [`PeerTable::apply`] turns that into the
+//! exact diff, including removals of peers that vanished meanwhile.
+//!
+//! Unlike flannel, one unparsable entry never costs us the other peers: a bad
+//! key or value is logged, counted in [`PeerWatchStats::malformed`] and
+//! skipped. The one case where a bad value removes something: a key that
+//! held a good lease is overwritten with garbage. The node's real lease is
+//! then gone (whoever wrote the garbage destroyed it), and keeping a route
+//! to a lease etcd no longer has would leave us out of step with every other
+//! node, so we send [`PeerUpdate::Remove`] for that subnet.
+//!
+//! Entries are keyed by IPv4 subnet. A plain key (`10.244.1.0-24`) and a
+//! dual-stack key for the same subnet (`10.244.1.0-24&fd00::-64`) would
+//! collide; that does not happen with a sane flannel cluster, and when it
+//! does the first one listed wins in a snapshot and the latest write wins
+//! while watching.
+//!
+//! Our own lease is included; the agent filters it out by subnet.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+use ipnet::Ipv4Net;
+use tokio::sync::{mpsc, watch};
+
+use crate::lease::{LeaseAttrs, parse_subnet_key, subnets_prefix, wait_shutdown};
+
+/// What [`watch_peers`] tells the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerUpdate {
+    /// Every valid lease, at one revision. Replaces everything known before.
+    Snapshot(BTreeMap<Ipv4Net, LeaseAttrs>),
+    /// A lease was created or changed.
+    Upsert(Ipv4Net, LeaseAttrs),
+    /// A lease was deleted, expired, or overwritten with garbage.
+    Remove(Ipv4Net),
+}
+
+/// Counters for the peer watch, shared with the agent (metrics, tests).
+#[derive(Debug, Default)]
+pub struct PeerWatchStats {
+    /// Malformed keys or values seen (each observation counts, so an entry
+    /// that stays bad is counted again at every re-list).
+    pub malformed: AtomicU64,
+    /// Watch events received.
+    pub events: AtomicU64,
+    /// Re-lists after the first snapshot (watch broke or was compacted).
+    pub resyncs: AtomicU64,
+}
+
+/// One difference between the old and the new peer set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerChange {
+    /// A subnet we did not know.
+    Added(Ipv4Net, LeaseAttrs),
+    /// A known subnet whose attributes changed (new VtepMAC or PublicIP).
+    Changed {
+        /// The subnet.
+        subnet: Ipv4Net,
+        /// What we had.
+        old: LeaseAttrs,
+        /// What it is now.
+        new: LeaseAttrs,
+    },
+    /// A subnet that is gone; carries what it had, so routes can be undone.
+    Removed(Ipv4Net, LeaseAttrs),
+}
+
+/// The agent's view of all leases, turning [`PeerUpdate`]s into diffs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerTable {
+    peers: BTreeMap<Ipv4Net, LeaseAttrs>,
+}
+
+impl PeerTable {
+    /// An empty table.
+    pub fn new() -> PeerTable {
+        PeerTable::default()
+    }
+
+    /// Applies `update` and returns what changed, in subnet order (a
+    /// snapshot yields removals first, then additions and changes). Updates
+    /// that change nothing return an empty vector.
+    pub fn apply(&mut self, update: PeerUpdate) -> Vec<PeerChange> {
+        match update {
+            PeerUpdate::Upsert(subnet, attrs) => self.upsert(subnet, attrs).into_iter().collect(),
+            PeerUpdate::Remove(subnet) => self
+                .peers
+                .remove(&subnet)
+                .map(|old| PeerChange::Removed(subnet, old))
+                .into_iter()
+                .collect(),
+            PeerUpdate::Snapshot(new) => {
+                let mut changes = Vec::new();
+                let stale: Vec<Ipv4Net> = self
+                    .peers
+                    .keys()
+                    .filter(|s| !new.contains_key(s))
+                    .copied()
+                    .collect();
+                for subnet in stale {
+                    if let Some(old) = self.peers.remove(&subnet) {
+                        changes.push(PeerChange::Removed(subnet, old));
+                    }
+                }
+                for (subnet, attrs) in new {
+                    changes.extend(self.upsert(subnet, attrs));
+                }
+                changes
+            }
+        }
+    }
+
+    fn upsert(&mut self, subnet: Ipv4Net, attrs: LeaseAttrs) -> Option<PeerChange> {
+        match self.peers.insert(subnet, attrs.clone()) {
+            None => Some(PeerChange::Added(subnet, attrs)),
+            Some(old) if old == attrs => None,
+            Some(old) => Some(PeerChange::Changed {
+                subnet,
+                old,
+                new: attrs,
+            }),
+        }
+    }
+
+    /// The lease for `subnet`, if known.
+    pub fn get(&self, subnet: &Ipv4Net) -> Option<&LeaseAttrs> {
+        self.peers.get(subnet)
+    }
+
+    /// All known leases, in subnet order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Ipv4Net, &LeaseAttrs)> {
+        self.peers.iter()
+    }
+
+    /// Number of known leases.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether no lease is known.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+}
+
+/// Longest wait between attempts while etcd is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+
+/// A key/value under `subnets/`, parsed; `Err` carries a log message.
+fn parse_entry(prefix: &str, kv: &KeyValue) -> Result<(Ipv4Net, LeaseAttrs), String> {
+    let key = String::from_utf8_lossy(kv.key());
+    let subnet = parse_subnet_key(prefix, &key)
+        .ok_or_else(|| format!("ignoring malformed lease key {key:?}"))?;
+    let attrs = LeaseAttrs::from_json(kv.value()).map_err(|e| {
+        format!(
+            "ignoring lease {key}: {e} (value {:?})",
+            String::from_utf8_lossy(kv.value())
+        )
+    })?;
+    Ok((subnet, attrs))
+}
+
+async fn snapshot(
+    client: &mut Client,
+    prefix: &str,
+    stats: &PeerWatchStats,
+) -> Result<(BTreeMap<Ipv4Net, LeaseAttrs>, i64), etcd_client::Error> {
+    let dir = subnets_prefix(prefix);
+    let resp = client
+        .get(dir.as_str(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let rev = resp.header().map_or(0, |h| h.revision());
+    let mut peers = BTreeMap::new();
+    for kv in resp.kvs() {
+        match parse_entry(prefix, kv) {
+            Ok((subnet, attrs)) => {
+                if peers.contains_key(&subnet) {
+                    log::warn!(
+                        "two leases for {subnet}; ignoring {}",
+                        String::from_utf8_lossy(kv.key())
+                    );
+                    continue;
+                }
+                peers.insert(subnet, attrs);
+            }
+            Err(msg) => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                log::warn!("{msg}");
+            }
+        }
+    }
+    Ok((peers, rev))
+}
+
+/// Sleeps `d` unless shutdown comes first; `false` on shutdown.
+async fn pause(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = wait_shutdown(shutdown) => false,
+    }
+}
+
+/// Watches `<prefix>/subnets/` until `shutdown` turns true (or its sender is
+/// dropped) or `tx`'s receiver is dropped; both return `Ok(())`. etcd
+/// trouble is retried forever with backoff, never returned.
+pub async fn watch_peers(
+    mut client: Client,
+    prefix: String,
+    tx: mpsc::Sender<PeerUpdate>,
+    stats: Arc<PeerWatchStats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let dir = subnets_prefix(&prefix);
+    let mut backoff = MIN_BACKOFF;
+    let mut listed_before = false;
+
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let listed = tokio::select! {
+            r = snapshot(&mut client, &prefix, &stats) => r,
+            _ = wait_shutdown(&mut shutdown) => return Ok(()),
+        };
+        let (mut known, rev) = match listed {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn!(
+                    "listing peers under {dir}: {e}; retrying in {:.1}s",
+                    backoff.as_secs_f32()
+                );
+                if !pause(backoff, &mut shutdown).await {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        if listed_before {
+            stats.resyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        listed_before = true;
+        log::info!("{} leases under {dir} at revision {rev}", known.len());
+        if tx.send(PeerUpdate::Snapshot(known.clone())).await.is_err() {
+            log::info!("peer update receiver gone; stopping the peer watch");
+            return Ok(());
+        }
+
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
+        let created = tokio::select! {
+            r = client.watch(dir.as_str(), Some(opts)) => r,
+            _ = wait_shutdown(&mut shutdown) => return Ok(()),
+        };
+        let mut stream = match created {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!(
+                    "watching {dir}: {e}; re-listing in {:.1}s",
+                    backoff.as_secs_f32()
+                );
+                if !pause(backoff, &mut shutdown).await {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+
+        // Follow the watch until it breaks.
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = wait_shutdown(&mut shutdown) => return Ok(()),
+            };
+            let resp = match msg {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    log::warn!("watch on {dir} ended; re-listing");
+                    break;
+                }
+                Err(e) => {
+                    log::warn!("watch on {dir} failed: {e}; re-listing");
+                    break;
+                }
+            };
+            if resp.compact_revision() > 0 {
+                log::warn!(
+                    "watch on {dir} fell behind compaction (revision {}); re-listing",
+                    resp.compact_revision()
+                );
+                break;
+            }
+            if resp.canceled() {
+                log::warn!(
+                    "watch on {dir} was cancelled ({}); re-listing",
+                    resp.cancel_reason()
+                );
+                break;
+            }
+            if resp.created() {
+                // The watch is up: etcd is healthy again.
+                backoff = MIN_BACKOFF;
+            }
+            for ev in resp.events() {
+                stats.events.fetch_add(1, Ordering::Relaxed);
+                let Some(kv) = ev.kv() else { continue };
+                let update = match ev.event_type() {
+                    EventType::Delete => {
+                        let key = String::from_utf8_lossy(kv.key());
+                        match parse_subnet_key(&prefix, &key) {
+                            Some(subnet) => known
+                                .remove(&subnet)
+                                .map(|_| PeerUpdate::Remove(subnet)),
+                            None => {
+                                log::debug!("malformed key {key:?} deleted");
+                                None
+                            }
+                        }
+                    }
+                    EventType::Put => match parse_entry(&prefix, kv) {
+                        Ok((subnet, attrs)) => {
+                            if known.get(&subnet) == Some(&attrs) {
+                                None
+                            } else {
+                                known.insert(subnet, attrs.clone());
+                                Some(PeerUpdate::Upsert(subnet, attrs))
+                            }
+                        }
+                        Err(msg) => {
+                            stats.malformed.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("{msg}");
+                            // A good lease overwritten with garbage is gone.
+                            let key = String::from_utf8_lossy(kv.key());
+                            parse_subnet_key(&prefix, &key)
+                                .and_then(|subnet| known.remove(&subnet).map(|_| subnet))
+                                .map(|subnet| {
+                                    log::warn!(
+                                        "lease for {subnet} overwritten with garbage; removing that peer"
+                                    );
+                                    PeerUpdate::Remove(subnet)
+                                })
+                        }
+                    },
+                };
+                if let Some(u) = update
+                    && tx.send(u).await.is_err()
+                {
+                    log::info!("peer update receiver gone; stopping the peer watch");
+                    return Ok(());
+                }
+            }
+        }
+
+        // Do not hammer etcd if the watch keeps breaking right away.
+        if !pause(MIN_BACKOFF, &mut shutdown).await {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(ip: [u8; 4], mac_last: u8) -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: ip.into(),
+            backend_type: "vxlan".into(),
+            vni: 1,
+            vtep_mac: [0x02, 0xdb, 0, 0, 0, mac_last],
+        }
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn upsert_add_change_noop() {
+        let mut t = PeerTable::new();
+        let a = attrs([192, 168, 0, 1], 1);
+        let s = net("10.244.1.0/24");
+        assert_eq!(
+            t.apply(PeerUpdate::Upsert(s, a.clone())),
+            vec![PeerChange::Added(s, a.clone())]
+        );
+        assert_eq!(t.apply(PeerUpdate::Upsert(s, a.clone())), vec![]);
+        let b = attrs([192, 168, 0, 1], 2);
+        assert_eq!(
+            t.apply(PeerUpdate::Upsert(s, b.clone())),
+            vec![PeerChange::Changed {
+                subnet: s,
+                old: a,
+                new: b.clone()
+            }]
+        );
+        assert_eq!(t.get(&s), Some(&b));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn remove_known_and_unknown() {
+        let mut t = PeerTable::new();
+        let a = attrs([192, 168, 0, 1], 1);
+        let s = net("10.244.1.0/24");
+        t.apply(PeerUpdate::Upsert(s, a.clone()));
+        assert_eq!(t.apply(PeerUpdate::Remove(net("10.244.9.0/24"))), vec![]);
+        assert_eq!(
+            t.apply(PeerUpdate::Remove(s)),
+            vec![PeerChange::Removed(s, a)]
+        );
+        assert!(t.is_empty());
+        assert_eq!(t.apply(PeerUpdate::Remove(s)), vec![]);
+    }
+
+    #[test]
+    fn snapshot_diffs_against_table() {
+        let mut t = PeerTable::new();
+        let (s1, s2, s3, s4) = (
+            net("10.244.1.0/24"),
+            net("10.244.2.0/24"),
+            net("10.244.3.0/24"),
+            net("10.244.4.0/24"),
+        );
+        for (s, i) in [(s1, 1), (s2, 2), (s3, 3)] {
+            t.apply(PeerUpdate::Upsert(s, attrs([192, 168, 0, i], i)));
+        }
+        let mut snap = BTreeMap::new();
+        snap.insert(s1, attrs([192, 168, 0, 1], 1)); // unchanged
+        snap.insert(s2, attrs([192, 168, 0, 2], 9)); // changed
+        snap.insert(s4, attrs([192, 168, 0, 4], 4)); // new; s3 gone
+        let changes = t.apply(PeerUpdate::Snapshot(snap.clone()));
+        assert_eq!(
+            changes,
+            vec![
+                PeerChange::Removed(s3, attrs([192, 168, 0, 3], 3)),
+                PeerChange::Changed {
+                    subnet: s2,
+                    old: attrs([192, 168, 0, 2], 2),
+                    new: attrs([192, 168, 0, 2], 9)
+                },
+                PeerChange::Added(s4, attrs([192, 168, 0, 4], 4)),
+            ]
+        );
+        // Same snapshot again: nothing to do.
+        assert_eq!(t.apply(PeerUpdate::Snapshot(snap.clone())), vec![]);
+        assert_eq!(t.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![s1, s2, s4]);
+        // Empty snapshot removes all.
+        let changes = t.apply(PeerUpdate::Snapshot(BTreeMap::new()));
+        assert_eq!(changes.len(), 3);
+        assert!(changes.iter().all(|c| matches!(c, PeerChange::Removed(..))));
+        assert!(t.is_empty());
+    }
+}

@@ -1,0 +1,183 @@
+//! `cargo xtask demo`: a three-node cluster on this machine, in network
+//! namespaces. Shows the leases, subnet.env files, pods pinging each other
+//! across nodes through the BPF overlay, a short bulk transfer, the peer
+//! map as bpftool prints it, and the data path counters. Cleans up on exit
+//! and on Ctrl-C.
+
+use std::{
+    process::Command,
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tests::{
+    topo::{Cluster, agent_bin},
+    traffic::bulk_tcp,
+};
+
+const NODES: usize = 3;
+const PODS: usize = 2;
+const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+/// What the signal thread needs to clean up if the demo is interrupted.
+static CLEANUP: OnceLock<Mutex<Option<(String, Vec<u32>)>>> = OnceLock::new();
+
+fn main() -> anyhow::Result<()> {
+    install_signal_cleanup();
+    let mut c = Cluster::new(NODES)?;
+    register(&c);
+    let r = run(&mut c);
+    if let Err(e) = &r {
+        eprintln!("demo failed: {e:#}");
+        for n in &c.nodes {
+            eprintln!("--- agent log, node {} ---\n{}", n.index + 1, n.log());
+        }
+    }
+    drop(c);
+    println!("\ncleaned up: agents stopped, namespaces and pins removed");
+    r
+}
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+fn run(c: &mut Cluster) -> anyhow::Result<()> {
+    step(&format!("etcd at {} (inside namespace {}), network config", c.endpoint(), c.underlay.name));
+    c.put_config(CONFIG)?;
+    println!("{}/config = {CONFIG}", c.prefix);
+
+    step("starting one agent per node");
+    for i in 0..NODES {
+        c.start_agent(i, &[])?;
+    }
+    register(c);
+    for i in 0..NODES {
+        let env = c.wait_ready(i, Duration::from_secs(60))?;
+        println!("node {} ({}): subnet {}", i + 1, c.nodes[i].ip, env.subnet);
+    }
+
+    step("subnet.env of node 1 (flannel's format)");
+    print!("{}", std::fs::read_to_string(c.nodes[0].subnet_file())?);
+
+    step("leases in etcd (dataplane leases)");
+    let out = c
+        .underlay
+        .command(agent_bin().to_str().context("agent path")?)
+        .args(["leases", "--etcd-endpoints", &c.endpoint()])
+        .output()
+        .context("dataplane leases")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+
+    step(&format!("{PODS} pods per node, plumbed like the CNI bridge plugin"));
+    for i in 0..NODES {
+        for _ in 0..PODS {
+            let ip = c.add_pod(i)?;
+            println!("node {} pod {ip}", i + 1);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..NODES {
+        while c.nodes[i].log().matches("attached from_pod to pod port").count() < PODS {
+            anyhow::ensure!(Instant::now() < deadline, "node {}: pod ports not attached", i + 1);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    step("every pod pings every other pod");
+    let pods: Vec<(usize, usize, std::net::Ipv4Addr)> = c
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.pods.iter().enumerate().map(move |(j, p)| (i, j, p.ip)))
+        .collect();
+    let mut ok = 0;
+    for &(i, j, src) in &pods {
+        let mut row = format!("{src:<13}");
+        for &(_, _, dst) in &pods {
+            if dst == src {
+                row.push_str("   -  ");
+                continue;
+            }
+            match c.ping(i, j, dst, 1) {
+                Ok(()) => {
+                    ok += 1;
+                    row.push_str("   ok ");
+                }
+                Err(_) => row.push_str(" FAIL "),
+            }
+        }
+        println!("{row}");
+    }
+    let total = pods.len() * (pods.len() - 1);
+    println!("{ok}/{total} pings answered");
+    anyhow::ensure!(ok == total, "some pods could not reach each other");
+
+    step("bulk TCP, 200 MB, node 1 pod -> node 2 pod (checksummed)");
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+    let r = bulk_tcp(&b.ns, b.ip, &a.ns, 200 << 20)?;
+    anyhow::ensure!(r.sent_sum == r.received_sum, "checksum mismatch");
+    println!("{} MB in {:.2} s = {:.2} Gbit/s, checksum ok", r.bytes >> 20, r.elapsed.as_secs_f64(), r.gbit_per_s());
+    if Command::new("iperf3").arg("--version").output().is_ok() {
+        let srv = b.ns.command("iperf3").args(["-s", "-1", "-B", &b.ip.to_string()]).spawn();
+        if let Ok(mut srv) = srv {
+            std::thread::sleep(Duration::from_millis(300));
+            let out = a.ns.command("iperf3").args(["-c", &b.ip.to_string(), "-t", "3", "-f", "g"]).output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            for line in text.lines().filter(|l| l.contains("sender") || l.contains("receiver")) {
+                println!("iperf3: {}", line.trim());
+            }
+            let _ = srv.kill();
+            let _ = srv.wait();
+        }
+    }
+
+    step(&format!("peer map of node 1: bpftool map dump pinned {}/peers_v1", c.nodes[0].pin_path.display()));
+    let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.nodes[0].pin_path.join("peers_v1")).output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+
+    step("data path counters of node 1 (dataplane stats)");
+    let out = Command::new(agent_bin()).args(["stats", "--pin-path"]).arg(&c.nodes[0].pin_path).output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+fn register(c: &Cluster) {
+    let mut pids: Vec<u32> = c.nodes.iter().filter_map(|n| n.agent.as_ref().map(|a| a.id())).collect();
+    pids.extend(c.etcd.pid());
+    *CLEANUP.get_or_init(Default::default).lock().unwrap() = Some((c.id.clone(), pids));
+}
+
+/// SIGINT/SIGTERM: stop what we started (by PID), delete our namespaces
+/// and pins, then exit. Runs on its own thread with the signals blocked
+/// everywhere else, so it works whatever the main thread is doing.
+fn install_signal_cleanup() {
+    // SAFETY: signal mask manipulation with valid sets.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        std::thread::spawn(move || {
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+            eprintln!("\ninterrupted: cleaning up");
+            if let Some((id, pids)) = CLEANUP.get_or_init(Default::default).lock().unwrap().take() {
+                for pid in pids {
+                    libc::kill(pid as i32, libc::SIGTERM);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                let _ = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "for ns in $(ip netns list | awk '{{print $1}}' | grep '^dp{id}'); do ip netns delete $ns; done; \
+                         rm -rf /sys/fs/bpf/dp{id}n* /tmp/dp-{id}"
+                    ))
+                    .status();
+            }
+            std::process::exit(130);
+        });
+    }
+}

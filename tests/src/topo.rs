@@ -1,0 +1,302 @@
+//! A cluster on one machine: an underlay namespace with a bridge and a real
+//! etcd, node namespaces attached to it by veth, agents running in the node
+//! namespaces, and pod namespaces plumbed as the CNI bridge plugin does.
+//!
+//! Everything is named after a per-cluster id and removed on drop (agents
+//! stopped by their own PID, namespaces deleted, pins and files removed),
+//! also when a test panics.
+//!
+//! ```text
+//!   [pod]--vpN--[cni0 | node nK | eth0]--uK--[br0 | underlay ns, etcd]
+//! ```
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use dataplane::subnet_env::{self, SubnetEnv};
+use ipnet::Ipv4Net;
+
+use crate::{
+    etcd::Etcd,
+    netns::{NetNs, unique_id},
+};
+
+pub const UNDERLAY_NET: [u8; 3] = [192, 168, 77];
+pub const UNDERLAY_GW: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 254);
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+
+/// Path of the agent binary: `DATAPLANE_BIN` (set by `cargo xtask test`),
+/// else `target/debug/dataplane` of this workspace.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("DATAPLANE_BIN") {
+        return p.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/dataplane")
+}
+
+pub struct Pod {
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    /// Host-side veth name inside the node namespace.
+    pub host_if: String,
+}
+
+pub struct Node {
+    pub index: usize,
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub pin_path: PathBuf,
+    pub agent: Option<Child>,
+    pub pods: Vec<Pod>,
+}
+
+impl Node {
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// The agent's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    /// subnet.env as the agent wrote it, if it did.
+    pub fn subnet_env(&self) -> Option<SubnetEnv> {
+        subnet_env::read(&self.subnet_file()).ok().flatten()
+    }
+
+    /// Stops the agent (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            stop_child(&mut child);
+        }
+    }
+}
+
+/// SIGTERM, wait, SIGKILL: only the process we started, by its PID.
+pub fn stop_child(child: &mut Child) {
+    // SAFETY: signalling our own child by PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub struct Cluster {
+    pub id: String,
+    pub dir: PathBuf,
+    pub underlay: NetNs,
+    pub etcd: Etcd,
+    pub nodes: Vec<Node>,
+    pub prefix: String,
+}
+
+impl Cluster {
+    /// Underlay namespace + etcd, and `n` node namespaces (no agents yet).
+    pub fn new(n: usize) -> anyhow::Result<Self> {
+        let id = unique_id();
+        let dir = std::env::temp_dir().join(format!("dp-{id}"));
+        fs::create_dir_all(&dir)?;
+        let underlay = NetNs::new(&format!("dp{id}u"))?;
+        underlay.sh(&format!(
+            "ip link add br0 type bridge && ip addr add {UNDERLAY_GW}/24 dev br0 && ip link set br0 up"
+        ))?;
+        let etcd = Etcd::start_in_netns(&underlay.name, UNDERLAY_GW).context("starting etcd")?;
+        let mut c = Cluster { id, dir, underlay, etcd, nodes: Vec::new(), prefix: DEFAULT_PREFIX.into() };
+        for _ in 0..n {
+            c.add_node()?;
+        }
+        Ok(c)
+    }
+
+    /// A new node namespace on the underlay (address 192.168.77.<k>).
+    pub fn add_node(&mut self) -> anyhow::Result<usize> {
+        let index = self.nodes.len();
+        let k = index + 1;
+        let ip = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], k as u8);
+        let ns = NetNs::new(&format!("dp{}n{k}", self.id))?;
+        self.underlay.sh(&format!(
+            "ip link add u{k} type veth peer name eth0 netns {} && ip link set u{k} master br0 up",
+            ns.name
+        ))?;
+        ns.sh(&format!(
+            "ip addr add {ip}/24 dev eth0 && ip link set eth0 up && ip route add default via {UNDERLAY_GW}"
+        ))?;
+        let dir = self.dir.join(format!("n{k}"));
+        fs::create_dir_all(&dir)?;
+        self.nodes.push(Node {
+            index,
+            ns,
+            ip,
+            dir,
+            pin_path: PathBuf::from(format!("/sys/fs/bpf/dp{}n{k}", self.id)),
+            agent: None,
+            pods: Vec::new(),
+        });
+        Ok(index)
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.etcd.endpoint.clone()
+    }
+
+    /// Runs `f` with an etcd client on a thread inside the underlay
+    /// namespace (the only place etcd is reachable from).
+    pub fn with_etcd<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(etcd_client::Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        let endpoint = self.endpoint();
+        crate::netns::in_netns(&self.underlay, move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let client = etcd_client::Client::connect([endpoint], None).await?;
+                f(client).await
+            })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("etcd thread panicked"))?
+    }
+
+    /// Stores the network config (flannel JSON) through the CLI.
+    pub fn put_config(&self, json: &str) -> anyhow::Result<()> {
+        // etcd is only reachable inside the underlay namespace.
+        let out = self
+            .underlay
+            .command(agent_bin().to_str().context("agent path")?)
+            .args(["config", "put", "--etcd-endpoints", &self.endpoint(), "--etcd-prefix", &self.prefix, json])
+            .env_remove("DATAPLANE_ETCD_ENDPOINTS")
+            .stdin(Stdio::null())
+            .output()
+            .context("dataplane config put")?;
+        if !out.status.success() {
+            bail!("config put failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Starts node `i`'s agent with extra CLI arguments.
+    pub fn start_agent(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
+        let endpoint = self.endpoint();
+        let prefix = self.prefix.clone();
+        let node = &mut self.nodes[i];
+        let log = fs::OpenOptions::new().create(true).append(true).open(node.log_file())?;
+        let mut cmd = node.ns.command(agent_bin().to_str().context("agent path")?);
+        cmd.args(["agent", "--etcd-endpoints", &endpoint, "--etcd-prefix", &prefix])
+            .arg("--subnet-file")
+            .arg(node.subnet_file())
+            .arg("--pin-path")
+            .arg(&node.pin_path)
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        node.agent = Some(cmd.spawn().context("starting agent")?);
+        Ok(())
+    }
+
+    /// Waits until node `i`'s agent wrote subnet.env and attached its
+    /// programs (the log says "agent ready").
+    pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> anyhow::Result<SubnetEnv> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = &mut self.nodes[i];
+            if let Some(env) = node.subnet_env()
+                && node.log().contains("agent ready")
+            {
+                return Ok(env);
+            }
+            if let Some(child) = node.agent.as_mut()
+                && let Ok(Some(st)) = child.try_wait()
+            {
+                bail!("agent of node {} exited ({st}):\n{}", i + 1, node.log());
+            }
+            if Instant::now() > deadline {
+                bail!("agent of node {} not ready after {timeout:?}:\n{}", i + 1, node.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A pod on node `i`, plumbed like the CNI bridge plugin does with
+    /// flannel's subnet.env: veth into cni0, address from the node subnet,
+    /// default route via the bridge, MTU from subnet.env.
+    pub fn add_pod(&mut self, i: usize) -> anyhow::Result<Ipv4Addr> {
+        let id = self.id.clone();
+        let node = &mut self.nodes[i];
+        let env = node.subnet_env().context("node has no subnet.env yet")?;
+        add_pod_to(&id, node, &env.subnet, env.mtu)
+    }
+
+    /// Runs `ping` from pod (node, pod index) to `dst`.
+    pub fn ping(&self, node: usize, pod: usize, dst: Ipv4Addr, count: u32) -> anyhow::Result<()> {
+        self.nodes[node].pods[pod].ns.sh(&format!("ping -c {count} -i 0.2 -W 2 {dst} >/dev/null"))?;
+        Ok(())
+    }
+
+    /// The pinned maps of node `i` as bpftool prints them (JSON).
+    pub fn bpftool_dump(&self, i: usize, map: &str) -> anyhow::Result<String> {
+        let path = self.nodes[i].pin_path.join(map);
+        let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path).output()?;
+        if !out.status.success() {
+            bail!("bpftool map dump {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Plumbs a pod into `node` with address subnet + 10 + (number of pods).
+pub fn add_pod_to(id: &str, node: &mut Node, subnet: &Ipv4Net, mtu: u32) -> anyhow::Result<Ipv4Addr> {
+    let j = node.pods.len() + 1;
+    let ip = Ipv4Addr::from(u32::from(subnet.network()) + 10 + j as u32);
+    let gw = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    let ns = NetNs::new(&format!("dp{id}n{}p{j}", node.index + 1))?;
+    let host_if = format!("vp{j}");
+    node.ns.sh(&format!(
+        "ip link add {host_if} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {pod} && \
+         ip link set {host_if} master cni0 && ip link set {host_if} up",
+        pod = ns.name
+    ))?;
+    ns.sh(&format!(
+        "ip addr add {ip}/{len} dev eth0 && ip link set eth0 up && ip route add default via {gw}",
+        len = subnet.prefix_len()
+    ))?;
+    node.pods.push(Pod { ns, ip, host_if });
+    Ok(ip)
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop_agent();
+        }
+        for node in &mut self.nodes {
+            node.pods.clear();
+            let _ = fs::remove_dir_all(&node.pin_path);
+        }
+        self.nodes.clear();
+        if std::env::var_os("DATAPLANE_KEEP_LOGS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
