@@ -22,6 +22,21 @@ pub mod map_names {
     pub const NODE_CONFIG: &str = "node_cfg_v1";
     /// Per-CPU array indexed by [`Stat`]: packets and bytes per outcome.
     pub const STATS: &str = "stats_v1";
+    /// Hash: service frontend (ClusterIP, port, protocol) -> service entry.
+    pub const SERVICES: &str = "svc_v1";
+    /// Hash: (service id, slot) -> backend (IP, port).
+    pub const BACKENDS: &str = "backends_v1";
+    /// Hash: ClusterIP -> number of frontends; traffic to a ClusterIP on a
+    /// port/protocol no frontend defines is dropped, never forwarded raw.
+    pub const VIPS: &str = "vips_v1";
+    /// LRU: original flow (client -> ClusterIP) -> chosen backend.
+    pub const CT: &str = "ct_v1";
+    /// LRU: reply flow (backend -> client) -> ClusterIP to restore.
+    pub const RNAT: &str = "rnat_v1";
+    /// LRU: (service id, client IP) -> backend, for sessionAffinity ClientIP.
+    pub const AFFINITY: &str = "affinity_v1";
+    /// Per-CPU hash: service frontend -> flows, packets, bytes, rejections.
+    pub const SVC_STATS: &str = "svc_stats_v1";
 }
 
 /// Program names as they appear in the object file.
@@ -32,6 +47,137 @@ pub mod prog_names {
 }
 
 pub const PEERS_MAX: u32 = 16_384;
+pub const SERVICES_MAX: u32 = 65_536;
+pub const BACKENDS_MAX: u32 = 262_144;
+pub const CT_MAX: u32 = 262_144;
+pub const AFFINITY_MAX: u32 = 65_536;
+
+/// Source address given to hairpin flows (a pod reaching itself through a
+/// Service): a packet from the pod's own address would be dropped by the
+/// pod as a martian. kube-proxy masquerades these for the same reason.
+pub const HAIRPIN_SNAT_IP: [u8; 4] = [169, 254, 77, 1];
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of [`map_names::SERVICES`] and [`map_names::SVC_STATS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    pub vip: [u8; 4],
+    /// Network byte order.
+    pub port: [u8; 2],
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `SvcInfo::flags`: sessionAffinity ClientIP.
+pub const SVC_F_AFFINITY: u32 = 1 << 0;
+
+/// Value of [`map_names::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcInfo {
+    /// Index into the backend slots; assigned by the agent.
+    pub id: u32,
+    /// Number of backend slots in use (0 = reject new flows).
+    pub count: u32,
+    pub flags: u32,
+    /// sessionAffinityConfig.clientIP.timeoutSeconds.
+    pub affinity_timeout_s: u32,
+}
+
+/// Key of [`map_names::BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub svc_id: u32,
+    pub slot: u32,
+}
+
+/// Value of [`map_names::BACKENDS`], and where a flow goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct Backend {
+    pub ip: [u8; 4],
+    /// Network byte order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Key of [`map_names::VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub vip: [u8; 4],
+}
+
+/// Value of [`map_names::VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipInfo {
+    pub frontends: u32,
+}
+
+/// A flow's 5-tuple, key of [`map_names::CT`] (client -> ClusterIP) and
+/// [`map_names::RNAT`] (backend -> client or hairpin address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`map_names::CT`]: where this flow was sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    pub backend: Backend,
+    /// Source address rewritten too (hairpin), or zero.
+    pub snat: [u8; 4],
+}
+
+/// Value of [`map_names::RNAT`]: what the reply's addresses must become.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RnatEntry {
+    pub vip: [u8; 4],
+    pub vport: [u8; 2],
+    pub client_port: [u8; 2],
+    pub client: [u8; 4],
+}
+
+/// Key of [`map_names::AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    pub client: [u8; 4],
+}
+
+/// Value of [`map_names::AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityEntry {
+    pub backend: Backend,
+    /// bpf_ktime_get_ns() of the last new connection from this client.
+    pub last_ns: u64,
+}
+
+/// Value of [`map_names::SVC_STATS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcCounters {
+    pub new_flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub rejections: u64,
+}
 pub const PEER_IPS_MAX: u32 = 16_384;
 
 /// Length of what VXLAN adds in front of the inner IPv4 packet when the inner
@@ -128,6 +274,10 @@ pub enum Stat {
     PassLocal = 3,
     /// A decapsulated packet for this node itself (the bridge address), passed up.
     PassToHost = 4,
+    /// A packet to a ClusterIP translated to its backend.
+    SvcForward = 5,
+    /// A reply from a backend translated back to the ClusterIP.
+    SvcReverse = 6,
 
     /// VXLAN from a source IP that holds no lease.
     DropUnknownPeer = 10,
@@ -153,6 +303,18 @@ pub enum Stat {
     DropOuterMalformed = 20,
     /// Inner Ethernet destination is not our VtepMAC.
     DropWrongVtepMac = 21,
+    /// New connection to a Service with no usable backend: rejected with
+    /// ICMP port unreachable (kube-proxy's REJECT).
+    SvcRejectNoBackend = 22,
+    /// To a ClusterIP on a port or protocol the Service does not define.
+    DropSvcUndefinedPort = 23,
+    /// TCP segment (not SYN) to a ClusterIP with no connection-tracking
+    /// entry, e.g. its backend was removed: rejected so it fails fast.
+    SvcRejectNoConntrack = 24,
+    /// Could not build the rejection packet.
+    DropRejectFailed = 25,
+    /// A fragment or a header too short to read ports from, to a ClusterIP.
+    DropSvcMalformed = 26,
 }
 
 /// Size of the stats array; leaves room for later reasons.
@@ -166,6 +328,8 @@ impl Stat {
         Stat::PassNotOverlay,
         Stat::PassLocal,
         Stat::PassToHost,
+        Stat::SvcForward,
+        Stat::SvcReverse,
         Stat::DropUnknownPeer,
         Stat::DropWrongVni,
         Stat::DropBadVxlanFlags,
@@ -178,6 +342,11 @@ impl Stat {
         Stat::DropNoConfig,
         Stat::DropOuterMalformed,
         Stat::DropWrongVtepMac,
+        Stat::SvcRejectNoBackend,
+        Stat::DropSvcUndefinedPort,
+        Stat::SvcRejectNoConntrack,
+        Stat::DropRejectFailed,
+        Stat::DropSvcMalformed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -187,6 +356,8 @@ impl Stat {
             Stat::PassNotOverlay => "pass_not_overlay",
             Stat::PassLocal => "pass_local",
             Stat::PassToHost => "pass_to_host",
+            Stat::SvcForward => "svc_forward",
+            Stat::SvcReverse => "svc_reverse",
             Stat::DropUnknownPeer => "drop_unknown_peer",
             Stat::DropWrongVni => "drop_wrong_vni",
             Stat::DropBadVxlanFlags => "drop_bad_vxlan_flags",
@@ -199,6 +370,11 @@ impl Stat {
             Stat::DropNoConfig => "drop_no_config",
             Stat::DropOuterMalformed => "drop_outer_malformed",
             Stat::DropWrongVtepMac => "drop_wrong_vtep_mac",
+            Stat::SvcRejectNoBackend => "svc_reject_no_backend",
+            Stat::DropSvcUndefinedPort => "drop_svc_undefined_port",
+            Stat::SvcRejectNoConntrack => "svc_reject_no_conntrack",
+            Stat::DropRejectFailed => "drop_reject_failed",
+            Stat::DropSvcMalformed => "drop_svc_malformed",
         }
     }
 }
@@ -222,7 +398,18 @@ const _: () = assert!(size_of::<PeerIpKey>() == 4);
 const _: () = assert!(size_of::<PeerIpInfo>() == 4);
 const _: () = assert!(size_of::<NodeConfig>() == 48);
 const _: () = assert!(size_of::<Counter>() == 16);
-const _: () = assert!((Stat::DropWrongVtepMac as u32) < STATS_LEN);
+const _: () = assert!((Stat::DropSvcMalformed as u32) < STATS_LEN);
+const _: () = assert!(size_of::<SvcKey>() == 8);
+const _: () = assert!(size_of::<SvcInfo>() == 16);
+const _: () = assert!(size_of::<BackendKey>() == 8);
+const _: () = assert!(size_of::<Backend>() == 8);
+const _: () = assert!(size_of::<VipKey>() == 4);
+const _: () = assert!(size_of::<CtKey>() == 16);
+const _: () = assert!(size_of::<CtEntry>() == 12);
+const _: () = assert!(size_of::<RnatEntry>() == 12);
+const _: () = assert!(size_of::<AffinityKey>() == 8);
+const _: () = assert!(size_of::<AffinityEntry>() == 16);
+const _: () = assert!(size_of::<SvcCounters>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -234,4 +421,16 @@ mod pod {
     unsafe impl aya::Pod for super::PeerIpInfo {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::SvcKey {}
+    unsafe impl aya::Pod for super::SvcInfo {}
+    unsafe impl aya::Pod for super::BackendKey {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::RnatEntry {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityEntry {}
+    unsafe impl aya::Pod for super::SvcCounters {}
 }

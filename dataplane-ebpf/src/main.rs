@@ -7,13 +7,17 @@ mod csum;
 mod decap;
 mod encap;
 mod forward;
+mod l4;
+mod lb;
 mod maps;
+mod nat;
 mod parse;
+mod reject;
 mod stats;
 mod vxlan;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -48,7 +52,29 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         count(Stat::DropTruncated, ctx.len());
         return TC_ACT_OK as i32;
     };
-    let (dst, tos) = unsafe { ((*ip).dst_addr, (*ip).tos) };
+    // SAFETY: bounds checked.
+    let (mut dst, tos) = unsafe { ((*ip).dst_addr, (*ip).tos) };
+    // Services first: a ClusterIP is never forwarded untranslated.
+    match l4::parse(data, data_end) {
+        Some(l4::L4::Flow(flow)) => match lb::from_pod(&ctx, &flow) {
+            lb::Verdict::Pass => {}
+            lb::Verdict::Done(action) => return action,
+            lb::Verdict::Translated(to) => {
+                dst = to;
+                // A pod of this node: hand it to the bridge directly, not
+                // through IP forwarding (which would also send the client
+                // an ICMP redirect, in and out being the same bridge).
+                if parse::in_prefix(dst, cfg.subnet, cfg.subnet_prefix_len) {
+                    return forward::redirect_to_bridge(cfg.bridge_ifindex);
+                }
+            }
+        },
+        Some(l4::L4::Other { daddr }) if lb::is_vip(daddr) => {
+            count(Stat::DropSvcUndefinedPort, ctx.len());
+            return TC_ACT_SHOT as i32;
+        }
+        _ => {}
+    }
     encap::encap_to_peer(&ctx, cfg, dst, tos)
 }
 

@@ -3,11 +3,13 @@
 //! maps (`.maps` section) so `bpftool map dump` prints typed keys and values.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use dataplane_common::{
-    Counter, NodeConfig, PEER_IPS_MAX, PEERS_MAX, PeerInfo, PeerIpInfo, PeerIpKey, STATS_LEN,
+    AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
+    CtEntry, CtKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, PeerInfo, PeerIpInfo, PeerIpKey,
+    RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
 };
 
 /// Remote pod subnet (LPM) -> remote node's PublicIP and VtepMAC. Filled by
@@ -26,3 +28,31 @@ pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
 /// Packets and bytes per outcome, indexed by `dataplane_common::Stat`.
 #[btf_map(name = "stats_v1")]
 pub static STATS: PerCpuArray<Counter, { STATS_LEN as usize }> = PerCpuArray::new();
+
+/// Service frontend (ClusterIP, port, protocol) -> service entry.
+#[btf_map(name = "svc_v1")]
+pub static SERVICES: HashMap<SvcKey, SvcInfo, { SERVICES_MAX as usize }> = HashMap::new();
+
+/// (service id, slot) -> backend. Slots 0..count of a service are in use.
+#[btf_map(name = "backends_v1")]
+pub static BACKENDS: HashMap<BackendKey, Backend, { BACKENDS_MAX as usize }> = HashMap::new();
+
+/// ClusterIPs; traffic to one that matches no frontend is dropped.
+#[btf_map(name = "vips_v1")]
+pub static VIPS: HashMap<VipKey, VipInfo, { SERVICES_MAX as usize }> = HashMap::new();
+
+/// Connection tracking: client -> ClusterIP flow to its backend.
+#[btf_map(name = "ct_v1")]
+pub static CT: LruHashMap<CtKey, CtEntry, { CT_MAX as usize }> = LruHashMap::new();
+
+/// Reverse NAT: backend -> client flow to the ClusterIP it came in on.
+#[btf_map(name = "rnat_v1")]
+pub static RNAT: LruHashMap<CtKey, RnatEntry, { CT_MAX as usize }> = LruHashMap::new();
+
+/// sessionAffinity ClientIP: (service, client) -> backend and last use.
+#[btf_map(name = "affinity_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { AFFINITY_MAX as usize }> = LruHashMap::new();
+
+/// Per-frontend counters.
+#[btf_map(name = "svc_stats_v1")]
+pub static SVC_STATS: PerCpuHashMap<SvcKey, SvcCounters, { SERVICES_MAX as usize }> = PerCpuHashMap::new();

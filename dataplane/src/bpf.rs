@@ -19,14 +19,16 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::SchedClassifierLinkId, xdp::XdpLinkId,
     },
 };
 use dataplane_common::{
-    Counter, NodeConfig, PeerInfo, PeerIpInfo, PeerIpKey, STATS_LEN, Stat, map_names, prog_names,
+    AffinityEntry, AffinityKey, Backend, BackendKey, Counter, CtEntry, CtKey, NodeConfig, PeerInfo,
+    PeerIpInfo, PeerIpKey, RnatEntry, STATS_LEN, SVC_F_AFFINITY, Stat, SvcCounters, SvcInfo, SvcKey,
+    VipInfo, VipKey, map_names, prog_names,
 };
 use ipnet::Ipv4Net;
 use log::{debug, info, warn};
@@ -114,6 +116,7 @@ pub struct Dataplane {
     peer_ips: HashMap<MapData, PeerIpKey, PeerIpInfo>,
     node_cfg: Array<MapData, NodeConfig>,
     stats: PerCpuArray<MapData, Counter>,
+    svc: ServiceMaps,
     /// Shadow of `peers`: what we wrote.
     shadow: BTreeMap<Ipv4Net, Peer>,
     /// Shadow of `peer_ips`: lease count per PublicIP.
@@ -139,6 +142,13 @@ impl Dataplane {
             map_names::PEER_IPS,
             map_names::NODE_CONFIG,
             map_names::STATS,
+            map_names::SERVICES,
+            map_names::BACKENDS,
+            map_names::VIPS,
+            map_names::CT,
+            map_names::RNAT,
+            map_names::AFFINITY,
+            map_names::SVC_STATS,
         ];
         let mut loader = EbpfLoader::new();
         if let Some(pin_path) = pin_path {
@@ -171,6 +181,20 @@ impl Dataplane {
         let peer_ips = HashMap::try_from(take(&mut ebpf, map_names::PEER_IPS)?)?;
         let node_cfg = Array::try_from(take(&mut ebpf, map_names::NODE_CONFIG)?)?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, map_names::STATS)?)?;
+        let svc = ServiceMaps {
+            services: HashMap::try_from(take(&mut ebpf, map_names::SERVICES)?)?,
+            backends: HashMap::try_from(take(&mut ebpf, map_names::BACKENDS)?)?,
+            vips: HashMap::try_from(take(&mut ebpf, map_names::VIPS)?)?,
+            ct: HashMap::try_from(take(&mut ebpf, map_names::CT)?)?,
+            rnat: HashMap::try_from(take(&mut ebpf, map_names::RNAT)?)?,
+            affinity: HashMap::try_from(take(&mut ebpf, map_names::AFFINITY)?)?,
+            svc_stats: PerCpuHashMap::try_from(take(&mut ebpf, map_names::SVC_STATS)?)?,
+            shadow: BTreeMap::new(),
+            vip_refs: BTreeMap::new(),
+            free_ids: Vec::new(),
+            next_id: 0,
+            writes: WriteStats::default(),
+        };
         match pin_path {
             Some(p) => info!("BPF programs loaded, maps pinned under {}", p.display()),
             None => info!("BPF programs loaded (maps not pinned)"),
@@ -182,6 +206,7 @@ impl Dataplane {
             peer_ips,
             node_cfg,
             stats,
+            svc,
             shadow: BTreeMap::new(),
             shadow_ips: BTreeMap::new(),
             writes: WriteStats::default(),
@@ -343,6 +368,19 @@ impl Dataplane {
         Ok(attached)
     }
 
+    /// The service maps, for programming frontends.
+    pub fn services(&mut self) -> &mut ServiceMaps {
+        &mut self.svc
+    }
+
+    /// Map writes so far (peer and service maps).
+    pub fn total_writes(&self) -> WriteStats {
+        WriteStats {
+            updates: self.writes.updates + self.svc.writes.updates,
+            deletes: self.writes.deletes + self.svc.writes.deletes,
+        }
+    }
+
     /// Per-outcome counters summed over CPUs.
     pub fn stats(&self) -> anyhow::Result<Vec<(Stat, Counter)>> {
         read_stats(&self.stats)
@@ -386,4 +424,216 @@ fn remove_ok_if_missing(r: Result<(), aya::maps::MapError>) -> anyhow::Result<()
 
 pub fn fmt_mac(m: &[u8; 6]) -> String {
     format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+}
+
+/// What one frontend should look like in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendState {
+    pub backends: Vec<Backend>,
+    /// sessionAffinity ClientIP timeout, seconds.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+struct ShadowFrontend {
+    id: u32,
+    info: SvcInfo,
+    backends: Vec<Backend>,
+}
+
+/// The service maps and their shadow. One frontend is one
+/// (ClusterIP, port, protocol); a change to it costs writes proportional
+/// to its own backends, never to the number of services.
+pub struct ServiceMaps {
+    services: HashMap<MapData, SvcKey, SvcInfo>,
+    backends: HashMap<MapData, BackendKey, Backend>,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    ct: HashMap<MapData, CtKey, CtEntry>,
+    rnat: HashMap<MapData, CtKey, RnatEntry>,
+    affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    svc_stats: PerCpuHashMap<MapData, SvcKey, SvcCounters>,
+    shadow: BTreeMap<SvcKey, ShadowFrontend>,
+    vip_refs: BTreeMap<[u8; 4], u32>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+    writes: WriteStats,
+}
+
+impl ServiceMaps {
+    pub fn writes(&self) -> WriteStats {
+        self.writes
+    }
+
+    pub fn frontends(&self) -> usize {
+        self.shadow.len()
+    }
+
+    /// Programs (or reprograms) one frontend. Order matters for packets in
+    /// flight: flows to removed backends are forgotten first, new slots are
+    /// written before the count grows, and the count shrinks before slots
+    /// are deleted, so a lookup never lands on an empty slot.
+    pub fn set_frontend(&mut self, key: SvcKey, want: &FrontendState) -> anyhow::Result<()> {
+        let (id, old_backends, old_info) = match self.shadow.get(&key) {
+            Some(f) => (f.id, f.backends.clone(), Some(f.info)),
+            None => (self.alloc_id(), Vec::new(), None),
+        };
+        let info = SvcInfo {
+            id,
+            count: want.backends.len() as u32,
+            flags: if want.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 },
+            affinity_timeout_s: want.affinity_timeout_s.unwrap_or(0),
+        };
+        if old_info == Some(info) && old_backends == want.backends {
+            return Ok(());
+        }
+        let removed: Vec<Backend> = old_backends.iter().filter(|b| !want.backends.contains(b)).copied().collect();
+        if !removed.is_empty() {
+            self.forget_flows(&key, id, Some(&removed))?;
+        }
+        let shrink = want.backends.len() < old_backends.len();
+        if shrink && old_info.is_some() {
+            self.services.insert(key, info, 0)?;
+            self.writes.updates += 1;
+        }
+        for (slot, b) in want.backends.iter().enumerate() {
+            if old_backends.get(slot) != Some(b) {
+                self.backends.insert(BackendKey { svc_id: id, slot: slot as u32 }, *b, 0)?;
+                self.writes.updates += 1;
+            }
+        }
+        if !shrink || old_info.is_none() {
+            if old_info != Some(info) {
+                self.services.insert(key, info, 0)?;
+                self.writes.updates += 1;
+            }
+        }
+        for slot in want.backends.len()..old_backends.len() {
+            remove_ok_if_missing(self.backends.remove(&BackendKey { svc_id: id, slot: slot as u32 }))?;
+            self.writes.deletes += 1;
+        }
+        if old_info.is_none() {
+            let n = self.vip_refs.entry(key.vip).or_default();
+            *n += 1;
+            self.vips.insert(VipKey { vip: key.vip }, VipInfo { frontends: *n }, 0)?;
+            self.writes.updates += 1;
+        }
+        self.shadow.insert(key, ShadowFrontend { id, info, backends: want.backends.clone() });
+        Ok(())
+    }
+
+    /// Removes a frontend and everything that hangs off it.
+    pub fn remove_frontend(&mut self, key: &SvcKey) -> anyhow::Result<()> {
+        let Some(f) = self.shadow.remove(key) else {
+            return Ok(());
+        };
+        remove_ok_if_missing(self.services.remove(key))?;
+        self.writes.deletes += 1;
+        for slot in 0..f.backends.len() {
+            remove_ok_if_missing(self.backends.remove(&BackendKey { svc_id: f.id, slot: slot as u32 }))?;
+            self.writes.deletes += 1;
+        }
+        self.forget_flows(key, f.id, None)?;
+        let _ = self.svc_stats.remove(key);
+        match self.vip_refs.get_mut(&key.vip) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                self.vips.insert(VipKey { vip: key.vip }, VipInfo { frontends: *n }, 0)?;
+                self.writes.updates += 1;
+            }
+            _ => {
+                self.vip_refs.remove(&key.vip);
+                remove_ok_if_missing(self.vips.remove(&VipKey { vip: key.vip }))?;
+                self.writes.deletes += 1;
+            }
+        }
+        self.free_ids.push(f.id);
+        Ok(())
+    }
+
+    /// Keys of frontends in the shadow.
+    pub fn keys(&self) -> Vec<SvcKey> {
+        self.shadow.keys().copied().collect()
+    }
+
+    /// Drops connection-tracking, reverse-NAT and affinity state of a
+    /// frontend's flows to `backends` (all flows with `None`): UDP flows
+    /// then pick a live backend on their next packet (the stuck-DNS bug,
+    /// kubernetes #19029), TCP flows are reset by the data path.
+    fn forget_flows(&mut self, key: &SvcKey, id: u32, backends: Option<&[Backend]>) -> anyhow::Result<()> {
+        let hit = |b: &Backend| backends.is_none_or(|list| list.contains(b));
+        let mut stale = Vec::new();
+        for item in self.ct.iter() {
+            let Ok((k, v)) = item else { continue };
+            if k.daddr == key.vip && k.dport == key.port && k.proto == key.proto && hit(&v.backend) {
+                stale.push((k, v));
+            }
+        }
+        for (k, v) in stale {
+            remove_ok_if_missing(self.ct.remove(&k))?;
+            let reply = CtKey {
+                saddr: v.backend.ip,
+                daddr: if v.snat == [0; 4] { k.saddr } else { v.snat },
+                sport: v.backend.port,
+                dport: k.sport,
+                proto: k.proto,
+                _pad: [0; 3],
+            };
+            remove_ok_if_missing(self.rnat.remove(&reply))?;
+            self.writes.deletes += 2;
+        }
+        let mut stale_aff = Vec::new();
+        for item in self.affinity.iter() {
+            let Ok((k, v)) = item else { continue };
+            if k.svc_id == id && hit(&v.backend) {
+                stale_aff.push(k);
+            }
+        }
+        for k in stale_aff {
+            remove_ok_if_missing(self.affinity.remove(&k))?;
+            self.writes.deletes += 1;
+        }
+        Ok(())
+    }
+
+    fn alloc_id(&mut self) -> u32 {
+        self.free_ids.pop().unwrap_or_else(|| {
+            let id = self.next_id;
+            self.next_id += 1;
+            id
+        })
+    }
+
+    /// Removes service entries left in the pinned maps by an earlier run
+    /// that the shadow does not know (call after the first full sync).
+    pub fn remove_unknown(&mut self) -> anyhow::Result<usize> {
+        let stale: Vec<SvcKey> =
+            self.services.keys().filter_map(Result::ok).filter(|k| !self.shadow.contains_key(k)).collect();
+        for k in &stale {
+            remove_ok_if_missing(self.services.remove(k))?;
+            self.writes.deletes += 1;
+        }
+        let vips: Vec<VipKey> =
+            self.vips.keys().filter_map(Result::ok).filter(|k| !self.vip_refs.contains_key(&k.vip)).collect();
+        for k in &vips {
+            remove_ok_if_missing(self.vips.remove(k))?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Per-frontend counters summed over CPUs.
+    pub fn counters(&self) -> Vec<(SvcKey, SvcCounters)> {
+        let mut out = Vec::new();
+        for item in self.svc_stats.iter() {
+            let Ok((k, per_cpu)) = item else { continue };
+            let mut sum = SvcCounters::default();
+            for c in per_cpu.iter() {
+                sum.new_flows += c.new_flows;
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+                sum.rejections += c.rejections;
+            }
+            out.push((k, sum));
+        }
+        out
+    }
 }

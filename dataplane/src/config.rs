@@ -196,7 +196,9 @@ impl NetworkConfig {
                 if len > 30 {
                     return Err(field_err(
                         "SubnetLen",
-                        format!("{len} is greater than 30 (a node subnet needs at least 4 addresses)"),
+                        format!(
+                            "{len} is greater than 30 (a node subnet needs at least 4 addresses)"
+                        ),
                     ));
                 }
                 // Checked above: fits in u8.
@@ -322,7 +324,10 @@ impl NetworkConfig {
 impl BackendConfig {
     fn parse(v: &Value) -> Result<BackendConfig, ConfigError> {
         let obj = v.as_object().ok_or_else(|| {
-            field_err("Backend", format!("expected an object such as {{\"Type\": \"vxlan\"}}, got {v}"))
+            field_err(
+                "Backend",
+                format!("expected an object such as {{\"Type\": \"vxlan\"}}, got {v}"),
+            )
         })?;
         let backend_type = match get_field(obj, "Type", "Backend.Type")? {
             None => {
@@ -404,7 +409,9 @@ pub fn config_key(prefix: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadConfigError {
     /// The key does not exist (yet): flannel waits and retries in this case.
-    #[error("network config {key} not found in etcd; write one, e.g. {{\"Network\": \"10.244.0.0/16\", \"Backend\": {{\"Type\": \"vxlan\"}}}}")]
+    #[error(
+        "network config {key} not found in etcd; write one, e.g. {{\"Network\": \"10.244.0.0/16\", \"Backend\": {{\"Type\": \"vxlan\"}}}}"
+    )]
     Missing {
         /// The etcd key that was read.
         key: String,
@@ -516,22 +523,34 @@ mod tests {
 
     #[test]
     fn same_field_twice_rejected() {
-        let e = err_of(r#"{"Network":"10.1.0.0/16","network":"10.2.0.0/16","Backend":{"Type":"vxlan"}}"#);
+        let e = err_of(
+            r#"{"Network":"10.1.0.0/16","network":"10.2.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        );
         assert!(e.starts_with("field Network: given twice"), "{e}");
     }
 
     #[test]
     fn default_subnet_len_24_up_to_slash_22() {
         for (n, len) in [("10.0.0.0/8", 24), ("10.1.0.0/16", 24), ("10.1.0.0/22", 24)] {
-            let c = parse(&format!(r#"{{"Network":"{n}","Backend":{{"Type":"vxlan"}}}}"#)).unwrap();
+            let c = parse(&format!(
+                r#"{{"Network":"{n}","Backend":{{"Type":"vxlan"}}}}"#
+            ))
+            .unwrap();
             assert_eq!(c.subnet_len, len, "{n}");
         }
     }
 
     #[test]
     fn default_subnet_len_network_plus_2_below_slash_22() {
-        for (n, len) in [("10.1.0.0/23", 25), ("10.1.0.0/26", 28), ("10.1.0.0/28", 30)] {
-            let c = parse(&format!(r#"{{"Network":"{n}","Backend":{{"Type":"vxlan"}}}}"#)).unwrap();
+        for (n, len) in [
+            ("10.1.0.0/23", 25),
+            ("10.1.0.0/26", 28),
+            ("10.1.0.0/28", 30),
+        ] {
+            let c = parse(&format!(
+                r#"{{"Network":"{n}","Backend":{{"Type":"vxlan"}}}}"#
+            ))
+            .unwrap();
             assert_eq!(c.subnet_len, len, "{n}");
         }
     }
@@ -543,7 +562,10 @@ mod tests {
         assert_eq!(c.subnet_min, ip("10.5.0.4"));
         assert_eq!(c.subnet_max, ip("10.5.0.12"));
         let all: Vec<_> = c.subnets().collect();
-        assert_eq!(all, vec![net("10.5.0.4/30"), net("10.5.0.8/30"), net("10.5.0.12/30")]);
+        assert_eq!(
+            all,
+            vec![net("10.5.0.4/30"), net("10.5.0.8/30"), net("10.5.0.12/30")]
+        );
     }
 
     #[test]
@@ -558,11 +580,14 @@ mod tests {
 
     #[test]
     fn nulls_mean_default() {
-        let c = parse(r#"{"Network":"10.5.0.0/16","SubnetLen":null,"Backend":{"Type":"vxlan","VNI":null}}"#)
-            .unwrap();
+        let c = parse(
+            r#"{"Network":"10.5.0.0/16","SubnetLen":null,"Backend":{"Type":"vxlan","VNI":null}}"#,
+        )
+        .unwrap();
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.backend.vni, 1);
-        let c = parse(r#"{"Network":"10.5.0.0/16","SubnetLen":0,"Backend":{"Type":"vxlan"}}"#).unwrap();
+        let c =
+            parse(r#"{"Network":"10.5.0.0/16","SubnetLen":0,"Backend":{"Type":"vxlan"}}"#).unwrap();
         assert_eq!(c.subnet_len, 24);
     }
 
@@ -581,7 +606,8 @@ mod tests {
 
     #[test]
     fn backend_defaults_and_port_zero() {
-        let c = parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","Port":0,"MTU":0}}"#).unwrap();
+        let c = parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","Port":0,"MTU":0}}"#)
+            .unwrap();
         assert_eq!(c.backend.vni, 1);
         assert_eq!(c.backend.port, 8472);
         assert_eq!(c.backend.mtu, None);
@@ -602,21 +628,36 @@ mod tests {
     #[test]
     fn rejects_missing_or_bad_network() {
         assert!(err_of(r#"{"Backend":{"Type":"vxlan"}}"#).starts_with("field Network: required"));
-        assert!(err_of(r#"{"Network":"10.1.0.0","Backend":{"Type":"vxlan"}}"#).starts_with("field Network: "));
-        assert!(err_of(r#"{"Network":"fd00::/64","Backend":{"Type":"vxlan"}}"#).starts_with("field Network: "));
-        assert!(err_of(r#"{"Network":16,"Backend":{"Type":"vxlan"}}"#).starts_with("field Network: expected a string"));
+        assert!(
+            err_of(r#"{"Network":"10.1.0.0","Backend":{"Type":"vxlan"}}"#)
+                .starts_with("field Network: ")
+        );
+        assert!(
+            err_of(r#"{"Network":"fd00::/64","Backend":{"Type":"vxlan"}}"#)
+                .starts_with("field Network: ")
+        );
+        assert!(
+            err_of(r#"{"Network":16,"Backend":{"Type":"vxlan"}}"#)
+                .starts_with("field Network: expected a string")
+        );
     }
 
     #[test]
     fn rejects_network_longer_than_28() {
         let e = err_of(r#"{"Network":"10.1.0.0/29","Backend":{"Type":"vxlan"}}"#);
-        assert!(e.starts_with("field Network: 10.1.0.0/29 is too small"), "{e}");
+        assert!(
+            e.starts_with("field Network: 10.1.0.0/29 is too small"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_subnet_len_over_30() {
         let e = err_of(r#"{"Network":"10.1.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}"#);
-        assert!(e.starts_with("field SubnetLen: 31 is greater than 30"), "{e}");
+        assert!(
+            e.starts_with("field SubnetLen: 31 is greater than 30"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -633,27 +674,55 @@ mod tests {
     #[test]
     fn rejects_bad_subnet_len_type() {
         let e = err_of(r#"{"Network":"10.1.0.0/16","SubnetLen":-1,"Backend":{"Type":"vxlan"}}"#);
-        assert!(e.starts_with("field SubnetLen: expected a non-negative integer"), "{e}");
+        assert!(
+            e.starts_with("field SubnetLen: expected a non-negative integer"),
+            "{e}"
+        );
         let e = err_of(r#"{"Network":"10.1.0.0/16","SubnetLen":"24","Backend":{"Type":"vxlan"}}"#);
         assert!(e.starts_with("field SubnetLen: "), "{e}");
     }
 
     #[test]
     fn rejects_unaligned_min_max() {
-        let e = err_of(r#"{"Network":"10.1.0.0/16","SubnetMin":"10.1.1.1","Backend":{"Type":"vxlan"}}"#);
-        assert!(e.starts_with("field SubnetMin: 10.1.1.1 is not on a /24"), "{e}");
-        let e = err_of(r#"{"Network":"10.1.0.0/16","SubnetMax":"10.1.9.128","Backend":{"Type":"vxlan"}}"#);
-        assert!(e.starts_with("field SubnetMax: 10.1.9.128 is not on a /24"), "{e}");
+        let e = err_of(
+            r#"{"Network":"10.1.0.0/16","SubnetMin":"10.1.1.1","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(
+            e.starts_with("field SubnetMin: 10.1.1.1 is not on a /24"),
+            "{e}"
+        );
+        let e = err_of(
+            r#"{"Network":"10.1.0.0/16","SubnetMax":"10.1.9.128","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(
+            e.starts_with("field SubnetMax: 10.1.9.128 is not on a /24"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_min_max_outside_network() {
-        let e = err_of(r#"{"Network":"10.1.0.0/16","SubnetMin":"10.2.1.0","Backend":{"Type":"vxlan"}}"#);
-        assert!(e.starts_with("field SubnetMin: 10.2.1.0 is not inside Network 10.1.0.0/16"), "{e}");
-        let e = err_of(r#"{"Network":"10.1.0.0/16","SubnetMax":"10.0.255.0","Backend":{"Type":"vxlan"}}"#);
-        assert!(e.starts_with("field SubnetMax: 10.0.255.0 is not inside"), "{e}");
-        let e = err_of(r#"{"Network":"10.1.0.0/16","SubnetMax":"not-an-ip","Backend":{"Type":"vxlan"}}"#);
-        assert!(e.starts_with("field SubnetMax: \"not-an-ip\" is not an IPv4 address"), "{e}");
+        let e = err_of(
+            r#"{"Network":"10.1.0.0/16","SubnetMin":"10.2.1.0","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(
+            e.starts_with("field SubnetMin: 10.2.1.0 is not inside Network 10.1.0.0/16"),
+            "{e}"
+        );
+        let e = err_of(
+            r#"{"Network":"10.1.0.0/16","SubnetMax":"10.0.255.0","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(
+            e.starts_with("field SubnetMax: 10.0.255.0 is not inside"),
+            "{e}"
+        );
+        let e = err_of(
+            r#"{"Network":"10.1.0.0/16","SubnetMax":"not-an-ip","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(
+            e.starts_with("field SubnetMax: \"not-an-ip\" is not an IPv4 address"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -661,7 +730,10 @@ mod tests {
         let e = err_of(
             r#"{"Network":"10.1.0.0/16","SubnetMin":"10.1.9.0","SubnetMax":"10.1.8.0","Backend":{"Type":"vxlan"}}"#,
         );
-        assert!(e.starts_with("field SubnetMin: 10.1.9.0 is above SubnetMax 10.1.8.0"), "{e}");
+        assert!(
+            e.starts_with("field SubnetMin: 10.1.9.0 is above SubnetMax 10.1.8.0"),
+            "{e}"
+        );
         // Min == Max is a pool of one.
         let c = parse(
             r#"{"Network":"10.1.0.0/16","SubnetMin":"10.1.9.0","SubnetMax":"10.1.9.0","Backend":{"Type":"vxlan"}}"#,
@@ -673,14 +745,22 @@ mod tests {
     #[test]
     fn rejects_missing_backend_as_udp() {
         let e = err_of(r#"{"Network":"10.1.0.0/16"}"#);
-        assert!(e.starts_with("field Backend: missing: flannel then uses its udp backend"), "{e}");
+        assert!(
+            e.starts_with("field Backend: missing: flannel then uses its udp backend"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_other_backends() {
         for t in ["udp", "host-gw", "wireguard", "VXLAN"] {
-            let e = err_of(&format!(r#"{{"Network":"10.1.0.0/16","Backend":{{"Type":"{t}"}}}}"#));
-            assert!(e.starts_with(&format!("field Backend.Type: \"{t}\" is not supported")), "{e}");
+            let e = err_of(&format!(
+                r#"{{"Network":"10.1.0.0/16","Backend":{{"Type":"{t}"}}}}"#
+            ));
+            assert!(
+                e.starts_with(&format!("field Backend.Type: \"{t}\" is not supported")),
+                "{e}"
+            );
         }
         let e = err_of(r#"{"Network":"10.1.0.0/16","Backend":{}}"#);
         assert!(e.starts_with("field Backend.Type: missing"), "{e}");
@@ -691,20 +771,32 @@ mod tests {
     #[test]
     fn rejects_bad_backend_values() {
         let e = err_of(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#);
-        assert!(e.starts_with("field Backend.VNI: 16777216 does not fit in 24 bits"), "{e}");
+        assert!(
+            e.starts_with("field Backend.VNI: 16777216 does not fit in 24 bits"),
+            "{e}"
+        );
         let e = err_of(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","Port":65536}}"#);
         assert!(e.starts_with("field Backend.Port: 65536"), "{e}");
         let e = err_of(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","MTU":20}}"#);
         assert!(e.starts_with("field Backend.MTU: 20"), "{e}");
         let e = err_of(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","GBP":"yes"}}"#);
-        assert!(e.starts_with("field Backend.GBP: expected true or false"), "{e}");
+        assert!(
+            e.starts_with("field Backend.GBP: expected true or false"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_ipv6_and_ipv6_only() {
-        let e = err_of(r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#);
-        assert!(e.starts_with("field EnableIPv6: true (dual stack) is not supported"), "{e}");
-        let e = err_of(r#"{"Network":"10.1.0.0/16","EnableIPv4":false,"Backend":{"Type":"vxlan"}}"#);
+        let e = err_of(
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(
+            e.starts_with("field EnableIPv6: true (dual stack) is not supported"),
+            "{e}"
+        );
+        let e =
+            err_of(r#"{"Network":"10.1.0.0/16","EnableIPv4":false,"Backend":{"Type":"vxlan"}}"#);
         assert!(e.starts_with("field EnableIPv4: false"), "{e}");
     }
 
@@ -717,7 +809,13 @@ mod tests {
         let all: Vec<_> = c.subnets().collect();
         assert_eq!(
             all,
-            ["10.1.10.0/24", "10.1.11.0/24", "10.1.12.0/24", "10.1.13.0/24"].map(net)
+            [
+                "10.1.10.0/24",
+                "10.1.11.0/24",
+                "10.1.12.0/24",
+                "10.1.13.0/24"
+            ]
+            .map(net)
         );
         let c = parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
         assert_eq!(c.subnets().count(), 255);
@@ -741,7 +839,13 @@ mod tests {
 
     #[test]
     fn config_key_joins_prefix() {
-        assert_eq!(config_key("/coreos.com/network"), "/coreos.com/network/config");
-        assert_eq!(config_key("/coreos.com/network/"), "/coreos.com/network/config");
+        assert_eq!(
+            config_key("/coreos.com/network"),
+            "/coreos.com/network/config"
+        );
+        assert_eq!(
+            config_key("/coreos.com/network/"),
+            "/coreos.com/network/config"
+        );
     }
 }

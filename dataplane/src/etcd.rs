@@ -82,9 +82,7 @@ impl EtcdOptions {
                 e.to_string()
             } else if e.starts_with("https://") {
                 if !tls {
-                    bail!(
-                        "etcd endpoint {e} is https but no CA file was given (--etcd-cafile)"
-                    );
+                    bail!("etcd endpoint {e} is https but no CA file was given (--etcd-cafile)");
                 }
                 e.to_string()
             } else if e.contains("://") {
@@ -108,7 +106,8 @@ fn tls_options(opts: &EtcdOptions) -> anyhow::Result<TlsOptions> {
     let Some(ca) = &opts.ca_file else {
         bail!("TLS to etcd needs a CA file (--etcd-cafile) to verify the server");
     };
-    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read_file("CA file", ca)?));
+    let mut tls =
+        TlsOptions::new().ca_certificate(Certificate::from_pem(read_file("CA file", ca)?));
     match (&opts.cert_file, &opts.key_file) {
         (Some(cert), Some(key)) => {
             tls = tls.identity(Identity::from_pem(
@@ -176,8 +175,16 @@ mod tests {
         o.endpoints.push("http://c:3".into());
         let e = o.normalized_endpoints().unwrap_err().to_string();
         assert!(e.contains("plain http"), "{e}");
-        assert!(EtcdOptions::new(Vec::<String>::new()).normalized_endpoints().is_err());
-        assert!(EtcdOptions::new(["unix:///x"]).normalized_endpoints().is_err());
+        assert!(
+            EtcdOptions::new(Vec::<String>::new())
+                .normalized_endpoints()
+                .is_err()
+        );
+        assert!(
+            EtcdOptions::new(["unix:///x"])
+                .normalized_endpoints()
+                .is_err()
+        );
     }
 
     #[test]

@@ -353,7 +353,11 @@ async fn create_if_absent(
 ) -> Result<bool, LeaseError> {
     let txn = Txn::new()
         .when([Compare::version(key, CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(id)))]);
+        .and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(id)),
+        )]);
     let resp = client
         .txn(txn)
         .await
@@ -372,7 +376,11 @@ async fn rewrite_if_unchanged(
 ) -> Result<bool, LeaseError> {
     let txn = Txn::new()
         .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
-        .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(id)))]);
+        .and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(id)),
+        )]);
     let resp = client
         .txn(txn)
         .await
@@ -422,7 +430,10 @@ async fn acquire_inner(
         // (1) Our own lease, from a previous run of this node.
         let mut mine = Vec::new();
         for e in &existing {
-            if e.attrs.as_ref().is_some_and(|a| a.public_ip == attrs.public_ip) {
+            if e.attrs
+                .as_ref()
+                .is_some_and(|a| a.public_ip == attrs.public_ip)
+            {
                 if cfg.contains_subnet(e.subnet) {
                     mine.push(e);
                 } else {
@@ -457,7 +468,11 @@ async fn acquire_inner(
                 if e.lease_id != 0 && e.lease_id != id {
                     revoke_quietly(client, e.lease_id, "replaced by a fresh lease").await;
                 }
-                log::info!("took back our previous lease {} for subnet {}", e.key, e.subnet);
+                log::info!(
+                    "took back our previous lease {} for subnet {}",
+                    e.key,
+                    e.subnet
+                );
                 return Ok(Lease {
                     subnet: e.subnet,
                     attrs: attrs.clone(),
@@ -526,9 +541,7 @@ async fn acquire_inner(
                 ttl: granted_ttl,
             });
         }
-        log::warn!(
-            "another node took {subnet} first (attempt {attempt}/{MAX_ATTEMPTS}); retrying"
-        );
+        log::warn!("another node took {subnet} first (attempt {attempt}/{MAX_ATTEMPTS}); retrying");
     }
     Err(LeaseError::Contention(MAX_ATTEMPTS))
 }
@@ -702,7 +715,10 @@ impl LeaseKeeper {
 
             if let Some(reason) = lost {
                 watcher = None;
-                match self.reacquire(&lease, &reason, &events, &mut shutdown).await {
+                match self
+                    .reacquire(&lease, &reason, &events, &mut shutdown)
+                    .await
+                {
                     Some(new) => {
                         lease = new;
                         next_renew = Instant::now() + renew_delay(lease.ttl, self.renew_margin);
@@ -953,7 +969,10 @@ mod tests {
             "/coreos.com/network/subnets/10.244.1.0-24"
         );
         let ok = |k: &str| parse_subnet_key(p, k);
-        assert_eq!(ok("/coreos.com/network/subnets/10.244.1.0-24"), Some(net("10.244.1.0/24")));
+        assert_eq!(
+            ok("/coreos.com/network/subnets/10.244.1.0-24"),
+            Some(net("10.244.1.0/24"))
+        );
         assert_eq!(
             ok("/coreos.com/network/subnets/10.244.1.0-24&fd00:0:0:1::-64"),
             Some(net("10.244.1.0/24"))
@@ -991,9 +1010,18 @@ mod tests {
     fn renew_timing() {
         let h = Duration::from_secs(3600);
         assert_eq!(renew_delay(DEFAULT_TTL, DEFAULT_RENEW_MARGIN), 23 * h);
-        assert_eq!(renew_delay(Duration::from_secs(3), Duration::from_secs(2)), Duration::from_secs(1));
-        assert_eq!(renew_delay(Duration::from_secs(3), Duration::from_secs(3)), Duration::from_millis(1500));
+        assert_eq!(
+            renew_delay(Duration::from_secs(3), Duration::from_secs(2)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            renew_delay(Duration::from_secs(3), Duration::from_secs(3)),
+            Duration::from_millis(1500)
+        );
         assert_eq!(retry_interval(DEFAULT_TTL), Duration::from_secs(60));
-        assert_eq!(retry_interval(Duration::from_secs(3)), Duration::from_millis(750));
+        assert_eq!(
+            retry_interval(Duration::from_secs(3)),
+            Duration::from_millis(750)
+        );
     }
 }

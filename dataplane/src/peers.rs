@@ -320,9 +320,9 @@ pub async fn watch_peers(
                     EventType::Delete => {
                         let key = String::from_utf8_lossy(kv.key());
                         match parse_subnet_key(&prefix, &key) {
-                            Some(subnet) => known
-                                .remove(&subnet)
-                                .map(|_| PeerUpdate::Remove(subnet)),
+                            Some(subnet) => {
+                                known.remove(&subnet).map(|_| PeerUpdate::Remove(subnet))
+                            }
                             None => {
                                 log::debug!("malformed key {key:?} deleted");
                                 None
@@ -456,7 +456,10 @@ mod tests {
         );
         // Same snapshot again: nothing to do.
         assert_eq!(t.apply(PeerUpdate::Snapshot(snap.clone())), vec![]);
-        assert_eq!(t.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![s1, s2, s4]);
+        assert_eq!(
+            t.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![s1, s2, s4]
+        );
         // Empty snapshot removes all.
         let changes = t.apply(PeerUpdate::Snapshot(BTreeMap::new()));
         assert_eq!(changes.len(), 3);

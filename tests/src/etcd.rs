@@ -165,14 +165,20 @@ impl Etcd {
             None => Command::new(ETCD_BIN),
         };
         cmd.arg("--name=test")
-            .arg(format!("--data-dir={}", self.data_dir.join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.data_dir.join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client_url}"))
             .arg(format!("--advertise-client-urls={client_url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=test={peer_url}"))
             .arg("--initial-cluster-state=new")
-            .arg(format!("--initial-cluster-token=dp-{}", rand::random::<u32>()))
+            .arg(format!(
+                "--initial-cluster-token=dp-{}",
+                rand::random::<u32>()
+            ))
             // Fast elections: the single member leads within milliseconds,
             // and short lease TTLs (1 s) are allowed.
             .arg("--heartbeat-interval=10")

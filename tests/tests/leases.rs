@@ -60,7 +60,9 @@ async fn recv<T>(rx: &mut mpsc::Receiver<T>) -> T {
 
 async fn value_of(client: &mut Client, key: &str) -> Option<(Vec<u8>, i64)> {
     let resp = client.get(key, None).await.unwrap();
-    resp.kvs().first().map(|kv| (kv.value().to_vec(), kv.lease()))
+    resp.kvs()
+        .first()
+        .map(|kv| (kv.value().to_vec(), kv.lease()))
 }
 
 /// Remaining TTL of an etcd lease; -1 when etcd no longer knows it.
@@ -77,7 +79,10 @@ async fn config_defaults_and_rejections_from_etcd() {
     assert!(matches!(e, LoadConfigError::Missing { .. }), "{e}");
     assert!(e.to_string().contains("/coreos.com/network/config"), "{e}");
 
-    client.put(format!("{PREFIX}/config"), CONFIG, None).await.unwrap();
+    client
+        .put(format!("{PREFIX}/config"), CONFIG, None)
+        .await
+        .unwrap();
     let cfg = load(&mut client, PREFIX).await.unwrap();
     assert_eq!(cfg.network, net("10.244.0.0/16"));
     assert_eq!(cfg.subnet_len, 24);
@@ -85,20 +90,47 @@ async fn config_defaults_and_rejections_from_etcd() {
     assert_eq!(cfg.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
     assert_eq!((cfg.backend.vni, cfg.backend.port), (1, 8472));
     // A trailing slash on the prefix means the same key.
-    assert_eq!(load(&mut client, "/coreos.com/network/").await.unwrap(), cfg);
+    assert_eq!(
+        load(&mut client, "/coreos.com/network/").await.unwrap(),
+        cfg
+    );
 
     for (json, field) in [
         (r#"{"Network":"10.244.0.0/16"}"#, "field Backend: missing"),
-        (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#, "field Backend.Type"),
-        (r#"{"Network":"10.244.0.0/29","Backend":{"Type":"vxlan"}}"#, "field Network"),
-        (r#"{"Network":"10.244.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}"#, "field SubnetLen: 31 is greater than 30"),
-        (r#"{"Network":"10.244.0.0/16","SubnetLen":17,"Backend":{"Type":"vxlan"}}"#, "field SubnetLen"),
-        (r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.1","Backend":{"Type":"vxlan"}}"#, "field SubnetMin"),
-        (r#"{"Network":"10.244.0.0/16","SubnetMax":"10.245.1.0","Backend":{"Type":"vxlan"}}"#, "field SubnetMax"),
-        (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"Backend":{"Type":"vxlan"}}"#, "field EnableIPv6"),
+        (
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+            "field Backend.Type",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/29","Backend":{"Type":"vxlan"}}"#,
+            "field Network",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}"#,
+            "field SubnetLen: 31 is greater than 30",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","SubnetLen":17,"Backend":{"Type":"vxlan"}}"#,
+            "field SubnetLen",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.1","Backend":{"Type":"vxlan"}}"#,
+            "field SubnetMin",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","SubnetMax":"10.245.1.0","Backend":{"Type":"vxlan"}}"#,
+            "field SubnetMax",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"Backend":{"Type":"vxlan"}}"#,
+            "field EnableIPv6",
+        ),
         ("not json", "not valid JSON"),
     ] {
-        client.put(format!("{PREFIX}/config"), json, None).await.unwrap();
+        client
+            .put(format!("{PREFIX}/config"), json, None)
+            .await
+            .unwrap();
         let e = load(&mut client, PREFIX).await.unwrap_err();
         assert!(matches!(e, LoadConfigError::Invalid { .. }), "{json}: {e}");
         let msg = e.to_string();
@@ -155,21 +187,36 @@ async fn concurrent_acquires_get_distinct_subnets() {
             let barrier = barrier.clone();
             tokio::spawn(async move {
                 barrier.wait().await;
-                acquire(&mut c, PREFIX, &cfg, &node(10 + i as u8), None, Duration::from_secs(60)).await
+                acquire(
+                    &mut c,
+                    PREFIX,
+                    &cfg,
+                    &node(10 + i as u8),
+                    None,
+                    Duration::from_secs(60),
+                )
+                .await
             })
         })
         .collect();
     let mut subnets = BTreeSet::new();
     for t in tasks {
         let l = t.await.unwrap().expect("acquire");
-        assert!(cfg.contains_subnet(l.subnet), "{} outside the pool", l.subnet);
+        assert!(
+            cfg.contains_subnet(l.subnet),
+            "{} outside the pool",
+            l.subnet
+        );
         assert!(subnets.insert(l.subnet), "{} handed out twice", l.subnet);
     }
     assert_eq!(subnets.len(), 10);
 
     let mut c = etcd.client().await.unwrap();
     let resp = c
-        .get(format!("{PREFIX}/subnets/"), Some(GetOptions::new().with_prefix()))
+        .get(
+            format!("{PREFIX}/subnets/"),
+            Some(GetOptions::new().with_prefix()),
+        )
         .await
         .unwrap();
     assert_eq!(resp.kvs().len(), 10);
@@ -181,21 +228,40 @@ async fn pool_exhaustion_is_a_clear_error() {
         setup(r#"{"Network":"10.5.0.0/28","SubnetLen":30,"Backend":{"Type":"vxlan"}}"#).await;
     let mut got = BTreeSet::new();
     for i in 1..=3 {
-        let l = acquire(&mut client, PREFIX, &cfg, &node(i), None, Duration::from_secs(60))
-            .await
-            .unwrap();
+        let l = acquire(
+            &mut client,
+            PREFIX,
+            &cfg,
+            &node(i),
+            None,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
         got.insert(l.subnet);
     }
     assert_eq!(
         got,
         BTreeSet::from([net("10.5.0.4/30"), net("10.5.0.8/30"), net("10.5.0.12/30")])
     );
-    let e = acquire(&mut client, PREFIX, &cfg, &node(4), None, Duration::from_secs(60))
-        .await
-        .unwrap_err();
+    let e = acquire(
+        &mut client,
+        PREFIX,
+        &cfg,
+        &node(4),
+        None,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, LeaseError::PoolExhausted { .. }), "{e}");
     let msg = e.to_string();
-    for part in ["10.5.0.0/28", "SubnetMin 10.5.0.4", "SubnetMax 10.5.0.12", "/30"] {
+    for part in [
+        "10.5.0.0/28",
+        "SubnetMin 10.5.0.4",
+        "SubnetMax 10.5.0.12",
+        "/30",
+    ] {
         assert!(msg.contains(part), "{msg} lacks {part}");
     }
     // No etcd lease leaked by the failed attempt.
@@ -206,20 +272,41 @@ async fn pool_exhaustion_is_a_clear_error() {
 #[tokio::test]
 async fn restart_takes_back_the_same_subnet() {
     let (_etcd, mut client, cfg) = setup(CONFIG).await;
-    let first = acquire(&mut client, PREFIX, &cfg, &node(1), None, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let first = acquire(
+        &mut client,
+        PREFIX,
+        &cfg,
+        &node(1),
+        None,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     // Someone else exists too.
-    let other = acquire(&mut client, PREFIX, &cfg, &node(2), None, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let other = acquire(
+        &mut client,
+        PREFIX,
+        &cfg,
+        &node(2),
+        None,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
 
     // "Restart" with a new VtepMAC and no subnet.env.
     let mut attrs = node(1);
     attrs.vtep_mac = [0x02, 0, 0, 0, 0, 0x42];
-    let second = acquire(&mut client, PREFIX, &cfg, &attrs, None, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let second = acquire(
+        &mut client,
+        PREFIX,
+        &cfg,
+        &attrs,
+        None,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     assert_eq!(second.subnet, first.subnet);
     assert_ne!(second.lease_id, first.lease_id, "a fresh etcd lease");
     let (value, lease_id) = value_of(&mut client, &subnet_key(PREFIX, first.subnet))
@@ -227,9 +314,15 @@ async fn restart_takes_back_the_same_subnet() {
         .unwrap();
     assert_eq!(LeaseAttrs::from_json(&value).unwrap(), attrs);
     assert_eq!(lease_id, second.lease_id);
-    assert_eq!(ttl_of(&mut client, first.lease_id).await, -1, "old etcd lease revoked");
+    assert_eq!(
+        ttl_of(&mut client, first.lease_id).await,
+        -1,
+        "old etcd lease revoked"
+    );
     // The other node's lease is untouched.
-    let (_, other_id) = value_of(&mut client, &subnet_key(PREFIX, other.subnet)).await.unwrap();
+    let (_, other_id) = value_of(&mut client, &subnet_key(PREFIX, other.subnet))
+        .await
+        .unwrap();
     assert_eq!(other_id, other.lease_id);
 }
 
@@ -237,28 +330,59 @@ async fn restart_takes_back_the_same_subnet() {
 async fn hint_is_honoured_when_free_and_fitting() {
     let (_etcd, mut client, cfg) = setup(CONFIG).await;
     let hint = net("10.244.77.0/24");
-    let a = acquire(&mut client, PREFIX, &cfg, &node(1), Some(hint), Duration::from_secs(60))
-        .await
-        .unwrap();
+    let a = acquire(
+        &mut client,
+        PREFIX,
+        &cfg,
+        &node(1),
+        Some(hint),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     assert_eq!(a.subnet, hint);
     // Taken by node 1: node 2 asking for it gets another one.
-    let b = acquire(&mut client, PREFIX, &cfg, &node(2), Some(hint), Duration::from_secs(60))
-        .await
-        .unwrap();
+    let b = acquire(
+        &mut client,
+        PREFIX,
+        &cfg,
+        &node(2),
+        Some(hint),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     assert_ne!(b.subnet, hint);
     assert!(cfg.contains_subnet(b.subnet));
     // A hint outside the config is ignored.
     for bad in ["10.244.0.0/24", "10.245.3.0/24", "10.244.3.0/25"] {
-        let c = acquire(&mut client, PREFIX, &cfg, &node(3), Some(net(bad)), Duration::from_secs(60))
-            .await
-            .unwrap();
-        assert!(cfg.contains_subnet(c.subnet), "{bad} -> {}", c.subnet);
-        client.delete(subnet_key(PREFIX, c.subnet), None).await.unwrap();
-    }
-    // Our own old lease wins over the hint (flannel's order).
-    let d = acquire(&mut client, PREFIX, &cfg, &node(1), Some(net("10.244.99.0/24")), Duration::from_secs(60))
+        let c = acquire(
+            &mut client,
+            PREFIX,
+            &cfg,
+            &node(3),
+            Some(net(bad)),
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
+        assert!(cfg.contains_subnet(c.subnet), "{bad} -> {}", c.subnet);
+        client
+            .delete(subnet_key(PREFIX, c.subnet), None)
+            .await
+            .unwrap();
+    }
+    // Our own old lease wins over the hint (flannel's order).
+    let d = acquire(
+        &mut client,
+        PREFIX,
+        &cfg,
+        &node(1),
+        Some(net("10.244.99.0/24")),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     assert_eq!(d.subnet, hint);
 }
 
@@ -268,12 +392,25 @@ async fn garbage_and_foreign_entries_do_not_stop_acquire() {
         r#"{"Network":"10.7.0.0/16","SubnetMin":"10.7.1.0","SubnetMax":"10.7.2.0","Backend":{"Type":"vxlan"}}"#,
     )
     .await;
-    client.put(format!("{PREFIX}/subnets/garbage"), "x", None).await.unwrap();
-    // A garbage value still occupies its subnet.
-    client.put(format!("{PREFIX}/subnets/10.7.1.0-24"), "not json", None).await.unwrap();
-    let l = acquire(&mut client, PREFIX, &cfg, &node(1), Some(net("10.7.1.0/24")), Duration::from_secs(60))
+    client
+        .put(format!("{PREFIX}/subnets/garbage"), "x", None)
         .await
         .unwrap();
+    // A garbage value still occupies its subnet.
+    client
+        .put(format!("{PREFIX}/subnets/10.7.1.0-24"), "not json", None)
+        .await
+        .unwrap();
+    let l = acquire(
+        &mut client,
+        PREFIX,
+        &cfg,
+        &node(1),
+        Some(net("10.7.1.0/24")),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     assert_eq!(l.subnet, net("10.7.2.0/24"));
 }
 
@@ -284,7 +421,11 @@ async fn flannel_put(client: &mut Client, subnet: Ipv4Net, ip: &str, mac: &str, 
         r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
     );
     client
-        .put(subnet_key(PREFIX, subnet), value, Some(PutOptions::new().with_lease(id)))
+        .put(
+            subnet_key(PREFIX, subnet),
+            value,
+            Some(PutOptions::new().with_lease(id)),
+        )
         .await
         .unwrap();
     id
@@ -301,16 +442,29 @@ fn start_watch(
     let (tx, rx) = mpsc::channel(64);
     let stats = Arc::new(PeerWatchStats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(watch_peers(client.clone(), PREFIX.into(), tx, stats.clone(), stop_rx));
+    let task = tokio::spawn(watch_peers(
+        client.clone(),
+        PREFIX.into(),
+        tx,
+        stats.clone(),
+        stop_rx,
+    ));
     (rx, stats, stop_tx, task)
 }
 
 #[tokio::test]
 async fn flannel_writer_appears_and_disappears() {
     let (_etcd, mut client, cfg) = setup(CONFIG).await;
-    let ours = acquire(&mut client, PREFIX, &cfg, &node(1), None, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let ours = acquire(
+        &mut client,
+        PREFIX,
+        &cfg,
+        &node(1),
+        None,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     let (mut rx, stats, stop, task) = start_watch(&client);
 
     // The snapshot includes our own lease.
@@ -336,7 +490,11 @@ async fn flannel_writer_appears_and_disappears() {
     assert!(stats.events.load(Ordering::Relaxed) >= 2);
 
     stop.send(true).unwrap();
-    tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
@@ -346,8 +504,14 @@ async fn garbage_is_skipped_counted_and_never_drops_good_peers() {
     let b = net("10.244.2.0/24");
     flannel_put(&mut client, a, "192.168.64.1", "02:00:00:00:00:01", 60).await;
     // Bad entries present before the watch starts.
-    client.put(format!("{PREFIX}/subnets/nonsense"), "{}", None).await.unwrap();
-    client.put(format!("{PREFIX}/subnets/10.244.3.0-24"), "garbage", None).await.unwrap();
+    client
+        .put(format!("{PREFIX}/subnets/nonsense"), "{}", None)
+        .await
+        .unwrap();
+    client
+        .put(format!("{PREFIX}/subnets/10.244.3.0-24"), "garbage", None)
+        .await
+        .unwrap();
 
     let (mut rx, stats, stop, task) = start_watch(&client);
     let PeerUpdate::Snapshot(snap) = recv(&mut rx).await else {
@@ -359,8 +523,14 @@ async fn garbage_is_skipped_counted_and_never_drops_good_peers() {
     // More garbage while watching: a bad key, a bad value on a new key, a
     // half-valid value; then a good lease. The next update must be the good
     // lease: nothing in between, certainly no removal of `a`.
-    client.put(format!("{PREFIX}/subnets/10.244.4.0-99"), "{}", None).await.unwrap();
-    client.put(format!("{PREFIX}/subnets/10.244.5.0-24"), "[1,2]", None).await.unwrap();
+    client
+        .put(format!("{PREFIX}/subnets/10.244.4.0-99"), "{}", None)
+        .await
+        .unwrap();
+    client
+        .put(format!("{PREFIX}/subnets/10.244.5.0-24"), "[1,2]", None)
+        .await
+        .unwrap();
     client
         .put(
             format!("{PREFIX}/subnets/10.244.6.0-24"),
@@ -369,7 +539,10 @@ async fn garbage_is_skipped_counted_and_never_drops_good_peers() {
         )
         .await
         .unwrap();
-    client.delete(format!("{PREFIX}/subnets/nonsense"), None).await.unwrap();
+    client
+        .delete(format!("{PREFIX}/subnets/nonsense"), None)
+        .await
+        .unwrap();
     flannel_put(&mut client, b, "192.168.64.2", "02:00:00:00:00:02", 60).await;
     match recv(&mut rx).await {
         PeerUpdate::Upsert(s, attrs) => {
@@ -381,17 +554,27 @@ async fn garbage_is_skipped_counted_and_never_drops_good_peers() {
     assert_eq!(stats.malformed.load(Ordering::Relaxed), 5);
 
     // Garbage written over a good lease: that lease is gone, and only it.
-    client.put(subnet_key(PREFIX, a), "garbage", None).await.unwrap();
+    client
+        .put(subnet_key(PREFIX, a), "garbage", None)
+        .await
+        .unwrap();
     assert_eq!(recv(&mut rx).await, PeerUpdate::Remove(a));
     assert_eq!(stats.malformed.load(Ordering::Relaxed), 6);
     // Garbage over garbage: nothing more.
-    client.put(subnet_key(PREFIX, a), "still garbage", None).await.unwrap();
+    client
+        .put(subnet_key(PREFIX, a), "still garbage", None)
+        .await
+        .unwrap();
     flannel_put(&mut client, a, "192.168.64.1", "02:00:00:00:00:01", 60).await;
     assert!(matches!(recv(&mut rx).await, PeerUpdate::Upsert(s, _) if s == a));
     assert_eq!(stats.resyncs.load(Ordering::Relaxed), 0);
 
     stop.send(true).unwrap();
-    tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
@@ -421,7 +604,11 @@ async fn watch_resyncs_after_etcd_restart() {
     }
     assert!(stats.resyncs.load(Ordering::Relaxed) >= 1);
     stop.send(true).unwrap();
-    tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 fn start_keeper(
@@ -430,7 +617,11 @@ fn start_keeper(
     attrs: &LeaseAttrs,
     lease: Lease,
     margin: Duration,
-) -> (mpsc::Receiver<LeaseEvent>, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+) -> (
+    mpsc::Receiver<LeaseEvent>,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, rx) = mpsc::channel(8);
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(lease::keep(
@@ -450,21 +641,34 @@ fn start_keeper(
 async fn renewal_keeps_the_key_past_several_ttls() {
     let (_etcd, mut client, cfg) = setup(CONFIG).await;
     let ttl = Duration::from_secs(3);
-    let kept = acquire(&mut client, PREFIX, &cfg, &node(1), None, ttl).await.unwrap();
+    let kept = acquire(&mut client, PREFIX, &cfg, &node(1), None, ttl)
+        .await
+        .unwrap();
     assert_eq!(kept.ttl, ttl);
     // Control: the same TTL without a keeper expires.
-    let unkept = acquire(&mut client, PREFIX, &cfg, &node(2), None, ttl).await.unwrap();
+    let unkept = acquire(&mut client, PREFIX, &cfg, &node(2), None, ttl)
+        .await
+        .unwrap();
 
-    let (mut events, stop, task) =
-        start_keeper(&client, &cfg, &node(1), kept.clone(), Duration::from_secs(2));
+    let (mut events, stop, task) = start_keeper(
+        &client,
+        &cfg,
+        &node(1),
+        kept.clone(),
+        Duration::from_secs(2),
+    );
     tokio::time::sleep(Duration::from_secs(8)).await;
 
     let key = subnet_key(PREFIX, kept.subnet);
-    let (_, id) = value_of(&mut client, &key).await.expect("kept lease survives");
+    let (_, id) = value_of(&mut client, &key)
+        .await
+        .expect("kept lease survives");
     assert_eq!(id, kept.lease_id, "renewed, not replaced");
     assert!(ttl_of(&mut client, id).await > 0);
     assert!(
-        value_of(&mut client, &subnet_key(PREFIX, unkept.subnet)).await.is_none(),
+        value_of(&mut client, &subnet_key(PREFIX, unkept.subnet))
+            .await
+            .is_none(),
         "control lease should have expired"
     );
     assert!(events.try_recv().is_err(), "no loss expected");
@@ -479,12 +683,24 @@ async fn renewal_keeps_the_key_past_several_ttls() {
 #[tokio::test]
 async fn deleted_or_revoked_lease_is_reacquired() {
     let (_etcd, mut client, cfg) = setup(CONFIG).await;
-    let first = acquire(&mut client, PREFIX, &cfg, &node(1), None, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let first = acquire(
+        &mut client,
+        PREFIX,
+        &cfg,
+        &node(1),
+        None,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     let key = subnet_key(PREFIX, first.subnet);
-    let (mut events, stop, task) =
-        start_keeper(&client, &cfg, &node(1), first.clone(), Duration::from_secs(5));
+    let (mut events, stop, task) = start_keeper(
+        &client,
+        &cfg,
+        &node(1),
+        first.clone(),
+        Duration::from_secs(5),
+    );
     // Let the keeper set up its watch.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -498,7 +714,11 @@ async fn deleted_or_revoked_lease_is_reacquired() {
     let (value, id) = value_of(&mut client, &key).await.expect("key back");
     assert_eq!(id, second.lease_id);
     assert_eq!(LeaseAttrs::from_json(&value).unwrap(), node(1));
-    assert_eq!(ttl_of(&mut client, first.lease_id).await, -1, "old etcd lease revoked");
+    assert_eq!(
+        ttl_of(&mut client, first.lease_id).await,
+        -1,
+        "old etcd lease revoked"
+    );
 
     // Our etcd lease is revoked (as on expiry): the key goes with it.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -512,13 +732,22 @@ async fn deleted_or_revoked_lease_is_reacquired() {
     // Someone overwrites our key with another node's lease under its own
     // etcd lease: the subnet is theirs now, we get another one.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    flannel_put(&mut client, first.subnet, "192.168.64.50", "02:00:00:00:00:50", 60).await;
+    flannel_put(
+        &mut client,
+        first.subnet,
+        "192.168.64.50",
+        "02:00:00:00:00:50",
+        60,
+    )
+    .await;
     let LeaseEvent::Reacquired(fourth) = recv(&mut events).await else {
         panic!("expected Reacquired")
     };
     assert_ne!(fourth.subnet, first.subnet);
     assert!(cfg.contains_subnet(fourth.subnet));
-    let (_, id) = value_of(&mut client, &subnet_key(PREFIX, fourth.subnet)).await.unwrap();
+    let (_, id) = value_of(&mut client, &subnet_key(PREFIX, fourth.subnet))
+        .await
+        .unwrap();
     assert_eq!(id, fourth.lease_id);
 
     stop.send(true).unwrap();
