@@ -32,6 +32,9 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     let len = ctx.len();
     if xdp_marked(ctx) {
         // Verified and decapsulated by decap_xdp; only delivery is left.
+        if let Err(action) = crate::lb::reverse_nat_decapsulated(ctx) {
+            return action;
+        }
         return redirect_to_bridge(cfg.bridge_ifindex);
     }
     if !is_vxlan_candidate(ctx.data(), ctx.data_end(), cfg) {
@@ -61,6 +64,13 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     match verdict {
         Verdict::ToPod => {
             count(Stat::Decapsulated, len);
+            // Replies from a remote backend of a Service a local pod uses.
+            if let Err(action) = crate::lb::reverse_nat_decapsulated(ctx) {
+                return action;
+            }
+            if let Some(rc) = crate::forward::redirect_to_endpoint(ctx) {
+                return rc;
+            }
             redirect_to_bridge(cfg.bridge_ifindex)
         }
         Verdict::ToHost => {

@@ -69,3 +69,26 @@ pub fn redirect_to_bridge(bridge_ifindex: u32) -> i32 {
     let rc = unsafe { bpf_redirect_neigh(bridge_ifindex, core::ptr::null_mut(), 0, 0) };
     if rc == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT as i32 } else { rc as i32 }
 }
+
+const PROTO_MODE: u32 = 1; // 1 = peer, 2 = egress redirect to host veth
+
+/// PROTOTYPE: deliver straight to the pod's veth.
+#[inline(always)]
+pub fn redirect_to_endpoint(ctx: &TcContext) -> Option<i32> {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let eth = ptr_at::<EthHdr>(data, data_end, 0)?;
+    let ip = ptr_at::<network_types::ip::Ipv4Hdr>(data, data_end, EthHdr::LEN)?;
+    let dst = unsafe { (*ip).dst_addr };
+    let ep = unsafe { crate::maps::ENDPOINTS.get(&dst) }?;
+    let (ifindex, mac, node_mac) = (ep.ifindex, ep.mac, ep.node_mac);
+    unsafe {
+        (*eth).dst_addr = mac;
+        (*eth).src_addr = node_mac;
+    }
+    let rc = if PROTO_MODE == 1 {
+        unsafe { aya_ebpf::helpers::generated::bpf_redirect_peer(ifindex, 0) }
+    } else {
+        unsafe { bpf_redirect(ifindex, 0) }
+    };
+    Some(rc as i32)
+}

@@ -112,6 +112,19 @@ pub fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
     Some(Verdict::Translated(r.client))
 }
 
+/// Reverse NAT for a packet that just came out of the overlay (a reply
+/// from a backend on another node). `Err` carries the TC action when the
+/// rewrite failed.
+#[inline(always)]
+pub fn reverse_nat_decapsulated(ctx: &TcContext) -> Result<(), i32> {
+    if let Some(crate::l4::L4::Flow(flow)) = crate::l4::parse(ctx.data(), ctx.data_end())
+        && let Some(Verdict::Done(action)) = reverse_nat(ctx, &flow)
+    {
+        return Err(action);
+    }
+    Ok(())
+}
+
 #[inline(always)]
 pub fn is_vip(addr: [u8; 4]) -> bool {
     // SAFETY: existence check only.

@@ -56,3 +56,15 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { AFFINITY_MAX as us
 /// Per-frontend counters.
 #[btf_map(name = "svc_stats_v1")]
 pub static SVC_STATS: PerCpuHashMap<SvcKey, SvcCounters, { SERVICES_MAX as usize }> = PerCpuHashMap::new();
+
+/// PROTOTYPE (decap perf): local pod IPv4 -> host-side veth and MACs.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EndpointInfo {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub node_mac: [u8; 6],
+}
+
+#[btf_map(name = "endpoints_v1")]
+pub static ENDPOINTS: HashMap<[u8; 4], EndpointInfo, 4096> = HashMap::new();

@@ -127,3 +127,46 @@ pub fn parse_vxlan(f: &[u8]) -> ParsedVxlan {
         inner: f[50..].to_vec(),
     }
 }
+
+/// TCP header (no options) + payload with a correct checksum for src/dst.
+#[allow(clippy::too_many_arguments)]
+pub fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&seq.to_be_bytes());
+    t.extend_from_slice(&ack.to_be_bytes());
+    t.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(payload);
+    let c = l4_csum(src, dst, 6, &t);
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    t
+}
+
+/// UDP with a correct checksum.
+pub fn udp_csum(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = udp(sport, dport, payload);
+    let c = l4_csum(src, dst, 17, &u);
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    u
+}
+
+/// Checksum of an L4 segment with the IPv4 pseudo-header (field zeroed or not:
+/// a segment with a correct checksum sums to zero).
+pub fn l4_csum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, seg: &[u8]) -> u16 {
+    let mut p = Vec::new();
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[0, proto]);
+    p.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+    p.extend_from_slice(seg);
+    inet_csum(&p)
+}
+
+/// Does this IPv4 packet (no options) carry valid IPv4 and L4 checksums?
+pub fn ipv4_checksums_ok(ip: &[u8]) -> bool {
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    inet_csum(&ip[..20]) == 0 && l4_csum(src, dst, ip[9], &ip[20..total]) == 0
+}

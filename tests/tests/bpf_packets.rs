@@ -313,3 +313,118 @@ root_test!(peer_removal_stops_encap_and_decap, || {
     let (rc, _) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &inner_pod_packet(), ul));
     assert_eq!(rc, TC_ACT_SHOT, "a node whose lease is gone is an unknown sender");
 });
+
+// ---- ClusterIP services ----
+
+use dataplane::bpf::FrontendState;
+use dataplane_common::{Backend, SvcKey};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+
+fn svc_key(port: u16, proto: u8) -> SvcKey {
+    SvcKey { vip: VIP.octets(), port: port.to_be_bytes(), proto, _pad: 0 }
+}
+
+fn backend(ip: Ipv4Addr, port: u16) -> Backend {
+    Backend { ip: ip.octets(), port: port.to_be_bytes(), _pad: [0; 2] }
+}
+
+fn syn_to_vip(sport: u16) -> Vec<u8> {
+    let seg = tcp(CLIENT, VIP, sport, 80, 1000, 0, 0x02, b"");
+    eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg))
+}
+
+root_test!(service_dnat_to_remote_backend_then_encap, || {
+    let mut env = setup();
+    let b = backend(Ipv4Addr::new(10, 244, 2, 7), 8080);
+    env.dp.services().set_frontend(svc_key(80, 6), &FrontendState { backends: vec![b], affinity_timeout_s: None }).unwrap();
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40001));
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let p = parse_vxlan(&out);
+    let inner_ip = &p.inner[14..];
+    assert_eq!(&inner_ip[16..20], &[10, 244, 2, 7], "DNAT to the backend");
+    assert_eq!(&inner_ip[22..24], &8080u16.to_be_bytes(), "backend port");
+    assert_eq!(&inner_ip[12..16], &CLIENT.octets(), "source kept");
+    assert!(ipv4_checksums_ok(inner_ip), "IPv4 and TCP checksums valid after NAT");
+    assert_eq!(stat(&env, Stat::SvcForward), 1);
+
+    // The reply from the backend, arriving decapsulated on the underlay,
+    // goes back to the client from the ClusterIP.
+    let reply_seg = tcp(Ipv4Addr::new(10, 244, 2, 7), CLIENT, 8080, 40001, 5000, 1001, 0x12, b"");
+    let reply_ip = ipv4(Ipv4Addr::new(10, 244, 2, 7), CLIENT, 6, 0, &reply_seg);
+    let ul = env.ul_mac;
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &reply_ip, ul));
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let ip = &out[14..];
+    assert_eq!(&ip[12..16], &VIP.octets(), "reply source is the ClusterIP");
+    assert_eq!(&ip[20..22], &80u16.to_be_bytes(), "reply source port is the service port");
+    assert!(ipv4_checksums_ok(ip));
+    assert_eq!(stat(&env, Stat::SvcReverse), 1);
+});
+
+root_test!(service_without_backends_rejects_tcp_with_rst_and_udp_with_icmp, || {
+    let mut env = setup();
+    env.dp.services().set_frontend(svc_key(80, 6), &FrontendState { backends: vec![], affinity_timeout_s: None }).unwrap();
+    env.dp.services().set_frontend(svc_key(53, 17), &FrontendState { backends: vec![], affinity_timeout_s: None }).unwrap();
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40002));
+    assert_eq!(rc, TC_ACT_REDIRECT, "the RST goes straight back to the pod");
+    assert_eq!(&out[0..6], &POD_MAC);
+    let ip = &out[14..];
+    assert_eq!(ip[9], 6);
+    assert_eq!(&ip[12..16], &VIP.octets());
+    assert_eq!(&ip[16..20], &CLIENT.octets());
+    assert_eq!(ip[33] & 0x04, 0x04, "RST flag");
+    assert_eq!(&ip[28..32], &1001u32.to_be_bytes(), "acknowledges the SYN");
+    assert!(ipv4_checksums_ok(ip));
+    assert_eq!(stat(&env, Stat::SvcRejectNoBackend), 1);
+
+    let q = udp_csum(CLIENT, VIP, 5353, 53, b"query");
+    let input = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 17, 0, &q));
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &input);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let ip = &out[14..];
+    assert_eq!((ip[9], ip[20], ip[21]), (1, 3, 3), "ICMP port unreachable");
+    assert_eq!(inet_csum(&ip[..20]), 0);
+    assert_eq!(inet_csum(&ip[20..]), 0, "ICMP checksum");
+    assert_eq!(&ip[28 + 16..28 + 20], &VIP.octets(), "quotes the original packet");
+});
+
+root_test!(service_undefined_port_and_midflow_without_conntrack, || {
+    let mut env = setup();
+    let b = backend(Ipv4Addr::new(10, 244, 2, 7), 8080);
+    env.dp.services().set_frontend(svc_key(80, 6), &FrontendState { backends: vec![b], affinity_timeout_s: None }).unwrap();
+    // Port 81 and UDP/80 are not defined: dropped, not forwarded raw.
+    let seg = tcp(CLIENT, VIP, 40003, 81, 1, 0, 0x02, b"");
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg)));
+    assert_eq!(rc, TC_ACT_SHOT);
+    let u = udp_csum(CLIENT, VIP, 40003, 80, b"x");
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 17, 0, &u)));
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(stat(&env, Stat::DropSvcUndefinedPort), 2);
+    // An ACK with no tracked connection is reset.
+    let seg = tcp(CLIENT, VIP, 40004, 80, 1, 77, 0x10, b"data");
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg)));
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(out[14 + 33], 0x04, "bare RST");
+    assert_eq!(&out[14 + 24..14 + 28], &77u32.to_be_bytes(), "sequence = the segment's ACK");
+    assert_eq!(stat(&env, Stat::SvcRejectNoConntrack), 1);
+});
+
+root_test!(service_local_backend_and_hairpin, || {
+    let mut env = setup();
+    // The client itself is the only backend: hairpin, source rewritten.
+    let b = backend(CLIENT, 8080);
+    env.dp.services().set_frontend(svc_key(80, 6), &FrontendState { backends: vec![b], affinity_timeout_s: None }).unwrap();
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40005));
+    assert_eq!(rc, TC_ACT_REDIRECT, "local backends are handed to the bridge");
+    // The backend answers the hairpin address; it goes back as VIP -> client.
+    let hp = Ipv4Addr::from(dataplane_common::HAIRPIN_SNAT_IP);
+    let seg = tcp(CLIENT, hp, 8080, 40005, 9, 1001, 0x12, b"");
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, hp, 6, 0, &seg)));
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let ip = &out[14..];
+    assert_eq!((&ip[12..16], &ip[16..20]), (&VIP.octets()[..], &CLIENT.octets()[..]));
+    assert_eq!(&ip[20..24], &[0, 80, 0x9c, 0x45], "ports: 80 -> 40005");
+    assert!(ipv4_checksums_ok(ip));
+});

@@ -46,6 +46,12 @@ fn run(mode: &str) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    if let Ok(script) = std::env::var("FILL_EP") {
+        for n in &c.nodes {
+            let out = std::process::Command::new(&script).args([&n.ns.name, &n.pods[0].ns.name, &n.pods[0].host_if]).output().unwrap();
+            print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+    }
     let dst = c.nodes[1].pods[0].ip;
     for _ in 0..50 {
         if c.ping(0, 0, dst, 1).is_ok() {
