@@ -146,7 +146,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             Some(update) = peer_rx.recv() => {
                 let full = matches!(update, PeerUpdate::Snapshot(_));
                 for change in table.apply(update) {
-                    log_change(&change);
+                    log_change(&change, own_subnet);
                 }
                 let desired = desired_peers(&table, own_subnet);
                 if let Err(e) = dp.sync_peers(&desired, full) {
@@ -184,7 +184,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn log_change(c: &PeerChange) {
+fn log_change(c: &PeerChange, own: Ipv4Net) {
+    let subnet = match c {
+        PeerChange::Added(n, _) | PeerChange::Removed(n, _) => *n,
+        PeerChange::Changed { subnet, .. } => *subnet,
+    };
+    if subnet == own {
+        return;
+    }
     match c {
         PeerChange::Added(net, a) => info!("peer added: {net} at {} ({})", a.public_ip, fmt_mac(&a.vtep_mac)),
         PeerChange::Changed { subnet, new, .. } => {
