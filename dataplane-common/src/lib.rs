@@ -37,6 +37,9 @@ pub mod map_names {
     pub const AFFINITY: &str = "affinity_v1";
     /// Per-CPU hash: service frontend -> flows, packets, bytes, rejections.
     pub const SVC_STATS: &str = "svc_stats_v1";
+    /// Hash: local pod IPv4 -> its host-side veth and MACs, for delivering
+    /// decapsulated packets straight into the pod (bpf_redirect_peer).
+    pub const ENDPOINTS: &str = "endpoints_v1";
 }
 
 /// Program names as they appear in the object file.
@@ -433,4 +436,46 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
     unsafe impl aya::Pod for super::SvcCounters {}
+}
+
+/// Local pods the decapsulation path may deliver to directly, bypassing the
+/// bridge: a packet decapsulated by `bpf_skb_adjust_room` keeps
+/// skb->encapsulation and SKB_GSO_UDP_TUNNEL (6.18 has no flag to clear
+/// them), the bridge has no hw_enc_features, so it would segment and
+/// checksum every 64 KB GSO packet in software (3.4 instead of ~9 Gbit/s).
+pub const ENDPOINTS_MAX: u32 = 4096;
+
+/// Key of [`map_names::ENDPOINTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// The pod's IPv4 address, network byte order.
+    pub ip: [u8; 4],
+}
+
+/// Value of [`map_names::ENDPOINTS`]. A missing entry is not an error: the
+/// packet goes through the bridge (correct, slower for bulk TCP). A stale
+/// one is: the packet is redirected to `ifindex` and dropped if that
+/// device is gone, so remove entries with their port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointInfo {
+    /// Host-side veth of the pod, in the node namespace (a port of the
+    /// bridge); its peer is the pod's interface.
+    pub ifindex: u32,
+    /// MAC of the pod's interface (Ethernet destination written).
+    pub mac: [u8; 6],
+    /// MAC the pod knows its gateway by, the bridge's (Ethernet source written).
+    pub gw_mac: [u8; 6],
+}
+
+const _: () = assert!(size_of::<EndpointKey>() == 4);
+const _: () = assert!(size_of::<EndpointInfo>() == 16);
+
+#[cfg(feature = "user")]
+mod endpoint_pod {
+    // SAFETY: #[repr(C)], Copy, integers and byte arrays only, no padding
+    // (see the size assertions).
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::EndpointInfo {}
 }

@@ -13,7 +13,7 @@ use dataplane_common::{NodeConfig, Stat, VXLAN_OVERHEAD, XDP_META_DECAPPED};
 use network_types::eth::EthHdr;
 
 use crate::{
-    forward::redirect_to_bridge,
+    forward::{redirect_to_bridge, redirect_to_pod},
     parse::ptr_at,
     stats::count,
     vxlan::{HEADERS_LEN, Verdict, classify, is_vxlan_candidate},
@@ -35,7 +35,7 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         if let Err(action) = crate::lb::reverse_nat_decapsulated(ctx) {
             return action;
         }
-        return redirect_to_bridge(cfg.bridge_ifindex);
+        return deliver_to_pod(ctx, cfg);
     }
     if !is_vxlan_candidate(ctx.data(), ctx.data_end(), cfg) {
         count(Stat::PassNotOverlay, len);
@@ -68,10 +68,7 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
             if let Err(action) = crate::lb::reverse_nat_decapsulated(ctx) {
                 return action;
             }
-            if let Some(rc) = crate::forward::redirect_to_endpoint(ctx) {
-                return rc;
-            }
-            redirect_to_bridge(cfg.bridge_ifindex)
+            deliver_to_pod(ctx, cfg)
         }
         Verdict::ToHost => {
             // The outer Ethernet header is addressed to this interface, so
@@ -79,6 +76,18 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
             count(Stat::PassToHost, len);
             TC_ACT_OK as i32
         }
+    }
+}
+
+/// Hands a decapsulated packet for a local pod on: straight into the pod
+/// when the agent listed it in endpoints_v1 (fast: the GSO packet stays
+/// whole, see `redirect_to_pod`), else through the bridge (correct, but
+/// the bridge segments a tunnel-GSO packet in software).
+#[inline(always)]
+fn deliver_to_pod(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
+    match redirect_to_pod(ctx) {
+        Some(action) => action,
+        None => redirect_to_bridge(cfg.bridge_ifindex),
     }
 }
 

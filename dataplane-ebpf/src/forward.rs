@@ -5,13 +5,14 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
         TC_ACT_REDIRECT, bpf_fib_lookup as FibParams,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
     EbpfContext,
 };
-use network_types::eth::EthHdr;
+use dataplane_common::EndpointKey;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::parse::ptr_at;
+use crate::{maps::ENDPOINTS, parse::ptr_at};
 
 const AF_INET: u8 = 2;
 
@@ -70,25 +71,37 @@ pub fn redirect_to_bridge(bridge_ifindex: u32) -> i32 {
     if rc == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT as i32 } else { rc as i32 }
 }
 
-const PROTO_MODE: u32 = 1; // 1 = peer, 2 = egress redirect to host veth
-
-/// PROTOTYPE: deliver straight to the pod's veth.
+/// Delivers a decapsulated IPv4 packet straight into a local pod, if the
+/// agent listed it in `endpoints_v1`: Ethernet readdressed (pod MAC from
+/// the bridge MAC), then `bpf_redirect_peer` to the host-side veth, which
+/// hands the skb to the pod's interface as received, in this same softirq.
+///
+/// Why not the bridge: 6.18's `bpf_skb_adjust_room` cannot clear
+/// skb->encapsulation or SKB_GSO_UDP_TUNNEL on decapsulation (no
+/// BPF_F_ADJ_ROOM_DECAP_L4_UDP yet), and the bridge has no
+/// hw_enc_features, so `validate_xmit_skb` on cni0 segments and checksums
+/// every 64 KB GSO packet in software and the pod receives 45 packets
+/// instead of one. The pod's veth keeps the GSO packet whole, and a local
+/// TCP receiver does not care about the leftover tunnel GSO bits.
+///
+/// `None` when the pod is not in the map (the caller uses the bridge).
+/// Must run at TC ingress (`bpf_redirect_peer` refuses anything else).
 #[inline(always)]
-pub fn redirect_to_endpoint(ctx: &TcContext) -> Option<i32> {
+pub fn redirect_to_pod(ctx: &TcContext) -> Option<i32> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let eth = ptr_at::<EthHdr>(data, data_end, 0)?;
-    let ip = ptr_at::<network_types::ip::Ipv4Hdr>(data, data_end, EthHdr::LEN)?;
-    let dst = unsafe { (*ip).dst_addr };
-    let ep = unsafe { crate::maps::ENDPOINTS.get(&dst) }?;
-    let (ifindex, mac, node_mac) = (ep.ifindex, ep.mac, ep.node_mac);
+    let ip = ptr_at::<Ipv4Hdr>(data, data_end, EthHdr::LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let key = EndpointKey { ip: unsafe { (*ip).dst_addr } };
+    // SAFETY: read-only lookup of a plain value.
+    let ep = unsafe { ENDPOINTS.get(&key) }?;
+    let (ifindex, mac, gw_mac) = (ep.ifindex, ep.mac, ep.gw_mac);
+    // SAFETY: bounds checked by ptr_at.
     unsafe {
         (*eth).dst_addr = mac;
-        (*eth).src_addr = node_mac;
+        (*eth).src_addr = gw_mac;
     }
-    let rc = if PROTO_MODE == 1 {
-        unsafe { aya_ebpf::helpers::generated::bpf_redirect_peer(ifindex, 0) }
-    } else {
-        unsafe { bpf_redirect(ifindex, 0) }
-    };
+    // SAFETY: plain helper call.
+    let rc = unsafe { bpf_redirect_peer(ifindex, 0) };
     Some(rc as i32)
 }

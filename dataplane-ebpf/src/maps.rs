@@ -7,6 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dataplane_common::{
+    ENDPOINTS_MAX, EndpointInfo, EndpointKey,
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
     CtEntry, CtKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, PeerInfo, PeerIpInfo, PeerIpKey,
     RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
@@ -57,14 +58,7 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { AFFINITY_MAX as us
 #[btf_map(name = "svc_stats_v1")]
 pub static SVC_STATS: PerCpuHashMap<SvcKey, SvcCounters, { SERVICES_MAX as usize }> = PerCpuHashMap::new();
 
-/// PROTOTYPE (decap perf): local pod IPv4 -> host-side veth and MACs.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct EndpointInfo {
-    pub ifindex: u32,
-    pub mac: [u8; 6],
-    pub node_mac: [u8; 6],
-}
-
+/// Local pod IPv4 -> host-side veth and MACs. Filled by the agent; read by
+/// decapsulation to deliver straight into the pod (see `forward::redirect_to_pod`).
 #[btf_map(name = "endpoints_v1")]
-pub static ENDPOINTS: HashMap<[u8; 4], EndpointInfo, 4096> = HashMap::new();
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { ENDPOINTS_MAX as usize }> = HashMap::new();

@@ -3,7 +3,7 @@
 //! leases in etcd until it is told to stop.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
@@ -11,18 +11,19 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use dataplane_common::{NODE_CFG_READY, NodeConfig};
+use dataplane_common::{Backend, NODE_CFG_READY, NodeConfig, PROTO_TCP, PROTO_UDP, SvcKey};
 use ipnet::Ipv4Net;
 use log::{error, info, warn};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    bpf::{Dataplane, DecapMode, Peer, fmt_mac},
+    bpf::{Dataplane, DecapMode, FrontendState, Peer, fmt_mac},
     config::NetworkConfig,
     etcd::EtcdOptions,
     lease::{self, Lease, LeaseAttrs, LeaseEvent},
     netlink::{self, LinkInfo, Netlink},
     peers::{self, PeerChange, PeerTable, PeerUpdate, PeerWatchStats},
+    services::{self, ServiceName, ServiceStore, StoreUpdate},
     subnet_env::{self, SubnetEnv},
 };
 
@@ -40,6 +41,8 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     pub renew_margin: Duration,
     pub ip_masq: bool,
+    /// etcd prefix of Services, Endpoints and EndpointSlices.
+    pub service_prefix: String,
 }
 
 /// How long to wait between attempts when etcd or the network config is
@@ -106,10 +109,31 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut dp = Dataplane::load(&cfg.pin_path)?;
     let mut bridge = plumb_node(&nl, &cfg, &net, &lease, mtu).await?;
     dp.set_node_config(&node_config(&net, &lease, &underlay, &bridge, &attrs))?;
+    // Services are in the maps before any program is attached, so a
+    // ClusterIP is never forwarded untranslated, not even at startup.
+    // Entries an earlier run left are cleared first: their ids would
+    // collide with the ones allocated now.
+    dp.services().clear()?;
+    let mut store = match services::list(&mut client, &cfg.service_prefix).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!("listing services under {}: {e:#}; the watch will deliver them", cfg.service_prefix);
+            ServiceStore::new()
+        }
+    };
+    let mut programmed: BTreeMap<ServiceName, BTreeSet<SvcKey>> = BTreeMap::new();
+    let names: Vec<ServiceName> = store.service_names().cloned().collect();
+    for name in &names {
+        program_service(&mut dp, &store, &mut programmed, name, lease.subnet);
+    }
+    info!("{} services, {} frontends programmed", names.len(), dp.services().frontends());
+
     let mode = cfg.decap_mode.resolve(underlay.kind.as_deref());
     dp.attach_underlay(&underlay.name, mode)?;
     // Subscribe before the first listing so no new pod falls in between.
     let mut links = netlink::link_events()?;
+    let (svc_tx, mut svc_rx) = mpsc::channel::<StoreUpdate>(4096);
+    tokio::spawn(services::watch_services(client.clone(), cfg.service_prefix.clone(), svc_tx, shutdown.clone()));
     sync_ports(&nl, &mut dp, bridge.ifindex).await;
 
     // Peers: etcd watch -> table -> maps.
@@ -153,6 +177,24 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     error!("writing peer maps: {e:#}");
                 }
             }
+            Some(update) = svc_rx.recv() => {
+                let t0 = std::time::Instant::now();
+                let before = dp.services().writes();
+                let changed = store.apply(update);
+                for name in &changed {
+                    program_service(&mut dp, &store, &mut programmed, name, own_subnet);
+                }
+                let after = dp.services().writes();
+                let level = if changed.len() <= 10 { log::Level::Info } else { log::Level::Debug };
+                log::log!(
+                    level,
+                    "services: {} changed, {} map updates, {} deletes, {:?}",
+                    changed.len(),
+                    after.updates - before.updates,
+                    after.deletes - before.deletes,
+                    t0.elapsed()
+                );
+            }
             Some(ev) = lease_rx.recv() => match ev {
                 LeaseEvent::Reacquired(new) => {
                     if new.subnet != own_subnet {
@@ -165,6 +207,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     let desired = desired_peers(&table, own_subnet);
                     if let Err(e) = dp.sync_peers(&desired, false) {
                         error!("writing peer maps: {e:#}");
+                    }
+                    // internalTrafficPolicy Local depends on which pods are ours.
+                    let names: Vec<ServiceName> = store.service_names().cloned().collect();
+                    for name in &names {
+                        program_service(&mut dp, &store, &mut programmed, name, own_subnet);
                     }
                 }
                 other => info!("lease: {other:?}"),
@@ -198,6 +245,65 @@ fn log_change(c: &PeerChange, own: Ipv4Net) {
             info!("peer changed: {subnet} at {} ({})", new.public_ip, fmt_mac(&new.vtep_mac))
         }
         PeerChange::Removed(net, a) => info!("peer removed: {net} (was {})", a.public_ip),
+    }
+}
+
+/// Makes the maps hold exactly the frontends `name` has on this node.
+/// Costs map writes proportional to this one service.
+fn program_service(
+    dp: &mut Dataplane,
+    store: &ServiceStore,
+    programmed: &mut BTreeMap<ServiceName, BTreeSet<SvcKey>>,
+    name: &ServiceName,
+    own_subnet: Ipv4Net,
+) {
+    let fronts = store.frontends_for(name, &|ip| own_subnet.contains(&ip));
+    let new_keys: BTreeSet<SvcKey> = fronts.keys().map(svc_key).collect();
+    let old_keys = programmed.remove(name).unwrap_or_default();
+    for k in old_keys.difference(&new_keys) {
+        if let Err(e) = dp.services().remove_frontend(k) {
+            error!("service {name}: removing a frontend: {e:#}");
+        }
+    }
+    for (f, spec) in &fronts {
+        let state = FrontendState {
+            backends: spec
+                .backends
+                .iter()
+                .map(|b| Backend { ip: b.ip.octets(), port: b.port.to_be_bytes(), _pad: [0; 2] })
+                .collect(),
+            affinity_timeout_s: spec.affinity_timeout.map(|d| d.as_secs().min(u64::from(u32::MAX)) as u32),
+        };
+        if let Err(e) = dp.services().set_frontend(svc_key(f), &state) {
+            error!("service {name}: programming {}:{}/{}: {e:#}", f.ip, f.port, f.proto);
+        }
+    }
+    if !fronts.is_empty() {
+        info!(
+            "service {name}: {}",
+            fronts
+                .iter()
+                .map(|(f, s)| format!("{}:{}/{} -> {} backends", f.ip, f.port, f.proto, s.backends.len()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    } else if !old_keys.is_empty() {
+        info!("service {name}: removed");
+    }
+    if !new_keys.is_empty() {
+        programmed.insert(name.clone(), new_keys);
+    }
+}
+
+fn svc_key(f: &services::Frontend) -> SvcKey {
+    SvcKey {
+        vip: f.ip.octets(),
+        port: f.port.to_be_bytes(),
+        proto: match f.proto {
+            services::Proto::Tcp => PROTO_TCP,
+            services::Proto::Udp => PROTO_UDP,
+        },
+        _pad: 0,
     }
 }
 

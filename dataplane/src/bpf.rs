@@ -413,6 +413,28 @@ pub fn read_pinned_stats(pin_path: &Path) -> anyhow::Result<Vec<(Stat, Counter)>
     read_stats(&map)
 }
 
+/// Per-frontend counters from the pinned map of a running agent.
+pub fn read_pinned_svc_stats(pin_path: &Path) -> anyhow::Result<Vec<(SvcKey, SvcCounters)>> {
+    let path = pin_path.join(map_names::SVC_STATS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map: PerCpuHashMap<MapData, SvcKey, SvcCounters> =
+        PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))?;
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let Ok((k, per_cpu)) = item else { continue };
+        let mut sum = SvcCounters::default();
+        for c in per_cpu.iter() {
+            sum.new_flows += c.new_flows;
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+            sum.rejections += c.rejections;
+        }
+        out.push((k, sum));
+    }
+    out.sort_by_key(|(k, _)| *k);
+    Ok(out)
+}
+
 fn remove_ok_if_missing(r: Result<(), aya::maps::MapError>) -> anyhow::Result<()> {
     match r {
         Ok(()) => Ok(()),
@@ -501,11 +523,9 @@ impl ServiceMaps {
                 self.writes.updates += 1;
             }
         }
-        if !shrink || old_info.is_none() {
-            if old_info != Some(info) {
-                self.services.insert(key, info, 0)?;
-                self.writes.updates += 1;
-            }
+        if (!shrink || old_info.is_none()) && old_info != Some(info) {
+            self.services.insert(key, info, 0)?;
+            self.writes.updates += 1;
         }
         for slot in want.backends.len()..old_backends.len() {
             remove_ok_if_missing(self.backends.remove(&BackendKey { svc_id: id, slot: slot as u32 }))?;
@@ -547,6 +567,33 @@ impl ServiceMaps {
             }
         }
         self.free_ids.push(f.id);
+        Ok(())
+    }
+
+    /// Empties the service maps (not conntrack: its entries name backends
+    /// by address and stay valid) and the shadow. Called at startup, before
+    /// anything is attached.
+    pub fn clear(&mut self) -> anyhow::Result<()> {
+        let keys: Vec<SvcKey> = self.services.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            remove_ok_if_missing(self.services.remove(k))?;
+        }
+        let keys: Vec<BackendKey> = self.backends.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            remove_ok_if_missing(self.backends.remove(k))?;
+        }
+        let keys: Vec<VipKey> = self.vips.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            remove_ok_if_missing(self.vips.remove(k))?;
+        }
+        let keys: Vec<AffinityKey> = self.affinity.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            remove_ok_if_missing(self.affinity.remove(k))?;
+        }
+        self.shadow.clear();
+        self.vip_refs.clear();
+        self.free_ids.clear();
+        self.next_id = 0;
         Ok(())
     }
 

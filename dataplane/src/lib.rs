@@ -15,3 +15,4 @@ pub mod lease;
 pub mod peers;
 pub mod subnet_env;
 pub mod agent;
+pub mod services;

@@ -31,6 +31,33 @@ enum Cmd {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
+    /// Store Services, Endpoints and EndpointSlices from a YAML file (what
+    /// you would `kubectl apply`), all or nothing.
+    Apply {
+        #[command(flatten)]
+        svc: ServiceArgs,
+        /// The manifest file (several documents allowed; `-` for stdin).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Delete the objects of a YAML file, or one Service with its endpoints.
+    Delete {
+        #[command(flatten)]
+        svc: ServiceArgs,
+        /// The manifest file whose objects to delete.
+        #[arg(short = 'f', long = "filename", conflicts_with = "target")]
+        file: Option<PathBuf>,
+        /// `service NAMESPACE/NAME` (or `service NAME` in `default`).
+        #[arg(num_args = 2, value_names = ["KIND", "NAME"])]
+        target: Vec<String>,
+    },
+    /// List services: name, ClusterIP, ports, endpoints ready/total.
+    Get {
+        #[command(flatten)]
+        svc: ServiceArgs,
+        /// What to list (`services`).
+        what: String,
+    },
     /// Print the data path counters of the agent on this node.
     Stats {
         /// Where the agent pinned its maps.
@@ -93,6 +120,15 @@ impl EtcdArgs {
     }
 }
 
+#[derive(Args, Clone)]
+struct ServiceArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// etcd prefix of Services, Endpoints and EndpointSlices.
+    #[arg(long, default_value = dataplane::services::DEFAULT_PREFIX)]
+    service_prefix: String,
+}
+
 #[derive(Args)]
 struct AgentArgs {
     #[command(flatten)]
@@ -126,6 +162,9 @@ struct AgentArgs {
     /// Written to subnet.env as FLANNEL_IPMASQ.
     #[arg(long)]
     ip_masq: bool,
+    /// etcd prefix of Services, Endpoints and EndpointSlices.
+    #[arg(long, default_value = dataplane::services::DEFAULT_PREFIX)]
+    service_prefix: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -154,14 +193,27 @@ fn main() -> anyhow::Result<()> {
                     lease_ttl: Duration::from_secs(a.lease_ttl_secs),
                     renew_margin: Duration::from_secs(a.renew_margin_secs),
                     ip_masq: a.ip_masq,
+                    service_prefix: a.service_prefix,
                 })
                 .await
             }
             Cmd::Config { op } => config_cmd(op).await,
+            Cmd::Apply { svc, file } => apply_cmd(&svc, &file).await,
+            Cmd::Delete { svc, file, target } => delete_cmd(&svc, file.as_deref(), &target).await,
+            Cmd::Get { svc, what } => get_cmd(&svc, &what).await,
             Cmd::Leases { etcd } => leases_cmd(&etcd).await,
             Cmd::Stats { pin_path } => {
                 for (stat, c) in dataplane::bpf::read_pinned_stats(&pin_path)? {
                     println!("{:<24} {:>12} pkts {:>16} bytes", stat.name(), c.packets, c.bytes);
+                }
+                let svc = dataplane::bpf::read_pinned_svc_stats(&pin_path)?;
+                if !svc.is_empty() {
+                    println!("\n{:<24} {:>10} {:>12} {:>14} {:>10}", "FRONTEND", "FLOWS", "PACKETS", "BYTES", "REJECTED");
+                    for (k, c) in svc {
+                        let proto = if k.proto == dataplane_common::PROTO_TCP { "TCP" } else { "UDP" };
+                        let fe = format!("{}:{}/{proto}", std::net::Ipv4Addr::from(k.vip), u16::from_be_bytes(k.port));
+                        println!("{fe:<24} {:>10} {:>12} {:>14} {:>10}", c.new_flows, c.packets, c.bytes, c.rejections);
+                    }
                 }
                 Ok(())
             }
@@ -222,6 +274,67 @@ async fn leases_cmd(etcd: &EtcdArgs) -> anyhow::Result<()> {
             Ok(a) => println!("{:<20} {:<16} {:<18} {:>10}", subnet.to_string(), a.public_ip.to_string(), fmt_mac(&a.vtep_mac), ttl),
             Err(e) => println!("{:<20} malformed: {e}", subnet.to_string()),
         }
+    }
+    Ok(())
+}
+
+fn read_manifest(file: &std::path::Path) -> anyhow::Result<Vec<dataplane::services::Object>> {
+    let text = if file == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    dataplane::services::parse_manifests(&text).with_context(|| format!("{}: nothing applied", file.display()))
+}
+
+async fn apply_cmd(svc: &ServiceArgs, file: &std::path::Path) -> anyhow::Result<()> {
+    let objects = read_manifest(file)?;
+    let mut client = dataplane::etcd::connect(&svc.etcd.options()).await?;
+    let summary = dataplane::services::apply(&mut client, &svc.service_prefix, &objects).await?;
+    for (r, outcome) in &summary.objects {
+        println!("{} {}/{} {outcome}", r.kind.as_str(), r.namespace, r.name);
+    }
+    Ok(())
+}
+
+async fn delete_cmd(svc: &ServiceArgs, file: Option<&std::path::Path>, target: &[String]) -> anyhow::Result<()> {
+    let mut client = dataplane::etcd::connect(&svc.etcd.options()).await?;
+    let summary = match (file, target) {
+        (Some(f), _) => {
+            let objects = read_manifest(f)?;
+            dataplane::services::delete_objects(&mut client, &svc.service_prefix, &objects).await?
+        }
+        (None, [kind, name]) if matches!(kind.as_str(), "service" | "services" | "svc") => {
+            let (ns, name) = name.split_once('/').unwrap_or(("default", name.as_str()));
+            dataplane::services::delete_service(&mut client, &svc.service_prefix, ns, name).await?
+        }
+        _ => bail!("usage: dataplane delete -f FILE | dataplane delete service NAMESPACE/NAME"),
+    };
+    for r in &summary.deleted {
+        println!("{} {}/{} deleted", r.kind.as_str(), r.namespace, r.name);
+    }
+    for r in &summary.not_found {
+        println!("{} {}/{} not found", r.kind.as_str(), r.namespace, r.name);
+    }
+    Ok(())
+}
+
+async fn get_cmd(svc: &ServiceArgs, what: &str) -> anyhow::Result<()> {
+    if !matches!(what, "services" | "service" | "svc") {
+        bail!("dataplane get: only `services` can be listed");
+    }
+    let mut client = dataplane::etcd::connect(&svc.etcd.options()).await?;
+    let store = dataplane::services::list(&mut client, &svc.service_prefix).await?;
+    println!("{:<40} {:<16} {:<28} ENDPOINTS (READY/TOTAL)", "NAME", "CLUSTER-IP", "PORT(S)");
+    for s in store.summary() {
+        println!(
+            "{:<40} {:<16} {:<28} {}/{}",
+            s.service.to_string(),
+            s.cluster_ip,
+            s.ports.join(","),
+            s.ready_endpoints,
+            s.total_endpoints
+        );
     }
     Ok(())
 }

@@ -6,3 +6,4 @@ pub mod topo;
 pub mod traffic;
 pub mod flannel;
 pub mod etcd;
+pub mod svc;

@@ -177,6 +177,32 @@ impl Cluster {
         .map_err(|_| anyhow::anyhow!("etcd thread panicked"))?
     }
 
+    /// Runs the `dataplane` CLI inside the underlay namespace against this
+    /// cluster's etcd; returns stdout, or the error with stderr.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .underlay
+            .command(agent_bin().to_str().context("agent path")?)
+            .args(args)
+            .env("DATAPLANE_ETCD_ENDPOINTS", self.endpoint())
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("dataplane {args:?}"))?;
+        if !out.status.success() {
+            bail!("dataplane {args:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `dataplane apply -f` of this YAML text.
+    pub fn apply_yaml(&self, yaml: &str) -> anyhow::Result<String> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.join(format!("manifest-{n}.yaml"));
+        fs::write(&path, yaml)?;
+        self.cli(&["apply", "-f", path.to_str().context("path")?])
+    }
+
     /// Stores the network config (flannel JSON) through the CLI.
     pub fn put_config(&self, json: &str) -> anyhow::Result<()> {
         // etcd is only reachable inside the underlay namespace.

@@ -21,7 +21,9 @@ const PODS: usize = 2;
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
 /// What the signal thread needs to clean up if the demo is interrupted.
-static CLEANUP: OnceLock<Mutex<Option<(String, Vec<u32>)>>> = OnceLock::new();
+/// Cluster id and the PIDs we started.
+type Registry = Option<(String, Vec<u32>)>;
+static CLEANUP: OnceLock<Mutex<Registry>> = OnceLock::new();
 
 fn main() -> anyhow::Result<()> {
     install_signal_cleanup();

@@ -1,0 +1,1212 @@
+//! The agent's in-memory copy of all Services, Endpoints and EndpointSlices,
+//! and the frontends one service needs on this node.
+//!
+//! [`ServiceStore::apply`] takes the updates of the etcd watch and says
+//! which services they may have changed, so the agent recomputes and
+//! rewrites only those: updating one service among thousands costs one
+//! service's work (service-semantics.md, point 10). Identical rewrites (a
+//! re-applied file) change nothing and report nothing.
+//!
+//! [`ServiceStore::frontends_for`] follows kube-proxy:
+//!
+//! - Endpoints come from the service's IPv4 EndpointSlices (label
+//!   `kubernetes.io/service-name`) if it has any, else from its Endpoints
+//!   object (`addresses` ready, `notReadyAddresses` not). kube-proxy only
+//!   reads slices; the Endpoints fallback is for users who write the older
+//!   object by hand, as the Kubernetes docs still show.
+//! - Slice conditions as the API defines them: `ready` nil = true,
+//!   `serving` nil = true, `terminating` nil = false. Only an endpoint's
+//!   first address is used (the API says they are fungible; kube-proxy does
+//!   the same).
+//! - Backends are the ready endpoints; if there are none, the serving and
+//!   terminating ones (graceful termination); else none, and the data path
+//!   rejects. With `internalTrafficPolicy: Local` the same rule is applied
+//!   to this node's endpoints only.
+//! - A service port finds its endpoint port by name (an unnamed one matches
+//!   an unnamed one; a service with a single port also matches a slice with
+//!   a single port when either is unnamed), else by the name in a string
+//!   `targetPort`. The backend port is that endpoint port's number, as in
+//!   kube-proxy: the endpoints controller already resolved `targetPort`
+//!   into it. Only when the endpoint source lists no port at all (or a
+//!   slice port without a number) does `targetPort` (a number) or else the
+//!   service port itself give it; a named `targetPort` then matches
+//!   nothing. A port whose protocol differs from the service port's is not
+//!   used.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Endpoints, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::de::DeserializeOwned;
+
+use super::manifest::Object;
+use super::validate::{self, ClusterIp, FieldError};
+use super::{Kind, ObjectRef, SERVICE_NAME_LABEL};
+
+/// A service: namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName {
+    /// The namespace.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl ServiceName {
+    /// `namespace/name`.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> ServiceName {
+        ServiceName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Transport protocol of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        })
+    }
+}
+
+/// What a client connects to: ClusterIP, port, protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    /// The ClusterIP.
+    pub ip: Ipv4Addr,
+    /// The service port.
+    pub port: u16,
+    /// The protocol.
+    pub proto: Proto,
+}
+
+/// Where a connection may be sent: endpoint address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    /// The endpoint (pod) address.
+    pub ip: Ipv4Addr,
+    /// The endpoint port.
+    pub port: u16,
+}
+
+/// Everything the data path needs for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    /// The service it belongs to.
+    pub service: ServiceName,
+    /// The service port's name (empty when unnamed).
+    pub port_name: String,
+    /// The backends, sorted and without duplicates. Empty means "reject new
+    /// connections" (no ready and no serving-terminating endpoint).
+    pub backends: Vec<BackendAddr>,
+    /// `Some` when `sessionAffinity` is ClientIP: how long a client keeps
+    /// its backend after its last packet (default 10800 s).
+    pub affinity_timeout: Option<Duration>,
+}
+
+/// One change seen by the etcd watch ([`super::watch_services`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreUpdate {
+    /// Everything, at one revision; replaces all that was known.
+    Snapshot(ServiceStore),
+    /// A key was written. `key` is relative to the prefix, e.g.
+    /// `services/default/my-service`; `value` is the object as JSON.
+    Put {
+        /// Key below the prefix.
+        key: String,
+        /// The value written.
+        value: Vec<u8>,
+    },
+    /// A key was deleted (`key` relative to the prefix).
+    Delete {
+        /// Key below the prefix.
+        key: String,
+    },
+}
+
+/// One line of `dataplane get services`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSummary {
+    /// The service.
+    pub service: ServiceName,
+    /// `spec.type`, `ClusterIP` when unset.
+    pub service_type: String,
+    /// `spec.clusterIP` as written (`None` for headless).
+    pub cluster_ip: String,
+    /// Its ports, kubectl style: `80/TCP`, or `http:80/TCP` when named.
+    pub ports: Vec<String>,
+    /// Distinct IPv4 endpoint addresses that are ready.
+    pub ready_endpoints: usize,
+    /// Distinct IPv4 endpoint addresses, ready or not.
+    pub total_endpoints: usize,
+}
+
+/// All Services, Endpoints and EndpointSlices, by namespace and name.
+///
+/// Values that do not decode, do not match their key, or fail validation
+/// are logged, counted in [`ServiceStore::malformed`] and skipped: the last
+/// good version of that object, if any, stays in force.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceStore {
+    services: BTreeMap<ServiceName, Service>,
+    endpoints: BTreeMap<ServiceName, Endpoints>,
+    /// By (namespace, slice name).
+    slices: BTreeMap<(String, String), EndpointSlice>,
+    /// Slice names of each service, by their service-name label.
+    slices_by_service: BTreeMap<ServiceName, BTreeSet<String>>,
+    malformed: u64,
+}
+
+/// Stores compare by content; the malformed counter is history, not state.
+impl PartialEq for ServiceStore {
+    fn eq(&self, other: &Self) -> bool {
+        self.services == other.services
+            && self.endpoints == other.endpoints
+            && self.slices == other.slices
+    }
+}
+
+/// An endpoint's conditions, as booleans.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Cond {
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+impl Cond {
+    fn merge(self, o: Cond) -> Cond {
+        Cond {
+            ready: self.ready || o.ready,
+            serving: self.serving || o.serving,
+            terminating: self.terminating || o.terminating,
+        }
+    }
+}
+
+/// A port of an Endpoints subset or an EndpointSlice.
+struct EpPort<'a> {
+    name: &'a str,
+    port: Option<u16>,
+    /// `None`: a protocol we do not carry.
+    proto: Option<Proto>,
+}
+
+/// One Endpoints subset or one EndpointSlice, normalized.
+struct EpSet<'a> {
+    ports: Vec<EpPort<'a>>,
+    endpoints: Vec<(Ipv4Addr, Cond)>,
+}
+
+fn slice_service(ns: &str, slice: &EndpointSlice) -> Option<ServiceName> {
+    slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_NAME_LABEL)
+        .map(|name| ServiceName::new(ns, name.as_str()))
+}
+
+/// Decodes a stored value and checks it belongs under its key.
+fn decode<T: DeserializeOwned>(
+    r: &ObjectRef,
+    value: &[u8],
+    meta: fn(&T) -> &ObjectMeta,
+    check: fn(&T) -> Vec<FieldError>,
+) -> Result<T, String> {
+    let obj: T = serde_json::from_slice(value).map_err(|e| format!("not a {}: {e}", r.kind))?;
+    let m = meta(&obj);
+    if m.name.as_deref() != Some(r.name.as_str()) {
+        return Err(format!(
+            "metadata.name {:?} does not match the key",
+            m.name.as_deref().unwrap_or_default()
+        ));
+    }
+    if let Some(ns) = m.namespace.as_deref()
+        && ns != r.namespace
+    {
+        return Err(format!("metadata.namespace {ns:?} does not match the key"));
+    }
+    let problems = check(&obj);
+    if let Some(p) = problems.first() {
+        return Err(format!("invalid: {}: {}", p.path, p.message));
+    }
+    Ok(obj)
+}
+
+impl ServiceStore {
+    /// An empty store.
+    pub fn new() -> ServiceStore {
+        ServiceStore::default()
+    }
+
+    /// A store holding `entries` (keys relative to the prefix, values as
+    /// in etcd), as listed at one revision. Bad entries are skipped and
+    /// counted.
+    pub fn from_entries(entries: impl IntoIterator<Item = (String, Vec<u8>)>) -> ServiceStore {
+        let mut store = ServiceStore::new();
+        for (key, value) in entries {
+            store.put(&key, &value);
+        }
+        store
+    }
+
+    /// A store holding `objects` (as if applied).
+    pub fn from_objects<'a>(objects: impl IntoIterator<Item = &'a Object>) -> ServiceStore {
+        ServiceStore::from_entries(
+            objects
+                .into_iter()
+                .map(|o| (o.object_ref().relative_key(), o.to_json())),
+        )
+    }
+
+    /// Applies one update; returns the services whose frontends may have
+    /// changed. For a Put or Delete that is the service named by the key
+    /// (for an EndpointSlice, the service of its label before and after),
+    /// and nothing when the value is unchanged or unusable. For a Snapshot
+    /// it is every service known before or after.
+    pub fn apply(&mut self, update: StoreUpdate) -> BTreeSet<ServiceName> {
+        match update {
+            StoreUpdate::Put { key, value } => self.put(&key, &value),
+            StoreUpdate::Delete { key } => self.delete(&key),
+            StoreUpdate::Snapshot(new) => {
+                let mut names = self.referenced_names();
+                names.extend(new.referenced_names());
+                let malformed = self.malformed + new.malformed;
+                *self = new;
+                self.malformed = malformed;
+                names
+            }
+        }
+    }
+
+    /// Values skipped so far because they were unusable (each observation
+    /// counts; a bad value listed again at a re-list counts again).
+    pub fn malformed(&self) -> u64 {
+        self.malformed
+    }
+
+    /// Counts `n` unusable entries found outside [`ServiceStore::apply`]
+    /// (keys that are not UTF-8, say).
+    pub(crate) fn add_malformed(&mut self, n: u64) {
+        self.malformed += n;
+    }
+
+    /// Every name a service, Endpoints or slice label refers to.
+    fn referenced_names(&self) -> BTreeSet<ServiceName> {
+        self.services
+            .keys()
+            .chain(self.endpoints.keys())
+            .chain(self.slices_by_service.keys())
+            .cloned()
+            .collect()
+    }
+
+    fn bad(&mut self, key: &str, why: &str) -> BTreeSet<ServiceName> {
+        self.malformed += 1;
+        log::warn!("ignoring services entry {key}: {why}");
+        BTreeSet::new()
+    }
+
+    fn put(&mut self, key: &str, value: &[u8]) -> BTreeSet<ServiceName> {
+        let Some(r) = ObjectRef::parse_relative_key(key) else {
+            if key.split('/').next().and_then(Kind::from_dir).is_some() {
+                return self.bad(key, "malformed key (want <kind>/<namespace>/<name>)");
+            }
+            return BTreeSet::new();
+        };
+        let sn = ServiceName::new(r.namespace.as_str(), r.name.as_str());
+        match r.kind {
+            Kind::Service => {
+                match decode(&r, value, |s: &Service| &s.metadata, validate::service) {
+                    Ok(svc) if self.services.get(&sn) == Some(&svc) => BTreeSet::new(),
+                    Ok(svc) => {
+                        self.services.insert(sn.clone(), svc);
+                        BTreeSet::from([sn])
+                    }
+                    Err(e) => self.bad(key, &e),
+                }
+            }
+            Kind::Endpoints => {
+                match decode(&r, value, |e: &Endpoints| &e.metadata, validate::endpoints) {
+                    Ok(ep) if self.endpoints.get(&sn) == Some(&ep) => BTreeSet::new(),
+                    Ok(ep) => {
+                        self.endpoints.insert(sn.clone(), ep);
+                        BTreeSet::from([sn])
+                    }
+                    Err(e) => self.bad(key, &e),
+                }
+            }
+            Kind::EndpointSlice => {
+                let slice = match decode(
+                    &r,
+                    value,
+                    |s: &EndpointSlice| &s.metadata,
+                    validate::endpoint_slice,
+                ) {
+                    Ok(s) => s,
+                    Err(e) => return self.bad(key, &e),
+                };
+                let id = (r.namespace.clone(), r.name.clone());
+                if self.slices.get(&id) == Some(&slice) {
+                    return BTreeSet::new();
+                }
+                let mut touched = self.remove_slice(&id);
+                if let Some(svc) = slice_service(&r.namespace, &slice) {
+                    self.slices_by_service
+                        .entry(svc.clone())
+                        .or_default()
+                        .insert(r.name.clone());
+                    touched.insert(svc);
+                }
+                self.slices.insert(id, slice);
+                touched
+            }
+        }
+    }
+
+    /// Removes a slice and its index entry; returns its old service.
+    fn remove_slice(&mut self, id: &(String, String)) -> BTreeSet<ServiceName> {
+        let Some(old) = self.slices.remove(id) else {
+            return BTreeSet::new();
+        };
+        let Some(svc) = slice_service(&id.0, &old) else {
+            return BTreeSet::new();
+        };
+        if let Some(set) = self.slices_by_service.get_mut(&svc) {
+            set.remove(&id.1);
+            if set.is_empty() {
+                self.slices_by_service.remove(&svc);
+            }
+        }
+        BTreeSet::from([svc])
+    }
+
+    fn delete(&mut self, key: &str) -> BTreeSet<ServiceName> {
+        let Some(r) = ObjectRef::parse_relative_key(key) else {
+            return BTreeSet::new();
+        };
+        let sn = ServiceName::new(r.namespace.as_str(), r.name.as_str());
+        let removed = match r.kind {
+            Kind::Service => self.services.remove(&sn).is_some(),
+            Kind::Endpoints => self.endpoints.remove(&sn).is_some(),
+            Kind::EndpointSlice => return self.remove_slice(&(r.namespace, r.name)),
+        };
+        if removed {
+            BTreeSet::from([sn])
+        } else {
+            BTreeSet::new()
+        }
+    }
+
+    /// The names of all services, in order.
+    pub fn service_names(&self) -> impl Iterator<Item = &ServiceName> {
+        self.services.keys()
+    }
+
+    /// Number of services.
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Whether there are no services.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// A service.
+    pub fn service(&self, name: &ServiceName) -> Option<&Service> {
+        self.services.get(name)
+    }
+
+    /// The Endpoints object named like a service.
+    pub fn endpoints(&self, name: &ServiceName) -> Option<&Endpoints> {
+        self.endpoints.get(name)
+    }
+
+    /// The EndpointSlices labelled for a service, by slice name.
+    pub fn endpoint_slices_of<'a>(
+        &'a self,
+        name: &ServiceName,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+        let ns = name.namespace.clone();
+        self.slices_by_service
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(move |slice| self.slices.get(&(ns.clone(), slice.clone())))
+    }
+
+    /// One EndpointSlice by namespace and name.
+    pub fn endpoint_slice(&self, namespace: &str, name: &str) -> Option<&EndpointSlice> {
+        self.slices.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Every stored object, ordered by kind (Endpoints, EndpointSlice,
+    /// Service, as in etcd), namespace and name.
+    pub fn to_objects(&self) -> Vec<Object> {
+        let mut out: Vec<Object> = self
+            .endpoints
+            .values()
+            .cloned()
+            .map(Object::Endpoints)
+            .collect();
+        out.extend(self.slices.values().cloned().map(Object::EndpointSlice));
+        out.extend(self.services.values().cloned().map(Object::Service));
+        out
+    }
+
+    /// The endpoint source of a service: its IPv4 slices if it has any,
+    /// else its Endpoints subsets.
+    fn endpoint_sets<'a>(&'a self, name: &ServiceName) -> Vec<EpSet<'a>> {
+        let slices: Vec<&EndpointSlice> = self
+            .endpoint_slices_of(name)
+            .filter(|s| s.address_type == "IPv4")
+            .collect();
+        if !slices.is_empty() {
+            return slices.into_iter().map(slice_set).collect();
+        }
+        let Some(ep) = self.endpoints.get(name) else {
+            return Vec::new();
+        };
+        ep.subsets
+            .iter()
+            .flatten()
+            .map(|subset| {
+                let ports = subset
+                    .ports
+                    .iter()
+                    .flatten()
+                    .map(|p| EpPort {
+                        name: p.name.as_deref().unwrap_or_default(),
+                        port: validate::port_number(p.port).ok(),
+                        proto: validate::protocol(p.protocol.as_deref()).ok(),
+                    })
+                    .collect();
+                let ready = Cond {
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                };
+                let endpoints = subset
+                    .addresses
+                    .iter()
+                    .flatten()
+                    .map(|a| (a, ready))
+                    .chain(
+                        subset
+                            .not_ready_addresses
+                            .iter()
+                            .flatten()
+                            .map(|a| (a, Cond::default())),
+                    )
+                    .filter_map(|(a, c)| Some((a.ip.parse().ok()?, c)))
+                    .collect();
+                EpSet { ports, endpoints }
+            })
+            .collect()
+    }
+
+    /// The frontends of one service as this node must program them, by
+    /// frontend. `is_local(ip)` says whether an endpoint address is a pod of
+    /// this node (the agent passes "ip is in my pod subnet"); it matters
+    /// only for `internalTrafficPolicy: Local`. Empty for an unknown,
+    /// headless or ExternalName service.
+    pub fn frontends_for(
+        &self,
+        svc: &ServiceName,
+        is_local: &dyn Fn(Ipv4Addr) -> bool,
+    ) -> BTreeMap<Frontend, FrontendSpec> {
+        let mut out = BTreeMap::new();
+        let Some(spec) = self.services.get(svc).and_then(|s| s.spec.as_ref()) else {
+            return out;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return out;
+        }
+        let Ok(ClusterIp::V4(ip)) = validate::cluster_ip(spec) else {
+            return out;
+        };
+        let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let affinity_timeout =
+            validate::affinity_timeout_secs(spec).map(|s| Duration::from_secs(s.into()));
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        let sets = self.endpoint_sets(svc);
+        for sp in ports {
+            let (Ok(port), Ok(proto)) = (
+                validate::port_number(sp.port),
+                validate::protocol(sp.protocol.as_deref()),
+            ) else {
+                continue;
+            };
+            let mut eps: BTreeMap<BackendAddr, Cond> = BTreeMap::new();
+            for set in &sets {
+                let Some(target) = resolve_port(sp, proto, ports.len(), set) else {
+                    continue;
+                };
+                for &(ip, cond) in &set.endpoints {
+                    if local_only && !is_local(ip) {
+                        continue;
+                    }
+                    let e = eps.entry(BackendAddr { ip, port: target }).or_default();
+                    *e = e.merge(cond);
+                }
+            }
+            out.entry(Frontend { ip, port, proto })
+                .or_insert_with(|| FrontendSpec {
+                    service: svc.clone(),
+                    port_name: sp.name.clone().unwrap_or_default(),
+                    backends: choose_backends(&eps),
+                    affinity_timeout,
+                });
+        }
+        out
+    }
+
+    /// One line per service for `dataplane get services`, in name order.
+    pub fn summary(&self) -> Vec<ServiceSummary> {
+        self.services
+            .iter()
+            .map(|(name, svc)| {
+                let spec = svc.spec.as_ref();
+                let ports = spec
+                    .and_then(|s| s.ports.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        let proto = p.protocol.as_deref().unwrap_or("TCP");
+                        match p.name.as_deref() {
+                            Some(n) if !n.is_empty() => format!("{n}:{}/{proto}", p.port),
+                            _ => format!("{}/{proto}", p.port),
+                        }
+                    })
+                    .collect();
+                let mut addrs: BTreeMap<Ipv4Addr, bool> = BTreeMap::new();
+                for set in self.endpoint_sets(name) {
+                    for (ip, c) in set.endpoints {
+                        *addrs.entry(ip).or_default() |= c.ready;
+                    }
+                }
+                ServiceSummary {
+                    service: name.clone(),
+                    service_type: spec
+                        .and_then(|s| s.type_.clone())
+                        .unwrap_or_else(|| "ClusterIP".into()),
+                    cluster_ip: spec
+                        .and_then(|s| s.cluster_ip.clone())
+                        .unwrap_or_else(|| "<none>".into()),
+                    ports,
+                    ready_endpoints: addrs.values().filter(|r| **r).count(),
+                    total_endpoints: addrs.len(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// An EndpointSlice (IPv4), normalized.
+fn slice_set(slice: &EndpointSlice) -> EpSet<'_> {
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| EpPort {
+            name: p.name.as_deref().unwrap_or_default(),
+            port: p.port.and_then(|n| validate::port_number(n).ok()),
+            proto: validate::protocol(p.protocol.as_deref()).ok(),
+        })
+        .collect();
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let ip: Ipv4Addr = e.addresses.first()?.parse().ok()?;
+            let c = e.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            Some((
+                ip,
+                Cond {
+                    ready,
+                    serving: c.and_then(|c| c.serving).unwrap_or(true),
+                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                },
+            ))
+        })
+        .collect();
+    EpSet { ports, endpoints }
+}
+
+/// The backend port for service port `sp` in endpoint set `set`, or `None`
+/// when the set has no matching port (see the module docs).
+fn resolve_port(
+    sp: &ServicePort,
+    proto: Proto,
+    n_service_ports: usize,
+    set: &EpSet<'_>,
+) -> Option<u16> {
+    let fallback = match &sp.target_port {
+        None => validate::port_number(sp.port).ok(),
+        Some(IntOrString::Int(n)) => validate::port_number(*n).ok(),
+        Some(IntOrString::String(_)) => None,
+    };
+    if set.ports.is_empty() {
+        return fallback;
+    }
+    let pick = |p: &EpPort<'_>| {
+        if p.proto == Some(proto) {
+            p.port.or(fallback)
+        } else {
+            None
+        }
+    };
+    let name = sp.name.as_deref().unwrap_or_default();
+    if let Some(p) = set.ports.iter().find(|p| p.name == name) {
+        return pick(p);
+    }
+    if let Some(IntOrString::String(target)) = &sp.target_port
+        && let Some(p) = set.ports.iter().find(|p| p.name == target)
+    {
+        return pick(p);
+    }
+    if let [only] = set.ports.as_slice()
+        && n_service_ports == 1
+        && (name.is_empty() || only.name.is_empty())
+    {
+        return pick(only);
+    }
+    None
+}
+
+/// Ready endpoints; else serving-and-terminating ones; else none.
+fn choose_backends(eps: &BTreeMap<BackendAddr, Cond>) -> Vec<BackendAddr> {
+    let ready: Vec<BackendAddr> = eps
+        .iter()
+        .filter(|(_, c)| c.ready)
+        .map(|(a, _)| *a)
+        .collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    eps.iter()
+        .filter(|(_, c)| c.serving && c.terminating)
+        .map(|(a, _)| *a)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::manifest::parse_manifests;
+
+    fn store(yaml: &str) -> ServiceStore {
+        let objs = parse_manifests(yaml).unwrap();
+        ServiceStore::from_objects(&objs)
+    }
+
+    fn sn(name: &str) -> ServiceName {
+        ServiceName::new("default", name)
+    }
+
+    fn b(ip: &str, port: u16) -> BackendAddr {
+        BackendAddr {
+            ip: ip.parse().unwrap(),
+            port,
+        }
+    }
+
+    fn fe(ip: &str, port: u16, proto: Proto) -> Frontend {
+        Frontend {
+            ip: ip.parse().unwrap(),
+            port,
+            proto,
+        }
+    }
+
+    fn nowhere(_: Ipv4Addr) -> bool {
+        false
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  \
+                       clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n";
+
+    fn slice(name: &str, ports: &str, endpoints: &str) -> String {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
+             labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: {ports}\n\
+             endpoints: {endpoints}\n"
+        )
+    }
+
+    fn backends(s: &ServiceStore, f: Frontend) -> Vec<BackendAddr> {
+        s.frontends_for(&sn("web"), &nowhere)[&f].backends.clone()
+    }
+
+    #[test]
+    fn ready_endpoints_only() {
+        let s = store(&format!(
+            "{SVC}{}",
+            slice(
+                "web-1",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.244.1.3]}, {addresses: [10.244.1.2], conditions: {ready: true}}, \
+                 {addresses: [10.244.2.2], conditions: {ready: false}}]"
+            )
+        ));
+        let f = s.frontends_for(&sn("web"), &nowhere);
+        assert_eq!(f.len(), 1);
+        let spec = &f[&fe("10.96.0.10", 80, Proto::Tcp)];
+        assert_eq!(spec.service, sn("web"));
+        assert_eq!(spec.port_name, "http");
+        assert_eq!(
+            spec.backends,
+            vec![b("10.244.1.2", 8080), b("10.244.1.3", 8080)]
+        );
+        assert_eq!(spec.affinity_timeout, None);
+    }
+
+    #[test]
+    fn terminating_fallback() {
+        let eps = "[{addresses: [10.244.1.2], conditions: {ready: false, serving: true, terminating: true}}, \
+                   {addresses: [10.244.1.3], conditions: {ready: false, serving: false, terminating: true}}, \
+                   {addresses: [10.244.1.4], conditions: {ready: false}}]";
+        let s = store(&format!(
+            "{SVC}{}",
+            slice("web-1", "[{name: http, port: 8080}]", eps)
+        ));
+        assert_eq!(
+            backends(&s, fe("10.96.0.10", 80, Proto::Tcp)),
+            vec![b("10.244.1.2", 8080)]
+        );
+        // A ready endpoint anywhere (another slice) wins over the fallback.
+        let s = store(&format!(
+            "{SVC}{}{}",
+            slice("web-1", "[{name: http, port: 8080}]", eps),
+            slice(
+                "web-2",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.244.2.9]}]"
+            )
+        ));
+        assert_eq!(
+            backends(&s, fe("10.96.0.10", 80, Proto::Tcp)),
+            vec![b("10.244.2.9", 8080)]
+        );
+        // Nothing ready, nothing serving-terminating: the frontend stays,
+        // with no backends, so the data path rejects.
+        let s = store(&format!(
+            "{SVC}{}",
+            slice(
+                "web-1",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.244.1.4], conditions: {ready: false, serving: false}}]"
+            )
+        ));
+        assert_eq!(backends(&s, fe("10.96.0.10", 80, Proto::Tcp)), vec![]);
+        let s = store(SVC);
+        assert_eq!(backends(&s, fe("10.96.0.10", 80, Proto::Tcp)), vec![]);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local() {
+        let svc = SVC.replace("  ports:", "  internalTrafficPolicy: Local\n  ports:");
+        let eps = "[{addresses: [10.244.1.2]}, {addresses: [10.244.2.2]}, \
+                   {addresses: [10.244.1.3], conditions: {ready: false, serving: true, terminating: true}}]";
+        let s = store(&format!(
+            "{svc}{}",
+            slice("web-1", "[{name: http, port: 8080}]", eps)
+        ));
+        let node1 = |ip: Ipv4Addr| ip.octets()[2] == 1;
+        let node2 = |ip: Ipv4Addr| ip.octets()[2] == 2;
+        let node3 = |ip: Ipv4Addr| ip.octets()[2] == 3;
+        let f = fe("10.96.0.10", 80, Proto::Tcp);
+        assert_eq!(
+            s.frontends_for(&sn("web"), &node1)[&f].backends,
+            vec![b("10.244.1.2", 8080)]
+        );
+        assert_eq!(
+            s.frontends_for(&sn("web"), &node2)[&f].backends,
+            vec![b("10.244.2.2", 8080)]
+        );
+        assert_eq!(s.frontends_for(&sn("web"), &node3)[&f].backends, vec![]);
+        // The terminating fallback applies to the local set alone.
+        let eps = "[{addresses: [10.244.2.2]}, \
+                   {addresses: [10.244.1.3], conditions: {ready: false, serving: true, terminating: true}}]";
+        let s = store(&format!(
+            "{svc}{}",
+            slice("web-1", "[{name: http, port: 8080}]", eps)
+        ));
+        assert_eq!(
+            s.frontends_for(&sn("web"), &node1)[&f].backends,
+            vec![b("10.244.1.3", 8080)]
+        );
+        // Cluster policy ignores locality.
+        let s = store(&format!(
+            "{SVC}{}",
+            slice("web-1", "[{name: http, port: 8080}]", eps)
+        ));
+        assert_eq!(
+            s.frontends_for(&sn("web"), &node1)[&f].backends,
+            vec![b("10.244.2.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn named_target_port() {
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  \
+                   clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: web-port}\n  \
+                   - {name: metrics, port: 9090, targetPort: prom}\n";
+        // Each slice resolves the name to its own port number (pods of
+        // two versions during a rollout, listening on different ports).
+        let s = store(&format!(
+            "{svc}{}{}",
+            slice(
+                "web-1",
+                "[{name: web-port, port: 8080}, {name: other, port: 1}]",
+                "[{addresses: [10.244.1.2]}]"
+            ),
+            slice(
+                "web-2",
+                "[{name: web-port, port: 8081}]",
+                "[{addresses: [10.244.2.2]}]"
+            )
+        ));
+        let f = s.frontends_for(&sn("web"), &nowhere);
+        assert_eq!(
+            f[&fe("10.96.0.10", 80, Proto::Tcp)].backends,
+            vec![b("10.244.1.2", 8080), b("10.244.2.2", 8081)]
+        );
+        // No endpoint port named "prom" nor "metrics": no backends.
+        assert_eq!(f[&fe("10.96.0.10", 9090, Proto::Tcp)].backends, vec![]);
+        // The endpoints controller names slice ports after the service
+        // port; that match comes first.
+        let s = store(&format!(
+            "{svc}{}",
+            slice(
+                "web-1",
+                "[{name: http, port: 8080}, {name: metrics, port: 9100}]",
+                "[{addresses: [10.244.1.2]}]"
+            ),
+        ));
+        let f = s.frontends_for(&sn("web"), &nowhere);
+        assert_eq!(
+            f[&fe("10.96.0.10", 80, Proto::Tcp)].backends,
+            vec![b("10.244.1.2", 8080)]
+        );
+        assert_eq!(
+            f[&fe("10.96.0.10", 9090, Proto::Tcp)].backends,
+            vec![b("10.244.1.2", 9100)]
+        );
+    }
+
+    #[test]
+    fn target_port_number_and_default() {
+        // No ports in the slice: targetPort gives the backend port, or the
+        // service port when targetPort is absent.
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  \
+                   clusterIP: 10.96.0.10\n  ports:\n  - {name: a, port: 80, targetPort: 8080}\n  \
+                   - {name: b, port: 81}\n";
+        let s = store(&format!(
+            "{svc}{}",
+            slice("web-1", "[]", "[{addresses: [10.244.1.2]}]")
+        ));
+        let f = s.frontends_for(&sn("web"), &nowhere);
+        assert_eq!(
+            f[&fe("10.96.0.10", 80, Proto::Tcp)].backends,
+            vec![b("10.244.1.2", 8080)]
+        );
+        assert_eq!(
+            f[&fe("10.96.0.10", 81, Proto::Tcp)].backends,
+            vec![b("10.244.1.2", 81)]
+        );
+        // A single unnamed port on each side matches.
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  \
+                   clusterIP: 10.96.0.10\n  ports:\n  - {port: 80, targetPort: 9376}\n";
+        let s = store(&format!(
+            "{svc}{}",
+            slice("web-1", "[{port: 9376}]", "[{addresses: [10.244.1.2]}]")
+        ));
+        assert_eq!(
+            backends(&s, fe("10.96.0.10", 80, Proto::Tcp)),
+            vec![b("10.244.1.2", 9376)]
+        );
+    }
+
+    #[test]
+    fn endpoints_vs_endpoint_slices() {
+        let endpoints = "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\nsubsets:\n\
+                         - addresses: [{ip: 10.244.9.1}, {ip: 10.244.9.2}]\n  \
+                         notReadyAddresses: [{ip: 10.244.9.3}]\n  ports: [{name: http, port: 8080}]\n";
+        let f = fe("10.96.0.10", 80, Proto::Tcp);
+        // Endpoints alone: addresses are ready, notReadyAddresses are not.
+        let s = store(&format!("{SVC}{endpoints}"));
+        assert_eq!(
+            backends(&s, f),
+            vec![b("10.244.9.1", 8080), b("10.244.9.2", 8080)]
+        );
+        let sum = &s.summary()[0];
+        assert_eq!((sum.ready_endpoints, sum.total_endpoints), (2, 3));
+        // With a slice, the slice wins.
+        let mut s = store(&format!(
+            "{SVC}{endpoints}{}",
+            slice(
+                "web-1",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.244.1.2]}]"
+            )
+        ));
+        assert_eq!(backends(&s, f), vec![b("10.244.1.2", 8080)]);
+        // Deleting the slice falls back to the Endpoints object.
+        let touched = s.apply(StoreUpdate::Delete {
+            key: "endpointslices/default/web-1".into(),
+        });
+        assert_eq!(touched, BTreeSet::from([sn("web")]));
+        assert_eq!(
+            backends(&s, f),
+            vec![b("10.244.9.1", 8080), b("10.244.9.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn udp_and_tcp_ports_and_protocol_mismatch() {
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec:\n  \
+                   clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP\n  ports:\n  \
+                   - {name: dns, port: 53, protocol: UDP}\n  - {name: dns-tcp, port: 53, protocol: TCP}\n  \
+                   - {name: other, port: 54, protocol: UDP}\n";
+        let slice = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+                     name: dns-1\n  labels: {kubernetes.io/service-name: dns}\naddressType: IPv4\n\
+                     ports: [{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5353}, \
+                     {name: other, port: 54, protocol: TCP}]\n\
+                     endpoints: [{addresses: [10.244.1.2]}]\n";
+        let s = store(&format!("{svc}{slice}"));
+        let f = s.frontends_for(&ServiceName::new("default", "dns"), &nowhere);
+        assert_eq!(f.len(), 3);
+        let udp = &f[&fe("10.96.0.10", 53, Proto::Udp)];
+        assert_eq!(udp.backends, vec![b("10.244.1.2", 5353)]);
+        assert_eq!(udp.port_name, "dns");
+        assert_eq!(udp.affinity_timeout, Some(Duration::from_secs(10800)));
+        let tcp = &f[&fe("10.96.0.10", 53, Proto::Tcp)];
+        assert_eq!(tcp.backends, vec![b("10.244.1.2", 5353)]);
+        assert_eq!(tcp.port_name, "dns-tcp");
+        // "other" is UDP on the service, TCP on the slice: not used.
+        assert_eq!(f[&fe("10.96.0.10", 54, Proto::Udp)].backends, vec![]);
+    }
+
+    #[test]
+    fn affinity_timeout() {
+        let svc = SVC.replace(
+            "  ports:",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  ports:",
+        );
+        let s = store(&svc);
+        let f = s.frontends_for(&sn("web"), &nowhere);
+        assert_eq!(
+            f[&fe("10.96.0.10", 80, Proto::Tcp)].affinity_timeout,
+            Some(Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn headless_and_external_name_have_no_frontends() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+                    spec: {clusterIP: None, ports: [{name: http, port: 80}]}\n";
+        let s = store(&format!(
+            "{text}{}",
+            slice(
+                "web-1",
+                "[{name: http, port: 80}]",
+                "[{addresses: [10.244.1.2]}]"
+            )
+        ));
+        assert!(s.frontends_for(&sn("web"), &nowhere).is_empty());
+        assert_eq!(s.summary()[0].cluster_ip, "None");
+        let s = store(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+             spec: {type: ExternalName, externalName: example.com}\n",
+        );
+        assert!(s.frontends_for(&sn("web"), &nowhere).is_empty());
+        assert!(s.frontends_for(&sn("nonexistent"), &nowhere).is_empty());
+    }
+
+    #[test]
+    fn duplicates_across_slices_and_ipv6_slices() {
+        let v6 = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+                  name: web-v6\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv6\n\
+                  ports: [{name: http, port: 8080}]\nendpoints: [{addresses: ['fd00::1']}]\n";
+        let s = store(&format!(
+            "{SVC}{v6}{}{}",
+            slice(
+                "web-1",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.244.1.2]}]"
+            ),
+            slice(
+                "web-2",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.244.1.2]}, {addresses: [10.244.1.1]}]"
+            )
+        ));
+        assert_eq!(
+            backends(&s, fe("10.96.0.10", 80, Proto::Tcp)),
+            vec![b("10.244.1.1", 8080), b("10.244.1.2", 8080)]
+        );
+        // An IPv6 slice alone does not hide the Endpoints object.
+        let endpoints = "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\n\
+                         subsets: [{addresses: [{ip: 10.244.9.1}], ports: [{name: http, port: 8080}]}]\n";
+        let s = store(&format!("{SVC}{v6}{endpoints}"));
+        assert_eq!(
+            backends(&s, fe("10.96.0.10", 80, Proto::Tcp)),
+            vec![b("10.244.9.1", 8080)]
+        );
+    }
+
+    fn put(o: &Object) -> StoreUpdate {
+        StoreUpdate::Put {
+            key: o.object_ref().relative_key(),
+            value: o.to_json(),
+        }
+    }
+
+    #[test]
+    fn apply_reports_touched_services() {
+        let objs = parse_manifests(&format!(
+            "{SVC}{}",
+            slice(
+                "web-1",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.244.1.2]}]"
+            )
+        ))
+        .unwrap();
+        let mut s = ServiceStore::new();
+        assert_eq!(s.apply(put(&objs[0])), BTreeSet::from([sn("web")]));
+        assert_eq!(s.apply(put(&objs[1])), BTreeSet::from([sn("web")]));
+        // Same value again: nothing changed.
+        assert_eq!(s.apply(put(&objs[0])), BTreeSet::new());
+        assert_eq!(s.apply(put(&objs[1])), BTreeSet::new());
+        // Relabelling a slice touches the old and the new service.
+        let Object::EndpointSlice(mut sl) = objs[1].clone() else {
+            panic!()
+        };
+        sl.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(SERVICE_NAME_LABEL.into(), "api".into());
+        let touched = s.apply(put(&Object::EndpointSlice(sl)));
+        assert_eq!(touched, BTreeSet::from([sn("api"), sn("web")]));
+        assert_eq!(s.endpoint_slices_of(&sn("web")).count(), 0);
+        assert_eq!(s.endpoint_slices_of(&sn("api")).count(), 1);
+        // Deleting what is not there touches nothing.
+        assert_eq!(
+            s.apply(StoreUpdate::Delete {
+                key: "services/default/nope".into()
+            }),
+            BTreeSet::new()
+        );
+        assert_eq!(
+            s.apply(StoreUpdate::Delete {
+                key: "services/default/web".into()
+            }),
+            BTreeSet::from([sn("web")])
+        );
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn malformed_values_keep_good_state() {
+        let objs = parse_manifests(SVC).unwrap();
+        let mut s = ServiceStore::new();
+        s.apply(put(&objs[0]));
+        let before = s.clone();
+        let json = String::from_utf8(objs[0].to_json()).unwrap();
+        for (key, value) in [
+            ("services/default/web", b"{not json".to_vec()),
+            // Valid JSON, wrong name for the key.
+            (
+                "services/default/web",
+                json.replace("\"name\":\"web\"", "\"name\":\"other\"")
+                    .into_bytes(),
+            ),
+            // Decodes, but fails validation (SCTP).
+            (
+                "services/default/web",
+                json.replace("\"port\":80", "\"port\":80,\"protocol\":\"SCTP\"")
+                    .into_bytes(),
+            ),
+            ("services/default", b"{}".to_vec()),
+        ] {
+            let touched = s.apply(StoreUpdate::Put {
+                key: key.into(),
+                value,
+            });
+            assert!(touched.is_empty());
+        }
+        assert_eq!(s, before);
+        assert_eq!(s.malformed(), 4);
+        // Keys outside the three directories are not ours: ignored, not counted.
+        s.apply(StoreUpdate::Put {
+            key: "leases/x".into(),
+            value: vec![],
+        });
+        assert_eq!(s.malformed(), 4);
+    }
+
+    #[test]
+    fn snapshot_reports_old_and_new() {
+        let mut s = store(SVC);
+        let new = store(&SVC.replace("name: web", "name: api"));
+        let touched = s.apply(StoreUpdate::Snapshot(new.clone()));
+        assert_eq!(touched, BTreeSet::from([sn("api"), sn("web")]));
+        assert_eq!(s, new);
+        assert_eq!(
+            s.service_names().cloned().collect::<Vec<_>>(),
+            vec![sn("api")]
+        );
+    }
+
+    #[test]
+    fn summary_lines() {
+        let s = store(&format!(
+            "{SVC}{}",
+            slice(
+                "web-1",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.244.1.2]}, {addresses: [10.244.1.3], conditions: {ready: false}}]"
+            )
+        ));
+        assert_eq!(
+            s.summary(),
+            vec![ServiceSummary {
+                service: sn("web"),
+                service_type: "ClusterIP".into(),
+                cluster_ip: "10.96.0.10".into(),
+                ports: vec!["http:80/TCP".into()],
+                ready_endpoints: 1,
+                total_endpoints: 2,
+            }]
+        );
+    }
+}

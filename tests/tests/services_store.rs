@@ -1,0 +1,499 @@
+//! Services, Endpoints and EndpointSlices in a real etcd: apply, list,
+//! delete, and the watch every agent runs, including the property that
+//! makes updates proportional to the change (one new service among 10,000
+//! reports exactly that one service). Each test starts its own etcd.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use dataplane::services::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use dataplane::services::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use dataplane::services::{
+    self, ApplyOutcome, BackendAddr, DEFAULT_PREFIX, Frontend, Kind, MAX_TXN_OPS, Object,
+    ObjectRef, Proto, ServiceName, ServiceStore, StoreUpdate, parse_manifests,
+};
+use etcd_client::Client;
+use tests::etcd::Etcd;
+use tokio::sync::{mpsc, watch};
+
+const MY_SERVICE: &str = include_str!("../fixtures/my-service.yaml");
+const ONE_INVALID: &str = include_str!("../fixtures/one-invalid.yaml");
+const KUBECTL_GET_NGINX: &str = include_str!("../fixtures/kubectl-get-nginx.yaml");
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn setup() -> (Etcd, Client) {
+    let etcd = Etcd::start().expect("starting etcd");
+    let client = etcd.client().await.expect("etcd client");
+    (etcd, client)
+}
+
+fn sn(name: &str) -> ServiceName {
+    ServiceName::new("default", name)
+}
+
+/// A valid ClusterIP service `svc-<i>` with a unique ClusterIP.
+fn service(i: u32) -> Object {
+    let [_, _, a, b] = (0x0a60_0000u32 + i + 1).to_be_bytes();
+    Object::Service(Service {
+        metadata: ObjectMeta {
+            name: Some(format!("svc-{i}")),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(Ipv4Addr::new(10, 96, a, b).to_string()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+async fn recv(rx: &mut mpsc::Receiver<StoreUpdate>) -> StoreUpdate {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("timed out waiting for a service update")
+        .expect("service watch stopped")
+}
+
+/// Applies updates until one touches a service; returns what it touched.
+async fn next_change(
+    rx: &mut mpsc::Receiver<StoreUpdate>,
+    store: &mut ServiceStore,
+) -> BTreeSet<ServiceName> {
+    loop {
+        let touched = store.apply(recv(rx).await);
+        if !touched.is_empty() {
+            return touched;
+        }
+    }
+}
+
+struct Watcher {
+    rx: mpsc::Receiver<StoreUpdate>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Watcher {
+    fn start(client: &Client) -> Watcher {
+        let (tx, rx) = mpsc::channel(1024);
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(services::watch_services(
+            client.clone(),
+            DEFAULT_PREFIX.to_string(),
+            tx,
+            shutdown,
+        ));
+        Watcher { rx, stop, task }
+    }
+
+    async fn snapshot(&mut self) -> ServiceStore {
+        match recv(&mut self.rx).await {
+            StoreUpdate::Snapshot(s) => s,
+            other => panic!("expected a snapshot first, got {other:?}"),
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("watch did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_then_list_gives_the_same_objects() {
+    let (_etcd, mut client) = setup().await;
+    let objs = parse_manifests(MY_SERVICE).unwrap();
+    assert_eq!(objs.len(), 2);
+
+    let summary = services::apply(&mut client, DEFAULT_PREFIX, &objs)
+        .await
+        .unwrap();
+    assert_eq!(summary.count(ApplyOutcome::Created), 2, "{summary:?}");
+    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
+    // Listed in etcd key order: Endpoints, EndpointSlices, Services.
+    let mut want = objs.clone();
+    want.sort_by_key(|o| o.object_ref());
+    assert_eq!(store.to_objects(), want);
+    assert_eq!(store.malformed(), 0);
+
+    // The frontend as a node would program it.
+    let f = store.frontends_for(&sn("my-service"), &|_| false);
+    let fe = Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, 10),
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    let backends: Vec<BackendAddr> = ["10.244.1.10", "10.244.2.10", "10.244.3.10"]
+        .iter()
+        .map(|ip| BackendAddr {
+            ip: ip.parse().unwrap(),
+            port: 9376,
+        })
+        .collect();
+    assert_eq!(f[&fe].backends, backends);
+    let summary_line = &store.summary()[0];
+    assert_eq!(summary_line.cluster_ip, "10.96.0.10");
+    assert_eq!(
+        (summary_line.ready_endpoints, summary_line.total_endpoints),
+        (3, 3)
+    );
+
+    // Re-applying the same file writes nothing (no revision, no events).
+    let again = services::apply(&mut client, DEFAULT_PREFIX, &objs)
+        .await
+        .unwrap();
+    assert_eq!(again.count(ApplyOutcome::Unchanged), 2, "{again:?}");
+    assert_eq!(again.revision, summary.revision);
+
+    // Changing one object rewrites only that one.
+    let edited = MY_SERVICE.replace("port: 80\n", "port: 8080\n");
+    let objs2 = parse_manifests(&edited).unwrap();
+    let third = services::apply(&mut client, DEFAULT_PREFIX, &objs2)
+        .await
+        .unwrap();
+    assert_eq!(
+        third.objects,
+        vec![
+            (
+                ObjectRef::new(Kind::Service, "default", "my-service"),
+                ApplyOutcome::Configured
+            ),
+            (
+                ObjectRef::new(Kind::EndpointSlice, "default", "my-service-abc12"),
+                ApplyOutcome::Unchanged
+            ),
+        ]
+    );
+    assert_eq!(third.revision, summary.revision + 1);
+}
+
+/// What `kubectl get -o yaml` prints (a List, with status, managedFields
+/// and the rest) applies as is, and the unnamed slice port serves the
+/// unnamed service port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_output_applies_as_is() {
+    let (_etcd, mut client) = setup().await;
+    let objs = parse_manifests(KUBECTL_GET_NGINX).unwrap();
+    let refs: Vec<String> = objs.iter().map(|o| o.object_ref().to_string()).collect();
+    assert_eq!(
+        refs,
+        [
+            "service default/nginx",
+            "endpointslice default/nginx-x7k2p",
+            "endpoints default/nginx"
+        ]
+    );
+    services::apply(&mut client, DEFAULT_PREFIX, &objs)
+        .await
+        .unwrap();
+    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
+    let f = store.frontends_for(&sn("nginx"), &|_| false);
+    let fe = Frontend {
+        ip: Ipv4Addr::new(10, 96, 12, 34),
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    assert_eq!(
+        f[&fe].backends,
+        vec![BackendAddr {
+            ip: Ipv4Addr::new(10, 244, 1, 5),
+            port: 80
+        }]
+    );
+    assert_eq!(f[&fe].affinity_timeout, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_with_one_invalid_document_writes_nothing() {
+    let (_etcd, mut client) = setup().await;
+    let e = parse_manifests(ONE_INVALID).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "document 2 (line 12): spec.ports[0].port: invalid type: string \"eighty\", expected i32"
+    );
+
+    // apply() checks objects built in code too: one invalid object fails
+    // the whole call, the valid ones included.
+    let mut objs = parse_manifests(MY_SERVICE).unwrap();
+    let Object::Service(mut bad) = service(1) else {
+        unreachable!()
+    };
+    bad.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].protocol = Some("SCTP".into());
+    objs.push(Object::Service(bad));
+    let e = services::apply(&mut client, DEFAULT_PREFIX, &objs)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("SCTP is not supported"), "{e}");
+
+    // More objects than one transaction may hold: refused, not split.
+    let many: Vec<Object> = (0..=MAX_TXN_OPS as u32).map(service).collect();
+    let e = services::apply(&mut client, DEFAULT_PREFIX, &many)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("129 objects"), "{e}");
+
+    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
+    assert!(store.to_objects().is_empty(), "{:?}", store.to_objects());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_service_removes_its_endpoints_and_slices() {
+    let (_etcd, mut client) = setup().await;
+    let extra = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+                 name: my-service-def34\n  labels: {kubernetes.io/service-name: my-service}\n\
+                 addressType: IPv4\nendpoints: [{addresses: [10.244.4.10]}]\n\
+                 ---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: my-service}\n\
+                 subsets: [{addresses: [{ip: 10.244.1.10}], ports: [{name: http, port: 9376}]}]\n\
+                 ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+                 name: other-1\n  labels: {kubernetes.io/service-name: other}\n\
+                 addressType: IPv4\nendpoints: [{addresses: [10.244.5.10]}]\n\
+                 ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+                 name: elsewhere-1\n  namespace: kube-system\n  \
+                 labels: {kubernetes.io/service-name: my-service}\n\
+                 addressType: IPv4\nendpoints: [{addresses: [10.244.6.10]}]\n";
+    let objs = parse_manifests(&format!("{MY_SERVICE}{extra}")).unwrap();
+    services::apply(&mut client, DEFAULT_PREFIX, &objs)
+        .await
+        .unwrap();
+
+    let summary = services::delete_service(&mut client, DEFAULT_PREFIX, "default", "my-service")
+        .await
+        .unwrap();
+    let deleted: BTreeSet<String> = summary.deleted.iter().map(|r| r.to_string()).collect();
+    assert_eq!(
+        deleted,
+        BTreeSet::from(
+            [
+                "service default/my-service",
+                "endpoints default/my-service",
+                "endpointslice default/my-service-abc12",
+                "endpointslice default/my-service-def34",
+            ]
+            .map(String::from)
+        )
+    );
+    assert!(summary.not_found.is_empty(), "{summary:?}");
+
+    // Slices of other services, and of the same name in another
+    // namespace, stay.
+    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
+    let left: Vec<String> = store
+        .to_objects()
+        .iter()
+        .map(|o| o.object_ref().to_string())
+        .collect();
+    assert_eq!(
+        left,
+        [
+            "endpointslice default/other-1",
+            "endpointslice kube-system/elsewhere-1"
+        ]
+    );
+
+    // Deleting again finds nothing.
+    let again = services::delete_service(&mut client, DEFAULT_PREFIX, "default", "my-service")
+        .await
+        .unwrap();
+    assert!(again.deleted.is_empty());
+    assert_eq!(again.not_found.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_objects_deletes_what_the_file_names() {
+    let (_etcd, mut client) = setup().await;
+    let objs = parse_manifests(MY_SERVICE).unwrap();
+    services::apply(&mut client, DEFAULT_PREFIX, &objs)
+        .await
+        .unwrap();
+    let summary = services::delete_objects(&mut client, DEFAULT_PREFIX, &objs)
+        .await
+        .unwrap();
+    assert_eq!(summary.deleted.len(), 2, "{summary:?}");
+    let again = services::delete_objects(&mut client, DEFAULT_PREFIX, &objs)
+        .await
+        .unwrap();
+    assert_eq!(again.not_found.len(), 2, "{again:?}");
+    assert!(
+        services::list(&mut client, DEFAULT_PREFIX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_new_services_changes_and_deletions() {
+    let (_etcd, mut client) = setup().await;
+    let mut w = Watcher::start(&client);
+    let mut store = ServiceStore::new();
+    let first = w.snapshot().await;
+    assert!(store.apply(StoreUpdate::Snapshot(first)).is_empty());
+
+    let objs = parse_manifests(MY_SERVICE).unwrap();
+    services::apply(&mut client, DEFAULT_PREFIX, &objs)
+        .await
+        .unwrap();
+    // One transaction, two events (slice, service), both about my-service.
+    let mut touched = BTreeSet::new();
+    while store.endpoint_slices_of(&sn("my-service")).count() == 0
+        || store.service(&sn("my-service")).is_none()
+    {
+        touched.extend(store.apply(recv(&mut w.rx).await));
+    }
+    assert_eq!(touched, BTreeSet::from([sn("my-service")]));
+    let fe = Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, 10),
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    assert_eq!(
+        store.frontends_for(&sn("my-service"), &|_| false)[&fe]
+            .backends
+            .len(),
+        3
+    );
+
+    // An endpoint turns not ready.
+    let edited = MY_SERVICE.replacen("ready: true", "ready: false", 1);
+    services::apply(
+        &mut client,
+        DEFAULT_PREFIX,
+        &parse_manifests(&edited).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        next_change(&mut w.rx, &mut store).await,
+        BTreeSet::from([sn("my-service")])
+    );
+    assert_eq!(
+        store.frontends_for(&sn("my-service"), &|_| false)[&fe]
+            .backends
+            .len(),
+        2
+    );
+
+    // Garbage written behind our back is skipped and counted; the good
+    // state stays.
+    client
+        .put("/dataplane/services/default/my-service", "{garbage", None)
+        .await
+        .unwrap();
+    let update = recv(&mut w.rx).await;
+    assert!(store.apply(update).is_empty());
+    assert_eq!(store.malformed(), 1);
+    assert!(store.service(&sn("my-service")).is_some());
+
+    // Deletion.
+    services::delete_service(&mut client, DEFAULT_PREFIX, "default", "my-service")
+        .await
+        .unwrap();
+    let mut touched = BTreeSet::new();
+    while store.service(&sn("my-service")).is_some()
+        || store.endpoint_slices_of(&sn("my-service")).count() > 0
+    {
+        touched.extend(store.apply(recv(&mut w.rx).await));
+    }
+    assert_eq!(touched, BTreeSet::from([sn("my-service")]));
+    assert!(
+        store
+            .frontends_for(&sn("my-service"), &|_| false)
+            .is_empty()
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_relists_after_etcd_restart() {
+    let (mut etcd, mut client) = setup().await;
+    let objs = parse_manifests(MY_SERVICE).unwrap();
+    services::apply(&mut client, DEFAULT_PREFIX, &objs)
+        .await
+        .unwrap();
+    let mut w = Watcher::start(&client);
+    let mut store = ServiceStore::new();
+    let snap = w.snapshot().await;
+    assert_eq!(
+        store.apply(StoreUpdate::Snapshot(snap)),
+        BTreeSet::from([sn("my-service")])
+    );
+
+    // Keep the restarted etcd alive until the end of the test.
+    let _etcd = tokio::task::spawn_blocking(move || {
+        etcd.restart().expect("restarting etcd");
+        etcd
+    })
+    .await
+    .unwrap();
+    // The watch breaks, re-lists and says so with a new snapshot.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "no snapshot after the restart");
+        if let StoreUpdate::Snapshot(s) = recv(&mut w.rx).await {
+            assert_eq!(s, store);
+            break;
+        }
+    }
+    // And it follows changes again.
+    services::apply(&mut client, DEFAULT_PREFIX, &[service(7)])
+        .await
+        .unwrap();
+    assert_eq!(
+        next_change(&mut w.rx, &mut store).await,
+        BTreeSet::from([sn("svc-7")])
+    );
+    w.stop().await;
+}
+
+/// 10,000 services, then one more: the update the agent gets touches that
+/// one service only, so it rewrites one service's map entries, not 10,001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_new_service_among_ten_thousand_touches_one() {
+    const N: u32 = 10_000;
+    let (_etcd, mut client) = setup().await;
+    let started = Instant::now();
+    let all: Vec<Object> = (0..N).map(service).collect();
+    for batch in all.chunks(MAX_TXN_OPS) {
+        services::apply(&mut client, DEFAULT_PREFIX, batch)
+            .await
+            .unwrap();
+    }
+    eprintln!("applied {N} services in {:?}", started.elapsed());
+
+    let mut w = Watcher::start(&client);
+    let mut store = ServiceStore::new();
+    let started = Instant::now();
+    let snap = w.snapshot().await;
+    assert_eq!(store.apply(StoreUpdate::Snapshot(snap)).len(), N as usize);
+    eprintln!("listed {N} services in {:?}", started.elapsed());
+
+    let started = Instant::now();
+    services::apply(&mut client, DEFAULT_PREFIX, &[service(N)])
+        .await
+        .unwrap();
+    let update = recv(&mut w.rx).await;
+    assert!(
+        matches!(update, StoreUpdate::Put { .. }),
+        "expected one Put, got {update:?}"
+    );
+    let touched = store.apply(update);
+    eprintln!(
+        "one more service seen by the watch in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(touched, BTreeSet::from([sn(&format!("svc-{N}"))]));
+    assert_eq!(store.len(), N as usize + 1);
+    w.stop().await;
+}
