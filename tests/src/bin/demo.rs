@@ -135,6 +135,8 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
         }
     }
 
+    services(c)?;
+
     step(&format!("peer map of node 1: bpftool map dump pinned {}/peers_v1", c.nodes[0].pin_path.display()));
     let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.nodes[0].pin_path.join("peers_v1")).output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
@@ -142,6 +144,52 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
     step("data path counters of node 1 (dataplane stats)");
     let out = Command::new(agent_bin()).args(["stats", "--pin-path"]).arg(&c.nodes[0].pin_path).output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+/// A ClusterIP Service with three backends on different nodes; requests
+/// from a pod on every node spread over them; then one backend goes.
+fn services(c: &Cluster) -> anyhow::Result<()> {
+    use tests::svc::{Backend, Ep, endpoint_slice, service, tcp_ask_many};
+    let vip = std::net::Ipv4Addr::new(10, 96, 0, 10);
+    let backends = [c.nodes[0].pods[1].ip, c.nodes[1].pods[0].ip, c.nodes[2].pods[0].ip];
+    let mut servers = Vec::new();
+    for (n, p) in [(0, 1), (1, 0), (2, 0)] {
+        let pod = &c.nodes[n].pods[p];
+        servers.push(Backend::start(&pod.ns, pod.ip)?);
+    }
+    step(&format!("Service web, ClusterIP {vip} port 80 -> 8080, backends {backends:?} (dataplane apply -f)"));
+    let eps: Vec<Ep> = backends.iter().copied().map(Ep::ready).collect();
+    let yaml = format!("{}---\n{}", service("web", vip, ""), endpoint_slice("web", &eps));
+    print!("{}", c.apply_yaml(&yaml)?);
+    print!("{}", c.cli(&["get", "services"])?);
+    let clients = [(0usize, 0usize), (1, 1), (2, 1)];
+    let spread = |label: &str| -> anyhow::Result<()> {
+        for &(n, p) in &clients {
+            let pod = &c.nodes[n].pods[p];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let answers = loop {
+                let a = tcp_ask_many(&pod.ns, vip, 80, 300);
+                if a.iter().all(Result::is_ok) || Instant::now() > deadline {
+                    break a;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            let mut counts = std::collections::BTreeMap::<String, usize>::new();
+            for a in answers {
+                *counts.entry(a.unwrap_or_else(|e| format!("error: {e}"))).or_default() += 1;
+            }
+            println!("{label} from {} (node {}): {counts:?}", pod.ip, n + 1);
+        }
+        Ok(())
+    };
+    spread("300 connections")?;
+    step(&format!("backend {} removed from the EndpointSlice", backends[2]));
+    let yaml = format!("{}---\n{}", service("web", vip, ""), endpoint_slice("web", &eps[..2]));
+    print!("{}", c.apply_yaml(&yaml)?);
+    std::thread::sleep(Duration::from_millis(300));
+    spread("300 connections")?;
+    drop(servers);
     Ok(())
 }
 
