@@ -258,6 +258,10 @@ pub struct NodeConfig {
     pub vtep_mac: [u8; 6],
     /// MAC of the underlay interface (outer Ethernet source).
     pub underlay_mac: [u8; 6],
+    /// MAC of the pod bridge: the gateway MAC pods know, written as the
+    /// source of frames delivered straight into a pod.
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// Outcomes counted in [`map_names::STATS`]. The numbers are stable: they
@@ -399,7 +403,7 @@ const _: () = assert!(size_of::<PeerKey>() == 8);
 const _: () = assert!(size_of::<PeerInfo>() == 12);
 const _: () = assert!(size_of::<PeerIpKey>() == 4);
 const _: () = assert!(size_of::<PeerIpInfo>() == 4);
-const _: () = assert!(size_of::<NodeConfig>() == 48);
+const _: () = assert!(size_of::<NodeConfig>() == 56);
 const _: () = assert!(size_of::<Counter>() == 16);
 const _: () = assert!((Stat::DropSvcMalformed as u32) < STATS_LEN);
 const _: () = assert!(size_of::<SvcKey>() == 8);

@@ -105,7 +105,8 @@ fn xdp_marked(ctx: &TcContext) -> bool {
 
 /// XDP on the underlay: verifies and strips VXLAN on the driver's buffer.
 /// Frames for pods get a metadata marker and go up to tc_from_underlay,
-/// which redirects them to the bridge (XDP cannot redirect into a bridge).
+/// which delivers them (XDP cannot redirect into a bridge, and
+/// bpf_redirect_peer exists only in TC).
 #[inline(always)]
 pub fn xdp_decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());

@@ -6,6 +6,7 @@
 mod csum;
 mod decap;
 mod encap;
+mod endpoints;
 mod forward;
 mod l4;
 mod lb;
@@ -53,7 +54,8 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         return TC_ACT_OK as i32;
     };
     // SAFETY: bounds checked.
-    let (mut dst, tos) = unsafe { ((*ip).dst_addr, (*ip).tos) };
+    let (mut dst, tos, src) = unsafe { ((*ip).dst_addr, (*ip).tos, (*ip).src_addr) };
+    endpoints::learn(&ctx, cfg, src, unsafe { (*eth).src_addr });
     // Services first: a ClusterIP is never forwarded untranslated.
     match l4::parse(data, data_end) {
         Some(l4::L4::Flow(flow)) => match lb::from_pod(&ctx, &flow) {

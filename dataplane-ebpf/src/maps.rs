@@ -58,7 +58,8 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { AFFINITY_MAX as us
 #[btf_map(name = "svc_stats_v1")]
 pub static SVC_STATS: PerCpuHashMap<SvcKey, SvcCounters, { SERVICES_MAX as usize }> = PerCpuHashMap::new();
 
-/// Local pod IPv4 -> host-side veth and MACs. Filled by the agent; read by
+/// Local pod IPv4 -> host-side veth and MACs. Learnt by from_pod, pruned by
+/// the agent when a port goes; read by
 /// decapsulation to deliver straight into the pod (see `forward::redirect_to_pod`).
 #[btf_map(name = "endpoints_v1")]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { ENDPOINTS_MAX as usize }> = HashMap::new();

@@ -414,8 +414,17 @@ async fn plumb_node(
 ) -> anyhow::Result<LinkInfo> {
     write_subnet_env(cfg, net, lease, mtu)?;
     let gw = gateway(lease.subnet);
-    let br = nl.ensure_bridge(&cfg.bridge, gw, net.network, mtu).await?;
-    info!("bridge {} has {gw}, mtu {mtu}", cfg.bridge);
+    let mut br = nl.ensure_bridge(&cfg.bridge, gw, net.network, mtu).await?;
+    // A fixed bridge MAC, derived from the gateway address: stable across
+    // restarts and pod churn, so the data path can write it as the source
+    // of frames it delivers straight into pods.
+    let o = gw.addr().octets();
+    let mac = [0x02, 0xdc, o[0], o[1], o[2], o[3]];
+    if br.mac != mac {
+        nl.set_link_mac(br.ifindex, mac).await?;
+        br.mac = mac;
+    }
+    info!("bridge {} has {gw}, mac {}, mtu {mtu}", cfg.bridge, fmt_mac(&mac));
     Ok(br)
 }
 
@@ -445,14 +454,16 @@ fn node_config(
         vxlan_port: net.backend.port,
         vtep_mac: attrs.vtep_mac,
         underlay_mac: underlay.mac,
+        bridge_mac: bridge.mac,
+        _pad: [0; 2],
     }
 }
 
 async fn sync_ports(nl: &Netlink, dp: &mut Dataplane, bridge_ifindex: u32) {
     match nl.bridge_ports(bridge_ifindex).await {
         Ok(ports) => {
-            let names: Vec<String> = ports.into_iter().map(|p| p.name).collect();
-            if let Err(e) = dp.sync_pod_ports(&names) {
+            let ports: Vec<(String, u32)> = ports.into_iter().map(|p| (p.name, p.ifindex)).collect();
+            if let Err(e) = dp.sync_pod_ports(&ports) {
                 error!("attaching to pod ports: {e:#}");
             }
         }

@@ -26,7 +26,8 @@ use aya::{
     },
 };
 use dataplane_common::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, Counter, CtEntry, CtKey, NodeConfig, PeerInfo,
+    AffinityEntry, AffinityKey, Backend, BackendKey, Counter, CtEntry, CtKey, EndpointInfo,
+    EndpointKey, NodeConfig, PeerInfo,
     PeerIpInfo, PeerIpKey, RnatEntry, STATS_LEN, SVC_F_AFFINITY, Stat, SvcCounters, SvcInfo, SvcKey,
     VipInfo, VipKey, map_names, prog_names,
 };
@@ -116,6 +117,8 @@ pub struct Dataplane {
     peer_ips: HashMap<MapData, PeerIpKey, PeerIpInfo>,
     node_cfg: Array<MapData, NodeConfig>,
     stats: PerCpuArray<MapData, Counter>,
+    /// Learnt by the data path; pruned here when a port goes.
+    endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     svc: ServiceMaps,
     /// Shadow of `peers`: what we wrote.
     shadow: BTreeMap<Ipv4Net, Peer>,
@@ -149,6 +152,7 @@ impl Dataplane {
             map_names::RNAT,
             map_names::AFFINITY,
             map_names::SVC_STATS,
+            map_names::ENDPOINTS,
         ];
         let mut loader = EbpfLoader::new();
         if let Some(pin_path) = pin_path {
@@ -181,6 +185,7 @@ impl Dataplane {
         let peer_ips = HashMap::try_from(take(&mut ebpf, map_names::PEER_IPS)?)?;
         let node_cfg = Array::try_from(take(&mut ebpf, map_names::NODE_CONFIG)?)?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, map_names::STATS)?)?;
+        let endpoints = HashMap::try_from(take(&mut ebpf, map_names::ENDPOINTS)?)?;
         let svc = ServiceMaps {
             services: HashMap::try_from(take(&mut ebpf, map_names::SERVICES)?)?,
             backends: HashMap::try_from(take(&mut ebpf, map_names::BACKENDS)?)?,
@@ -206,6 +211,7 @@ impl Dataplane {
             peer_ips,
             node_cfg,
             stats,
+            endpoints,
             svc,
             shadow: BTreeMap::new(),
             shadow_ips: BTreeMap::new(),
@@ -335,7 +341,21 @@ impl Dataplane {
     /// `ifaces` (the bridge's ports). New ports get the program; links of
     /// vanished ports are forgotten (the kernel detached them with the
     /// device). Returns how many were attached.
-    pub fn sync_pod_ports(&mut self, ifaces: &[String]) -> anyhow::Result<usize> {
+    pub fn sync_pod_ports(&mut self, ports: &[(String, u32)]) -> anyhow::Result<usize> {
+        let ifaces: Vec<String> = ports.iter().map(|(n, _)| n.clone()).collect();
+        // Pods whose port is gone: delivering to a stale ifindex would
+        // drop their (new owner's) traffic silently.
+        let stale: Vec<EndpointKey> = self
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| !ports.iter().any(|(_, idx)| *idx == v.ifindex))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            remove_ok_if_missing(self.endpoints.remove(&k))?;
+            debug!("endpoint {} forgotten (port gone)", Ipv4Addr::from(k.ip));
+        }
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(prog_names::FROM_POD)
@@ -351,7 +371,7 @@ impl Dataplane {
             }
         }
         let mut attached = 0;
-        for name in ifaces {
+        for name in &ifaces {
             if self.pod_links.contains_key(name) {
                 continue;
             }

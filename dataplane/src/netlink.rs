@@ -314,6 +314,18 @@ impl Netlink {
             .await
             .with_context(|| format!("setting link with ifindex {ifindex} up"))
     }
+
+    /// Sets a link's MAC address. On a bridge this also pins the address:
+    /// otherwise the kernel makes the bridge follow its lowest port MAC,
+    /// which changes as pods come and go.
+    pub async fn set_link_mac(&self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        self.handle
+            .link()
+            .change(LinkUnspec::new_with_index(ifindex).address(mac.to_vec()).build())
+            .execute()
+            .await
+            .with_context(|| format!("setting the MAC of link {ifindex}"))
+    }
 }
 
 /// Subscribes to RTNLGRP_LINK (new/del link) notifications on a separate

@@ -84,6 +84,8 @@ fn setup() -> Env {
         vxlan_port: 8472,
         vtep_mac: OUR_VTEP,
         underlay_mac: ul_mac,
+        bridge_mac: CNI0_MAC,
+        _pad: [0; 2],
     })
     .unwrap();
     let mut peers = std::collections::BTreeMap::new();
@@ -427,4 +429,22 @@ root_test!(service_local_backend_and_hairpin, || {
     assert_eq!((&ip[12..16], &ip[16..20]), (&VIP.octets()[..], &CLIENT.octets()[..]));
     assert_eq!(&ip[20..24], &[0, 80, 0x9c, 0x45], "ports: 80 -> 40005");
     assert!(ipv4_checksums_ok(ip));
+});
+
+root_test!(decap_delivers_straight_to_a_learnt_pod, || {
+    let mut env = setup();
+    // Before the pod has sent anything: through the bridge (kernel fills L2).
+    let inner = inner_pod_packet();
+    let ul = env.ul_mac;
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &inner, ul));
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_ne!(&out[0..6], &POD_MAC);
+    // The pod 10.244.1.5 sends a packet: from_pod learns its MAC and port.
+    let input = pod_frame(CNI0_MAC, POD_MAC, Ipv4Addr::new(10, 244, 1, 5), Ipv4Addr::new(10, 244, 1, 9), b"x");
+    run_tc(&mut env, prog_names::FROM_POD, &input);
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &inner, ul));
+    assert_eq!(rc, TC_ACT_REDIRECT, "redirected into the pod");
+    assert_eq!(&out[0..6], &POD_MAC, "to the pod's MAC");
+    assert_eq!(&out[6..12], &CNI0_MAC, "from its gateway's MAC");
+    assert_eq!(&out[14..], &inner[..]);
 });

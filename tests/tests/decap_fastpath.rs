@@ -1,17 +1,18 @@
 //! Decapsulation straight into the pod (endpoints_v1 + bpf_redirect_peer)
 //! versus through the bridge, in TC and XDP mode.
 //!
-//! Until the agent fills `endpoints_v1` itself, these tests fill it the way
-//! the agent should: pod IPv4 -> (host-side veth ifindex, pod MAC, bridge
-//! MAC). The map is found through the pin if the agent pins it, else
-//! through the programs that use the node's pinned node_cfg_v1.
+//! `from_pod` learns each pod's address, MAC and port into `endpoints_v1`
+//! from the packets it sends; `decap_direct_to_pod` relies on that (its
+//! pings teach the map). `decap_perf` can also fill the map by hand
+//! (pod IPv4 -> host-side veth ifindex, pod MAC, bridge MAC) or leave it
+//! empty to measure the bridge path.
 //!
 //! - `decap_direct_to_pod`: correctness of the direct path (checksummed
 //!   bulk TCP both ways, ping, the pod sees its own MAC as destination and
 //!   the bridge MAC as source, and GSO packets arrive whole, not segmented
 //!   by the bridge).
 //! - `decap_perf` (ignored): iperf3 pod -> pod both ways, printing Gbit/s
-//!   and retransmits. `cargo test -p tests --test zz_decap_perf --
+//!   and retransmits. `cargo test -p tests --test decap_fastpath --
 //!   --ignored --nocapture`; env DECAP_MODE=tc,xdp, ENDPOINTS=0|1 (fill
 //!   the map or leave it empty = bridge path), SECS, REPS.
 
@@ -135,11 +136,14 @@ fn decap_direct_to_pod() {
     }
     for mode in ["tc", "xdp"] {
         let c = cluster(mode);
-        fill_endpoints(&c, 0);
-        fill_endpoints(&c, 1);
         let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+        // These pings also teach both agents' data paths where the pods are.
         ping(&c, 0, b.ip);
         ping(&c, 1, a.ip);
+        for (n, pod) in [(0usize, a), (1, b)] {
+            let map = endpoints_map(&c, n);
+            assert!(map.get(&EndpointKey { ip: pod.ip.octets() }, 0).is_ok(), "[{mode}] node {} learnt its pod", n + 1);
+        }
 
         // The pod receives frames addressed to itself from the bridge MAC.
         let (_, b_mac) = link(&b.ns, "eth0");
