@@ -7,3 +7,4 @@ pub mod traffic;
 pub mod flannel;
 pub mod etcd;
 pub mod svc;
+pub mod bench;

@@ -26,6 +26,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "ethtool",
     "iputils-ping",
+    "tcpdump",
+    "iptables",
 ];
 
 #[derive(Parser)]
@@ -57,6 +59,14 @@ enum Task {
     /// A small cluster on this machine, in network namespaces: etcd, three
     /// nodes with agents, pods pinging each other. Cleans up after itself.
     Demo,
+    /// The benchmark (issue #5): pod to pod per mode, ClusterIP against
+    /// kube-proxy's iptables, control plane latency, agent RSS, BPF
+    /// per-packet cost. Writes bench/results/latest.{md,json} and charts.
+    Bench {
+        /// A short run (under 2 minutes) instead of the full one.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +76,7 @@ fn main() -> ExitCode {
         Task::Test { args } => setup().and_then(|()| test(&args)),
         Task::Run { args } => setup().and_then(|()| run(&args)),
         Task::Demo => setup().and_then(|()| demo()),
+        Task::Bench { quick } => setup().and_then(|()| bench(quick)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -251,5 +262,22 @@ fn demo() -> anyhow::Result<()> {
     let mut c = cargo();
     c.args(["run", "--locked", "-q", "-p", "tests", "--bin", "demo"])
         .env("DATAPLANE_BIN", root().join("target/debug/dataplane"));
+    status(c)
+}
+
+fn bench(quick: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark creates network namespaces and loads BPF programs: run as root");
+    }
+    // Measure what users run: the release agent.
+    let mut c = cargo();
+    c.args(["build", "--locked", "--release", "-p", "dataplane", "--bin", "dataplane"]);
+    status(c)?;
+    let mut c = cargo();
+    c.args(["run", "--locked", "-q", "--release", "-p", "tests", "--bin", "bench", "--"])
+        .env("DATAPLANE_BIN", root().join("target/release/dataplane"));
+    if quick {
+        c.arg("--quick");
+    }
     status(c)
 }

@@ -1,0 +1,1249 @@
+//! `cargo xtask bench [--quick]`: the benchmark of issue #5.
+//!
+//! Pod-to-pod across two nodes in four modes (host routing, flannel's
+//! kernel vxlan, this dataplane with TC decapsulation and with XDP),
+//! interleaved per repetition; ClusterIP at 1, 1,000 and 10,000 services
+//! against kube-proxy's iptables structure; control plane latency from an
+//! etcd change to the map on every node; agent RSS; the per-packet cost of
+//! each BPF program through BPF_PROG_TEST_RUN. Writes
+//! `bench/results/latest.{md,json}` and two SVG charts.
+//!
+//! Everything runs in network namespaces created through the topology
+//! builder; they are removed on exit, on panic and on Ctrl-C.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{HashMap as BpfHashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+use dataplane::lease::{LeaseAttrs, subnet_key};
+use dataplane_common::{PeerInfo, SvcInfo, SvcKey, map_names};
+use serde_json::{Value, json};
+use tests::{
+    bench::{
+        kube::{self, BenchService},
+        load::{self, EchoServer, RrResult},
+        stats::{Summary, f1, f2, num, thousands},
+        svg,
+    },
+    flannel::FlannelNode,
+    netns::in_netns,
+    topo::{Cluster, add_pod_to},
+};
+
+const OURS_CONFIG: &str = r#"{"Network":"10.0.0.0/12","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+const SERVER_PORT: u16 = 8080;
+
+#[derive(Clone)]
+struct Opts {
+    reps: usize,
+    bulk_secs: f64,
+    rr: Duration,
+    crr: Duration,
+    svc_levels: Vec<u32>,
+    svc_reps: usize,
+    add_reps: usize,
+    cp_events: usize,
+    bpf_repeat: u32,
+    bpf_new_flows: u32,
+}
+
+impl Opts {
+    fn new(quick: bool) -> Opts {
+        if quick {
+            Opts {
+                reps: 1,
+                bulk_secs: 1.0,
+                rr: Duration::from_millis(700),
+                crr: Duration::from_millis(700),
+                svc_levels: vec![1, 1000, 10_000],
+                svc_reps: 1,
+                add_reps: 1,
+                cp_events: 20,
+                bpf_repeat: 100_000,
+                bpf_new_flows: 2_000,
+            }
+        } else {
+            Opts {
+                reps: 5,
+                bulk_secs: 3.0,
+                rr: Duration::from_secs(2),
+                crr: Duration::from_secs(2),
+                svc_levels: vec![1, 1000, 10_000],
+                svc_reps: 3,
+                add_reps: 3,
+                cp_events: 100,
+                bpf_repeat: 1_000_000,
+                bpf_new_flows: 20_000,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- cleanup
+
+type Registry = Vec<(String, Vec<u32>)>;
+static CLEANUP: OnceLock<Mutex<Registry>> = OnceLock::new();
+
+fn register(c: &Cluster) {
+    let mut pids: Vec<u32> = c.nodes.iter().filter_map(|n| n.agent.as_ref().map(|a| a.id())).collect();
+    pids.extend(c.etcd.pid());
+    let mut reg = CLEANUP.get_or_init(Default::default).lock().unwrap();
+    reg.retain(|(id, _)| id != &c.id);
+    reg.push((c.id.clone(), pids));
+}
+
+fn unregister(id: &str) {
+    CLEANUP.get_or_init(Default::default).lock().unwrap().retain(|(i, _)| i != id);
+}
+
+/// SIGINT/SIGTERM: stop what we started (by PID), delete our namespaces
+/// and pins, exit. Signals are blocked on every other thread.
+fn install_signal_cleanup() {
+    // SAFETY: signal mask manipulation with valid sets.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        std::thread::spawn(move || {
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+            eprintln!("\ninterrupted: cleaning up");
+            let reg = std::mem::take(&mut *CLEANUP.get_or_init(Default::default).lock().unwrap());
+            for (_, pids) in &reg {
+                for pid in pids {
+                    libc::kill(*pid as i32, libc::SIGTERM);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            for (id, _) in &reg {
+                let _ = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "for ns in $(ip netns list | awk '{{print $1}}' | grep '^dp{id}'); do ip netns delete $ns; done; \
+                         rm -rf /sys/fs/bpf/dp{id}n* /tmp/dp-{id}"
+                    ))
+                    .status();
+            }
+            std::process::exit(130);
+        });
+    }
+}
+
+// ---------------------------------------------------------------- results
+
+#[derive(Default)]
+struct Report {
+    missing: Vec<String>,
+    targets: Vec<Value>,
+    target_md: Vec<String>,
+}
+
+impl Report {
+    fn target(&mut self, name: &str, value: f64, goal: f64, unit: &str, higher_is_better: bool, detail: &str) {
+        let met = if higher_is_better { value >= goal } else { value < goal };
+        let margin = if !value.is_finite() {
+            "not measured".to_string()
+        } else if met {
+            if higher_is_better {
+                format!("met, {:.1}% above", (value / goal - 1.0) * 100.0)
+            } else {
+                format!("met, {:.1}% below", (1.0 - value / goal) * 100.0)
+            }
+        } else if higher_is_better {
+            format!("MISSED by {:.1}% ({} vs {} {unit})", (1.0 - value / goal) * 100.0, f2(value), f2(goal))
+        } else {
+            format!("MISSED by {:.1}% ({} vs < {} {unit})", (value / goal - 1.0) * 100.0, f2(value), f2(goal))
+        };
+        let met = met && value.is_finite();
+        self.targets.push(json!({"target": name, "value": num(value), "goal": num(goal), "unit": unit,
+            "comparison": if higher_is_better { ">=" } else { "<" }, "met": met, "margin": margin, "detail": detail}));
+        self.target_md.push(format!(
+            "| {name} | {} {unit} | {} {} {unit} | {} | {detail} |",
+            f2(value),
+            if higher_is_better { "≥" } else { "<" },
+            f2(goal),
+            if met { format!("✅ {margin}") } else { format!("❌ {margin}") }
+        ));
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+fn sh_out(cmd: &str) -> String {
+    Command::new("sh").arg("-c").arg(cmd).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------- clusters
+
+struct ModeCluster {
+    name: &'static str,
+    servers: Vec<EchoServer>,
+    _flannel: Vec<FlannelNode>,
+    c: Cluster,
+}
+
+impl ModeCluster {
+    fn client(&self) -> &tests::topo::Pod {
+        &self.c.nodes[0].pods[0]
+    }
+    fn server(&self, k: usize) -> &tests::topo::Pod {
+        &self.c.nodes[1].pods[k]
+    }
+    fn server_ips(&self) -> Vec<Ipv4Addr> {
+        self.c.nodes[1].pods.iter().map(|p| p.ip).collect()
+    }
+}
+
+impl Drop for ModeCluster {
+    fn drop(&mut self) {
+        self.servers.clear();
+        unregister(&self.c.id);
+    }
+}
+
+fn net(s: &str) -> ipnet::Ipv4Net {
+    s.parse().unwrap()
+}
+
+/// Pods, echo servers on the server pods, client sysctls (CRR opens many
+/// connections: wide port range, TIME_WAIT reuse), and a reachability check.
+fn finish_cluster(name: &'static str, c: Cluster, flannel: Vec<FlannelNode>) -> anyhow::Result<ModeCluster> {
+    let mut servers = Vec::new();
+    for p in &c.nodes[1].pods {
+        servers.push(EchoServer::start(&p.ns, p.ip, SERVER_PORT)?);
+    }
+    c.nodes[0].pods[0].ns.sh("sysctl -qw net.ipv4.ip_local_port_range='1024 65535' && sysctl -qw net.ipv4.tcp_tw_reuse=1")?;
+    let m = ModeCluster { name, servers, _flannel: flannel, c };
+    for ip in m.server_ips() {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while m.c.ping(0, 0, ip, 1).is_err() {
+            if Instant::now() > deadline {
+                bail!("{name}: pod {} cannot reach {ip}", m.client().ip);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(m)
+}
+
+fn host_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
+    let mut c = Cluster::new(2)?;
+    register(&c);
+    let nets = [net("10.244.1.0/24"), net("10.244.2.0/24")];
+    for i in 0..2 {
+        let gw = Ipv4Addr::from(u32::from(nets[i].network()) + 1);
+        c.nodes[i].ns.sh(&format!(
+            "sysctl -qw net.ipv4.ip_forward=1 && ip link add cni0 type bridge && ip addr add {gw}/24 dev cni0 && \
+             ip link set cni0 up && ip route add {} via {}",
+            nets[1 - i],
+            c.nodes[1 - i].ip
+        ))?;
+    }
+    let id = c.id.clone();
+    add_pod_to(&id, &mut c.nodes[0], &nets[0], 1500)?;
+    for _ in 0..server_pods {
+        add_pod_to(&id, &mut c.nodes[1], &nets[1], 1500)?;
+    }
+    finish_cluster("host routing", c, Vec::new())
+}
+
+fn flannel_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
+    let mut c = Cluster::new(2)?;
+    register(&c);
+    let nets = [net("10.244.1.0/24"), net("10.244.2.0/24")];
+    let f = vec![FlannelNode::start(&c, 0, nets[0])?, FlannelNode::start(&c, 1, nets[1])?];
+    for n in &f {
+        n.program_peers(&c)?;
+    }
+    let id = c.id.clone();
+    add_pod_to(&id, &mut c.nodes[0], &nets[0], 1450)?;
+    for _ in 0..server_pods {
+        add_pod_to(&id, &mut c.nodes[1], &nets[1], 1450)?;
+    }
+    finish_cluster("kernel vxlan (flannel)", c, f)
+}
+
+fn ours_cluster(name: &'static str, mode: &str, server_pods: usize) -> anyhow::Result<ModeCluster> {
+    let mut c = Cluster::new(2)?;
+    register(&c);
+    c.put_config(OURS_CONFIG)?;
+    for i in 0..2 {
+        c.start_agent(i, &["--decap-mode", mode])?;
+    }
+    register(&c);
+    for i in 0..2 {
+        c.wait_ready(i, Duration::from_secs(60))?;
+    }
+    c.add_pod(0)?;
+    for _ in 0..server_pods {
+        c.add_pod(1)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (i, want) in [(0, 1), (1, server_pods)] {
+        while c.nodes[i].log().matches("attached from_pod to pod port").count() < want {
+            if Instant::now() > deadline {
+                bail!("{name}: pod ports of node {} not attached:\n{}", i + 1, c.nodes[i].log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    finish_cluster(name, c, Vec::new())
+}
+
+// ---------------------------------------------------------------- pod to pod
+
+type Figures = BTreeMap<String, Vec<f64>>;
+
+fn push(f: &mut Figures, mode: &str, metric: &str, v: f64) {
+    f.entry(format!("{mode}|{metric}")).or_default().push(v);
+}
+
+fn summary(f: &Figures, mode: &str, metric: &str) -> Summary {
+    Summary::of(f.get(&format!("{mode}|{metric}")).map(Vec::as_slice).unwrap_or(&[]))
+}
+
+fn pod_to_pod_rep(m: &ModeCluster, o: &Opts, f: &mut Figures, errors: &mut Vec<String>) {
+    let (cl, sv) = (m.client(), m.server(0));
+    let dst = SocketAddrV4::new(sv.ip, SERVER_PORT);
+    let name = m.name;
+    for (streams, metric) in [(1, "bulk1_gbps"), (4, "bulk4_gbps")] {
+        match load::iperf3(&sv.ns, sv.ip, &cl.ns, streams, o.bulk_secs) {
+            Ok((g, retr)) => {
+                push(f, name, metric, g);
+                push(f, name, &format!("{metric}_retransmits"), retr as f64);
+            }
+            Err(e) => errors.push(format!("{name} {metric}: {e:#}")),
+        }
+    }
+    let mut rr = |metric: &str, r: anyhow::Result<RrResult>| match r {
+        Ok(r) => {
+            push(f, name, &format!("{metric}_rate"), r.rate);
+            push(f, name, &format!("{metric}_p50_us"), r.p50_us);
+            push(f, name, &format!("{metric}_p99_us"), r.p99_us);
+            push(f, name, &format!("{metric}_errors"), r.errors as f64);
+            if r.connect_p50_us.is_finite() {
+                push(f, name, &format!("{metric}_connect_p50_us"), r.connect_p50_us);
+                push(f, name, &format!("{metric}_connect_p99_us"), r.connect_p99_us);
+            }
+        }
+        Err(e) => errors.push(format!("{name} {metric}: {e:#}")),
+    };
+    rr("tcp_rr", load::tcp_rr(&cl.ns, dst, 64, o.rr));
+    rr("tcp_crr", load::tcp_crr(&cl.ns, dst, o.crr));
+    rr("udp_rr", load::udp_rr(&cl.ns, dst, 64, o.rr));
+}
+
+fn ethtool_tso(m: &ModeCluster) -> String {
+    // The underlay veth of node 1 and its peer on the bridge (u1).
+    let node = m.c.nodes[0].ns.sh("ethtool -k eth0 | grep tcp-segmentation-offload:").unwrap_or_default();
+    let peer = m.c.underlay.sh("ethtool -k u1 | grep tcp-segmentation-offload:").unwrap_or_default();
+    format!("node eth0 {}; its peer u1 {}", node.trim().trim_start_matches("tcp-segmentation-offload: "), peer.trim().trim_start_matches("tcp-segmentation-offload: "))
+}
+
+// ---------------------------------------------------------------- maps
+
+fn svc_map(pin: &Path) -> anyhow::Result<BpfHashMap<MapData, SvcKey, SvcInfo>> {
+    let data = MapData::from_pin(pin.join(map_names::SERVICES)).with_context(|| format!("{}", pin.display()))?;
+    Ok(BpfHashMap::try_from(Map::HashMap(data))?)
+}
+
+fn peers_map(pin: &Path) -> anyhow::Result<LpmTrie<MapData, [u8; 4], PeerInfo>> {
+    let data = MapData::from_pin(pin.join(map_names::PEERS))?;
+    Ok(LpmTrie::try_from(Map::LpmTrie(data))?)
+}
+
+fn svc_key(vip: Ipv4Addr) -> SvcKey {
+    SvcKey { vip: vip.octets(), port: kube::SVC_PORT.to_be_bytes(), proto: dataplane_common::PROTO_TCP, _pad: 0 }
+}
+
+/// Polls until `ok` holds on every map, or `timeout`.
+fn wait_maps<M>(maps: &[M], timeout: Duration, ok: impl Fn(&M) -> bool) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if maps.iter().all(&ok) {
+            return Some(Instant::now());
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+fn svc_count_is(m: &BpfHashMap<MapData, SvcKey, SvcInfo>, k: &SvcKey, count: u32) -> bool {
+    m.get(k, 0).is_ok_and(|i| i.count == count)
+}
+
+// ---------------------------------------------------------------- ClusterIP
+
+/// Applies services to etcd in transactions of 64 (Service + slice each).
+fn apply_services(c: &Cluster, svcs: &[BenchService]) -> anyhow::Result<()> {
+    let mut batches = Vec::new();
+    for chunk in svcs.chunks(60) {
+        batches.push(dataplane::services::parse_manifests(&kube::manifests(chunk)).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+    }
+    c.with_etcd(move |mut cl| async move {
+        for b in batches {
+            dataplane::services::store::apply(&mut cl, dataplane::services::DEFAULT_PREFIX, &b).await?;
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn iptables_restore(m: &ModeCluster, table: &str) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let mut child = m.c.nodes[0]
+        .ns
+        .command("iptables-restore")
+        .arg("-w")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("iptables-restore")?;
+    child.stdin.take().unwrap().write_all(table.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let d = t0.elapsed();
+    if !out.status.success() {
+        bail!("iptables-restore failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(d)
+}
+
+#[derive(Default)]
+struct LevelResult {
+    n: u32,
+    ipt_crr: Vec<RrResult>,
+    ours_crr: Vec<RrResult>,
+    ipt_restore_full_s: f64,
+    ipt_add_s: Vec<f64>,
+    ours_add_s: Vec<f64>,
+    ours_add_cli_s: Vec<f64>,
+    ours_load_s: f64,
+}
+
+fn clusterip(host: &ModeCluster, ours: &ModeCluster, o: &Opts, log: &mut Vec<String>) -> anyhow::Result<Vec<LevelResult>> {
+    let host_eps = host.server_ips();
+    let ours_eps = ours.server_ips();
+    // Both service lists hold the same services except for the endpoints
+    // of targets (each cluster's own server pods).
+    let mut ipt_svcs: Vec<BenchService> = Vec::new();
+    let mut ours_svcs: Vec<BenchService> = Vec::new();
+    let mut filler = 0u32;
+    let maps = [svc_map(&ours.c.nodes[0].pin_path)?, svc_map(&ours.c.nodes[1].pin_path)?];
+    let mut out = Vec::new();
+    for &n in &o.svc_levels {
+        let mut lr = LevelResult { n, ..Default::default() };
+        let mut new_ours = Vec::new();
+        while (ours_svcs.len() + new_ours.len() + 1) < n as usize {
+            let s = kube::filler(filler);
+            filler += 1;
+            ipt_svcs.push(s.clone());
+            new_ours.push(s);
+        }
+        let t_host = kube::target(n, &host_eps);
+        let t_ours = kube::target(n, &ours_eps);
+        ipt_svcs.push(t_host.clone());
+        new_ours.push(t_ours.clone());
+        // iptables: the full table, as kube-proxy's sync writes it.
+        let table = kube::iptables_nat(&ipt_svcs, "10.244.0.0/16");
+        lr.ipt_restore_full_s = iptables_restore(host, &table)?.as_secs_f64();
+        // ours: the new services through etcd, until the target is live.
+        let t0 = Instant::now();
+        apply_services(&ours.c, &new_ours)?;
+        ours_svcs.extend(new_ours);
+        let k = svc_key(t_ours.vip);
+        wait_maps(&maps, Duration::from_secs(120), |m| svc_count_is(m, &k, 3)).context("target service not in svc_v1 on every node")?;
+        lr.ours_load_s = t0.elapsed().as_secs_f64();
+        log.push(format!("N={n}: iptables-restore of the full table {:.3} s; ours: applied and live in {:.3} s", lr.ipt_restore_full_s, lr.ours_load_s));
+        eprintln!("  {}", log.last().unwrap());
+        // CRR to the last-added service, interleaved.
+        for _ in 0..o.svc_reps {
+            lr.ipt_crr.push(load::tcp_crr(&host.client().ns, SocketAddrV4::new(t_host.vip, kube::SVC_PORT), o.crr)?);
+            lr.ours_crr.push(load::tcp_crr(&ours.client().ns, SocketAddrV4::new(t_ours.vip, kube::SVC_PORT), o.crr)?);
+        }
+        // One more service.
+        for _ in 0..o.add_reps {
+            let s = kube::filler(filler);
+            filler += 1;
+            ipt_svcs.push(s.clone());
+            let table = kube::iptables_nat(&ipt_svcs, "10.244.0.0/16");
+            lr.ipt_add_s.push(iptables_restore(host, &table)?.as_secs_f64());
+            let yaml = kube::manifests(std::slice::from_ref(&s));
+            let path = ours.c.dir.join(format!("add-{}.yaml", s.name));
+            std::fs::write(&path, yaml)?;
+            let k = svc_key(s.vip);
+            let t0 = Instant::now();
+            let mut cli = ours
+                .c
+                .underlay
+                .command(tests::topo::agent_bin().to_str().unwrap())
+                .args(["apply", "-f", path.to_str().unwrap()])
+                .env("DATAPLANE_ETCD_ENDPOINTS", ours.c.endpoint())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let live = wait_maps(&maps, Duration::from_secs(30), |m| svc_count_is(m, &k, 3));
+            let st = cli.wait()?;
+            let cli_done = t0.elapsed();
+            if !st.success() {
+                bail!("dataplane apply failed: {st}");
+            }
+            let live = live.context("added service not live on every node within 30 s")?;
+            lr.ours_add_s.push((live - t0).as_secs_f64());
+            lr.ours_add_cli_s.push(cli_done.as_secs_f64());
+            ours_svcs.push(s);
+        }
+        out.push(lr);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- control plane
+
+struct CpResult {
+    kind: &'static str,
+    lat_ms: Vec<f64>,
+    timeouts: usize,
+}
+
+fn control_plane(ours: &ModeCluster, o: &Opts) -> anyhow::Result<Vec<CpResult>> {
+    let pins: Vec<PathBuf> = ours.c.nodes.iter().map(|n| n.pin_path.clone()).collect();
+    let endpoint = ours.c.endpoint();
+    let prefix = ours.c.prefix.clone();
+    let events = o.cp_events;
+    in_netns(&ours.c.underlay, move || -> anyhow::Result<Vec<CpResult>> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let svcs: Vec<_> = pins.iter().map(|p| svc_map(p)).collect::<anyhow::Result<_>>()?;
+        let peers: Vec<_> = pins.iter().map(|p| peers_map(p)).collect::<anyhow::Result<_>>()?;
+        rt.block_on(async move {
+            let mut cl = etcd_client::Client::connect([endpoint], None).await?;
+            let lease = cl.lease_grant(3600, None).await?.id();
+            let timeout = Duration::from_secs(5);
+            let mut lease_r = CpResult { kind: "new lease", lat_ms: vec![], timeouts: 0 };
+            for k in 0..events {
+                let subnet: ipnet::Ipv4Net = format!("10.12.{}.0/24", k % 256).parse()?;
+                let public_ip = Ipv4Addr::new(172, 20, (k / 250) as u8, (k % 250 + 1) as u8);
+                let attrs = LeaseAttrs { public_ip, backend_type: "vxlan".into(), vni: 1, vtep_mac: [2, 0xdb, 172, 20, (k / 250) as u8, (k % 250 + 1) as u8] };
+                let key = Key::new(24, subnet.network().octets());
+                let t0 = Instant::now();
+                cl.put(subnet_key(&prefix, subnet), attrs.to_json(), Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+                match wait_maps(&peers, timeout, |m| m.get(&key, 0).is_ok()) {
+                    Some(t) => lease_r.lat_ms.push((t - t0).as_secs_f64() * 1e3),
+                    None => lease_r.timeouts += 1,
+                }
+            }
+            let mut new_r = CpResult { kind: "new service", lat_ms: vec![], timeouts: 0 };
+            let mut chg_r = CpResult { kind: "changed service (endpoints 3 -> 2)", lat_ms: vec![], timeouts: 0 };
+            for k in 0..events {
+                let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 101, 0, 1)) + k as u32);
+                let eps = [Ipv4Addr::new(10, 251, 0, 1), Ipv4Addr::new(10, 251, 0, 2), Ipv4Addr::new(10, 251, 0, 3)];
+                let mut s = BenchService { name: format!("cp-{k:04}"), vip, endpoints: eps.to_vec() };
+                let objs = dataplane::services::parse_manifests(&kube::manifests(std::slice::from_ref(&s))).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let key = svc_key(vip);
+                let t0 = Instant::now();
+                dataplane::services::store::apply(&mut cl, dataplane::services::DEFAULT_PREFIX, &objs).await?;
+                match wait_maps(&svcs, timeout, |m| svc_count_is(m, &key, 3)) {
+                    Some(t) => new_r.lat_ms.push((t - t0).as_secs_f64() * 1e3),
+                    None => new_r.timeouts += 1,
+                }
+                s.endpoints.truncate(2);
+                let objs = dataplane::services::parse_manifests(&kube::manifests(std::slice::from_ref(&s))).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let t0 = Instant::now();
+                dataplane::services::store::apply(&mut cl, dataplane::services::DEFAULT_PREFIX, &objs).await?;
+                match wait_maps(&svcs, timeout, |m| svc_count_is(m, &key, 2)) {
+                    Some(t) => chg_r.lat_ms.push((t - t0).as_secs_f64() * 1e3),
+                    None => chg_r.timeouts += 1,
+                }
+            }
+            anyhow::Ok(vec![lease_r, new_r, chg_r])
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("control plane thread panicked"))?
+}
+
+fn rss_kb(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        s.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    (get("VmRSS:"), get("VmHWM:"))
+}
+
+/// 1,000 fake peers (flannel-format leases with distinct PublicIPs), then
+/// both agents' RSS.
+fn add_fake_peers(ours: &ModeCluster, n: usize) -> anyhow::Result<Duration> {
+    let prefix = ours.c.prefix.clone();
+    let t0 = Instant::now();
+    ours.c.with_etcd(move |mut cl| async move {
+        let lease = cl.lease_grant(3600, None).await?.id();
+        for k in 0..n {
+            let subnet = ipnet::Ipv4Net::new(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 8, 0, 0)) + (k as u32) * 256), 24)?;
+            let public_ip = Ipv4Addr::new(172, 21, (k / 250) as u8, (k % 250 + 1) as u8);
+            let attrs = LeaseAttrs { public_ip, backend_type: "vxlan".into(), vni: 1, vtep_mac: [2, 0xdb, 172, 21, (k / 250) as u8, (k % 250 + 1) as u8] };
+            cl.put(subnet_key(&prefix, subnet), attrs.to_json(), Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let last = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 8, 0, 0)) + (n as u32 - 1) * 256);
+    let key = Key::new(24, last.octets());
+    let maps: Vec<_> = ours.c.nodes.iter().map(|nd| peers_map(&nd.pin_path)).collect::<anyhow::Result<_>>()?;
+    wait_maps(&maps, Duration::from_secs(60), |m| m.get(&key, 0).is_ok()).context("fake peers not in peers_v1")?;
+    Ok(t0.elapsed())
+}
+
+// ---------------------------------------------------------------- BPF cost
+
+struct ProgCost {
+    name: &'static str,
+    program: &'static str,
+    ns_per_packet: f64,
+    verdict: u32,
+    how: String,
+}
+
+fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
+    use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+    use dataplane::bpf::{Dataplane, FrontendState, Peer};
+    use dataplane_common::{Backend, NODE_CFG_READY, NodeConfig, prog_names};
+    use tests::packets::*;
+    let repeat = o.bpf_repeat;
+    let new_flows = o.bpf_new_flows;
+    tests::netns::in_private_netns(move || -> anyhow::Result<Vec<ProgCost>> {
+        const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+        const PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 2);
+        const OUR_VTEP: [u8; 6] = [0x02, 0xdb, 192, 168, 100, 1];
+        const PEER_VTEP: [u8; 6] = [0x02, 0xdb, 192, 168, 100, 2];
+        const PEER_UL_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+        const POD_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 5];
+        const CNI0_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 1];
+        let client = Ipv4Addr::new(10, 244, 1, 5);
+        let vip = Ipv4Addr::new(10, 96, 0, 10);
+        tests::netns::sh("sysctl -qw net.ipv4.ip_forward=1")?;
+        tests::netns::sh(
+            "ip link add ul0 type veth peer name ul1 && ip link set ul1 address 02:00:00:00:00:02 && \
+             ip addr add 192.168.100.1/24 dev ul0 && ip link set ul0 up && ip link set ul1 up && \
+             ip neigh replace 192.168.100.2 lladdr 02:00:00:00:00:02 dev ul0 nud permanent && \
+             ip link add cni0 type bridge && ip link set cni0 address 02:bb:00:00:00:01 && \
+             ip addr add 10.244.1.1/24 dev cni0 && ip link set cni0 up",
+        )?;
+        let link = |name: &str| -> anyhow::Result<(u32, [u8; 6])> {
+            let v: Value = serde_json::from_str(&tests::netns::sh(&format!("ip -j link show {name}"))?)?;
+            let idx = v[0]["ifindex"].as_u64().context("ifindex")? as u32;
+            let mac = dataplane::lease::parse_mac(v[0]["address"].as_str().context("mac")?).context("mac")?;
+            Ok((idx, mac))
+        };
+        let (ul_idx, ul_mac) = link("ul0")?;
+        let (br_idx, _) = link("cni0")?;
+        let mut dp = Dataplane::load_with(None)?;
+        dp.set_node_config(&NodeConfig {
+            flags: NODE_CFG_READY,
+            vni: 1,
+            underlay_ifindex: ul_idx,
+            bridge_ifindex: br_idx,
+            public_ip: OUR_IP.octets(),
+            network: [10, 244, 0, 0],
+            subnet: [10, 244, 1, 0],
+            gateway: [10, 244, 1, 1],
+            network_prefix_len: 16,
+            subnet_prefix_len: 24,
+            vxlan_port: 8472,
+            vtep_mac: OUR_VTEP,
+            underlay_mac: ul_mac,
+            ..Default::default()
+        })?;
+        let mut peers = BTreeMap::new();
+        peers.insert(net("10.244.2.0/24"), Peer { public_ip: PEER_IP, vtep_mac: PEER_VTEP });
+        dp.sync_peers(&peers, true)?;
+        let backends = (0..3)
+            .map(|k| Backend { ip: Ipv4Addr::new(10, 244, 2, 7 + k).octets(), port: 8080u16.to_be_bytes(), _pad: [0; 2] })
+            .collect();
+        dp.services().set_frontend(svc_key_port(vip, 80), &FrontendState { backends, affinity_timeout_s: None })?;
+
+        let run = |dp: &mut Dataplane, prog: &str, xdp: bool, input: &[u8], repeat: u32| -> anyhow::Result<(u32, Duration)> {
+            let mut out = vec![0u8; input.len() + 256];
+            let mut opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
+            opts.repeat = repeat;
+            let r = if xdp {
+                let p: &mut Xdp = dp.ebpf_mut().program_mut(prog).context("prog")?.try_into()?;
+                p.test_run(opts)?
+            } else {
+                let p: &mut SchedClassifier = dp.ebpf_mut().program_mut(prog).context("prog")?.try_into()?;
+                p.test_run(opts)?
+            };
+            Ok((r.return_value, r.duration))
+        };
+        let payload = [0x5au8; 64];
+        let mut costs = Vec::new();
+        // Which data path counters a case moved (what the program did).
+        let snap = |dp: &Dataplane| -> BTreeMap<&'static str, u64> {
+            dp.stats().unwrap_or_default().into_iter().map(|(k, c)| (k.name(), c.packets)).collect()
+        };
+        let moved = |a: &BTreeMap<&'static str, u64>, b: &BTreeMap<&'static str, u64>| -> String {
+            let v: Vec<&str> = b.iter().filter(|(k, n)| a.get(*k).copied().unwrap_or(0) < **n).map(|(k, _)| *k).collect();
+            format!("counters moved: {}", if v.is_empty() { "none".to_string() } else { v.join(", ") })
+        };
+        // TC test runs reuse one skb across `repeat`, so a program that
+        // rewrites the packet (encap, decap, DNAT) would run on its own
+        // output from the second repetition on. Those paths run with
+        // repeat 1 on a fresh packet each time; the per-run overhead that
+        // adds is measured on a packet the program passes untouched
+        // (repeat 1 vs repeat N) and subtracted.
+        let k_runs = new_flows;
+        let pass = pod_frame(CNI0_MAC, POD_MAC, client, Ipv4Addr::new(8, 8, 8, 8), &payload);
+        let (_, d_rep) = run(&mut dp, prog_names::FROM_POD, false, &pass, repeat)?;
+        let mut t1 = Duration::ZERO;
+        for _ in 0..k_runs {
+            t1 += run(&mut dp, prog_names::FROM_POD, false, &pass, 1)?.1;
+        }
+        let t1_ns = t1.as_nanos() as f64 / k_runs as f64;
+        let overhead = t1_ns - d_rep.as_nanos() as f64;
+        costs.push(ProgCost {
+            name: "pass-through (pod -> outside the cluster, untouched): reference",
+            program: prog_names::FROM_POD,
+            ns_per_packet: d_rep.as_nanos() as f64,
+            verdict: 0,
+            how: format!("repeat {repeat}; the same with repeat 1: {t1_ns:.0} ns, so the per-run overhead subtracted below is {overhead:.0} ns"),
+        });
+        let single = |dp: &mut Dataplane, prog: &'static str, xdp: bool, frames: &dyn Fn(u32) -> Vec<u8>| -> anyhow::Result<(u32, f64, String)> {
+            let a = snap(dp);
+            let mut total = Duration::ZERO;
+            let mut rc = 0;
+            for k in 0..k_runs {
+                let f = frames(k);
+                let (r, d) = run(dp, prog, xdp, &f, 1)?;
+                rc = r;
+                total += d;
+            }
+            Ok((rc, total.as_nanos() as f64 / k_runs as f64 - overhead, moved(&a, &snap(dp))))
+        };
+        // Encapsulation: pod -> remote pod, TCP segment with 64 B.
+        let seg = tcp(client, Ipv4Addr::new(10, 244, 2, 7), 40000, 8080, 1, 1, 0x18, &payload);
+        let input = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(client, Ipv4Addr::new(10, 244, 2, 7), 6, 0, &seg));
+        let (rc, ns, m) = single(&mut dp, prog_names::FROM_POD, false, &|_| input.clone())?;
+        costs.push(ProgCost { name: "encap (pod -> remote pod)", program: prog_names::FROM_POD, ns_per_packet: ns, verdict: rc, how: format!("{k_runs} runs of repeat 1 minus overhead, {} B frame; {m}", input.len()) });
+        // Decapsulation: VXLAN from the peer to a local pod, TC and XDP.
+        let inner_seg = tcp(Ipv4Addr::new(10, 244, 2, 7), client, 8080, 40000, 1, 1, 0x18, &payload);
+        let inner = ipv4(Ipv4Addr::new(10, 244, 2, 7), client, 6, 0, &inner_seg);
+        let vx = VxlanFrame {
+            outer_dst_mac: ul_mac,
+            outer_src_mac: PEER_UL_MAC,
+            src_ip: PEER_IP,
+            dst_ip: OUR_IP,
+            sport: 45678,
+            dport: 8472,
+            flags: 0x08,
+            vni: 1,
+            inner: eth(OUR_VTEP, PEER_VTEP, ETH_P_IP, &inner),
+        }
+        .build();
+        let (rc, ns, m) = single(&mut dp, prog_names::FROM_UNDERLAY, false, &|_| vx.clone())?;
+        costs.push(ProgCost { name: "decap, TC", program: prog_names::FROM_UNDERLAY, ns_per_packet: ns, verdict: rc, how: format!("{k_runs} runs of repeat 1 minus overhead, {} B frame; {m}", vx.len()) });
+        let a = snap(&dp);
+        let (rc, d) = run(&mut dp, prog_names::DECAP_XDP, true, &vx, repeat)?;
+        costs.push(ProgCost { name: "decap, XDP", program: prog_names::DECAP_XDP, ns_per_packet: d.as_nanos() as f64, verdict: rc, how: format!("repeat {repeat} (XDP test runs start from the input frame each time), {} B frame; {}", vx.len(), moved(&a, &snap(&dp))) });
+        // Service lookup on a new flow: a SYN to the ClusterIP from a new
+        // source port each time (lookup, backend pick, conntrack and
+        // reverse-NAT insert, DNAT, then encapsulation to the backend's node).
+        let syn = |k: u32| {
+            let sport = 1024 + (k % 60_000) as u16;
+            let src = Ipv4Addr::new(10, 244, 1, 5 + (k / 60_000) as u8);
+            let seg = tcp(src, vip, sport, 80, 1000, 0, 0x02, b"");
+            eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(src, vip, 6, 0, &seg))
+        };
+        let (rc, ns, m) = single(&mut dp, prog_names::FROM_POD, false, &syn)?;
+        costs.push(ProgCost { name: "service lookup, new flow (SYN to ClusterIP; + CT/RNAT insert, DNAT, encap)", program: prog_names::FROM_POD, ns_per_packet: ns, verdict: rc, how: format!("{k_runs} distinct flows, repeat 1 each, minus overhead; {m}") });
+        // Conntrack hit: the next segment of an existing flow.
+        let seg = tcp(client, vip, 50000, 80, 1000, 0, 0x02, b"");
+        run(&mut dp, prog_names::FROM_POD, false, &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(client, vip, 6, 0, &seg)), 1)?;
+        let seg = tcp(client, vip, 50000, 80, 1001, 1, 0x18, &payload);
+        let input = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(client, vip, 6, 0, &seg));
+        let (rc, ns, m) = single(&mut dp, prog_names::FROM_POD, false, &|_| input.clone())?;
+        costs.push(ProgCost { name: "conntrack hit (established flow to ClusterIP; + DNAT, encap)", program: prog_names::FROM_POD, ns_per_packet: ns, verdict: rc, how: format!("{k_runs} runs of repeat 1 minus overhead, {} B frame; {m}", input.len()) });
+        Ok(costs)
+    })
+}
+
+fn verdict_name(program: &str, v: u32) -> String {
+    let name = if program == dataplane_common::prog_names::DECAP_XDP {
+        ["XDP_ABORTED", "XDP_DROP", "XDP_PASS", "XDP_TX", "XDP_REDIRECT"].get(v as usize).copied()
+    } else {
+        match v {
+            0 => Some("TC_ACT_OK"),
+            2 => Some("TC_ACT_SHOT"),
+            7 => Some("TC_ACT_REDIRECT"),
+            _ => None,
+        }
+    };
+    format!("{v} ({})", name.unwrap_or("?"))
+}
+
+fn svc_key_port(vip: Ipv4Addr, port: u16) -> SvcKey {
+    SvcKey { vip: vip.octets(), port: port.to_be_bytes(), proto: dataplane_common::PROTO_TCP, _pad: 0 }
+}
+
+// ---------------------------------------------------------------- main
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let o = Opts::new(quick);
+    install_signal_cleanup();
+    let started = Instant::now();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out_dir = root.join("bench/results");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut r = Report::default();
+    let load_before = loadavg();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let machine = json!({
+        "kernel": sh_out("uname -r"),
+        "cpus": cpus,
+        "cpu_model": sh_out("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
+        "load_average_before": load_before,
+        "iptables": sh_out("iptables --version"),
+        "iperf3": sh_out("iperf3 --version | head -1"),
+        "agent_binary": tests::topo::agent_bin().display().to_string(),
+        "mode": if quick { "quick" } else { "full" },
+        "date_utc": sh_out("date -u +%Y-%m-%dT%H:%M:%SZ"),
+    });
+    eprintln!("bench ({}): kernel {}, {cpus} CPUs, load {load_before}", if quick { "quick" } else { "full" }, machine["kernel"]);
+    let mut sections = serde_json::Map::new();
+    let mut md = String::new();
+    let mut errors: Vec<String> = Vec::new();
+    let auto = dataplane::bpf::DecapMode::Auto.resolve(Some("veth"));
+
+    // ---- BPF per-program cost (no cluster needed)
+    eprintln!("[bpf] per-program cost via BPF_PROG_TEST_RUN");
+    let bpf = match bpf_costs(&o) {
+        Ok(c) => c,
+        Err(e) => {
+            r.missing.push(format!("BPF per-program cost: {e:#}"));
+            Vec::new()
+        }
+    };
+
+    // ---- pod to pod
+    eprintln!("[p2p] building clusters");
+    let mut figs = Figures::new();
+    let mut modes: Vec<ModeCluster> = Vec::new();
+    let mut tso = BTreeMap::new();
+    for (name, build) in [
+        ("host routing", Box::new(|| host_cluster(3)) as Box<dyn Fn() -> anyhow::Result<ModeCluster>>),
+        ("kernel vxlan (flannel)", Box::new(|| flannel_cluster(1))),
+        ("ours, TC decap", Box::new(|| ours_cluster("ours, TC decap", "tc", 3))),
+        ("ours, XDP decap", Box::new(|| ours_cluster("ours, XDP decap", "xdp", 1))),
+    ] {
+        match build() {
+            Ok(m) => {
+                tso.insert(name.to_string(), ethtool_tso(&m));
+                modes.push(m);
+            }
+            Err(e) => r.missing.push(format!("mode {name}: cluster setup failed: {e:#}")),
+        }
+    }
+    eprintln!("[p2p] {} modes ready after {:.1} s", modes.len(), started.elapsed().as_secs_f64());
+    for rep in 0..o.reps {
+        // Rotate the order per repetition so drift hits all modes alike.
+        let n = modes.len();
+        for k in 0..n {
+            let m = &modes[(k + rep) % n];
+            pod_to_pod_rep(m, &o, &mut figs, &mut errors);
+        }
+        eprintln!("[p2p] repetition {}/{} done at {:.1} s", rep + 1, o.reps, started.elapsed().as_secs_f64());
+    }
+    let mode_names: Vec<&str> = modes.iter().map(|m| m.name).collect();
+    let host_ok = mode_names.contains(&"host routing");
+    let vx_ok = mode_names.contains(&"kernel vxlan (flannel)");
+
+    let p2p_metrics: [(&str, &str, &str); 14] = [
+        ("bulk1_gbps", "TCP bulk, 1 stream", "Gbit/s"),
+        ("bulk4_gbps", "TCP bulk, 4 streams", "Gbit/s"),
+        ("bulk1_gbps_retransmits", "retransmits, 1 stream", "segments"),
+        ("bulk4_gbps_retransmits", "retransmits, 4 streams", "segments"),
+        ("tcp_rr_rate", "TCP RR 64 B", "transactions/s"),
+        ("tcp_rr_p50_us", "TCP RR p50", "µs"),
+        ("tcp_rr_p99_us", "TCP RR p99", "µs"),
+        ("tcp_crr_rate", "TCP CRR", "connections/s"),
+        ("tcp_crr_p50_us", "TCP CRR p50", "µs"),
+        ("tcp_crr_p99_us", "TCP CRR p99", "µs"),
+        ("tcp_crr_connect_p50_us", "connect() p50", "µs"),
+        ("udp_rr_rate", "UDP RR 64 B", "transactions/s"),
+        ("udp_rr_p50_us", "UDP RR p50", "µs"),
+        ("udp_rr_p99_us", "UDP RR p99", "µs"),
+    ];
+    {
+        let mut j = serde_json::Map::new();
+        let _ = writeln!(md, "## Pod to pod across nodes\n");
+        let _ = writeln!(
+            md,
+            "Two node namespaces on a veth underlay (bridge in an underlay namespace), one client pod on node 1, the server pod on node 2. \
+             Load generator in Rust (tests/src/bench/load.rs): client thread pinned to CPU {}, server to CPU {}; bulk is iperf3 -J with -A. \
+             {} repetition(s), modes interleaved (order rotated per repetition); each cell: median (min–max). \
+             Bulk {} s per run; RR/CRR/UDP {} ms per run after 100 ms warm-up.\n",
+            load::CLIENT_CPU,
+            load::SERVER_CPU,
+            o.reps,
+            o.bulk_secs,
+            o.rr.as_millis()
+        );
+        let _ = writeln!(md, "| figure | unit | {} |", mode_names.join(" | "));
+        let _ = writeln!(md, "|---|---|{}", "---|".repeat(mode_names.len()));
+        for (metric, label, unit) in p2p_metrics {
+            let mut row = format!("| {label} | {unit} |");
+            for m in &mode_names {
+                let s = summary(&figs, m, metric);
+                let fmt = |x: f64| if unit == "Gbit/s" { f2(x) } else if unit == "µs" { f1(x) } else { thousands(x) };
+                let _ = write!(row, " {} |", s.fmt(fmt));
+                j.entry(m.to_string()).or_insert_with(|| json!({})).as_object_mut().unwrap().insert(metric.to_string(), s.json(unit));
+            }
+            let _ = writeln!(md, "{row}");
+        }
+        let _ = writeln!(md);
+        // Ratios.
+        let ours_modes: Vec<&str> = mode_names.iter().copied().filter(|m| m.starts_with("ours")).collect();
+        let mut ratios = serde_json::Map::new();
+        let _ = writeln!(md, "Ratios of medians (higher is better for rates and throughput, lower for latency):\n");
+        let _ = writeln!(md, "| figure | {} |", ours_modes.iter().flat_map(|m| [format!("{m} / host routing"), format!("{m} / kernel VXLAN")]).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(ours_modes.len() * 2));
+        for (metric, label, _) in p2p_metrics.iter().filter(|(m, ..)| !m.contains("retrans")) {
+            let mut row = format!("| {label} |");
+            for m in &ours_modes {
+                let ours = summary(&figs, m, metric).median;
+                let h = if host_ok { ours / summary(&figs, "host routing", metric).median } else { f64::NAN };
+                let v = if vx_ok { ours / summary(&figs, "kernel vxlan (flannel)", metric).median } else { f64::NAN };
+                let _ = write!(row, " {}x | {}x |", f2(h), f2(v));
+                ratios.insert(format!("{m} / host routing: {metric}"), num(h));
+                ratios.insert(format!("{m} / kernel VXLAN: {metric}"), num(v));
+            }
+            let _ = writeln!(md, "{row}");
+        }
+        let _ = writeln!(
+            md,
+            "\n`--decap-mode auto` picks **{auto:?}** on this underlay (veth: XDP on a veth turns off TSO on its peer). \
+             TSO as ethtool reports it per mode: {}\n",
+            tso.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ")
+        );
+        j.insert("ratios".into(), Value::Object(ratios));
+        j.insert("auto_decap_mode_on_veth".into(), json!(format!("{auto:?}")));
+        j.insert("tso".into(), json!(tso));
+        j.insert("raw".into(), json!(figs));
+        sections.insert("pod_to_pod".into(), Value::Object(j));
+        // Targets.
+        for m in &ours_modes {
+            for (metric, label) in [("tcp_rr_rate", "TCP RR"), ("tcp_crr_rate", "TCP CRR")] {
+                let v = summary(&figs, m, metric).median / summary(&figs, "host routing", metric).median;
+                r.target(&format!("{label} {m} / host routing"), v, 1.0, "x", true, "pod to pod, medians");
+            }
+            for metric in ["bulk1_gbps", "bulk4_gbps"] {
+                let v = summary(&figs, m, metric).median / summary(&figs, "kernel vxlan (flannel)", metric).median;
+                r.target(&format!("bulk {} {m} / kernel VXLAN", if metric == "bulk1_gbps" { "1 stream" } else { "4 streams" }), v, 1.0, "x", true, "pod to pod, medians");
+            }
+        }
+        // Chart: pod-to-pod latency per mode.
+        let cats: Vec<String> = mode_names.iter().map(|s| s.to_string()).collect();
+        let series: Vec<(String, Vec<f64>)> = [
+            ("TCP RR p50", "tcp_rr_p50_us"),
+            ("TCP RR p99", "tcp_rr_p99_us"),
+            ("TCP CRR p50", "tcp_crr_p50_us"),
+            ("TCP CRR p99", "tcp_crr_p99_us"),
+            ("UDP RR p50", "udp_rr_p50_us"),
+        ]
+        .iter()
+        .map(|(n, k)| (n.to_string(), mode_names.iter().map(|m| summary(&figs, m, k).median).collect()))
+        .collect();
+        std::fs::write(out_dir.join("pod_latency.svg"), svg::bars("Pod-to-pod latency across nodes, per mode (medians)", "latency (µs)", &cats, &series))?;
+    }
+
+    // ---- ClusterIP
+    let mut host = None;
+    let mut tc = None;
+    for m in modes.drain(..) {
+        match m.name {
+            "host routing" => host = Some(m),
+            "ours, TC decap" => tc = Some(m),
+            _ => drop(m),
+        }
+    }
+    let mut cip_levels = Vec::new();
+    if let (Some(host), Some(tc)) = (&host, &tc) {
+        eprintln!("[clusterip] levels {:?} at {:.1} s", o.svc_levels, started.elapsed().as_secs_f64());
+        let mut log = Vec::new();
+        match clusterip(host, tc, &o, &mut log) {
+            Ok(l) => cip_levels = l,
+            Err(e) => r.missing.push(format!("ClusterIP benchmark failed: {e:#}")),
+        }
+        let mut j = serde_json::Map::new();
+        let _ = writeln!(md, "## ClusterIP: kube-proxy iptables vs this dataplane\n");
+        let _ = writeln!(
+            md,
+            "kube-proxy's nat table (KUBE-SERVICES -> KUBE-SVC-* with `statistic --mode random` -> KUBE-SEP-* DNAT, KUBE-MARK-MASQ, KUBE-POSTROUTING), \
+             loaded with `iptables-restore` ({}) in the client's node namespace of the host-routing cluster (no agent there), \
+             against this dataplane (TC decap cluster) with the same services applied through etcd. Each service: TCP 80 -> 8080, 3 endpoints; \
+             the measured one is the last added, its endpoints are 3 server pods on the other node. CRR = connect + 1 byte each way + close, \
+             {} ms per run, {} run(s) per level interleaved; cells are median (min–max).\n",
+            machine["iptables"].as_str().unwrap_or(""),
+            o.crr.as_millis(),
+            o.svc_reps
+        );
+        let _ = writeln!(md, "| services | iptables CRR/s | ours CRR/s | ours / iptables | iptables connect p50 / p99 µs | ours connect p50 / p99 µs | iptables CRR p50 / p99 µs | ours CRR p50 / p99 µs |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+        let mut lv = Vec::new();
+        for l in &cip_levels {
+            let s = |v: &[RrResult], f: fn(&RrResult) -> f64| Summary::of(&v.iter().map(f).collect::<Vec<_>>());
+            let (ir, or) = (s(&l.ipt_crr, |r| r.rate), s(&l.ours_crr, |r| r.rate));
+            let (icp50, icp99) = (s(&l.ipt_crr, |r| r.connect_p50_us), s(&l.ipt_crr, |r| r.connect_p99_us));
+            let (ocp50, ocp99) = (s(&l.ours_crr, |r| r.connect_p50_us), s(&l.ours_crr, |r| r.connect_p99_us));
+            let (ip50, ip99) = (s(&l.ipt_crr, |r| r.p50_us), s(&l.ipt_crr, |r| r.p99_us));
+            let (op50, op99) = (s(&l.ours_crr, |r| r.p50_us), s(&l.ours_crr, |r| r.p99_us));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {}x | {} / {} | {} / {} | {} / {} | {} / {} |",
+                thousands(l.n as f64),
+                ir.fmt(thousands),
+                or.fmt(thousands),
+                f2(or.median / ir.median),
+                f1(icp50.median),
+                f1(icp99.median),
+                f1(ocp50.median),
+                f1(ocp99.median),
+                f1(ip50.median),
+                f1(ip99.median),
+                f1(op50.median),
+                f1(op99.median)
+            );
+            lv.push(json!({
+                "services": l.n,
+                "iptables": {"crr_rate": ir.json("connections/s"), "connect_p50": icp50.json("µs"), "connect_p99": icp99.json("µs"), "crr_p50": ip50.json("µs"), "crr_p99": ip99.json("µs"),
+                    "errors": l.ipt_crr.iter().map(|r| r.errors).sum::<u64>(),
+                    "full_restore_s": num(l.ipt_restore_full_s), "add_one_service_s": Summary::of(&l.ipt_add_s).json("s")},
+                "ours": {"crr_rate": or.json("connections/s"), "connect_p50": ocp50.json("µs"), "connect_p99": ocp99.json("µs"), "crr_p50": op50.json("µs"), "crr_p99": op99.json("µs"),
+                    "errors": l.ours_crr.iter().map(|r| r.errors).sum::<u64>(),
+                    "load_new_services_via_etcd_until_live_s": num(l.ours_load_s),
+                    "add_one_service_until_live_on_every_node_s": Summary::of(&l.ours_add_s).json("s"),
+                    "add_one_service_cli_exit_s": Summary::of(&l.ours_add_cli_s).json("s")},
+                "ratio_ours_over_iptables_crr": num(or.median / ir.median),
+            }));
+        }
+        let _ = writeln!(md, "\nTime to add one more service ({} time(s) per level; median (min–max)):\n", o.add_reps);
+        let _ = writeln!(md, "| services | iptables-restore of the full nat table | `dataplane apply` until the entry is in svc_v1 on every node | (`dataplane apply` process exit) | iptables / ours |");
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        for l in &cip_levels {
+            let (i, ou, cli) = (Summary::of(&l.ipt_add_s), Summary::of(&l.ours_add_s), Summary::of(&l.ours_add_cli_s));
+            let _ = writeln!(
+                md,
+                "| {} | {} ms | {} ms | {} ms | {}x |",
+                thousands(l.n as f64),
+                i.fmt(|x| f1(x * 1e3)),
+                ou.fmt(|x| f2(x * 1e3)),
+                cli.fmt(|x| f1(x * 1e3)),
+                f1(i.median / ou.median)
+            );
+        }
+        let _ = writeln!(md, "\nLoading each level from scratch: {}\n", log.join("; "));
+        j.insert("levels".into(), json!(lv));
+        sections.insert("clusterip".into(), Value::Object(j));
+        if let (Some(first), Some(last)) = (cip_levels.first(), cip_levels.last()) {
+            let rate = |v: &[RrResult]| Summary::of(&v.iter().map(|r| r.rate).collect::<Vec<_>>()).median;
+            let r10k_over_1 = rate(&last.ours_crr) / rate(&first.ours_crr);
+            r.target(
+                &format!("ours CRR at {} services within 5% of 1 service", thousands(last.n as f64)),
+                r10k_over_1,
+                0.95,
+                "x of 1-service rate",
+                true,
+                &format!("{} vs {} conn/s", thousands(rate(&last.ours_crr)), thousands(rate(&first.ours_crr))),
+            );
+            r.target(
+                &format!("ours / iptables CRR at {} services", thousands(last.n as f64)),
+                rate(&last.ours_crr) / rate(&last.ipt_crr),
+                5.0,
+                "x",
+                true,
+                &format!("{} vs {} conn/s", thousands(rate(&last.ours_crr)), thousands(rate(&last.ipt_crr))),
+            );
+            let add = Summary::of(&last.ipt_add_s).median / Summary::of(&last.ours_add_s).median;
+            r.target(
+                &format!("adding one service among {}: iptables-restore / ours", thousands(last.n as f64)),
+                add,
+                1000.0,
+                "x",
+                true,
+                &format!("{:.1} ms vs {:.2} ms", Summary::of(&last.ipt_add_s).median * 1e3, Summary::of(&last.ours_add_s).median * 1e3),
+            );
+            let xs: Vec<String> = cip_levels.iter().map(|l| thousands(l.n as f64)).collect();
+            let med = |l: &LevelResult, ours: bool, f: fn(&RrResult) -> f64| {
+                Summary::of(&(if ours { &l.ours_crr } else { &l.ipt_crr }).iter().map(f).collect::<Vec<_>>()).median
+            };
+            let series = vec![
+                ("iptables p50".to_string(), false, cip_levels.iter().map(|l| med(l, false, |r| r.connect_p50_us)).collect()),
+                ("iptables p99".to_string(), true, cip_levels.iter().map(|l| med(l, false, |r| r.connect_p99_us)).collect()),
+                ("ours p50".to_string(), false, cip_levels.iter().map(|l| med(l, true, |r| r.connect_p50_us)).collect()),
+                ("ours p99".to_string(), true, cip_levels.iter().map(|l| med(l, true, |r| r.connect_p99_us)).collect()),
+            ];
+            std::fs::write(
+                out_dir.join("clusterip_connect_latency.svg"),
+                svg::lines("ClusterIP connect latency vs number of services", "connect() latency (µs)", "services", &xs, &series),
+            )?;
+        }
+    } else {
+        r.missing.push("ClusterIP benchmark: needs the host-routing and TC clusters, one failed to start".into());
+    }
+    drop(host);
+
+    // ---- control plane and RSS on the TC cluster (10,000+ services loaded)
+    if let Some(tc) = &tc {
+        eprintln!("[control plane] {} events per kind at {:.1} s", o.cp_events, started.elapsed().as_secs_f64());
+        let _ = writeln!(md, "## Control plane\n");
+        let mut j = serde_json::Map::new();
+        match control_plane(tc, &o) {
+            Ok(res) => {
+                let _ = writeln!(
+                    md,
+                    "Time from the etcd write (issued from the bench process) until the entry is in the pinned map of **both** nodes \
+                     (polled every 100 µs from the bench process), with the agents holding {} services. {} events per kind.\n",
+                    thousands(cip_levels.last().map_or(0.0, |l| l.n as f64)),
+                    o.cp_events
+                );
+                let _ = writeln!(md, "| event | p50 ms | p99 ms | max ms | events | timeouts (5 s) |");
+                let _ = writeln!(md, "|---|---|---|---|---|---|");
+                let mut all = Vec::new();
+                let mut js = Vec::new();
+                for c in &res {
+                    let mut v: Vec<u32> = c.lat_ms.iter().map(|x| (x * 1000.0) as u32).collect();
+                    v.sort_unstable();
+                    let p = |q| tests::bench::stats::percentile_sorted(&v, q) / 1000.0;
+                    let _ = writeln!(md, "| {} | {} | {} | {} | {} | {} |", c.kind, f2(p(50.0)), f2(p(99.0)), f2(p(100.0)), c.lat_ms.len(), c.timeouts);
+                    js.push(json!({"event": c.kind, "p50_ms": num(p(50.0)), "p99_ms": num(p(99.0)), "max_ms": num(p(100.0)), "events": c.lat_ms.len(), "timeouts": c.timeouts}));
+                    all.extend(v);
+                }
+                all.sort_unstable();
+                let p99 = tests::bench::stats::percentile_sorted(&all, 99.0) / 1000.0;
+                let timeouts: usize = res.iter().map(|c| c.timeouts).sum();
+                let p99 = if timeouts > 0 { f64::INFINITY } else { p99 };
+                let _ = writeln!(md, "| all | {} | {} | | {} | {timeouts} |\n", f2(tests::bench::stats::percentile_sorted(&all, 50.0) / 1000.0), f2(p99), all.len());
+                j.insert("etcd_to_map_every_node".into(), json!(js));
+                r.target("etcd change -> map on every node, p99", p99, 50.0, "ms", false, &format!("{} events of 3 kinds", all.len()));
+            }
+            Err(e) => r.missing.push(format!("control plane latency: {e:#}")),
+        }
+        eprintln!("[rss] 1,000 fake peers at {:.1} s", started.elapsed().as_secs_f64());
+        let pids: Vec<u32> = tc.c.nodes.iter().filter_map(|n| n.agent.as_ref().map(|a| a.id())).collect();
+        let before: Vec<(u64, u64)> = pids.iter().map(|p| rss_kb(*p)).collect();
+        match add_fake_peers(tc, 1000) {
+            Ok(d) => {
+                std::thread::sleep(Duration::from_secs(1));
+                let after: Vec<(u64, u64)> = pids.iter().map(|p| rss_kb(*p)).collect();
+                let nsvc = tc.c.cli(&["get", "services"]).map(|s| s.lines().count().saturating_sub(1)).unwrap_or(0);
+                let _ = writeln!(md, "## Agent memory\n");
+                let _ = writeln!(
+                    md,
+                    "VmRSS (VmHWM = peak) of each agent from /proc, with {nsvc} services in etcd, before and after 1,000 fake peer leases \
+                     (flannel JSON, distinct PublicIPs; all in peers_v1 on both nodes {:.2} s after the first write).\n",
+                    d.as_secs_f64()
+                );
+                let _ = writeln!(md, "| agent | RSS before peers MB | RSS with 1,000 peers MB | peak (VmHWM) MB |");
+                let _ = writeln!(md, "|---|---|---|---|");
+                let mut js = Vec::new();
+                for (i, ((b, _), (a, hwm))) in before.iter().zip(&after).enumerate() {
+                    let _ = writeln!(md, "| node {} | {} | {} | {} |", i + 1, f1(*b as f64 / 1024.0), f1(*a as f64 / 1024.0), f1(*hwm as f64 / 1024.0));
+                    js.push(json!({"node": i + 1, "rss_before_peers_mb": num(*b as f64 / 1024.0), "rss_mb": num(*a as f64 / 1024.0), "vmhwm_mb": num(*hwm as f64 / 1024.0)}));
+                }
+                let _ = writeln!(md);
+                let worst = after.iter().map(|(a, _)| *a).max().unwrap_or(0) as f64 / 1024.0;
+                j.insert("agent_rss".into(), json!({"services": nsvc, "peers": 1000, "agents": js}));
+                r.target("agent RSS at 1,000 peers / 10,000 services", worst, 30.0, "MB", false, &format!("{nsvc} services, worst of {} agents", after.len()));
+            }
+            Err(e) => r.missing.push(format!("agent RSS with 1,000 peers: {e:#}")),
+        }
+        sections.insert("control_plane".into(), Value::Object(j));
+    } else {
+        r.missing.push("control plane latency and agent RSS: the TC cluster did not start".into());
+    }
+    drop(tc);
+
+    // ---- BPF costs table
+    {
+        let _ = writeln!(md, "## Per-packet cost of each BPF program (BPF_PROG_TEST_RUN)\n");
+        let _ = writeln!(md, "Object loaded with `Dataplane::load_with(None)` in a private network namespace (node config, one peer, one ClusterIP with 3 remote backends); duration as the kernel reports it (total / repeat). TC test runs reuse one skb across repetitions, so paths that rewrite the packet are timed one run per syscall on a fresh frame, minus the per-run overhead measured on the pass-through row (its repeat-1 minus repeat-N time); those figures carry the noise of that subtraction.\n");
+        let _ = writeln!(md, "| path | program | ns/packet | verdict | how |");
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        let mut js = Vec::new();
+        for c in &bpf {
+            let _ = writeln!(md, "| {} | `{}` | {} | {} | {} |", c.name, c.program, f1(c.ns_per_packet), verdict_name(c.program, c.verdict), c.how);
+            js.push(json!({"path": c.name, "program": c.program, "ns_per_packet": num(c.ns_per_packet), "unit": "ns/packet", "verdict": c.verdict, "how": c.how}));
+        }
+        let _ = writeln!(md);
+        sections.insert("bpf_prog_cost".into(), json!(js));
+    }
+
+    // ---- write
+    let load_after = loadavg();
+    let elapsed = started.elapsed().as_secs_f64();
+    for e in &errors {
+        r.missing.push(format!("run error: {e}"));
+    }
+    let mut head = String::new();
+    let _ = writeln!(head, "# Benchmark results ({})\n", if quick { "`cargo xtask bench --quick`" } else { "`cargo xtask bench`" });
+    let _ = writeln!(
+        head,
+        "Machine: kernel {}, {} CPUs ({}), {}; load average before {load_before}, after {load_after}; run took {elapsed:.0} s; {}.\n",
+        machine["kernel"].as_str().unwrap_or(""),
+        cpus,
+        machine["cpu_model"].as_str().unwrap_or("").trim(),
+        machine["iptables"].as_str().unwrap_or(""),
+        machine["date_utc"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(head, "Charts: [connect latency vs services](clusterip_connect_latency.svg), [pod-to-pod latency per mode](pod_latency.svg).\n");
+    let _ = writeln!(head, "## Targets (reported, not asserted)\n");
+    let _ = writeln!(head, "| target | measured | goal | result | detail |");
+    let _ = writeln!(head, "|---|---|---|---|---|");
+    for t in &r.target_md {
+        let _ = writeln!(head, "{t}");
+    }
+    let _ = writeln!(head);
+    if !r.missing.is_empty() {
+        let _ = writeln!(head, "## Not measured / errors\n");
+        for m in &r.missing {
+            let _ = writeln!(head, "- {}", m.replace('\n', " "));
+        }
+        let _ = writeln!(head);
+    }
+    let _ = writeln!(md, "## Notes and limits\n");
+    let _ = writeln!(
+        md,
+        "- Every mode runs on the same machine with the same 2 vCPUs; other work on the machine (see the load averages) adds noise, \
+           which the interleaving spreads over all modes alike.\n\
+         - The iptables side is kube-proxy's nat table only (no filter-table KUBE-FORWARD/KUBE-EXTERNAL-SERVICES rules, no NodePorts), \
+           in the client's node; its \"add one service\" time is a full `iptables-restore` of that table, as kube-proxy's full sync does. \
+           kube-proxy's partial syncs (`--noflush` with only the changed chains) and iptables-legacy are not measured.\n\
+         - Our \"add one service\" time starts before `dataplane apply -f` is spawned and ends when the frontend (with its 3 backends) is \
+           in svc_v1 on both nodes, polled every 100 µs from the benchmark process; it includes the CLI's start and etcd round trips.\n\
+         - Control-plane events are written with the etcd client from the benchmark process; the clock starts before the write.\n\
+         - The ClusterIP comparison uses our TC-decap cluster (what `auto` picks on veth).\n\
+         - BPF costs: TC and XDP programs run through BPF_PROG_TEST_RUN on a synthetic frame; figures exclude the rest of the stack."
+    );
+    let text = format!("{head}{md}");
+    let mut mj = machine.as_object().cloned().unwrap_or_default();
+    mj.insert("load_average_after".into(), json!(load_after));
+    mj.insert("elapsed_s".into(), num(elapsed));
+    let doc = json!({"machine": mj, "targets": r.targets, "not_measured_or_errors": r.missing, "results": sections});
+    std::fs::write(out_dir.join("latest.md"), &text)?;
+    std::fs::write(out_dir.join("latest.json"), serde_json::to_string_pretty(&doc)?)?;
+    println!("{text}");
+    eprintln!("wrote {} and latest.json, charts; {elapsed:.0} s", out_dir.join("latest.md").display());
+    Ok(())
+}
