@@ -37,6 +37,10 @@ pub mod map_names {
     pub const AFFINITY: &str = "affinity_v1";
     /// Per-CPU hash: service frontend -> flows, packets, bytes, rejections.
     pub const SVC_STATS: &str = "svc_stats_v1";
+    /// Hash: (service id, backend) pairs in use. A conntrack or affinity
+    /// entry whose pair is missing is stale and is dropped where it is
+    /// found, so removing a backend costs one delete, not a conntrack scan.
+    pub const LIVE: &str = "live_v1";
     /// Hash: local pod IPv4 -> its host-side veth and MACs, for delivering
     /// decapsulated packets straight into the pod (bpf_redirect_peer).
     pub const ENDPOINTS: &str = "endpoints_v1";
@@ -143,6 +147,23 @@ pub struct CtEntry {
     pub backend: Backend,
     /// Source address rewritten too (hairpin), or zero.
     pub snat: [u8; 4],
+    /// The service (frontend) id the backend was chosen for.
+    pub svc_id: u32,
+}
+
+/// Key of [`map_names::LIVE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LiveKey {
+    pub svc_id: u32,
+    pub backend: Backend,
+}
+
+/// Value of [`map_names::LIVE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LiveInfo {
+    pub flags: u32,
 }
 
 /// Value of [`map_names::RNAT`]: what the reply's addresses must become.
@@ -412,7 +433,9 @@ const _: () = assert!(size_of::<BackendKey>() == 8);
 const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<VipKey>() == 4);
 const _: () = assert!(size_of::<CtKey>() == 16);
-const _: () = assert!(size_of::<CtEntry>() == 12);
+const _: () = assert!(size_of::<CtEntry>() == 16);
+const _: () = assert!(size_of::<LiveKey>() == 12);
+const _: () = assert!(size_of::<LiveInfo>() == 4);
 const _: () = assert!(size_of::<RnatEntry>() == 12);
 const _: () = assert!(size_of::<AffinityKey>() == 8);
 const _: () = assert!(size_of::<AffinityEntry>() == 16);
@@ -440,6 +463,8 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
     unsafe impl aya::Pod for super::SvcCounters {}
+    unsafe impl aya::Pod for super::LiveKey {}
+    unsafe impl aya::Pod for super::LiveInfo {}
 }
 
 /// Local pods the decapsulation path may deliver to directly, bypassing the

@@ -16,13 +16,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, HAIRPIN_SNAT_IP, PROTO_TCP,
+    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, HAIRPIN_SNAT_IP, LiveKey, PROTO_TCP,
     RnatEntry, SVC_F_AFFINITY, Stat, SvcCounters, SvcInfo, SvcKey, VipKey,
 };
 
 use crate::{
     l4::Flow,
-    maps::{AFFINITY, BACKENDS, CT, RNAT, SERVICES, SVC_STATS, VIPS},
+    maps::{AFFINITY, BACKENDS, CT, LIVE, RNAT, SERVICES, SVC_STATS, VIPS},
     nat::{IP_DST_OFF, IP_SRC_OFF, set_addr, set_port},
     reject,
     stats::count,
@@ -63,11 +63,19 @@ pub fn from_pod(ctx: &TcContext, flow: &Flow) -> Verdict {
     };
     // SAFETY: as above.
     let entry = match unsafe { CT.get(&ct_key) }.copied() {
-        Some(e) => e,
-        None => match new_flow(flow, &key, &svc, &ct_key) {
-            Ok(e) => e,
-            Err(stat) => return reject(ctx, flow, &key, stat),
-        },
+        Some(e) if e.svc_id == svc.id && is_live(svc.id, &e.backend) => e,
+        stale => {
+            if let Some(e) = stale {
+                // Its backend was removed: forget the flow here and now.
+                // UDP then picks a live backend; TCP is reset below.
+                let _ = CT.remove(&ct_key);
+                let _ = RNAT.remove(&reply_key(flow, &e.backend, e.snat));
+            }
+            match new_flow(flow, &key, &svc, &ct_key) {
+                Ok(e) => e,
+                Err(stat) => return reject(ctx, flow, &key, stat),
+            }
+        }
     };
     svc_counters(&key, |c| {
         c.packets += 1;
@@ -148,15 +156,8 @@ fn new_flow(flow: &Flow, key: &SvcKey, svc: &SvcInfo, ct_key: &CtKey) -> Result<
     // Hairpin: the client is its own backend. Give the flow another source
     // so the pod does not see a packet from itself.
     let snat = if backend.ip == flow.saddr { HAIRPIN_SNAT_IP } else { [0; 4] };
-    let entry = CtEntry { backend, snat };
-    let reply = CtKey {
-        saddr: backend.ip,
-        daddr: if snat == [0; 4] { flow.saddr } else { snat },
-        sport: backend.port,
-        dport: flow.sport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let entry = CtEntry { backend, snat, svc_id: svc.id };
+    let reply = reply_key(flow, &backend, snat);
     let rnat = RnatEntry { vip: key.vip, vport: key.port, client_port: flow.sport, client: flow.saddr };
     // Reply state first: a fast reply must find it.
     if RNAT.insert(&reply, &rnat, 0).is_err() || CT.insert(ct_key, &entry, 0).is_err() {
@@ -164,6 +165,25 @@ fn new_flow(flow: &Flow, key: &SvcKey, svc: &SvcInfo, ct_key: &CtKey) -> Result<
     }
     svc_counters(key, |c| c.new_flows += 1);
     Ok(entry)
+}
+
+/// The reverse-NAT key of a flow's replies.
+#[inline(always)]
+fn reply_key(flow: &Flow, backend: &Backend, snat: [u8; 4]) -> CtKey {
+    CtKey {
+        saddr: backend.ip,
+        daddr: if snat == [0; 4] { flow.saddr } else { snat },
+        sport: backend.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn is_live(svc_id: u32, backend: &Backend) -> bool {
+    // SAFETY: existence check only.
+    unsafe { LIVE.get(&LiveKey { svc_id, backend: *backend }) }.is_some()
 }
 
 #[inline(always)]
@@ -175,6 +195,7 @@ fn pick_backend(flow: &Flow, svc: &SvcInfo) -> Option<Backend> {
         // SAFETY: plain data, copied out.
         if let Some(a) = unsafe { AFFINITY.get(&aff_key) }.copied()
             && now.wrapping_sub(a.last_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000
+            && is_live(svc.id, &a.backend)
         {
             let _ = AFFINITY.insert(&aff_key, &AffinityEntry { backend: a.backend, last_ns: now }, 0);
             return Some(a.backend);

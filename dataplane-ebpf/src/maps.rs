@@ -10,7 +10,7 @@ use dataplane_common::{
     ENDPOINTS_MAX, EndpointInfo, EndpointKey,
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
     CtEntry, CtKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, PeerInfo, PeerIpInfo, PeerIpKey,
-    RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
+    LiveInfo, LiveKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
 };
 
 /// Remote pod subnet (LPM) -> remote node's PublicIP and VtepMAC. Filled by
@@ -63,3 +63,8 @@ pub static SVC_STATS: PerCpuHashMap<SvcKey, SvcCounters, { SERVICES_MAX as usize
 /// decapsulation to deliver straight into the pod (see `forward::redirect_to_pod`).
 #[btf_map(name = "endpoints_v1")]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { ENDPOINTS_MAX as usize }> = HashMap::new();
+
+/// (service id, backend) pairs in use; conntrack and affinity entries are
+/// checked against it, so stale ones die where they are found.
+#[btf_map(name = "live_v1")]
+pub static LIVE: HashMap<LiveKey, LiveInfo, { BACKENDS_MAX as usize }> = HashMap::new();

@@ -26,9 +26,9 @@ use aya::{
     },
 };
 use dataplane_common::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, Counter, CtEntry, CtKey, EndpointInfo,
-    EndpointKey, NodeConfig, PeerInfo,
-    PeerIpInfo, PeerIpKey, RnatEntry, STATS_LEN, SVC_F_AFFINITY, Stat, SvcCounters, SvcInfo, SvcKey,
+    AffinityEntry, AffinityKey, Backend, BackendKey, Counter, EndpointInfo,
+    EndpointKey, LiveInfo, LiveKey, NodeConfig, PeerInfo,
+    PeerIpInfo, PeerIpKey, STATS_LEN, SVC_F_AFFINITY, Stat, SvcCounters, SvcInfo, SvcKey,
     VipInfo, VipKey, map_names, prog_names,
 };
 use ipnet::Ipv4Net;
@@ -153,6 +153,7 @@ impl Dataplane {
             map_names::AFFINITY,
             map_names::SVC_STATS,
             map_names::ENDPOINTS,
+            map_names::LIVE,
         ];
         let mut loader = EbpfLoader::new();
         if let Some(pin_path) = pin_path {
@@ -190,10 +191,9 @@ impl Dataplane {
             services: HashMap::try_from(take(&mut ebpf, map_names::SERVICES)?)?,
             backends: HashMap::try_from(take(&mut ebpf, map_names::BACKENDS)?)?,
             vips: HashMap::try_from(take(&mut ebpf, map_names::VIPS)?)?,
-            ct: HashMap::try_from(take(&mut ebpf, map_names::CT)?)?,
-            rnat: HashMap::try_from(take(&mut ebpf, map_names::RNAT)?)?,
             affinity: HashMap::try_from(take(&mut ebpf, map_names::AFFINITY)?)?,
             svc_stats: PerCpuHashMap::try_from(take(&mut ebpf, map_names::SVC_STATS)?)?,
+            live: HashMap::try_from(take(&mut ebpf, map_names::LIVE)?)?,
             shadow: BTreeMap::new(),
             vip_refs: BTreeMap::new(),
             free_ids: Vec::new(),
@@ -490,10 +490,9 @@ pub struct ServiceMaps {
     services: HashMap<MapData, SvcKey, SvcInfo>,
     backends: HashMap<MapData, BackendKey, Backend>,
     vips: HashMap<MapData, VipKey, VipInfo>,
-    ct: HashMap<MapData, CtKey, CtEntry>,
-    rnat: HashMap<MapData, CtKey, RnatEntry>,
     affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     svc_stats: PerCpuHashMap<MapData, SvcKey, SvcCounters>,
+    live: HashMap<MapData, LiveKey, LiveInfo>,
     shadow: BTreeMap<SvcKey, ShadowFrontend>,
     vip_refs: BTreeMap<[u8; 4], u32>,
     free_ids: Vec<u32>,
@@ -528,9 +527,15 @@ impl ServiceMaps {
         if old_info == Some(info) && old_backends == want.backends {
             return Ok(());
         }
-        let removed: Vec<Backend> = old_backends.iter().filter(|b| !want.backends.contains(b)).copied().collect();
-        if !removed.is_empty() {
-            self.forget_flows(&key, id, Some(&removed))?;
+        // Flows to a removed backend die at their next packet: the data
+        // path finds the (service, backend) pair gone from live_v1.
+        for b in old_backends.iter().filter(|b| !want.backends.contains(b)) {
+            remove_ok_if_missing(self.live.remove(&LiveKey { svc_id: id, backend: *b }))?;
+            self.writes.deletes += 1;
+        }
+        for b in want.backends.iter().filter(|b| !old_backends.contains(b)) {
+            self.live.insert(LiveKey { svc_id: id, backend: *b }, LiveInfo::default(), 0)?;
+            self.writes.updates += 1;
         }
         let shrink = want.backends.len() < old_backends.len();
         if shrink && old_info.is_some() {
@@ -568,11 +573,11 @@ impl ServiceMaps {
         };
         remove_ok_if_missing(self.services.remove(key))?;
         self.writes.deletes += 1;
-        for slot in 0..f.backends.len() {
+        for (slot, b) in f.backends.iter().enumerate() {
             remove_ok_if_missing(self.backends.remove(&BackendKey { svc_id: f.id, slot: slot as u32 }))?;
-            self.writes.deletes += 1;
+            remove_ok_if_missing(self.live.remove(&LiveKey { svc_id: f.id, backend: *b }))?;
+            self.writes.deletes += 2;
         }
-        self.forget_flows(key, f.id, None)?;
         let _ = self.svc_stats.remove(key);
         match self.vip_refs.get_mut(&key.vip) {
             Some(n) if *n > 1 => {
@@ -610,6 +615,10 @@ impl ServiceMaps {
         for k in &keys {
             remove_ok_if_missing(self.affinity.remove(k))?;
         }
+        let keys: Vec<LiveKey> = self.live.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            remove_ok_if_missing(self.live.remove(k))?;
+        }
         self.shadow.clear();
         self.vip_refs.clear();
         self.free_ids.clear();
@@ -620,46 +629,6 @@ impl ServiceMaps {
     /// Keys of frontends in the shadow.
     pub fn keys(&self) -> Vec<SvcKey> {
         self.shadow.keys().copied().collect()
-    }
-
-    /// Drops connection-tracking, reverse-NAT and affinity state of a
-    /// frontend's flows to `backends` (all flows with `None`): UDP flows
-    /// then pick a live backend on their next packet (the stuck-DNS bug,
-    /// kubernetes #19029), TCP flows are reset by the data path.
-    fn forget_flows(&mut self, key: &SvcKey, id: u32, backends: Option<&[Backend]>) -> anyhow::Result<()> {
-        let hit = |b: &Backend| backends.is_none_or(|list| list.contains(b));
-        let mut stale = Vec::new();
-        for item in self.ct.iter() {
-            let Ok((k, v)) = item else { continue };
-            if k.daddr == key.vip && k.dport == key.port && k.proto == key.proto && hit(&v.backend) {
-                stale.push((k, v));
-            }
-        }
-        for (k, v) in stale {
-            remove_ok_if_missing(self.ct.remove(&k))?;
-            let reply = CtKey {
-                saddr: v.backend.ip,
-                daddr: if v.snat == [0; 4] { k.saddr } else { v.snat },
-                sport: v.backend.port,
-                dport: k.sport,
-                proto: k.proto,
-                _pad: [0; 3],
-            };
-            remove_ok_if_missing(self.rnat.remove(&reply))?;
-            self.writes.deletes += 2;
-        }
-        let mut stale_aff = Vec::new();
-        for item in self.affinity.iter() {
-            let Ok((k, v)) = item else { continue };
-            if k.svc_id == id && hit(&v.backend) {
-                stale_aff.push(k);
-            }
-        }
-        for k in stale_aff {
-            remove_ok_if_missing(self.affinity.remove(&k))?;
-            self.writes.deletes += 1;
-        }
-        Ok(())
     }
 
     fn alloc_id(&mut self) -> u32 {

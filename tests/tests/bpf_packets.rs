@@ -448,3 +448,29 @@ root_test!(decap_delivers_straight_to_a_learnt_pod, || {
     assert_eq!(&out[6..12], &CNI0_MAC, "from its gateway's MAC");
     assert_eq!(&out[14..], &inner[..]);
 });
+
+root_test!(removed_backend_flows_die_at_their_next_packet, || {
+    let mut env = setup();
+    let (a, b) = (backend(Ipv4Addr::new(10, 244, 2, 7), 8080), backend(Ipv4Addr::new(10, 244, 2, 8), 8080));
+    let udp_key = svc_key(53, 17);
+    env.dp.services().set_frontend(svc_key(80, 6), &FrontendState { backends: vec![a], affinity_timeout_s: None }).unwrap();
+    env.dp.services().set_frontend(udp_key, &FrontendState { backends: vec![a], affinity_timeout_s: None }).unwrap();
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40010));
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let q = udp_csum(CLIENT, VIP, 40011, 53, b"q");
+    let udp_frame = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 17, 0, &q));
+    let (_, out) = run_tc(&mut env, prog_names::FROM_POD, &udp_frame);
+    assert_eq!(&parse_vxlan(&out).inner[14 + 16..14 + 20], &[10, 244, 2, 7]);
+    // Backend a goes, b comes: no conntrack scan, one live_v1 delete.
+    for k in [svc_key(80, 6), udp_key] {
+        env.dp.services().set_frontend(k, &FrontendState { backends: vec![b], affinity_timeout_s: None }).unwrap();
+    }
+    // The TCP flow's next segment is reset...
+    let seg = tcp(CLIENT, VIP, 40010, 80, 1001, 5001, 0x10, b"more");
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg)));
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(out[14 + 33], 0x04, "RST for a flow whose backend is gone");
+    // ...and the UDP flow's next datagram goes to the live backend.
+    let (_, out) = run_tc(&mut env, prog_names::FROM_POD, &udp_frame);
+    assert_eq!(&parse_vxlan(&out).inner[14 + 16..14 + 20], &[10, 244, 2, 8], "UDP re-balanced at once");
+});

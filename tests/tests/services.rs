@@ -327,7 +327,8 @@ fn ten_thousand_services_then_one_more() {
         );
         let writes = log.lines().rev().find(|l| l.contains("services: 1 changed")).expect("write count logged");
         let updates: u64 = writes.split(" map updates").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
-        // 2 frontends x (service entry + 3 backend slots) + 2 ClusterIP refcount writes.
-        assert!(updates <= 10, "map writes proportional to one service: {writes}");
+        // 2 frontends x (service entry + 3 backend slots + 3 live pairs)
+        // + 2 ClusterIP refcount writes = 16, whatever the 10,000 others.
+        assert!(updates <= 16, "map writes proportional to one service: {writes}");
     }
 }
