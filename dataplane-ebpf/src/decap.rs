@@ -3,8 +3,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, xdp_action,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
@@ -39,27 +39,30 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     }
     if !is_vxlan_candidate(ctx.data(), ctx.data_end(), cfg) {
         count(Stat::PassNotOverlay, len);
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     if ctx.data() + HEADERS_LEN > ctx.data_end() {
         // Headers split across fragments: pull them into the linear area.
         if len < HEADERS_LEN as u32 || ctx.pull_data(HEADERS_LEN as u32).is_err() {
             count(Stat::DropTruncated, len);
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
     }
     let verdict = match classify(ctx.data(), ctx.data_end(), cfg) {
         Ok(v) => v,
         Err(stat) => {
             count(stat, len);
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
     };
     // Remove outer IPv4 + UDP + VXLAN + inner Ethernet; the outer Ethernet
     // header stays in front of the inner IPv4 packet.
-    if ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS).is_err() {
+    if ctx
+        .adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS)
+        .is_err()
+    {
         count(Stat::DropAdjustRoom, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     match verdict {
         Verdict::ToPod => {
@@ -74,7 +77,7 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
             // The outer Ethernet header is addressed to this interface, so
             // the stack takes the inner packet as its own.
             count(Stat::PassToHost, len);
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
     }
 }
@@ -95,7 +98,12 @@ fn deliver_to_pod(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
 #[inline(always)]
 fn xdp_marked(ctx: &TcContext) -> bool {
     // SAFETY: reading context fields the verifier rewrites into packet pointers.
-    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    let (meta, data) = unsafe {
+        (
+            (*ctx.skb.skb).data_meta as usize,
+            (*ctx.skb.skb).data as usize,
+        )
+    };
     match ptr_at::<u32>(meta, data, 0) {
         // SAFETY: bounds checked against data (the end of the metadata).
         Some(m) => unsafe { *m == XDP_META_DECAPPED },

@@ -54,11 +54,11 @@ pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8) -
         || in_prefix(dst, cfg.subnet, cfg.subnet_prefix_len)
     {
         count(Stat::PassLocal, len);
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     let Some(peer) = PEERS.get(&Key::new(32, dst)) else {
         count(Stat::DropNoPeer, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     };
     let (peer_ip, peer_mac) = (peer.public_ip, peer.vtep_mac);
 
@@ -68,28 +68,31 @@ pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8) -
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let sport = (SPORT_MIN + hash % SPORT_RANGE) as u16;
 
-    if ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS).is_err() {
+    if ctx
+        .adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+        .is_err()
+    {
         count(Stat::DropAdjustRoom, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     let new_len = ctx.len();
     let (data, data_end) = (ctx.data(), ctx.data_end());
 
     let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, OUTER_IP_OFF) else {
         count(Stat::DropTruncated, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     };
     let Some(udp) = ptr_at::<UdpHdr>(data, data_end, UDP_OFF) else {
         count(Stat::DropTruncated, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     };
     let Some(vx) = ptr_at::<VxlanHdr>(data, data_end, VXLAN_OFF) else {
         count(Stat::DropTruncated, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     };
     let Some(inner_eth) = ptr_at::<EthHdr>(data, data_end, INNER_ETH_OFF) else {
         count(Stat::DropTruncated, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     };
     let outer_len = (new_len - EthHdr::LEN as u32) as u16;
     // SAFETY: every pointer was bounds-checked by ptr_at above.
@@ -135,7 +138,7 @@ pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8) -
         }
         None => {
             count(Stat::DropFib, new_len);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }

@@ -23,12 +23,20 @@ pub fn learn(ctx: &TcContext, cfg: &NodeConfig, src_ip: [u8; 4], src_mac: [u8; 6
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let key = EndpointKey { ip: src_ip };
     // SAFETY: plain data, compared and dropped at once.
-    if let Some(ep) = unsafe { ENDPOINTS.get(&key) }
+    if let Some(ep) = unsafe { ENDPOINTS.get(key) }
         && ep.ifindex == ifindex
         && ep.mac == src_mac
         && ep.gw_mac == cfg.bridge_mac
     {
         return;
     }
-    let _ = ENDPOINTS.insert(&key, &EndpointInfo { ifindex, mac: src_mac, gw_mac: cfg.bridge_mac }, 0);
+    let _ = ENDPOINTS.insert(
+        key,
+        EndpointInfo {
+            ifindex,
+            mac: src_mac,
+            gw_mac: cfg.bridge_mac,
+        },
+        0,
+    );
 }

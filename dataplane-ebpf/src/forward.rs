@@ -1,13 +1,13 @@
 //! Sending a packet on its way: FIB lookups and redirects.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        TC_ACT_REDIRECT, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_REDIRECT, bpf_fib_lookup as FibParams,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
-    EbpfContext,
 };
 use dataplane_common::EndpointKey;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -24,7 +24,12 @@ const AF_INET: u8 = 2;
 ///
 /// Returns the TC action, or `None` when there is no route.
 #[inline(always)]
-pub fn redirect_to_underlay(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], ifindex: u32) -> Option<i32> {
+pub fn redirect_to_underlay(
+    ctx: &TcContext,
+    src: [u8; 4],
+    dst: [u8; 4],
+    ifindex: u32,
+) -> Option<i32> {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
@@ -68,7 +73,11 @@ pub fn redirect_to_underlay(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], ifindex
 pub fn redirect_to_bridge(bridge_ifindex: u32) -> i32 {
     // SAFETY: plain helper call; NULL params means "look up the next hop".
     let rc = unsafe { bpf_redirect_neigh(bridge_ifindex, core::ptr::null_mut(), 0, 0) };
-    if rc == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT as i32 } else { rc as i32 }
+    if rc == TC_ACT_REDIRECT as i64 {
+        TC_ACT_REDIRECT
+    } else {
+        rc as i32
+    }
 }
 
 /// Delivers a decapsulated IPv4 packet straight into a local pod, if the
@@ -92,9 +101,11 @@ pub fn redirect_to_pod(ctx: &TcContext) -> Option<i32> {
     let eth = ptr_at::<EthHdr>(data, data_end, 0)?;
     let ip = ptr_at::<Ipv4Hdr>(data, data_end, EthHdr::LEN)?;
     // SAFETY: bounds checked by ptr_at.
-    let key = EndpointKey { ip: unsafe { (*ip).dst_addr } };
+    let key = EndpointKey {
+        ip: unsafe { (*ip).dst_addr },
+    };
     // SAFETY: read-only lookup of a plain value.
-    let ep = unsafe { ENDPOINTS.get(&key) }?;
+    let ep = unsafe { ENDPOINTS.get(key) }?;
     let (ifindex, mac, gw_mac) = (ep.ifindex, ep.mac, ep.gw_mac);
     // SAFETY: bounds checked by ptr_at.
     unsafe {

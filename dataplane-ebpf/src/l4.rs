@@ -25,7 +25,11 @@ pub struct Flow {
 impl Flow {
     /// Offset of the L4 checksum field.
     pub fn csum_off(&self) -> usize {
-        if self.proto == PROTO_TCP { self.l4_off + 16 } else { self.l4_off + 6 }
+        if self.proto == PROTO_TCP {
+            self.l4_off + 16
+        } else {
+            self.l4_off + 6
+        }
     }
 
     /// A TCP segment that opens a connection (SYN without ACK).

@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, HAIRPIN_SNAT_IP, LiveKey, PROTO_TCP,
-    RnatEntry, SVC_F_AFFINITY, Stat, SvcCounters, SvcInfo, SvcKey, VipKey,
+    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, HAIRPIN_SNAT_IP, LiveKey,
+    PROTO_TCP, RnatEntry, SVC_F_AFFINITY, Stat, SvcCounters, SvcInfo, SvcKey, VipKey,
 };
 
 use crate::{
@@ -44,12 +44,17 @@ pub fn from_pod(ctx: &TcContext, flow: &Flow) -> Verdict {
     if let Some(d) = reverse_nat(ctx, flow) {
         return d;
     }
-    let key = SvcKey { vip: flow.daddr, port: flow.dport, proto: flow.proto, _pad: 0 };
+    let key = SvcKey {
+        vip: flow.daddr,
+        port: flow.dport,
+        proto: flow.proto,
+        _pad: 0,
+    };
     // SAFETY: values are plain data; copied out at once.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
         if is_vip(flow.daddr) {
             count(Stat::DropSvcUndefinedPort, len);
-            return Verdict::Done(TC_ACT_SHOT as i32);
+            return Verdict::Done(TC_ACT_SHOT);
         }
         return Verdict::Pass;
     };
@@ -62,14 +67,14 @@ pub fn from_pod(ctx: &TcContext, flow: &Flow) -> Verdict {
         _pad: [0; 3],
     };
     // SAFETY: as above.
-    let entry = match unsafe { CT.get(&ct_key) }.copied() {
+    let entry = match unsafe { CT.get(ct_key) }.copied() {
         Some(e) if e.svc_id == svc.id && is_live(svc.id, &e.backend) => e,
         stale => {
             if let Some(e) = stale {
                 // Its backend was removed: forget the flow here and now.
                 // UDP then picks a live backend; TCP is reset below.
-                let _ = CT.remove(&ct_key);
-                let _ = RNAT.remove(&reply_key(flow, &e.backend, e.snat));
+                let _ = CT.remove(ct_key);
+                let _ = RNAT.remove(reply_key(flow, &e.backend, e.snat));
             }
             match new_flow(flow, &key, &svc, &ct_key) {
                 Ok(e) => e,
@@ -84,10 +89,11 @@ pub fn from_pod(ctx: &TcContext, flow: &Flow) -> Verdict {
     let b = entry.backend;
     let ok = set_addr(ctx, flow, IP_DST_OFF, flow.daddr, b.ip).is_ok()
         && set_port(ctx, flow, 2, flow.dport, b.port).is_ok()
-        && (entry.snat == [0; 4] || set_addr(ctx, flow, IP_SRC_OFF, flow.saddr, entry.snat).is_ok());
+        && (entry.snat == [0; 4]
+            || set_addr(ctx, flow, IP_SRC_OFF, flow.saddr, entry.snat).is_ok());
     if !ok {
         count(Stat::DropAdjustRoom, len);
-        return Verdict::Done(TC_ACT_SHOT as i32);
+        return Verdict::Done(TC_ACT_SHOT);
     }
     count(Stat::SvcForward, len);
     Verdict::Translated(b.ip)
@@ -106,7 +112,7 @@ pub fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
         _pad: [0; 3],
     };
     // SAFETY: plain data, copied out.
-    let r: RnatEntry = unsafe { RNAT.get(&key) }.copied()?;
+    let r: RnatEntry = unsafe { RNAT.get(key) }.copied()?;
     let len = ctx.len();
     let ok = set_addr(ctx, flow, IP_SRC_OFF, flow.saddr, r.vip).is_ok()
         && set_port(ctx, flow, 0, flow.sport, r.vport).is_ok()
@@ -114,7 +120,7 @@ pub fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
         && set_port(ctx, flow, 2, flow.dport, r.client_port).is_ok();
     if !ok {
         count(Stat::DropAdjustRoom, len);
-        return Some(Verdict::Done(TC_ACT_SHOT as i32));
+        return Some(Verdict::Done(TC_ACT_SHOT));
     }
     count(Stat::SvcReverse, len);
     Some(Verdict::Translated(r.client))
@@ -136,7 +142,7 @@ pub fn reverse_nat_decapsulated(ctx: &TcContext) -> Result<(), i32> {
 #[inline(always)]
 pub fn is_vip(addr: [u8; 4]) -> bool {
     // SAFETY: existence check only.
-    unsafe { VIPS.get(&VipKey { vip: addr }) }.is_some()
+    unsafe { VIPS.get(VipKey { vip: addr }) }.is_some()
 }
 
 /// Picks a backend for a new flow and records it. `Err` is why the flow
@@ -155,12 +161,25 @@ fn new_flow(flow: &Flow, key: &SvcKey, svc: &SvcInfo, ct_key: &CtKey) -> Result<
     let backend = pick_backend(flow, svc).ok_or(Stat::SvcRejectNoBackend)?;
     // Hairpin: the client is its own backend. Give the flow another source
     // so the pod does not see a packet from itself.
-    let snat = if backend.ip == flow.saddr { HAIRPIN_SNAT_IP } else { [0; 4] };
-    let entry = CtEntry { backend, snat, svc_id: svc.id };
+    let snat = if backend.ip == flow.saddr {
+        HAIRPIN_SNAT_IP
+    } else {
+        [0; 4]
+    };
+    let entry = CtEntry {
+        backend,
+        snat,
+        svc_id: svc.id,
+    };
     let reply = reply_key(flow, &backend, snat);
-    let rnat = RnatEntry { vip: key.vip, vport: key.port, client_port: flow.sport, client: flow.saddr };
+    let rnat = RnatEntry {
+        vip: key.vip,
+        vport: key.port,
+        client_port: flow.sport,
+        client: flow.saddr,
+    };
     // Reply state first: a fast reply must find it.
-    if RNAT.insert(&reply, &rnat, 0).is_err() || CT.insert(ct_key, &entry, 0).is_err() {
+    if RNAT.insert(reply, rnat, 0).is_err() || CT.insert(ct_key, entry, 0).is_err() {
         return Err(Stat::SvcRejectNoBackend);
     }
     svc_counters(key, |c| c.new_flows += 1);
@@ -183,21 +202,37 @@ fn reply_key(flow: &Flow, backend: &Backend, snat: [u8; 4]) -> CtKey {
 #[inline(always)]
 fn is_live(svc_id: u32, backend: &Backend) -> bool {
     // SAFETY: existence check only.
-    unsafe { LIVE.get(&LiveKey { svc_id, backend: *backend }) }.is_some()
+    unsafe {
+        LIVE.get(LiveKey {
+            svc_id,
+            backend: *backend,
+        })
+    }
+    .is_some()
 }
 
 #[inline(always)]
 fn pick_backend(flow: &Flow, svc: &SvcInfo) -> Option<Backend> {
-    let aff_key = AffinityKey { svc_id: svc.id, client: flow.saddr };
+    let aff_key = AffinityKey {
+        svc_id: svc.id,
+        client: flow.saddr,
+    };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if svc.flags & SVC_F_AFFINITY != 0 {
         // SAFETY: plain data, copied out.
-        if let Some(a) = unsafe { AFFINITY.get(&aff_key) }.copied()
+        if let Some(a) = unsafe { AFFINITY.get(aff_key) }.copied()
             && now.wrapping_sub(a.last_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000
             && is_live(svc.id, &a.backend)
         {
-            let _ = AFFINITY.insert(&aff_key, &AffinityEntry { backend: a.backend, last_ns: now }, 0);
+            let _ = AFFINITY.insert(
+                aff_key,
+                AffinityEntry {
+                    backend: a.backend,
+                    last_ns: now,
+                },
+                0,
+            );
             return Some(a.backend);
         }
     }
@@ -206,9 +241,22 @@ fn pick_backend(flow: &Flow, svc: &SvcInfo) -> Option<Backend> {
     // SAFETY: helper without arguments.
     let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
     // SAFETY: plain data, copied out.
-    let b = unsafe { BACKENDS.get(&BackendKey { svc_id: svc.id, slot }) }.copied()?;
+    let b = unsafe {
+        BACKENDS.get(BackendKey {
+            svc_id: svc.id,
+            slot,
+        })
+    }
+    .copied()?;
     if svc.flags & SVC_F_AFFINITY != 0 {
-        let _ = AFFINITY.insert(&aff_key, &AffinityEntry { backend: b, last_ns: now }, 0);
+        let _ = AFFINITY.insert(
+            aff_key,
+            AffinityEntry {
+                backend: b,
+                last_ns: now,
+            },
+            0,
+        );
     }
     Some(b)
 }
@@ -218,12 +266,16 @@ fn reject(ctx: &TcContext, flow: &Flow, key: &SvcKey, stat: Stat) -> Verdict {
     let len = ctx.len();
     count(stat, len);
     svc_counters(key, |c| c.rejections += 1);
-    let r = if flow.proto == PROTO_TCP { reject::tcp_reset(ctx, flow) } else { reject::port_unreachable(ctx, flow) };
+    let r = if flow.proto == PROTO_TCP {
+        reject::tcp_reset(ctx, flow)
+    } else {
+        reject::port_unreachable(ctx, flow)
+    };
     match r {
         Ok(action) => Verdict::Done(action),
         Err(()) => {
             count(Stat::DropRejectFailed, len);
-            Verdict::Done(TC_ACT_SHOT as i32)
+            Verdict::Done(TC_ACT_SHOT)
         }
     }
 }
@@ -234,7 +286,7 @@ fn svc_counters(key: &SvcKey, f: impl FnOnce(&mut SvcCounters)) {
         Some(p) => p,
         None => {
             // The agent creates the entry with the service; this covers a race.
-            let _ = SVC_STATS.insert(key, &SvcCounters::default(), 0);
+            let _ = SVC_STATS.insert(key, SvcCounters::default(), 0);
             match SVC_STATS.get_ptr_mut(key) {
                 Some(p) => p,
                 None => return,

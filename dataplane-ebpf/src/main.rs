@@ -39,19 +39,19 @@ fn node_config() -> Option<&'static NodeConfig> {
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(cfg) = node_config() else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     // SAFETY: bounds checked.
     if !matches!(unsafe { (*eth).ether_type() }, Ok(EtherType::Ipv4)) {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, EthHdr::LEN) else {
         count(Stat::DropTruncated, ctx.len());
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     // SAFETY: bounds checked.
     let (mut dst, tos, src) = unsafe { ((*ip).dst_addr, (*ip).tos, (*ip).src_addr) };
@@ -73,7 +73,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         },
         Some(l4::L4::Other { daddr }) if lb::is_vip(daddr) => {
             count(Stat::DropSvcUndefinedPort, ctx.len());
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
         _ => {}
     }
@@ -85,7 +85,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_underlay(ctx: TcContext) -> i32 {
     let Some(cfg) = node_config() else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     decap::tc_from_underlay(&ctx, cfg)
 }

@@ -7,10 +7,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dataplane_common::{
-    ENDPOINTS_MAX, EndpointInfo, EndpointKey,
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
-    CtEntry, CtKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, PeerInfo, PeerIpInfo, PeerIpKey,
-    LiveInfo, LiveKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
+    CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LiveInfo, LiveKey, NodeConfig,
+    PEER_IPS_MAX, PEERS_MAX, PeerInfo, PeerIpInfo, PeerIpKey, RnatEntry, SERVICES_MAX, STATS_LEN,
+    SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
 };
 
 /// Remote pod subnet (LPM) -> remote node's PublicIP and VtepMAC. Filled by
@@ -52,17 +52,20 @@ pub static RNAT: LruHashMap<CtKey, RnatEntry, { CT_MAX as usize }> = LruHashMap:
 
 /// sessionAffinity ClientIP: (service, client) -> backend and last use.
 #[btf_map(name = "affinity_v1")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { AFFINITY_MAX as usize }> = LruHashMap::new();
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { AFFINITY_MAX as usize }> =
+    LruHashMap::new();
 
 /// Per-frontend counters.
 #[btf_map(name = "svc_stats_v1")]
-pub static SVC_STATS: PerCpuHashMap<SvcKey, SvcCounters, { SERVICES_MAX as usize }> = PerCpuHashMap::new();
+pub static SVC_STATS: PerCpuHashMap<SvcKey, SvcCounters, { SERVICES_MAX as usize }> =
+    PerCpuHashMap::new();
 
 /// Local pod IPv4 -> host-side veth and MACs. Learnt by from_pod, pruned by
 /// the agent when a port goes; read by
 /// decapsulation to deliver straight into the pod (see `forward::redirect_to_pod`).
 #[btf_map(name = "endpoints_v1")]
-pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { ENDPOINTS_MAX as usize }> = HashMap::new();
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { ENDPOINTS_MAX as usize }> =
+    HashMap::new();
 
 /// (service id, backend) pairs in use; conntrack and affinity entries are
 /// checked against it, so stale ones die where they are found.

@@ -34,7 +34,8 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (EthHdr::LEN + QUOTED) as u32, 0) } != 0 {
         return Err(());
     }
-    ctx.adjust_room(ADDED as i32, BPF_ADJ_ROOM_MAC, 0).map_err(|_| ())?;
+    ctx.adjust_room(ADDED as i32, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| ())?;
 
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(())?;
@@ -48,7 +49,8 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
         let t = total.to_be_bytes();
         let (s, d) = (flow.daddr, flow.saddr);
         let mut h = [
-            0x45, 0xc0, t[0], t[1], 0, 0, 0, 0, 64, 1, 0, 0, s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3],
+            0x45, 0xc0, t[0], t[1], 0, 0, 0, 0, 64, 1, 0, 0, s[0], s[1], s[2], s[3], d[0], d[1],
+            d[2], d[3],
         ];
         let c = csum(&h);
         h[10] = c[0];
@@ -69,7 +71,11 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     }
     // SAFETY: plain helper.
     let rc = unsafe { bpf_redirect(ifindex, 0) };
-    if rc == TC_ACT_REDIRECT as i64 { Ok(TC_ACT_REDIRECT as i32) } else { Err(()) }
+    if rc == TC_ACT_REDIRECT as i64 {
+        Ok(TC_ACT_REDIRECT)
+    } else {
+        Err(())
+    }
 }
 
 /// Turns a TCP segment into the RST its sender expects from the ClusterIP
@@ -109,15 +115,35 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     let ip_p = ptr_at::<[u8; 20]>(data, data_end, EthHdr::LEN).ok_or(())?;
     let tcp_p = ptr_at::<[u8; 20]>(data, data_end, EthHdr::LEN + 20).ok_or(())?;
     let (s, d) = (flow.daddr, flow.saddr);
-    let mut h = [0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3]];
+    let mut h = [
+        0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3],
+    ];
     let c = csum(&h);
     h[10] = c[0];
     h[11] = c[1];
     let q = r_seq.to_be_bytes();
     let a = r_ack.to_be_bytes();
     let mut t = [
-        flow.dport[0], flow.dport[1], flow.sport[0], flow.sport[1], q[0], q[1], q[2], q[3], a[0], a[1], a[2], a[3],
-        0x50, r_flags, 0, 0, 0, 0, 0, 0,
+        flow.dport[0],
+        flow.dport[1],
+        flow.sport[0],
+        flow.sport[1],
+        q[0],
+        q[1],
+        q[2],
+        q[3],
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        0x50,
+        r_flags,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
     ];
     // Pseudo-header (src, dst, zero, protocol, TCP length) + TCP header.
     let mut p = [0u8; 32];
@@ -138,7 +164,11 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     }
     // SAFETY: plain helper.
     let rc = unsafe { bpf_redirect(ifindex, 0) };
-    if rc == TC_ACT_REDIRECT as i64 { Ok(TC_ACT_REDIRECT as i32) } else { Err(()) }
+    if rc == TC_ACT_REDIRECT as i64 {
+        Ok(TC_ACT_REDIRECT)
+    } else {
+        Err(())
+    }
 }
 
 /// Internet checksum of an even-length byte array.

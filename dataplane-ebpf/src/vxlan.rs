@@ -52,7 +52,7 @@ pub fn is_vxlan_candidate(data: usize, data_end: usize, cfg: &NodeConfig) -> boo
     }
     // The UDP header sits after the IPv4 options, if any.
     let ihl = usize::from(ip.vihl & 0x0f) * 4;
-    if ihl < Ipv4Hdr::LEN || ihl > 60 {
+    if !(Ipv4Hdr::LEN..=60).contains(&ihl) {
         return false;
     }
     let Some(udp) = ptr_at::<UdpHdr>(data, data_end, OUTER_IP_OFF + ihl) else {
@@ -82,9 +82,11 @@ pub fn classify(data: usize, data_end: usize, cfg: &NodeConfig) -> Result<Verdic
     if vx.vni() != cfg.vni {
         return Err(Stat::DropWrongVni);
     }
-    let sender = PeerIpKey { public_ip: ip.src_addr };
+    let sender = PeerIpKey {
+        public_ip: ip.src_addr,
+    };
     // SAFETY: read-only lookup of a plain value.
-    if unsafe { PEER_IPS.get(&sender) }.is_none() {
+    if unsafe { PEER_IPS.get(sender) }.is_none() {
         return Err(Stat::DropUnknownPeer);
     }
     let inner_eth = ptr_at::<EthHdr>(data, data_end, INNER_ETH_OFF).ok_or(Stat::DropTruncated)?;

@@ -74,7 +74,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .map(|n| n.addr())
             .ok_or_else(|| anyhow!("{} has no IPv4 address; pass --public-ip", underlay.name))?,
     };
-    info!("underlay {} (ifindex {}, mtu {}), public IP {public_ip}", underlay.name, underlay.ifindex, underlay.mtu);
+    info!(
+        "underlay {} (ifindex {}, mtu {}), public IP {public_ip}",
+        underlay.name, underlay.ifindex, underlay.mtu
+    );
 
     let Some(mut client) = connect_etcd(&cfg.etcd, shutdown.clone()).await else {
         return Ok(());
@@ -84,7 +87,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     info!(
         "network {} subnets /{} from {} to {}, VXLAN VNI {} port {}",
-        net.network, net.subnet_len, net.subnet_min, net.subnet_max, net.backend.vni, net.backend.port
+        net.network,
+        net.subnet_len,
+        net.subnet_min,
+        net.subnet_max,
+        net.backend.vni,
+        net.backend.port
     );
 
     let attrs = LeaseAttrs {
@@ -100,7 +108,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             None
         }
     };
-    let Some(lease) = acquire_lease(&mut client, &cfg, &net, &attrs, hint, shutdown.clone()).await else {
+    let Some(lease) = acquire_lease(&mut client, &cfg, &net, &attrs, hint, shutdown.clone()).await
+    else {
         return Ok(());
     };
     let mtu = net.backend.mtu.unwrap_or(underlay.mtu.saturating_sub(50));
@@ -117,7 +126,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut store = match services::list(&mut client, &cfg.service_prefix).await {
         Ok(s) => s,
         Err(e) => {
-            error!("listing services under {}: {e:#}; the watch will deliver them", cfg.service_prefix);
+            error!(
+                "listing services under {}: {e:#}; the watch will deliver them",
+                cfg.service_prefix
+            );
             ServiceStore::new()
         }
     };
@@ -126,14 +138,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for name in &names {
         program_service(&mut dp, &store, &mut programmed, name, lease.subnet);
     }
-    info!("{} services, {} frontends programmed", names.len(), dp.services().frontends());
+    info!(
+        "{} services, {} frontends programmed",
+        names.len(),
+        dp.services().frontends()
+    );
 
     let mode = cfg.decap_mode.resolve(underlay.kind.as_deref());
     dp.attach_underlay(&underlay.name, mode)?;
     // Subscribe before the first listing so no new pod falls in between.
     let mut links = netlink::link_events()?;
     let (svc_tx, mut svc_rx) = mpsc::channel::<StoreUpdate>(4096);
-    tokio::spawn(services::watch_services(client.clone(), cfg.service_prefix.clone(), svc_tx, shutdown.clone()));
+    tokio::spawn(services::watch_services(
+        client.clone(),
+        cfg.service_prefix.clone(),
+        svc_tx,
+        shutdown.clone(),
+    ));
     sync_ports(&nl, &mut dp, bridge.ifindex).await;
 
     // Peers: etcd watch -> table -> maps.
@@ -163,7 +184,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut table = PeerTable::default();
     let mut own_subnet = lease.subnet;
     let mut shutdown_rx = shutdown.clone();
-    info!("agent ready: subnet {own_subnet}, VtepMAC {}", fmt_mac(&attrs.vtep_mac));
+    info!(
+        "agent ready: subnet {own_subnet}, VtepMAC {}",
+        fmt_mac(&attrs.vtep_mac)
+    );
     loop {
         tokio::select! {
             _ = shutdown_rx.changed() => break,
@@ -240,9 +264,17 @@ fn log_change(c: &PeerChange, own: Ipv4Net) {
         return;
     }
     match c {
-        PeerChange::Added(net, a) => info!("peer added: {net} at {} ({})", a.public_ip, fmt_mac(&a.vtep_mac)),
+        PeerChange::Added(net, a) => info!(
+            "peer added: {net} at {} ({})",
+            a.public_ip,
+            fmt_mac(&a.vtep_mac)
+        ),
         PeerChange::Changed { subnet, new, .. } => {
-            info!("peer changed: {subnet} at {} ({})", new.public_ip, fmt_mac(&new.vtep_mac))
+            info!(
+                "peer changed: {subnet} at {} ({})",
+                new.public_ip,
+                fmt_mac(&new.vtep_mac)
+            )
         }
         PeerChange::Removed(net, a) => info!("peer removed: {net} (was {})", a.public_ip),
     }
@@ -270,12 +302,21 @@ fn program_service(
             backends: spec
                 .backends
                 .iter()
-                .map(|b| Backend { ip: b.ip.octets(), port: b.port.to_be_bytes(), _pad: [0; 2] })
+                .map(|b| Backend {
+                    ip: b.ip.octets(),
+                    port: b.port.to_be_bytes(),
+                    _pad: [0; 2],
+                })
                 .collect(),
-            affinity_timeout_s: spec.affinity_timeout.map(|d| d.as_secs().min(u64::from(u32::MAX)) as u32),
+            affinity_timeout_s: spec
+                .affinity_timeout
+                .map(|d| d.as_secs().min(u64::from(u32::MAX)) as u32),
         };
         if let Err(e) = dp.services().set_frontend(svc_key(f), &state) {
-            error!("service {name}: programming {}:{}/{}: {e:#}", f.ip, f.port, f.proto);
+            error!(
+                "service {name}: programming {}:{}/{}: {e:#}",
+                f.ip, f.port, f.proto
+            );
         }
     }
     if !fronts.is_empty() {
@@ -283,7 +324,13 @@ fn program_service(
             "service {name}: {}",
             fronts
                 .iter()
-                .map(|(f, s)| format!("{}:{}/{} -> {} backends", f.ip, f.port, f.proto, s.backends.len()))
+                .map(|(f, s)| format!(
+                    "{}:{}/{} -> {} backends",
+                    f.ip,
+                    f.port,
+                    f.proto,
+                    s.backends.len()
+                ))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -315,29 +362,48 @@ fn desired_peers(table: &PeerTable, own: Ipv4Net) -> BTreeMap<Ipv4Net, Peer> {
         .filter(|(net, a)| {
             let ok = a.backend_type == "vxlan";
             if !ok {
-                warn!("peer {net}: backend {} is not vxlan, not reachable from here", a.backend_type);
+                warn!(
+                    "peer {net}: backend {} is not vxlan, not reachable from here",
+                    a.backend_type
+                );
             }
             ok
         })
-        .map(|(net, a)| (*net, Peer { public_ip: a.public_ip, vtep_mac: a.vtep_mac }))
+        .map(|(net, a)| {
+            (
+                *net,
+                Peer {
+                    public_ip: a.public_ip,
+                    vtep_mac: a.vtep_mac,
+                },
+            )
+        })
         .collect()
 }
 
 async fn underlay_iface(nl: &Netlink, name: Option<&str>) -> anyhow::Result<LinkInfo> {
     match name {
-        Some(n) => nl.link_by_name(n).await?.ok_or_else(|| anyhow!("--iface {n}: no such interface")),
-        None => nl
-            .default_route_iface()
+        Some(n) => nl
+            .link_by_name(n)
             .await?
-            .ok_or_else(|| anyhow!("no IPv4 default route to pick the underlay interface from; pass --iface")),
+            .ok_or_else(|| anyhow!("--iface {n}: no such interface")),
+        None => nl.default_route_iface().await?.ok_or_else(|| {
+            anyhow!("no IPv4 default route to pick the underlay interface from; pass --iface")
+        }),
     }
 }
 
-async fn connect_etcd(opts: &EtcdOptions, mut shutdown: watch::Receiver<bool>) -> Option<etcd_client::Client> {
+async fn connect_etcd(
+    opts: &EtcdOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<etcd_client::Client> {
     loop {
         match crate::etcd::connect(opts).await {
             Ok(c) => return Some(c),
-            Err(e) => error!("etcd {}: {e:#}; retrying in {RETRY:?}", opts.endpoints.join(",")),
+            Err(e) => error!(
+                "etcd {}: {e:#}; retrying in {RETRY:?}",
+                opts.endpoints.join(",")
+            ),
         }
         tokio::select! {
             _ = tokio::time::sleep(RETRY) => {}
@@ -377,7 +443,10 @@ async fn acquire_lease(
     loop {
         match lease::acquire(client, &cfg.prefix, net, attrs, hint, cfg.lease_ttl).await {
             Ok(l) => {
-                info!("leased {} (etcd lease {:x}, TTL {:?})", l.subnet, l.lease_id, l.ttl);
+                info!(
+                    "leased {} (etcd lease {:x}, TTL {:?})",
+                    l.subnet, l.lease_id, l.ttl
+                );
                 if let Err(e) = write_subnet_env(cfg, net, &l, net.backend.mtu.unwrap_or(0)) {
                     error!("{e:#}");
                 }
@@ -392,13 +461,24 @@ async fn acquire_lease(
     }
 }
 
-fn write_subnet_env(cfg: &AgentConfig, net: &NetworkConfig, lease: &Lease, mtu: u32) -> anyhow::Result<()> {
+fn write_subnet_env(
+    cfg: &AgentConfig,
+    net: &NetworkConfig,
+    lease: &Lease,
+    mtu: u32,
+) -> anyhow::Result<()> {
     if mtu == 0 {
         // Written again once the MTU is known (see plumb_node).
         return Ok(());
     }
-    let env = SubnetEnv { network: net.network, subnet: lease.subnet, mtu, ipmasq: cfg.ip_masq };
-    subnet_env::write(&cfg.subnet_file, &env).with_context(|| format!("writing {}", cfg.subnet_file.display()))?;
+    let env = SubnetEnv {
+        network: net.network,
+        subnet: lease.subnet,
+        mtu,
+        ipmasq: cfg.ip_masq,
+    };
+    subnet_env::write(&cfg.subnet_file, &env)
+        .with_context(|| format!("writing {}", cfg.subnet_file.display()))?;
     info!("wrote {}", cfg.subnet_file.display());
     Ok(())
 }
@@ -424,7 +504,11 @@ async fn plumb_node(
         nl.set_link_mac(br.ifindex, mac).await?;
         br.mac = mac;
     }
-    info!("bridge {} has {gw}, mac {}, mtu {mtu}", cfg.bridge, fmt_mac(&mac));
+    info!(
+        "bridge {} has {gw}, mac {}, mtu {mtu}",
+        cfg.bridge,
+        fmt_mac(&mac)
+    );
     Ok(br)
 }
 
@@ -462,7 +546,8 @@ fn node_config(
 async fn sync_ports(nl: &Netlink, dp: &mut Dataplane, bridge_ifindex: u32) {
     match nl.bridge_ports(bridge_ifindex).await {
         Ok(ports) => {
-            let ports: Vec<(String, u32)> = ports.into_iter().map(|p| (p.name, p.ifindex)).collect();
+            let ports: Vec<(String, u32)> =
+                ports.into_iter().map(|p| (p.name, p.ifindex)).collect();
             if let Err(e) = dp.sync_pod_ports(&ports) {
                 error!("attaching to pod ports: {e:#}");
             }
@@ -473,7 +558,10 @@ async fn sync_ports(nl: &Netlink, dp: &mut Dataplane, bridge_ifindex: u32) {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         error!("cannot install signal handlers");
         return std::future::pending().await;
     };

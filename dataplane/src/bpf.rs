@@ -21,15 +21,13 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
     },
 };
 use dataplane_common::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, Counter, EndpointInfo,
-    EndpointKey, LiveInfo, LiveKey, NodeConfig, PeerInfo,
-    PeerIpInfo, PeerIpKey, STATS_LEN, SVC_F_AFFINITY, Stat, SvcCounters, SvcInfo, SvcKey,
-    VipInfo, VipKey, map_names, prog_names,
+    AffinityEntry, AffinityKey, Backend, BackendKey, Counter, EndpointInfo, EndpointKey, LiveInfo,
+    LiveKey, NodeConfig, PeerInfo, PeerIpInfo, PeerIpKey, STATS_LEN, SVC_F_AFFINITY, Stat,
+    SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey, map_names, prog_names,
 };
 use ipnet::Ipv4Net;
 use log::{debug, info, warn};
@@ -83,7 +81,13 @@ pub fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
         let target = CString::new("/sys/fs/bpf")?;
         // SAFETY: plain mount(2) with valid C strings.
         let rc = unsafe {
-            libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
@@ -177,10 +181,12 @@ impl Dataplane {
             .program_mut(prog_names::DECAP_XDP)
             .ok_or_else(|| anyhow!("program {} missing", prog_names::DECAP_XDP))?
             .try_into()?;
-        xdp.load().map_err(|e| anyhow!("loading {}: {e}", prog_names::DECAP_XDP))?;
+        xdp.load()
+            .map_err(|e| anyhow!("loading {}: {e}", prog_names::DECAP_XDP))?;
 
         let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from object"))
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from object"))
         };
         let peers = LpmTrie::try_from(take(&mut ebpf, map_names::PEERS)?)?;
         let peer_ips = HashMap::try_from(take(&mut ebpf, map_names::PEER_IPS)?)?;
@@ -235,7 +241,9 @@ impl Dataplane {
     }
 
     pub fn set_node_config(&mut self, cfg: &NodeConfig) -> anyhow::Result<()> {
-        self.node_cfg.set(0, cfg, 0).context("writing node config")?;
+        self.node_cfg
+            .set(0, cfg, 0)
+            .context("writing node config")?;
         Ok(())
     }
 
@@ -243,7 +251,11 @@ impl Dataplane {
     /// writing only what differs from the shadow. With `full`, also reads
     /// the kernel maps and removes entries the shadow does not know
     /// (left by an earlier run, or missed events).
-    pub fn sync_peers(&mut self, desired: &BTreeMap<Ipv4Net, Peer>, full: bool) -> anyhow::Result<()> {
+    pub fn sync_peers(
+        &mut self,
+        desired: &BTreeMap<Ipv4Net, Peer>,
+        full: bool,
+    ) -> anyhow::Result<()> {
         // Desired PublicIP lease counts.
         let mut want_ips: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
         for p in desired.values() {
@@ -253,7 +265,9 @@ impl Dataplane {
         // a removed subnet before refusing its sender.
         for (ip, n) in &want_ips {
             if self.shadow_ips.get(ip) != Some(n) {
-                let key = PeerIpKey { public_ip: ip.octets() };
+                let key = PeerIpKey {
+                    public_ip: ip.octets(),
+                };
                 self.peer_ips.insert(key, PeerIpInfo { leases: *n }, 0)?;
                 self.writes.updates += 1;
             }
@@ -261,22 +275,45 @@ impl Dataplane {
         for (net, p) in desired {
             if self.shadow.get(net) != Some(p) {
                 let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-                let val = PeerInfo { public_ip: p.public_ip.octets(), vtep_mac: p.vtep_mac, _pad: [0; 2] };
-                self.peers.insert(&key, val, 0).with_context(|| format!("adding peer {net}"))?;
+                let val = PeerInfo {
+                    public_ip: p.public_ip.octets(),
+                    vtep_mac: p.vtep_mac,
+                    _pad: [0; 2],
+                };
+                self.peers
+                    .insert(&key, val, 0)
+                    .with_context(|| format!("adding peer {net}"))?;
                 self.writes.updates += 1;
-                debug!("peer map: {net} -> {} {}", p.public_ip, fmt_mac(&p.vtep_mac));
+                debug!(
+                    "peer map: {net} -> {} {}",
+                    p.public_ip,
+                    fmt_mac(&p.vtep_mac)
+                );
             }
         }
-        let stale: Vec<Ipv4Net> = self.shadow.keys().filter(|n| !desired.contains_key(n)).copied().collect();
+        let stale: Vec<Ipv4Net> = self
+            .shadow
+            .keys()
+            .filter(|n| !desired.contains_key(n))
+            .copied()
+            .collect();
         for net in stale {
             let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-            remove_ok_if_missing(self.peers.remove(&key)).with_context(|| format!("removing peer {net}"))?;
+            remove_ok_if_missing(self.peers.remove(&key))
+                .with_context(|| format!("removing peer {net}"))?;
             self.writes.deletes += 1;
             debug!("peer map: removed {net}");
         }
-        let stale_ips: Vec<Ipv4Addr> = self.shadow_ips.keys().filter(|ip| !want_ips.contains_key(ip)).copied().collect();
+        let stale_ips: Vec<Ipv4Addr> = self
+            .shadow_ips
+            .keys()
+            .filter(|ip| !want_ips.contains_key(ip))
+            .copied()
+            .collect();
         for ip in stale_ips {
-            remove_ok_if_missing(self.peer_ips.remove(&PeerIpKey { public_ip: ip.octets() }))?;
+            remove_ok_if_missing(self.peer_ips.remove(&PeerIpKey {
+                public_ip: ip.octets(),
+            }))?;
             self.writes.deletes += 1;
         }
         if full {
@@ -316,9 +353,9 @@ impl Dataplane {
             .program_mut(prog_names::FROM_UNDERLAY)
             .ok_or_else(|| anyhow!("no {}", prog_names::FROM_UNDERLAY))?
             .try_into()?;
-        let tc_link = tc
-            .attach(iface, TcAttachType::Ingress)
-            .with_context(|| format!("attaching {} to {iface} ingress", prog_names::FROM_UNDERLAY))?;
+        let tc_link = tc.attach(iface, TcAttachType::Ingress).with_context(|| {
+            format!("attaching {} to {iface} ingress", prog_names::FROM_UNDERLAY)
+        })?;
         let xdp_link = if mode == DecapMode::Xdp {
             let xdp: &mut Xdp = self
                 .ebpf
@@ -361,7 +398,12 @@ impl Dataplane {
             .program_mut(prog_names::FROM_POD)
             .ok_or_else(|| anyhow!("no {}", prog_names::FROM_POD))?
             .try_into()?;
-        let gone: Vec<String> = self.pod_links.keys().filter(|n| !ifaces.contains(n)).cloned().collect();
+        let gone: Vec<String> = self
+            .pod_links
+            .keys()
+            .filter(|n| !ifaces.contains(n))
+            .cloned()
+            .collect();
         for name in gone {
             if let Some(id) = self.pod_links.remove(&name) {
                 // The device is gone and took the attachment with it;
@@ -429,7 +471,8 @@ fn read_stats(map: &PerCpuArray<MapData, Counter>) -> anyhow::Result<Vec<(Stat, 
 pub fn read_pinned_stats(pin_path: &Path) -> anyhow::Result<Vec<(Stat, Counter)>> {
     let path = pin_path.join(map_names::STATS);
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let map: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    let map: PerCpuArray<MapData, Counter> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
     read_stats(&map)
 }
 
@@ -459,13 +502,20 @@ fn remove_ok_if_missing(r: Result<(), aya::maps::MapError>) -> anyhow::Result<()
     match r {
         Ok(()) => Ok(()),
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }
 
 pub fn fmt_mac(m: &[u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 /// What one frontend should look like in the maps.
@@ -521,7 +571,11 @@ impl ServiceMaps {
         let info = SvcInfo {
             id,
             count: want.backends.len() as u32,
-            flags: if want.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 },
+            flags: if want.affinity_timeout_s.is_some() {
+                SVC_F_AFFINITY
+            } else {
+                0
+            },
             affinity_timeout_s: want.affinity_timeout_s.unwrap_or(0),
         };
         if old_info == Some(info) && old_backends == want.backends {
@@ -530,11 +584,21 @@ impl ServiceMaps {
         // Flows to a removed backend die at their next packet: the data
         // path finds the (service, backend) pair gone from live_v1.
         for b in old_backends.iter().filter(|b| !want.backends.contains(b)) {
-            remove_ok_if_missing(self.live.remove(&LiveKey { svc_id: id, backend: *b }))?;
+            remove_ok_if_missing(self.live.remove(&LiveKey {
+                svc_id: id,
+                backend: *b,
+            }))?;
             self.writes.deletes += 1;
         }
         for b in want.backends.iter().filter(|b| !old_backends.contains(b)) {
-            self.live.insert(LiveKey { svc_id: id, backend: *b }, LiveInfo::default(), 0)?;
+            self.live.insert(
+                LiveKey {
+                    svc_id: id,
+                    backend: *b,
+                },
+                LiveInfo::default(),
+                0,
+            )?;
             self.writes.updates += 1;
         }
         let shrink = want.backends.len() < old_backends.len();
@@ -544,7 +608,14 @@ impl ServiceMaps {
         }
         for (slot, b) in want.backends.iter().enumerate() {
             if old_backends.get(slot) != Some(b) {
-                self.backends.insert(BackendKey { svc_id: id, slot: slot as u32 }, *b, 0)?;
+                self.backends.insert(
+                    BackendKey {
+                        svc_id: id,
+                        slot: slot as u32,
+                    },
+                    *b,
+                    0,
+                )?;
                 self.writes.updates += 1;
             }
         }
@@ -553,16 +624,27 @@ impl ServiceMaps {
             self.writes.updates += 1;
         }
         for slot in want.backends.len()..old_backends.len() {
-            remove_ok_if_missing(self.backends.remove(&BackendKey { svc_id: id, slot: slot as u32 }))?;
+            remove_ok_if_missing(self.backends.remove(&BackendKey {
+                svc_id: id,
+                slot: slot as u32,
+            }))?;
             self.writes.deletes += 1;
         }
         if old_info.is_none() {
             let n = self.vip_refs.entry(key.vip).or_default();
             *n += 1;
-            self.vips.insert(VipKey { vip: key.vip }, VipInfo { frontends: *n }, 0)?;
+            self.vips
+                .insert(VipKey { vip: key.vip }, VipInfo { frontends: *n }, 0)?;
             self.writes.updates += 1;
         }
-        self.shadow.insert(key, ShadowFrontend { id, info, backends: want.backends.clone() });
+        self.shadow.insert(
+            key,
+            ShadowFrontend {
+                id,
+                info,
+                backends: want.backends.clone(),
+            },
+        );
         Ok(())
     }
 
@@ -574,15 +656,22 @@ impl ServiceMaps {
         remove_ok_if_missing(self.services.remove(key))?;
         self.writes.deletes += 1;
         for (slot, b) in f.backends.iter().enumerate() {
-            remove_ok_if_missing(self.backends.remove(&BackendKey { svc_id: f.id, slot: slot as u32 }))?;
-            remove_ok_if_missing(self.live.remove(&LiveKey { svc_id: f.id, backend: *b }))?;
+            remove_ok_if_missing(self.backends.remove(&BackendKey {
+                svc_id: f.id,
+                slot: slot as u32,
+            }))?;
+            remove_ok_if_missing(self.live.remove(&LiveKey {
+                svc_id: f.id,
+                backend: *b,
+            }))?;
             self.writes.deletes += 2;
         }
         let _ = self.svc_stats.remove(key);
         match self.vip_refs.get_mut(&key.vip) {
             Some(n) if *n > 1 => {
                 *n -= 1;
-                self.vips.insert(VipKey { vip: key.vip }, VipInfo { frontends: *n }, 0)?;
+                self.vips
+                    .insert(VipKey { vip: key.vip }, VipInfo { frontends: *n }, 0)?;
                 self.writes.updates += 1;
             }
             _ => {
@@ -642,14 +731,22 @@ impl ServiceMaps {
     /// Removes service entries left in the pinned maps by an earlier run
     /// that the shadow does not know (call after the first full sync).
     pub fn remove_unknown(&mut self) -> anyhow::Result<usize> {
-        let stale: Vec<SvcKey> =
-            self.services.keys().filter_map(Result::ok).filter(|k| !self.shadow.contains_key(k)).collect();
+        let stale: Vec<SvcKey> = self
+            .services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !self.shadow.contains_key(k))
+            .collect();
         for k in &stale {
             remove_ok_if_missing(self.services.remove(k))?;
             self.writes.deletes += 1;
         }
-        let vips: Vec<VipKey> =
-            self.vips.keys().filter_map(Result::ok).filter(|k| !self.vip_refs.contains_key(&k.vip)).collect();
+        let vips: Vec<VipKey> = self
+            .vips
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !self.vip_refs.contains_key(&k.vip))
+            .collect();
         for k in &vips {
             remove_ok_if_missing(self.vips.remove(k))?;
         }

@@ -7,12 +7,12 @@
 
 /// The BPF object built by build.rs from `dataplane-ebpf`, with BTF.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
+pub mod agent;
 pub mod bpf;
-pub mod netlink;
 pub mod config;
 pub mod etcd;
 pub mod lease;
+pub mod netlink;
 pub mod peers;
-pub mod subnet_env;
-pub mod agent;
 pub mod services;
+pub mod subnet_env;

@@ -11,7 +11,11 @@ use dataplane::{
 };
 
 #[derive(Parser)]
-#[command(name = "dataplane", version, about = "Overlay dataplane node agent: flannel-compatible leases in etcd, VXLAN in BPF")]
+#[command(
+    name = "dataplane",
+    version,
+    about = "Overlay dataplane node agent: flannel-compatible leases in etcd, VXLAN in BPF"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -87,7 +91,12 @@ enum ConfigOp {
 #[derive(Args, Clone)]
 struct EtcdArgs {
     /// etcd endpoints, comma separated.
-    #[arg(long, env = "DATAPLANE_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "DATAPLANE_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     etcd_endpoints: Vec<String>,
     /// CA certificate for etcd TLS.
     #[arg(long)]
@@ -204,15 +213,34 @@ fn main() -> anyhow::Result<()> {
             Cmd::Leases { etcd } => leases_cmd(&etcd).await,
             Cmd::Stats { pin_path } => {
                 for (stat, c) in dataplane::bpf::read_pinned_stats(&pin_path)? {
-                    println!("{:<24} {:>12} pkts {:>16} bytes", stat.name(), c.packets, c.bytes);
+                    println!(
+                        "{:<24} {:>12} pkts {:>16} bytes",
+                        stat.name(),
+                        c.packets,
+                        c.bytes
+                    );
                 }
                 let svc = dataplane::bpf::read_pinned_svc_stats(&pin_path)?;
                 if !svc.is_empty() {
-                    println!("\n{:<24} {:>10} {:>12} {:>14} {:>10}", "FRONTEND", "FLOWS", "PACKETS", "BYTES", "REJECTED");
+                    println!(
+                        "\n{:<24} {:>10} {:>12} {:>14} {:>10}",
+                        "FRONTEND", "FLOWS", "PACKETS", "BYTES", "REJECTED"
+                    );
                     for (k, c) in svc {
-                        let proto = if k.proto == dataplane_common::PROTO_TCP { "TCP" } else { "UDP" };
-                        let fe = format!("{}:{}/{proto}", std::net::Ipv4Addr::from(k.vip), u16::from_be_bytes(k.port));
-                        println!("{fe:<24} {:>10} {:>12} {:>14} {:>10}", c.new_flows, c.packets, c.bytes, c.rejections);
+                        let proto = if k.proto == dataplane_common::PROTO_TCP {
+                            "TCP"
+                        } else {
+                            "UDP"
+                        };
+                        let fe = format!(
+                            "{}:{}/{proto}",
+                            std::net::Ipv4Addr::from(k.vip),
+                            u16::from_be_bytes(k.port)
+                        );
+                        println!(
+                            "{fe:<24} {:>10} {:>12} {:>14} {:>10}",
+                            c.new_flows, c.packets, c.bytes, c.rejections
+                        );
                     }
                 }
                 Ok(())
@@ -235,15 +263,25 @@ async fn config_cmd(op: ConfigOp) -> anyhow::Result<()> {
                 None => bail!("{key} is not set"),
             }
         }
-        ConfigOp::Put { json, if_absent, .. } => {
-            dataplane::config::NetworkConfig::parse(&json).with_context(|| format!("refusing to store an invalid {key}"))?;
+        ConfigOp::Put {
+            json, if_absent, ..
+        } => {
+            dataplane::config::NetworkConfig::parse(&json)
+                .with_context(|| format!("refusing to store an invalid {key}"))?;
             if if_absent {
                 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
                 let txn = Txn::new()
                     .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(key.as_str(), json.as_str(), None)]);
                 let resp = client.txn(txn).await?;
-                println!("{}", if resp.succeeded() { "stored" } else { "already set, left alone" });
+                println!(
+                    "{}",
+                    if resp.succeeded() {
+                        "stored"
+                    } else {
+                        "already set, left alone"
+                    }
+                );
             } else {
                 client.put(key.as_str(), json.as_str(), None).await?;
                 println!("stored");
@@ -257,8 +295,16 @@ async fn leases_cmd(etcd: &EtcdArgs) -> anyhow::Result<()> {
     let mut client = dataplane::etcd::connect(&etcd.options()).await?;
     let prefix = etcd.etcd_prefix.trim_end_matches('/');
     let dir = format!("{prefix}/subnets/");
-    let resp = client.get(dir.as_str(), Some(etcd_client::GetOptions::new().with_prefix())).await?;
-    println!("{:<20} {:<16} {:<18} {:>10}", "SUBNET", "PUBLIC IP", "VTEP MAC", "TTL (s)");
+    let resp = client
+        .get(
+            dir.as_str(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await?;
+    println!(
+        "{:<20} {:<16} {:<18} {:>10}",
+        "SUBNET", "PUBLIC IP", "VTEP MAC", "TTL (s)"
+    );
     for kv in resp.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         let Some(subnet) = dataplane::lease::parse_subnet_key(prefix, &key) else {
@@ -266,12 +312,22 @@ async fn leases_cmd(etcd: &EtcdArgs) -> anyhow::Result<()> {
             continue;
         };
         let ttl = if kv.lease() != 0 {
-            client.lease_time_to_live(kv.lease(), None).await.map(|r| r.ttl().to_string()).unwrap_or_else(|_| "?".into())
+            client
+                .lease_time_to_live(kv.lease(), None)
+                .await
+                .map(|r| r.ttl().to_string())
+                .unwrap_or_else(|_| "?".into())
         } else {
             "none".into()
         };
         match dataplane::lease::LeaseAttrs::from_json(kv.value()) {
-            Ok(a) => println!("{:<20} {:<16} {:<18} {:>10}", subnet.to_string(), a.public_ip.to_string(), fmt_mac(&a.vtep_mac), ttl),
+            Ok(a) => println!(
+                "{:<20} {:<16} {:<18} {:>10}",
+                subnet.to_string(),
+                a.public_ip.to_string(),
+                fmt_mac(&a.vtep_mac),
+                ttl
+            ),
             Err(e) => println!("{:<20} malformed: {e}", subnet.to_string()),
         }
     }
@@ -284,7 +340,8 @@ fn read_manifest(file: &std::path::Path) -> anyhow::Result<Vec<dataplane::servic
     } else {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
-    dataplane::services::parse_manifests(&text).with_context(|| format!("{}: nothing applied", file.display()))
+    dataplane::services::parse_manifests(&text)
+        .with_context(|| format!("{}: nothing applied", file.display()))
 }
 
 async fn apply_cmd(svc: &ServiceArgs, file: &std::path::Path) -> anyhow::Result<()> {
@@ -297,7 +354,11 @@ async fn apply_cmd(svc: &ServiceArgs, file: &std::path::Path) -> anyhow::Result<
     Ok(())
 }
 
-async fn delete_cmd(svc: &ServiceArgs, file: Option<&std::path::Path>, target: &[String]) -> anyhow::Result<()> {
+async fn delete_cmd(
+    svc: &ServiceArgs,
+    file: Option<&std::path::Path>,
+    target: &[String],
+) -> anyhow::Result<()> {
     let mut client = dataplane::etcd::connect(&svc.etcd.options()).await?;
     let summary = match (file, target) {
         (Some(f), _) => {
@@ -325,7 +386,10 @@ async fn get_cmd(svc: &ServiceArgs, what: &str) -> anyhow::Result<()> {
     }
     let mut client = dataplane::etcd::connect(&svc.etcd.options()).await?;
     let store = dataplane::services::list(&mut client, &svc.service_prefix).await?;
-    println!("{:<40} {:<16} {:<28} ENDPOINTS (READY/TOTAL)", "NAME", "CLUSTER-IP", "PORT(S)");
+    println!(
+        "{:<40} {:<16} {:<28} ENDPOINTS (READY/TOTAL)",
+        "NAME", "CLUSTER-IP", "PORT(S)"
+    );
     for s in store.summary() {
         println!(
             "{:<40} {:<16} {:<28} {}/{}",

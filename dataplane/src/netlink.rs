@@ -321,7 +321,11 @@ impl Netlink {
     pub async fn set_link_mac(&self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
         self.handle
             .link()
-            .change(LinkUnspec::new_with_index(ifindex).address(mac.to_vec()).build())
+            .change(
+                LinkUnspec::new_with_index(ifindex)
+                    .address(mac.to_vec())
+                    .build(),
+            )
             .execute()
             .await
             .with_context(|| format!("setting the MAC of link {ifindex}"))

@@ -38,14 +38,29 @@ impl FlannelNode {
         let v: serde_json::Value = serde_json::from_str(&out)?;
         let mac = v[0]["address"].as_str().context("flannel.1 MAC")?;
         let vtep_mac = dataplane::lease::parse_mac(mac).context("parse MAC")?;
-        let attrs = LeaseAttrs { public_ip, backend_type: "vxlan".into(), vni: 1, vtep_mac };
+        let attrs = LeaseAttrs {
+            public_ip,
+            backend_type: "vxlan".into(),
+            vni: 1,
+            vtep_mac,
+        };
         let key = subnet_key(&c.prefix, subnet);
         c.with_etcd(move |mut cl| async move {
             let lease = cl.lease_grant(600, None).await?;
-            cl.put(key, attrs.to_json(), Some(etcd_client::PutOptions::new().with_lease(lease.id()))).await?;
+            cl.put(
+                key,
+                attrs.to_json(),
+                Some(etcd_client::PutOptions::new().with_lease(lease.id())),
+            )
+            .await?;
             anyhow::Ok(())
         })?;
-        Ok(FlannelNode { node: i, subnet, vtep_mac, public_ip })
+        Ok(FlannelNode {
+            node: i,
+            subnet,
+            vtep_mac,
+            public_ip,
+        })
     }
 
     /// Programs neighbour, fdb and route for every other lease in etcd.
@@ -53,11 +68,16 @@ impl FlannelNode {
         let prefix = c.prefix.clone();
         let leases = c.with_etcd(move |mut cl| async move {
             let dir = format!("{prefix}/subnets/");
-            let resp = cl.get(dir, Some(etcd_client::GetOptions::new().with_prefix())).await?;
+            let resp = cl
+                .get(dir, Some(etcd_client::GetOptions::new().with_prefix()))
+                .await?;
             let mut v = Vec::new();
             for kv in resp.kvs() {
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
-                if let (Some(net), Ok(a)) = (parse_subnet_key(&prefix, &key), LeaseAttrs::from_json(kv.value())) {
+                if let (Some(net), Ok(a)) = (
+                    parse_subnet_key(&prefix, &key),
+                    LeaseAttrs::from_json(kv.value()),
+                ) {
                     v.push((net, a));
                 }
             }

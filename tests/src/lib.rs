@@ -1,10 +1,10 @@
 //! Test support: network namespaces and topologies, a real etcd, frames,
 //! traffic generators.
+pub mod bench;
+pub mod etcd;
+pub mod flannel;
 pub mod netns;
 pub mod packets;
+pub mod svc;
 pub mod topo;
 pub mod traffic;
-pub mod flannel;
-pub mod etcd;
-pub mod svc;
-pub mod bench;

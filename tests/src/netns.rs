@@ -22,7 +22,12 @@ pub fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stati
     let handle = std::thread::spawn(move || {
         // SAFETY: unshare affects only this thread (CLONE_NEWNET is per task).
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
         sh("ip link set lo up").expect("lo up");
         f()
     });
@@ -35,7 +40,11 @@ pub fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stati
 /// Runs a shell command line in the current (thread's) namespace; fails
 /// with its stderr if it exits non-zero.
 pub fn sh(cmd: &str) -> anyhow::Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     check(cmd, out)
 }
 
@@ -68,7 +77,9 @@ impl NetNs {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         let out = Command::new("ip").args(["netns", "add", name]).output()?;
         check(&format!("ip netns add {name}"), out)?;
-        let ns = NetNs { name: name.to_owned() };
+        let ns = NetNs {
+            name: name.to_owned(),
+        };
         ns.sh("ip link set lo up")?;
         Ok(ns)
     }
@@ -81,14 +92,21 @@ impl NetNs {
 
     /// Runs a shell command line inside the namespace.
     pub fn sh(&self, cmd: &str) -> anyhow::Result<String> {
-        let out = self.command("sh").arg("-c").arg(cmd).output().with_context(|| format!("running {cmd}"))?;
+        let out = self
+            .command("sh")
+            .arg("-c")
+            .arg(cmd)
+            .output()
+            .with_context(|| format!("running {cmd}"))?;
         check(&format!("[{}] {cmd}", self.name), out)
     }
 
     /// A command that runs `program` inside the namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path())).arg("--").arg(program);
+        c.arg(format!("--net={}", self.path()))
+            .arg("--")
+            .arg(program);
         c
     }
 }
@@ -97,7 +115,9 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         // Processes still inside keep the namespace alive but not the name;
         // tests kill their own processes before the namespaces drop.
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
     }
 }
 
@@ -108,7 +128,10 @@ pub fn is_root() -> bool {
 
 /// Runs `f` on a new thread that has joined the named namespace (setns):
 /// sockets it opens live there. The calling thread is unaffected.
-pub fn in_netns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &NetNs,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let path = ns.path();
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));

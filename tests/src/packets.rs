@@ -19,7 +19,11 @@ pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8
 pub fn inet_csum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for c in data.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
         sum += u32::from(w);
     }
     while sum > 0xffff {
@@ -82,8 +86,19 @@ impl VxlanFrame {
 }
 
 /// A pod's IPv4/UDP packet inside an Ethernet frame.
-pub fn pod_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-    eth(dst_mac, src_mac, ETH_P_IP, &ipv4(src, dst, 17, 0, &udp(40000, 53, payload)))
+pub fn pod_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    payload: &[u8],
+) -> Vec<u8> {
+    eth(
+        dst_mac,
+        src_mac,
+        ETH_P_IP,
+        &ipv4(src, dst, 17, 0, &udp(40000, 53, payload)),
+    )
 }
 
 /// The fields of a VXLAN frame, checked for well-formedness on the way
@@ -103,15 +118,31 @@ pub struct ParsedVxlan {
 }
 
 pub fn parse_vxlan(f: &[u8]) -> ParsedVxlan {
-    assert!(f.len() >= 50 + 14, "frame too short for VXLAN: {} bytes", f.len());
-    assert_eq!(u16::from_be_bytes([f[12], f[13]]), ETH_P_IP, "outer ethertype");
+    assert!(
+        f.len() >= 50 + 14,
+        "frame too short for VXLAN: {} bytes",
+        f.len()
+    );
+    assert_eq!(
+        u16::from_be_bytes([f[12], f[13]]),
+        ETH_P_IP,
+        "outer ethertype"
+    );
     let ip = &f[14..34];
     assert_eq!(ip[0], 0x45, "outer IPv4 version/ihl");
     assert_eq!(inet_csum(ip), 0, "outer IPv4 header checksum must verify");
-    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, f.len() - 14, "outer IPv4 total length");
+    assert_eq!(
+        u16::from_be_bytes([ip[2], ip[3]]) as usize,
+        f.len() - 14,
+        "outer IPv4 total length"
+    );
     assert_eq!(ip[9], 17, "outer protocol must be UDP");
     let u = &f[34..42];
-    assert_eq!(u16::from_be_bytes([u[4], u[5]]) as usize, f.len() - 34, "UDP length");
+    assert_eq!(
+        u16::from_be_bytes([u[4], u[5]]) as usize,
+        f.len() - 34,
+        "UDP length"
+    );
     let mut vxlan = [0u8; 8];
     vxlan.copy_from_slice(&f[42..50]);
     ParsedVxlan {
@@ -130,7 +161,16 @@ pub fn parse_vxlan(f: &[u8]) -> ParsedVxlan {
 
 /// TCP header (no options) + payload with a correct checksum for src/dst.
 #[allow(clippy::too_many_arguments)]
-pub fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+pub fn tcp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut t = Vec::new();
     t.extend_from_slice(&sport.to_be_bytes());
     t.extend_from_slice(&dport.to_be_bytes());

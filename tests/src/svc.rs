@@ -83,9 +83,14 @@ impl Backend {
             }
         });
         for _ in 0..2 {
-            rx.recv_timeout(Duration::from_secs(5)).context("backend did not start")??;
+            rx.recv_timeout(Duration::from_secs(5))
+                .context("backend did not start")??;
         }
-        Ok(Backend { stop, threads: vec![tcp, udp], ip })
+        Ok(Backend {
+            stop,
+            threads: vec![tcp, udp],
+            ip,
+        })
     }
 }
 
@@ -96,7 +101,12 @@ impl Drop for Backend {
         // namespace is not needed: the listener thread exits on the flag at
         // its next connection; poke it and move on.
         let ip = self.ip;
-        let _ = std::thread::spawn(move || TcpStream::connect_timeout(&SocketAddr::from((ip, TCP_PORT)), Duration::from_millis(100)));
+        let _ = std::thread::spawn(move || {
+            TcpStream::connect_timeout(
+                &SocketAddr::from((ip, TCP_PORT)),
+                Duration::from_millis(100),
+            )
+        });
         for t in self.threads.drain(..) {
             if t.is_finished() {
                 let _ = t.join();
@@ -107,13 +117,22 @@ impl Drop for Backend {
 
 /// Opens `n` TCP connections from the client namespace to `addr:port`,
 /// one after the other, and returns what each answered (or its error).
-pub fn tcp_ask_many(client: &NetNs, addr: Ipv4Addr, port: u16, n: usize) -> Vec<Result<String, String>> {
+pub fn tcp_ask_many(
+    client: &NetNs,
+    addr: Ipv4Addr,
+    port: u16,
+    n: usize,
+) -> Vec<Result<String, String>> {
     in_netns(client, move || {
         (0..n)
             .map(|_| {
-                let mut s = TcpStream::connect_timeout(&SocketAddr::from((addr, port)), Duration::from_secs(3))
+                let mut s = TcpStream::connect_timeout(
+                    &SocketAddr::from((addr, port)),
+                    Duration::from_secs(3),
+                )
+                .map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))
                     .map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
                 let mut line = Vec::new();
                 let mut b = [0u8; 1];
                 while s.read(&mut b).map_err(|e| e.to_string())? == 1 && b[0] != b'\n' {
@@ -132,11 +151,17 @@ pub fn tcp_ask(client: &NetNs, addr: Ipv4Addr, port: u16) -> Result<String, Stri
 }
 
 /// One UDP request/response, as a DNS client would do it.
-pub fn udp_ask(client: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<String, String> {
+pub fn udp_ask(
+    client: &NetNs,
+    addr: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<String, String> {
     in_netns(client, move || {
         let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
         s.connect((addr, port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
         s.send(b"query").map_err(|e| e.to_string())?;
         let mut buf = [0u8; 512];
         let n = s.recv(&mut buf).map_err(|e| e.to_string())?;
@@ -158,7 +183,10 @@ impl Conn {
         let (tx, req) = std::sync::mpsc::channel::<()>();
         let (resp, rx) = std::sync::mpsc::channel();
         in_netns(client, move || {
-            let mut s = match TcpStream::connect_timeout(&SocketAddr::from((addr, port)), Duration::from_secs(3)) {
+            let mut s = match TcpStream::connect_timeout(
+                &SocketAddr::from((addr, port)),
+                Duration::from_secs(3),
+            ) {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = resp.send(Err(e.to_string()));
@@ -180,17 +208,24 @@ impl Conn {
             };
             let _ = resp.send(read_line(&mut s));
             while req.recv().is_ok() {
-                let r = s.write_all(b"?").map_err(|e| e.to_string()).and_then(|()| read_line(&mut s));
+                let r = s
+                    .write_all(b"?")
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| read_line(&mut s));
                 let _ = resp.send(r);
             }
         });
-        let first = rx.recv_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())??;
+        let first = rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|e| e.to_string())??;
         Ok((Conn { tx, rx }, first))
     }
 
     pub fn ask(&self) -> Result<String, String> {
         self.tx.send(()).map_err(|e| e.to_string())?;
-        self.rx.recv_timeout(Duration::from_secs(10)).map_err(|e| e.to_string())?
+        self.rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?
     }
 }
 
@@ -205,10 +240,20 @@ pub struct Ep {
 
 impl Ep {
     pub fn ready(ip: Ipv4Addr) -> Ep {
-        Ep { ip, ready: true, serving: true, terminating: false }
+        Ep {
+            ip,
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
     }
     pub fn terminating(ip: Ipv4Addr) -> Ep {
-        Ep { ip, ready: false, serving: true, terminating: true }
+        Ep {
+            ip,
+            ready: false,
+            serving: true,
+            terminating: true,
+        }
     }
 }
 
@@ -239,11 +284,18 @@ pub fn endpoint_slice(service: &str, eps: &[Ep]) -> String {
 
 /// UDP request from a fixed source port (a resolver reusing its socket:
 /// the case the stuck-conntrack DNS bug hit).
-pub fn udp_ask_from(client: &NetNs, sport: u16, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<String, String> {
+pub fn udp_ask_from(
+    client: &NetNs,
+    sport: u16,
+    addr: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<String, String> {
     in_netns(client, move || {
         let s = UdpSocket::bind(("0.0.0.0", sport)).map_err(|e| e.to_string())?;
         s.connect((addr, port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
         s.send(b"query").map_err(|e| e.to_string())?;
         let mut buf = [0u8; 512];
         let n = s.recv(&mut buf).map_err(|e| e.to_string())?;

@@ -119,7 +119,14 @@ impl Cluster {
             "ip link add br0 type bridge && ip addr add {UNDERLAY_GW}/24 dev br0 && ip link set br0 up"
         ))?;
         let etcd = Etcd::start_in_netns(&underlay.name, UNDERLAY_GW).context("starting etcd")?;
-        let mut c = Cluster { id, dir, underlay, etcd, nodes: Vec::new(), prefix: DEFAULT_PREFIX.into() };
+        let mut c = Cluster {
+            id,
+            dir,
+            underlay,
+            etcd,
+            nodes: Vec::new(),
+            prefix: DEFAULT_PREFIX.into(),
+        };
         for _ in 0..n {
             c.add_node()?;
         }
@@ -167,7 +174,9 @@ impl Cluster {
     {
         let endpoint = self.endpoint();
         crate::netns::in_netns(&self.underlay, move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
                 let client = etcd_client::Client::connect([endpoint], None).await?;
                 f(client).await
@@ -189,7 +198,11 @@ impl Cluster {
             .output()
             .with_context(|| format!("dataplane {args:?}"))?;
         if !out.status.success() {
-            bail!("dataplane {args:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+            bail!(
+                "dataplane {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -209,13 +222,24 @@ impl Cluster {
         let out = self
             .underlay
             .command(agent_bin().to_str().context("agent path")?)
-            .args(["config", "put", "--etcd-endpoints", &self.endpoint(), "--etcd-prefix", &self.prefix, json])
+            .args([
+                "config",
+                "put",
+                "--etcd-endpoints",
+                &self.endpoint(),
+                "--etcd-prefix",
+                &self.prefix,
+                json,
+            ])
             .env_remove("DATAPLANE_ETCD_ENDPOINTS")
             .stdin(Stdio::null())
             .output()
             .context("dataplane config put")?;
         if !out.status.success() {
-            bail!("config put failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "config put failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
@@ -225,18 +249,30 @@ impl Cluster {
         let endpoint = self.endpoint();
         let prefix = self.prefix.clone();
         let node = &mut self.nodes[i];
-        let log = fs::OpenOptions::new().create(true).append(true).open(node.log_file())?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log_file())?;
         let mut cmd = node.ns.command(agent_bin().to_str().context("agent path")?);
-        cmd.args(["agent", "--etcd-endpoints", &endpoint, "--etcd-prefix", &prefix])
-            .arg("--subnet-file")
-            .arg(node.subnet_file())
-            .arg("--pin-path")
-            .arg(&node.pin_path)
-            .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.args([
+            "agent",
+            "--etcd-endpoints",
+            &endpoint,
+            "--etcd-prefix",
+            &prefix,
+        ])
+        .arg("--subnet-file")
+        .arg(node.subnet_file())
+        .arg("--pin-path")
+        .arg(&node.pin_path)
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         node.agent = Some(cmd.spawn().context("starting agent")?);
         Ok(())
     }
@@ -258,7 +294,11 @@ impl Cluster {
                 bail!("agent of node {} exited ({st}):\n{}", i + 1, node.log());
             }
             if Instant::now() > deadline {
-                bail!("agent of node {} not ready after {timeout:?}:\n{}", i + 1, node.log());
+                bail!(
+                    "agent of node {} not ready after {timeout:?}:\n{}",
+                    i + 1,
+                    node.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -276,23 +316,37 @@ impl Cluster {
 
     /// Runs `ping` from pod (node, pod index) to `dst`.
     pub fn ping(&self, node: usize, pod: usize, dst: Ipv4Addr, count: u32) -> anyhow::Result<()> {
-        self.nodes[node].pods[pod].ns.sh(&format!("ping -c {count} -i 0.2 -W 2 {dst} >/dev/null"))?;
+        self.nodes[node].pods[pod]
+            .ns
+            .sh(&format!("ping -c {count} -i 0.2 -W 2 {dst} >/dev/null"))?;
         Ok(())
     }
 
     /// The pinned maps of node `i` as bpftool prints them (JSON).
     pub fn bpftool_dump(&self, i: usize, map: &str) -> anyhow::Result<String> {
         let path = self.nodes[i].pin_path.join(map);
-        let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path).output()?;
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&path)
+            .output()?;
         if !out.status.success() {
-            bail!("bpftool map dump {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "bpftool map dump {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 
 /// Plumbs a pod into `node` with address subnet + 10 + (number of pods).
-pub fn add_pod_to(id: &str, node: &mut Node, subnet: &Ipv4Net, mtu: u32) -> anyhow::Result<Ipv4Addr> {
+pub fn add_pod_to(
+    id: &str,
+    node: &mut Node,
+    subnet: &Ipv4Net,
+    mtu: u32,
+) -> anyhow::Result<Ipv4Addr> {
     let j = node.pods.len() + 1;
     let ip = Ipv4Addr::from(u32::from(subnet.network()) + 10 + j as u32);
     let gw = Ipv4Addr::from(u32::from(subnet.network()) + 1);

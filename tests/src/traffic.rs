@@ -61,7 +61,12 @@ impl BulkResult {
 
 /// Sends `bytes` over TCP from `client` (in its namespace) to a listener
 /// on `server_ip` in `server`'s namespace; both sides checksum the stream.
-pub fn bulk_tcp(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, bytes: u64) -> anyhow::Result<BulkResult> {
+pub fn bulk_tcp(
+    server: &NetNs,
+    server_ip: Ipv4Addr,
+    client: &NetNs,
+    bytes: u64,
+) -> anyhow::Result<BulkResult> {
     let (port_tx, port_rx) = std::sync::mpsc::channel();
     let srv = in_netns(server, move || -> anyhow::Result<(u64, u64)> {
         let l = TcpListener::bind((server_ip, 0)).context("bind")?;
@@ -81,7 +86,9 @@ pub fn bulk_tcp(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, bytes: u64)
         }
         Ok((total, sum.get()))
     });
-    let port = port_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")?;
+    let port = port_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("server did not start")?;
     let cli = in_netns(client, move || -> anyhow::Result<(u64, Duration)> {
         let addr = SocketAddr::from((server_ip, port));
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).context("connect")?;
@@ -104,10 +111,19 @@ pub fn bulk_tcp(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, bytes: u64)
         let _ = s.read(&mut b);
         Ok((sum.get(), start.elapsed()))
     });
-    let (sent_sum, elapsed) = cli.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
-    let (received, received_sum) = srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    let (sent_sum, elapsed) = cli
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    let (received, received_sum) = srv
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
     if received != bytes {
         bail!("received {received} of {bytes} bytes");
     }
-    Ok(BulkResult { bytes, elapsed, sent_sum, received_sum })
+    Ok(BulkResult {
+        bytes,
+        elapsed,
+        sent_sum,
+        received_sum,
+    })
 }

@@ -19,7 +19,12 @@ macro_rules! root_only {
 fn wait_log(c: &Cluster, node: usize, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !c.nodes[node].log().contains(needle) {
-        assert!(Instant::now() < deadline, "no {needle:?} in the log of node {}:\n{}", node + 1, c.nodes[node].log());
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log of node {}:\n{}",
+            node + 1,
+            c.nodes[node].log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -44,7 +49,11 @@ fn restart_keeps_the_subnet_and_connectivity() {
     c.ping(0, 0, remote, 2).unwrap();
 
     c.nodes[0].stop_agent();
-    assert!(c.nodes[0].log().contains("shutting down"), "clean shutdown logged:\n{}", c.nodes[0].log());
+    assert!(
+        c.nodes[0].log().contains("shutting down"),
+        "clean shutdown logged:\n{}",
+        c.nodes[0].log()
+    );
     // The next start must reuse the pinned maps and the lease.
     std::fs::write(c.nodes[0].log_file(), "").unwrap();
     c.start_agent(0, &["--decap-mode", "tc"]).unwrap();
@@ -62,16 +71,32 @@ fn waits_for_a_valid_config() {
     root_only!();
     let mut c = Cluster::new(1).unwrap();
     c.with_etcd(|mut cl| async move {
-        cl.put("/coreos.com/network/config", r#"{"Network":"10.244.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}"#, None)
-            .await?;
+        cl.put(
+            "/coreos.com/network/config",
+            r#"{"Network":"10.244.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}"#,
+            None,
+        )
+        .await?;
         Ok(())
     })
     .unwrap();
     c.start_agent(0, &["--decap-mode", "tc"]).unwrap();
     wait_log(&c, 0, "SubnetLen");
     let log = c.nodes[0].log();
-    assert!(log.contains("/coreos.com/network/config"), "error names the key:\n{log}");
-    assert!(c.nodes[0].agent.as_mut().unwrap().try_wait().unwrap().is_none(), "agent still running");
+    assert!(
+        log.contains("/coreos.com/network/config"),
+        "error names the key:\n{log}"
+    );
+    assert!(
+        c.nodes[0]
+            .agent
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "agent still running"
+    );
     c.put_config(CONFIG).unwrap();
     let env = c.wait_ready(0, READY).unwrap();
     assert_eq!(env.network.to_string(), "10.244.0.0/16");
@@ -84,19 +109,36 @@ fn short_ttl_lease_is_renewed() {
     root_only!();
     let mut c = Cluster::new(1).unwrap();
     c.put_config(CONFIG).unwrap();
-    c.start_agent(0, &["--decap-mode", "tc", "--lease-ttl-secs", "3", "--renew-margin-secs", "2"]).unwrap();
+    c.start_agent(
+        0,
+        &[
+            "--decap-mode",
+            "tc",
+            "--lease-ttl-secs",
+            "3",
+            "--renew-margin-secs",
+            "2",
+        ],
+    )
+    .unwrap();
     let env = c.wait_ready(0, READY).unwrap();
     let key = dataplane::lease::subnet_key("/coreos.com/network", env.subnet);
     std::thread::sleep(Duration::from_secs(10));
     let (present, ttl) = c
         .with_etcd(move |mut cl| async move {
             let r = cl.get(key, None).await?;
-            let Some(kv) = r.kvs().first() else { return Ok((false, 0)) };
+            let Some(kv) = r.kvs().first() else {
+                return Ok((false, 0));
+            };
             let ttl = cl.lease_time_to_live(kv.lease(), None).await?.ttl();
             Ok((true, ttl))
         })
         .unwrap();
-    assert!(present, "lease key alive after 10 s with a 3 s TTL:\n{}", c.nodes[0].log());
+    assert!(
+        present,
+        "lease key alive after 10 s with a 3 s TTL:\n{}",
+        c.nodes[0].log()
+    );
     assert!(ttl > 0 && ttl <= 3, "TTL {ttl}");
 }
 
@@ -113,14 +155,33 @@ fn garbage_lease_changes_nothing_else() {
     c.wait_ready(1, READY).unwrap();
     wait_log(&c, 0, "peer added");
     c.with_etcd(|mut cl| async move {
-        cl.put("/coreos.com/network/subnets/10.244.250.0-24", "{not json", None).await?;
-        cl.put("/coreos.com/network/subnets/garbage", "x", None).await?;
+        cl.put(
+            "/coreos.com/network/subnets/10.244.250.0-24",
+            "{not json",
+            None,
+        )
+        .await?;
+        cl.put("/coreos.com/network/subnets/garbage", "x", None)
+            .await?;
         Ok(())
     })
     .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let dump = c.bpftool_dump(0, "peers_v1").unwrap();
     let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 1, "the good peer is still there: {dump}");
-    assert!(c.nodes[0].agent.as_mut().unwrap().try_wait().unwrap().is_none(), "agent still running");
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        1,
+        "the good peer is still there: {dump}"
+    );
+    assert!(
+        c.nodes[0]
+            .agent
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "agent still running"
+    );
 }

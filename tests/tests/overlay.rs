@@ -42,7 +42,18 @@ fn cluster(n: usize, pods: usize, extra: &[&str]) -> Cluster {
     }
     // Every agent has attached to its pods' ports and learnt every peer.
     for i in 0..n {
-        wait_for(&c, || c.nodes[i].log().matches("attached from_pod to pod port").count() >= pods, "pod ports attached", i);
+        wait_for(
+            &c,
+            || {
+                c.nodes[i]
+                    .log()
+                    .matches("attached from_pod to pod port")
+                    .count()
+                    >= pods
+            },
+            "pod ports attached",
+            i,
+        );
         wait_for(&c, || peer_count(&c, i) == n - 1, "all peers in the map", i);
     }
     c
@@ -51,7 +62,12 @@ fn cluster(n: usize, pods: usize, extra: &[&str]) -> Cluster {
 fn wait_for(c: &Cluster, mut cond: impl FnMut() -> bool, what: &str, node: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what} on node {}:\n{}", node + 1, c.nodes[node].log());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what} on node {}:\n{}",
+            node + 1,
+            c.nodes[node].log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -78,19 +94,35 @@ fn full_mesh(extra: &[&str]) {
     let pods = all_pods(&c);
     for &(i, j, _) in &pods {
         for &(_, _, dst) in &pods {
-            c.ping(i, j, dst, 1).unwrap_or_else(|e| panic!("n{}p{} -> {dst}: {e:#}\n{}", i + 1, j + 1, c.nodes[i].log()));
+            c.ping(i, j, dst, 1).unwrap_or_else(|e| {
+                panic!("n{}p{} -> {dst}: {e:#}\n{}", i + 1, j + 1, c.nodes[i].log())
+            });
         }
     }
     // Bulk TCP across nodes, both directions, checksummed end to end.
     for (a, b) in [(0usize, 1usize), (1, 0), (2, 0)] {
         let (sa, sb) = (&c.nodes[a].pods[0], &c.nodes[b].pods[1]);
         let r = bulk_tcp(&sb.ns, sb.ip, &sa.ns, 100 << 20).unwrap();
-        assert_eq!(r.sent_sum, r.received_sum, "stream checksum n{}->n{}", a + 1, b + 1);
-        eprintln!("bulk n{} -> n{}: {:.2} Gbit/s", a + 1, b + 1, r.gbit_per_s());
+        assert_eq!(
+            r.sent_sum,
+            r.received_sum,
+            "stream checksum n{}->n{}",
+            a + 1,
+            b + 1
+        );
+        eprintln!(
+            "bulk n{} -> n{}: {:.2} Gbit/s",
+            a + 1,
+            b + 1,
+            r.gbit_per_s()
+        );
     }
     // The counters agree that the overlay carried it.
     let stats = c.bpftool_dump(0, "stats_v1").unwrap();
-    assert!(stats.contains("packets"), "stats readable with bpftool: {stats}");
+    assert!(
+        stats.contains("packets"),
+        "stats readable with bpftool: {stats}"
+    );
 }
 
 #[test]
@@ -112,24 +144,48 @@ fn capture_shows_flannel_wire_format() {
     let c = cluster(2, 1, &["--decap-mode", "tc"]);
     let (src, dst) = (c.nodes[0].pods[0].ip, c.nodes[1].pods[0].ip);
     // Capture on node 2's underlay with a raw packet socket.
-    let cap = in_netns(&c.nodes[1].ns, move || capture_vxlan(Duration::from_secs(10)));
+    let cap = in_netns(&c.nodes[1].ns, move || {
+        capture_vxlan(Duration::from_secs(10))
+    });
     std::thread::sleep(Duration::from_millis(300));
     c.ping(0, 0, dst, 3).unwrap();
-    let frame = cap.join().unwrap().expect("a VXLAN frame on node 2's underlay");
+    let frame = cap
+        .join()
+        .unwrap()
+        .expect("a VXLAN frame on node 2's underlay");
     let p = parse_vxlan(&frame); // checks lengths and the outer IPv4 checksum
     assert_eq!(p.dport, 8472);
     assert_eq!(p.vxlan[0], 0x08, "flags: I bit only");
     assert_eq!(&p.vxlan[1..4], &[0, 0, 0]);
-    assert_eq!(u32::from_be_bytes([0, p.vxlan[4], p.vxlan[5], p.vxlan[6]]), 1, "VNI 1");
+    assert_eq!(
+        u32::from_be_bytes([0, p.vxlan[4], p.vxlan[5], p.vxlan[6]]),
+        1,
+        "VNI 1"
+    );
     assert_eq!((p.src_ip, p.dst_ip), (c.nodes[0].ip, c.nodes[1].ip));
     let vtep = |ip: Ipv4Addr| dataplane::lease::vtep_mac_for(ip);
-    assert_eq!(&p.inner[0..6], &vtep(c.nodes[1].ip), "inner dst = receiver's VtepMAC");
-    assert_eq!(&p.inner[6..12], &vtep(c.nodes[0].ip), "inner src = sender's VtepMAC");
+    assert_eq!(
+        &p.inner[0..6],
+        &vtep(c.nodes[1].ip),
+        "inner dst = receiver's VtepMAC"
+    );
+    assert_eq!(
+        &p.inner[6..12],
+        &vtep(c.nodes[0].ip),
+        "inner src = sender's VtepMAC"
+    );
     assert_eq!(&p.inner[26..30], &src.octets());
     assert_eq!(&p.inner[30..34], &dst.octets());
-    assert!(p.udp_csum == 0 || udp_csum_ok(&frame), "outer UDP checksum valid or zero");
+    assert!(
+        p.udp_csum == 0 || udp_csum_ok(&frame),
+        "outer UDP checksum valid or zero"
+    );
     let inner_ip = &p.inner[14..34];
-    assert_eq!(tests::packets::inet_csum(inner_ip), 0, "inner IPv4 checksum intact");
+    assert_eq!(
+        tests::packets::inet_csum(inner_ip),
+        0,
+        "inner IPv4 checksum intact"
+    );
 }
 
 fn udp_csum_ok(frame: &[u8]) -> bool {
@@ -148,10 +204,27 @@ fn udp_csum_ok(frame: &[u8]) -> bool {
 fn capture_vxlan(timeout: Duration) -> Option<Vec<u8>> {
     // SAFETY: plain socket calls with checked results.
     unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32);
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const _, size_of::<libc::timeval>() as u32);
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        );
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const _,
+            size_of::<libc::timeval>() as u32,
+        );
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 65536];
         while Instant::now() < deadline {
@@ -189,18 +262,30 @@ fn mixed_cluster_with_flannel_node() {
         let id = c.id.clone();
         add_pod_to(&id, &mut c.nodes[1], &flannel_subnet, 1450).unwrap();
         wait_for(&c, || peer_count(&c, 0) == 1, "flannel peer in the map", 0);
-        wait_for(&c, || c.nodes[0].log().contains("attached from_pod to pod port"), "pod port", 0);
+        wait_for(
+            &c,
+            || c.nodes[0].log().contains("attached from_pod to pod port"),
+            "pod port",
+            0,
+        );
         flannel.program_peers(&c).unwrap();
 
         let (ours, theirs) = (c.nodes[0].pods[0].ip, c.nodes[1].pods[0].ip);
         assert!(env.subnet.contains(&ours));
-        c.ping(0, 0, theirs, 2).unwrap_or_else(|e| panic!("{mode}: ours -> flannel: {e:#}\n{}", c.nodes[0].log()));
-        c.ping(1, 0, ours, 2).unwrap_or_else(|e| panic!("{mode}: flannel -> ours: {e:#}"));
+        c.ping(0, 0, theirs, 2)
+            .unwrap_or_else(|e| panic!("{mode}: ours -> flannel: {e:#}\n{}", c.nodes[0].log()));
+        c.ping(1, 0, ours, 2)
+            .unwrap_or_else(|e| panic!("{mode}: flannel -> ours: {e:#}"));
         for (from, to) in [(0, 1), (1, 0)] {
             let (a, b) = (&c.nodes[from].pods[0], &c.nodes[to].pods[0]);
             let r = bulk_tcp(&b.ns, b.ip, &a.ns, 100 << 20).unwrap();
             assert_eq!(r.sent_sum, r.received_sum);
-            eprintln!("{mode}: bulk n{} -> n{}: {:.2} Gbit/s", from + 1, to + 1, r.gbit_per_s());
+            eprintln!(
+                "{mode}: bulk n{} -> n{}: {:.2} Gbit/s",
+                from + 1,
+                to + 1,
+                r.gbit_per_s()
+            );
         }
     }
 }
@@ -216,7 +301,12 @@ fn node_join_and_leave() {
     let env3 = c.wait_ready(k, READY).unwrap();
     c.add_pod(k).unwrap();
     wait_for(&c, || peer_count(&c, 0) == 2, "new peer on node 1", 0);
-    wait_for(&c, || c.nodes[k].log().contains("attached from_pod to pod port"), "pod port", k);
+    wait_for(
+        &c,
+        || c.nodes[k].log().contains("attached from_pod to pod port"),
+        "pod port",
+        k,
+    );
     let new_pod = c.nodes[k].pods[0].ip;
     c.ping(0, 0, new_pod, 2).unwrap();
     c.ping(k, 0, c.nodes[0].pods[0].ip, 2).unwrap();
@@ -230,6 +320,14 @@ fn node_join_and_leave() {
         Ok(())
     })
     .unwrap();
-    wait_for(&c, || peer_count(&c, 0) == 1, "peer removed from node 1's map", 0);
-    assert!(c.ping(0, 0, new_pod, 1).is_err(), "a node without a lease is unreachable");
+    wait_for(
+        &c,
+        || peer_count(&c, 0) == 1,
+        "peer removed from node 1's map",
+        0,
+    );
+    assert!(
+        c.ping(0, 0, new_pod, 1).is_err(),
+        "a node without a lease is unreachable"
+    );
 }

@@ -12,7 +12,9 @@ use std::{
 
 use tests::{
     netns::is_root,
-    svc::{Backend, Conn, Ep, endpoint_slice, service, tcp_ask, tcp_ask_many, udp_ask, udp_ask_from},
+    svc::{
+        Backend, Conn, Ep, endpoint_slice, service, tcp_ask, tcp_ask_many, udp_ask, udp_ask_from,
+    },
     topo::Cluster,
 };
 
@@ -58,8 +60,19 @@ fn env(extra: &[&str]) -> Env {
     }
     for (node, pods) in [(0usize, 2usize), (1, 3)] {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while c.nodes[node].log().matches("attached from_pod to pod port").count() < pods || !c.nodes[node].log().contains("peer added") {
-            assert!(Instant::now() < deadline, "node {} not ready:\n{}", node + 1, c.nodes[node].log());
+        while c.nodes[node]
+            .log()
+            .matches("attached from_pod to pod port")
+            .count()
+            < pods
+            || !c.nodes[node].log().contains("peer added")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "node {} not ready:\n{}",
+                node + 1,
+                c.nodes[node].log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -71,7 +84,10 @@ fn env(extra: &[&str]) -> Env {
     // Node 1's client pod also serves, for the hairpin case.
     let p = &c.nodes[0].pods[0];
     backends.push(Backend::start(&p.ns, p.ip).unwrap());
-    Env { c, _backends: backends }
+    Env {
+        c,
+        _backends: backends,
+    }
 }
 
 /// Waits until `f` holds, polling.
@@ -88,7 +104,11 @@ fn three_backends(e: &Env) -> Vec<Ipv4Addr> {
 }
 
 fn apply_service(e: &Env, name: &str, extra_spec: &str, eps: &[Ep]) {
-    let yaml = format!("{}---\n{}", service(name, VIP, extra_spec), endpoint_slice(name, eps));
+    let yaml = format!(
+        "{}---\n{}",
+        service(name, VIP, extra_spec),
+        endpoint_slice(name, eps)
+    );
     e.c.apply_yaml(&yaml).unwrap();
 }
 
@@ -100,25 +120,45 @@ fn even_spread_from_both_nodes() {
     let e = env(&["--decap-mode", "tc"]);
     let eps: Vec<Ep> = three_backends(&e).into_iter().map(Ep::ready).collect();
     apply_service(&e, "spread", "", &eps);
-    eventually("service reachable", || tcp_ask(&e.pod(0, 0).ns, VIP, 80).is_ok());
+    eventually("service reachable", || {
+        tcp_ask(&e.pod(0, 0).ns, VIP, 80).is_ok()
+    });
     let n = 3000;
     let answers = tcp_ask_many(&e.pod(0, 0).ns, VIP, 80, n);
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for a in &answers {
-        *counts.entry(a.clone().expect("every connection answered")).or_default() += 1;
+        *counts
+            .entry(a.clone().expect("every connection answered"))
+            .or_default() += 1;
     }
     assert_eq!(counts.len(), 3, "all three backends used: {counts:?}");
     // Chi-square, 2 degrees of freedom: 13.8 is the p = 0.001 critical value.
     let expected = n as f64 / 3.0;
-    let chi2: f64 = counts.values().map(|&o| (o as f64 - expected).powi(2) / expected).sum();
+    let chi2: f64 = counts
+        .values()
+        .map(|&o| (o as f64 - expected).powi(2) / expected)
+        .sum();
     assert!(chi2 < 13.8, "uneven split {counts:?}, chi2 {chi2:.1}");
     // From node 2 too, over TCP and UDP; replies come from the ClusterIP
     // (the client connected to it, so a wrong source would not match).
     let from2 = tcp_ask_many(&e.pod(1, 2).ns, VIP, 80, 300);
-    assert!(from2.iter().all(|r| r.is_ok()), "node 2 client: {:?}", from2.iter().find(|r| r.is_err()));
+    assert!(
+        from2.iter().all(|r| r.is_ok()),
+        "node 2 client: {:?}",
+        from2.iter().find(|r| r.is_err())
+    );
     let u = udp_ask(&e.pod(1, 2).ns, VIP, 53, Duration::from_secs(2)).unwrap();
-    assert!(three_backends(&e).iter().any(|b| b.to_string() == u), "UDP answer {u}");
-    let stats = e.c.cli(&["stats", "--pin-path", e.c.nodes[0].pin_path.to_str().unwrap()]).unwrap_or_default();
+    assert!(
+        three_backends(&e).iter().any(|b| b.to_string() == u),
+        "UDP answer {u}"
+    );
+    let stats =
+        e.c.cli(&[
+            "stats",
+            "--pin-path",
+            e.c.nodes[0].pin_path.to_str().unwrap(),
+        ])
+        .unwrap_or_default();
     eprintln!("{stats}");
 }
 
@@ -129,27 +169,49 @@ fn established_connection_sticks_then_fails_fast() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
     let all = three_backends(&e);
-    apply_service(&e, "sticky", "", &all.iter().copied().map(Ep::ready).collect::<Vec<_>>());
-    eventually("service reachable", || tcp_ask(&e.pod(0, 0).ns, VIP, 80).is_ok());
+    apply_service(
+        &e,
+        "sticky",
+        "",
+        &all.iter().copied().map(Ep::ready).collect::<Vec<_>>(),
+    );
+    eventually("service reachable", || {
+        tcp_ask(&e.pod(0, 0).ns, VIP, 80).is_ok()
+    });
     let (conn, first) = Conn::open(&e.pod(0, 0).ns, VIP, 80).unwrap();
     let mine: Ipv4Addr = first.parse().unwrap();
     // Remove every other backend: the connection keeps answering from its own.
     apply_service(&e, "sticky", "", &[Ep::ready(mine)]);
     std::thread::sleep(Duration::from_millis(500));
     for _ in 0..5 {
-        assert_eq!(conn.ask().unwrap(), first, "existing connection keeps its backend");
+        assert_eq!(
+            conn.ask().unwrap(),
+            first,
+            "existing connection keeps its backend"
+        );
     }
     // Add the others back and remove ours: new connections avoid it at once,
     // the old connection is reset instead of hanging.
-    let others: Vec<Ep> = all.iter().copied().filter(|b| *b != mine).map(Ep::ready).collect();
+    let others: Vec<Ep> = all
+        .iter()
+        .copied()
+        .filter(|b| *b != mine)
+        .map(Ep::ready)
+        .collect();
     apply_service(&e, "sticky", "", &others);
     eventually("new connections avoid the removed backend", || {
-        tcp_ask_many(&e.pod(0, 0).ns, VIP, 80, 20).iter().all(|r| matches!(r, Ok(b) if *b != first))
+        tcp_ask_many(&e.pod(0, 0).ns, VIP, 80, 20)
+            .iter()
+            .all(|r| matches!(r, Ok(b) if *b != first))
     });
     let t = Instant::now();
     let r = conn.ask();
     assert!(r.is_err(), "the flow to a removed backend fails: {r:?}");
-    assert!(t.elapsed() < Duration::from_secs(2), "and fails fast ({:?})", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "and fails fast ({:?})",
+        t.elapsed()
+    );
 }
 
 /// 3: ClientIP affinity holds, and expires after timeoutSeconds of no new
@@ -159,11 +221,24 @@ fn client_ip_affinity_and_timeout() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
     let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 2\n";
-    apply_service(&e, "aff", spec, &three_backends(&e).into_iter().map(Ep::ready).collect::<Vec<_>>());
-    eventually("service reachable", || tcp_ask(&e.pod(0, 0).ns, VIP, 80).is_ok());
+    apply_service(
+        &e,
+        "aff",
+        spec,
+        &three_backends(&e)
+            .into_iter()
+            .map(Ep::ready)
+            .collect::<Vec<_>>(),
+    );
+    eventually("service reachable", || {
+        tcp_ask(&e.pod(0, 0).ns, VIP, 80).is_ok()
+    });
     let answers = tcp_ask_many(&e.pod(0, 0).ns, VIP, 80, 60);
     let first = answers[0].clone().unwrap();
-    assert!(answers.iter().all(|a| a.as_ref() == Ok(&first)), "all 60 on one backend: {answers:?}");
+    assert!(
+        answers.iter().all(|a| a.as_ref() == Ok(&first)),
+        "all 60 on one backend: {answers:?}"
+    );
     // After the timeout a client may land elsewhere; over 8 rounds the
     // chance that it never does is (1/3)^8.
     let mut seen = std::collections::BTreeSet::from([first]);
@@ -171,7 +246,10 @@ fn client_ip_affinity_and_timeout() {
         std::thread::sleep(Duration::from_millis(2300));
         let round = tcp_ask_many(&e.pod(0, 0).ns, VIP, 80, 5);
         let b = round[0].clone().unwrap();
-        assert!(round.iter().all(|a| a.as_ref() == Ok(&b)), "sticky within a round");
+        assert!(
+            round.iter().all(|a| a.as_ref() == Ok(&b)),
+            "sticky within a round"
+        );
         seen.insert(b);
     }
     assert!(seen.len() > 1, "affinity expired at least once: {seen:?}");
@@ -183,15 +261,33 @@ fn no_endpoints_is_refused_immediately() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
     apply_service(&e, "empty", "", &[]);
-    eventually("frontend programmed", || e.c.bpftool_dump(0, "svc_v1").map(|d| d.contains("\"key\"")).unwrap_or(false));
+    eventually("frontend programmed", || {
+        e.c.bpftool_dump(0, "svc_v1")
+            .map(|d| d.contains("\"key\""))
+            .unwrap_or(false)
+    });
     let t = Instant::now();
     let r = tcp_ask(&e.pod(0, 0).ns, VIP, 80);
-    assert!(matches!(&r, Err(m) if m.contains("refused")), "TCP refused: {r:?}");
-    assert!(t.elapsed() < Duration::from_millis(500), "in well under a second: {:?}", t.elapsed());
+    assert!(
+        matches!(&r, Err(m) if m.contains("refused")),
+        "TCP refused: {r:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "in well under a second: {:?}",
+        t.elapsed()
+    );
     let t = Instant::now();
     let r = udp_ask(&e.pod(0, 0).ns, VIP, 53, Duration::from_secs(3));
-    assert!(matches!(&r, Err(m) if m.contains("refused")), "UDP refused: {r:?}");
-    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    assert!(
+        matches!(&r, Err(m) if m.contains("refused")),
+        "UDP refused: {r:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 /// 5: only terminating-but-serving endpoints left -> they are used; once a
@@ -202,10 +298,14 @@ fn terminating_endpoints_are_the_fallback() {
     let e = env(&["--decap-mode", "tc"]);
     let (a, b) = (e.ip(1, 0), e.ip(1, 1));
     apply_service(&e, "term", "", &[Ep::terminating(a)]);
-    eventually("terminating endpoint used", || tcp_ask(&e.pod(0, 0).ns, VIP, 80).as_deref() == Ok(&a.to_string()));
+    eventually("terminating endpoint used", || {
+        tcp_ask(&e.pod(0, 0).ns, VIP, 80).as_deref() == Ok(&a.to_string())
+    });
     apply_service(&e, "term", "", &[Ep::terminating(a), Ep::ready(b)]);
     eventually("ready endpoint preferred", || {
-        tcp_ask_many(&e.pod(0, 0).ns, VIP, 80, 20).iter().all(|r| r.as_deref() == Ok(&b.to_string()))
+        tcp_ask_many(&e.pod(0, 0).ns, VIP, 80, 20)
+            .iter()
+            .all(|r| r.as_deref() == Ok(&b.to_string()))
     });
 }
 
@@ -218,11 +318,13 @@ fn udp_recovers_after_backend_removal() {
     let (a, b) = (e.ip(1, 0), e.ip(0, 1));
     apply_service(&e, "dns", "", &[Ep::ready(a)]);
     eventually("UDP answered by a", || {
-        udp_ask_from(&e.pod(0, 0).ns, 40053, VIP, 53, Duration::from_millis(500)).as_deref() == Ok(&a.to_string())
+        udp_ask_from(&e.pod(0, 0).ns, 40053, VIP, 53, Duration::from_millis(500)).as_deref()
+            == Ok(&a.to_string())
     });
     apply_service(&e, "dns", "", &[Ep::ready(b)]);
     eventually("next request answered by b", || {
-        udp_ask_from(&e.pod(0, 0).ns, 40053, VIP, 53, Duration::from_millis(500)).as_deref() == Ok(&b.to_string())
+        udp_ask_from(&e.pod(0, 0).ns, 40053, VIP, 53, Duration::from_millis(500)).as_deref()
+            == Ok(&b.to_string())
     });
 }
 
@@ -233,8 +335,13 @@ fn hairpin() {
     let e = env(&["--decap-mode", "tc"]);
     let me = e.ip(0, 0);
     apply_service(&e, "self", "", &[Ep::ready(me)]);
-    eventually("hairpin connection", || tcp_ask(&e.pod(0, 0).ns, VIP, 80).as_deref() == Ok(&me.to_string()));
-    assert_eq!(udp_ask(&e.pod(0, 0).ns, VIP, 53, Duration::from_secs(2)).unwrap(), me.to_string());
+    eventually("hairpin connection", || {
+        tcp_ask(&e.pod(0, 0).ns, VIP, 80).as_deref() == Ok(&me.to_string())
+    });
+    assert_eq!(
+        udp_ask(&e.pod(0, 0).ns, VIP, 53, Duration::from_secs(2)).unwrap(),
+        me.to_string()
+    );
 }
 
 /// 8: a port or protocol the Service does not define is not forwarded.
@@ -242,14 +349,33 @@ fn hairpin() {
 fn undefined_port_is_not_forwarded() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
-    apply_service(&e, "ports", "", &three_backends(&e).into_iter().map(Ep::ready).collect::<Vec<_>>());
-    eventually("service reachable", || tcp_ask(&e.pod(0, 0).ns, VIP, 80).is_ok());
+    apply_service(
+        &e,
+        "ports",
+        "",
+        &three_backends(&e)
+            .into_iter()
+            .map(Ep::ready)
+            .collect::<Vec<_>>(),
+    );
+    eventually("service reachable", || {
+        tcp_ask(&e.pod(0, 0).ns, VIP, 80).is_ok()
+    });
     // TCP to 8080 on the ClusterIP (the backends listen there) and UDP to
     // 80: nothing answers.
     assert!(tcp_ask(&e.pod(0, 0).ns, VIP, 8080).is_err());
     assert!(udp_ask(&e.pod(0, 0).ns, VIP, 80, Duration::from_millis(700)).is_err());
-    let stats = e.c.cli(&["stats", "--pin-path", e.c.nodes[0].pin_path.to_str().unwrap()]).unwrap();
-    let line = stats.lines().find(|l| l.starts_with("drop_svc_undefined_port")).unwrap();
+    let stats =
+        e.c.cli(&[
+            "stats",
+            "--pin-path",
+            e.c.nodes[0].pin_path.to_str().unwrap(),
+        ])
+        .unwrap();
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with("drop_svc_undefined_port"))
+        .unwrap();
     assert!(!line.contains(" 0 pkts"), "counted: {line}");
 }
 
@@ -260,12 +386,27 @@ fn internal_traffic_policy_local() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
     let node2 = [e.ip(1, 0), e.ip(1, 1)];
-    apply_service(&e, "local", "  internalTrafficPolicy: Local\n", &node2.iter().copied().map(Ep::ready).collect::<Vec<_>>());
-    eventually("node 2 client served", || tcp_ask(&e.pod(1, 2).ns, VIP, 80).is_ok());
+    apply_service(
+        &e,
+        "local",
+        "  internalTrafficPolicy: Local\n",
+        &node2.iter().copied().map(Ep::ready).collect::<Vec<_>>(),
+    );
+    eventually("node 2 client served", || {
+        tcp_ask(&e.pod(1, 2).ns, VIP, 80).is_ok()
+    });
     let answers = tcp_ask_many(&e.pod(1, 2).ns, VIP, 80, 50);
-    assert!(answers.iter().all(|a| node2.iter().any(|b| a.as_deref() == Ok(&b.to_string()))), "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| node2.iter().any(|b| a.as_deref() == Ok(&b.to_string()))),
+        "{answers:?}"
+    );
     let r = tcp_ask(&e.pod(0, 0).ns, VIP, 80);
-    assert!(matches!(&r, Err(m) if m.contains("refused")), "node 1 has no local endpoint: {r:?}");
+    assert!(
+        matches!(&r, Err(m) if m.contains("refused")),
+        "node 1 has no local endpoint: {r:?}"
+    );
 }
 
 /// 10: with 10,000 services applied, one more becomes reachable from every
@@ -284,7 +425,10 @@ fn ten_thousand_services_then_one_more() {
         let name = format!("bulk-{i}");
         cur.push_str(&service(&name, vip, ""));
         cur.push_str("---\n");
-        cur.push_str(&endpoint_slice(&name, &backends.iter().copied().map(Ep::ready).collect::<Vec<_>>()));
+        cur.push_str(&endpoint_slice(
+            &name,
+            &backends.iter().copied().map(Ep::ready).collect::<Vec<_>>(),
+        ));
         cur.push_str("---\n");
         if i % 60 == 59 {
             yaml_batches.push(std::mem::take(&mut cur));
@@ -296,39 +440,75 @@ fn ten_thousand_services_then_one_more() {
     e.c.with_etcd(move |mut client| async move {
         for y in yaml_batches {
             let objs = dataplane::services::parse_manifests(&y)?;
-            dataplane::services::apply(&mut client, dataplane::services::DEFAULT_PREFIX, &objs).await?;
+            dataplane::services::apply(&mut client, dataplane::services::DEFAULT_PREFIX, &objs)
+                .await?;
         }
         Ok(())
     })
     .unwrap();
     let last = Ipv4Addr::new(10, 97, 39, 250);
     for n in 0..2 {
-        let client = if n == 0 { &e.pod(0, 0).ns } else { &e.pod(1, 2).ns };
+        let client = if n == 0 {
+            &e.pod(0, 0).ns
+        } else {
+            &e.pod(1, 2).ns
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         while tcp_ask(client, last, 80).is_err() {
-            assert!(Instant::now() < deadline, "10,000th service not reachable from node {}:\n{}", n + 1, e.c.nodes[n].log());
+            assert!(
+                Instant::now() < deadline,
+                "10,000th service not reachable from node {}:\n{}",
+                n + 1,
+                e.c.nodes[n].log()
+            );
             std::thread::sleep(Duration::from_millis(500));
         }
     }
     let count_lines = |n: usize| e.c.nodes[n].log().matches("service default/").count();
     let before: Vec<usize> = (0..2).map(count_lines).collect();
-    apply_service(&e, "one-more", "", &backends.iter().copied().map(Ep::ready).collect::<Vec<_>>());
+    apply_service(
+        &e,
+        "one-more",
+        "",
+        &backends.iter().copied().map(Ep::ready).collect::<Vec<_>>(),
+    );
     for (n, client) in [(0usize, &e.pod(0, 0).ns), (1, &e.pod(1, 2).ns)] {
-        eventually("the new service answers", || tcp_ask(client, VIP, 80).is_ok());
+        eventually("the new service answers", || {
+            tcp_ask(client, VIP, 80).is_ok()
+        });
         // The agent logs one line per service it programs: exactly one more.
         eventually("programmed", || count_lines(n) > before[n]);
         let log = e.c.nodes[n].log();
-        let new_lines: Vec<&str> = log.lines().filter(|l| l.contains("service default/")).skip(before[n]).collect();
+        let new_lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("service default/"))
+            .skip(before[n])
+            .collect();
         // (The Service and its EndpointSlice may arrive as two events.)
         assert!(
             new_lines.iter().all(|l| l.contains("default/one-more")),
             "only the new service was reprogrammed on node {}: {new_lines:?}",
             n + 1
         );
-        let writes = log.lines().rev().find(|l| l.contains("services: 1 changed")).expect("write count logged");
-        let updates: u64 = writes.split(" map updates").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+        let writes = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("services: 1 changed"))
+            .expect("write count logged");
+        let updates: u64 = writes
+            .split(" map updates")
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         // 2 frontends x (service entry + 3 backend slots + 3 live pairs)
         // + 2 ClusterIP refcount writes = 16, whatever the 10,000 others.
-        assert!(updates <= 16, "map writes proportional to one service: {writes}");
+        assert!(
+            updates <= 16,
+            "map writes proportional to one service: {writes}"
+        );
     }
 }

@@ -59,6 +59,9 @@ enum Task {
     /// A small cluster on this machine, in network namespaces: etcd, three
     /// nodes with agents, pods pinging each other. Cleans up after itself.
     Demo,
+    /// rustfmt check and clippy with -D warnings: the host crates, then
+    /// the BPF crate for its own target.
+    Lint,
     /// The benchmark (issue #5): pod to pod per mode, ClusterIP against
     /// kube-proxy's iptables, control plane latency, agent RSS, BPF
     /// per-packet cost. Writes bench/results/latest.{md,json} and charts.
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Task::Test { args } => setup().and_then(|()| test(&args)),
         Task::Run { args } => setup().and_then(|()| run(&args)),
         Task::Demo => setup().and_then(|()| demo()),
+        Task::Lint => setup().and_then(|()| lint()),
         Task::Bench { quick } => setup().and_then(|()| bench(quick)),
     };
     match r {
@@ -88,7 +92,10 @@ fn main() -> ExitCode {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 fn cargo() -> Command {
@@ -108,7 +115,9 @@ fn status(mut c: Command) -> anyhow::Result<()> {
 
 fn output_ok(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn is_root() -> bool {
@@ -123,7 +132,8 @@ fn setup() -> anyhow::Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            output_ok("dpkg-query", &["-W", "-f=${Status}", p]).is_none_or(|s| !s.contains("install ok installed"))
+            output_ok("dpkg-query", &["-W", "-f=${Status}", p])
+                .is_none_or(|s| !s.contains("install ok installed"))
         })
         .collect();
     if !missing.is_empty() {
@@ -142,8 +152,11 @@ fn setup() -> anyhow::Result<()> {
         did.push(format!("installed {}", missing.join(" ")));
     }
 
-    let components = output_ok("rustup", &["component", "list", "--toolchain", TOOLCHAIN, "--installed"])
-        .context("rustup cannot list components of the pinned toolchain")?;
+    let components = output_ok(
+        "rustup",
+        &["component", "list", "--toolchain", TOOLCHAIN, "--installed"],
+    )
+    .context("rustup cannot list components of the pinned toolchain")?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to {TOOLCHAIN}");
         let mut c = Command::new("rustup");
@@ -210,10 +223,16 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     let has_endpoints = args.iter().any(|a| a.starts_with("--etcd-endpoints"))
         || env::var_os("DATAPLANE_ETCD_ENDPOINTS").is_some();
     let mut etcd = None;
-    if !has_endpoints && TcpStream::connect_timeout(&"127.0.0.1:2379".parse()?, Duration::from_millis(300)).is_err() {
+    if !has_endpoints
+        && TcpStream::connect_timeout(&"127.0.0.1:2379".parse()?, Duration::from_millis(300))
+            .is_err()
+    {
         let dir = PathBuf::from("/var/lib/dataplane/etcd");
         std::fs::create_dir_all(&dir)?;
-        eprintln!("run: no etcd on 127.0.0.1:2379; starting a local single-member etcd, data in {}", dir.display());
+        eprintln!(
+            "run: no etcd on 127.0.0.1:2379; starting a local single-member etcd, data in {}",
+            dir.display()
+        );
         let log = std::fs::File::create(dir.with_extension("log"))?;
         let child = Command::new("etcd")
             .args(["--name", "dataplane-local", "--data-dir"])
@@ -232,14 +251,21 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             .context("starting etcd")?;
         etcd = Some(child);
         for _ in 0..100 {
-            if TcpStream::connect_timeout(&"127.0.0.1:2379".parse()?, Duration::from_millis(100)).is_ok() {
+            if TcpStream::connect_timeout(&"127.0.0.1:2379".parse()?, Duration::from_millis(100))
+                .is_ok()
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         // One node works out of the box: a default network if none is set.
         let mut c = Command::new(&bin);
-        c.args(["config", "put", "--if-absent", r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#]);
+        c.args([
+            "config",
+            "put",
+            "--if-absent",
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        ]);
         status(c)?;
     }
     let mut c = Command::new(&bin);
@@ -271,13 +297,72 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     }
     // Measure what users run: the release agent.
     let mut c = cargo();
-    c.args(["build", "--locked", "--release", "-p", "dataplane", "--bin", "dataplane"]);
+    c.args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "dataplane",
+        "--bin",
+        "dataplane",
+    ]);
     status(c)?;
     let mut c = cargo();
-    c.args(["run", "--locked", "-q", "--release", "-p", "tests", "--bin", "bench", "--"])
-        .env("DATAPLANE_BIN", root().join("target/release/dataplane"));
+    c.args([
+        "run",
+        "--locked",
+        "-q",
+        "--release",
+        "-p",
+        "tests",
+        "--bin",
+        "bench",
+        "--",
+    ])
+    .env("DATAPLANE_BIN", root().join("target/release/dataplane"));
     if quick {
         c.arg("--quick");
     }
+    status(c)
+}
+
+fn lint() -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args(["fmt", "--all", "--check"]);
+    status(c)?;
+    let mut c = cargo();
+    c.args([
+        "clippy",
+        "--locked",
+        "-p",
+        "dataplane",
+        "-p",
+        "dataplane-common",
+        "-p",
+        "xtask",
+        "-p",
+        "tests",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    status(c)?;
+    // The BPF crate only builds for the BPF target (with build-std).
+    let mut c = cargo();
+    c.current_dir(root().join("dataplane-ebpf"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args([
+            "clippy",
+            "--locked",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]);
     status(c)
 }

@@ -23,14 +23,23 @@ pub const TARGET_PORT: u16 = 8080;
 /// 10.250.0.0/16 (never contacted).
 pub fn filler(i: u32) -> BenchService {
     let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + i);
-    let ep = |k: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + (i * 3 + k) % 65_000 + 1);
-    BenchService { name: format!("fill-{i:05}"), vip, endpoints: vec![ep(0), ep(1), ep(2)] }
+    let ep =
+        |k: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + (i * 3 + k) % 65_000 + 1);
+    BenchService {
+        name: format!("fill-{i:05}"),
+        vip,
+        endpoints: vec![ep(0), ep(1), ep(2)],
+    }
 }
 
 /// A measured service: VIP in 10.100.0.0/16, real endpoints.
 pub fn target(n: u32, endpoints: &[Ipv4Addr]) -> BenchService {
     let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + 1 + n);
-    BenchService { name: format!("target-{n:05}"), vip, endpoints: endpoints.to_vec() }
+    BenchService {
+        name: format!("target-{n:05}"),
+        vip,
+        endpoints: endpoints.to_vec(),
+    }
 }
 
 /// kube-proxy's chain name suffix: 16 base32 characters of a hash of the
@@ -75,7 +84,10 @@ pub fn iptables_nat(services: &[BenchService], cluster_cidr: &str) -> String {
         );
         let n = s.endpoints.len();
         for (k, ep) in s.endpoints.iter().enumerate() {
-            let sep = format!("KUBE-SEP-{}", chain_hash(&format!("{port_name}tcp{ep}:{TARGET_PORT}")));
+            let sep = format!(
+                "KUBE-SEP-{}",
+                chain_hash(&format!("{port_name}tcp{ep}:{TARGET_PORT}"))
+            );
             let _ = writeln!(chains, ":{sep} - [0:0]");
             let left = n - k;
             if left > 1 {
@@ -85,9 +97,15 @@ pub fn iptables_nat(services: &[BenchService], cluster_cidr: &str) -> String {
                     1.0 / left as f64
                 );
             } else {
-                let _ = writeln!(rules, "-A {svc_chain} -m comment --comment \"{port_name} -> {ep}:{TARGET_PORT}\" -j {sep}");
+                let _ = writeln!(
+                    rules,
+                    "-A {svc_chain} -m comment --comment \"{port_name} -> {ep}:{TARGET_PORT}\" -j {sep}"
+                );
             }
-            let _ = writeln!(rules, "-A {sep} -s {ep}/32 -m comment --comment \"{port_name}\" -j KUBE-MARK-MASQ");
+            let _ = writeln!(
+                rules,
+                "-A {sep} -s {ep}/32 -m comment --comment \"{port_name}\" -j KUBE-MARK-MASQ"
+            );
             let _ = writeln!(
                 rules,
                 "-A {sep} -p tcp -m comment --comment \"{port_name}\" -m tcp -j DNAT --to-destination {ep}:{TARGET_PORT}"
@@ -129,7 +147,10 @@ pub fn manifests(services: &[BenchService]) -> String {
             vip = s.vip
         );
         for ep in &s.endpoints {
-            let _ = write!(y, "  - addresses: [\"{ep}\"]\n    conditions:\n      ready: true\n");
+            let _ = write!(
+                y,
+                "  - addresses: [\"{ep}\"]\n    conditions:\n      ready: true\n"
+            );
         }
     }
     y

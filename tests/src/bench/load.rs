@@ -102,12 +102,18 @@ impl EchoServer {
         });
         let mut listen_fd = -1;
         for _ in 0..2 {
-            let fd = rx.recv_timeout(Duration::from_secs(5)).context("echo server did not start")??;
+            let fd = rx
+                .recv_timeout(Duration::from_secs(5))
+                .context("echo server did not start")??;
             if fd >= 0 {
                 listen_fd = fd;
             }
         }
-        Ok(EchoServer { stop, listen_fd, threads: vec![tcp, udp] })
+        Ok(EchoServer {
+            stop,
+            listen_fd,
+            threads: vec![tcp, udp],
+        })
     }
 }
 
@@ -153,7 +159,10 @@ fn finish(mut lat: Vec<u32>, mut conn: Vec<u32>, elapsed: Duration, errors: u64)
 
 const WARMUP: Duration = Duration::from_millis(100);
 
-fn run_client<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+fn run_client<T: Send + 'static>(
+    ns: &NetNs,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     in_netns(ns, move || {
         pin(CLIENT_CPU);
         f()
@@ -163,9 +172,15 @@ fn run_client<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> anyhow::Result<
 }
 
 /// One TCP connection, `size`-byte request and response in a loop.
-pub fn tcp_rr(ns: &NetNs, dst: SocketAddrV4, size: usize, dur: Duration) -> anyhow::Result<RrResult> {
+pub fn tcp_rr(
+    ns: &NetNs,
+    dst: SocketAddrV4,
+    size: usize,
+    dur: Duration,
+) -> anyhow::Result<RrResult> {
     run_client(ns, move || {
-        let mut s = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3)).context("connect")?;
+        let mut s =
+            TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3)).context("connect")?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         let req = vec![0x5au8; size];
@@ -241,7 +256,12 @@ pub fn tcp_crr(ns: &NetNs, dst: SocketAddrV4, dur: Duration) -> anyhow::Result<R
 
 /// UDP `size`-byte request/response on one connected socket; a lost
 /// datagram counts as an error after 200 ms.
-pub fn udp_rr(ns: &NetNs, dst: SocketAddrV4, size: usize, dur: Duration) -> anyhow::Result<RrResult> {
+pub fn udp_rr(
+    ns: &NetNs,
+    dst: SocketAddrV4,
+    size: usize,
+    dur: Duration,
+) -> anyhow::Result<RrResult> {
     run_client(ns, move || {
         let s = UdpSocket::bind(("0.0.0.0", 0))?;
         s.connect(dst)?;
@@ -280,11 +300,26 @@ pub fn udp_rr(ns: &NetNs, dst: SocketAddrV4, size: usize, dur: Duration) -> anyh
 /// iperf3 from `client` to `server_ip`, `streams` parallel streams, for
 /// `secs`; client on [`CLIENT_CPU`], server on [`SERVER_CPU`].
 /// Returns (Gbit/s received, retransmits).
-pub fn iperf3(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, streams: u32, secs: f64) -> anyhow::Result<(f64, u64)> {
+pub fn iperf3(
+    server: &NetNs,
+    server_ip: Ipv4Addr,
+    client: &NetNs,
+    streams: u32,
+    secs: f64,
+) -> anyhow::Result<(f64, u64)> {
     let port = "5201";
     let mut srv = server
         .command("iperf3")
-        .args(["-s", "-1", "-A", &SERVER_CPU.to_string(), "-B", &server_ip.to_string(), "-p", port])
+        .args([
+            "-s",
+            "-1",
+            "-A",
+            &SERVER_CPU.to_string(),
+            "-B",
+            &server_ip.to_string(),
+            "-p",
+            port,
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -295,13 +330,27 @@ pub fn iperf3(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, streams: u32,
         std::thread::sleep(Duration::from_millis(100));
         let out = client
             .command("iperf3")
-            .args(["-c", &server_ip.to_string(), "-p", port, "-A", &CLIENT_CPU.to_string(), "-J", "-P", &streams.to_string()])
+            .args([
+                "-c",
+                &server_ip.to_string(),
+                "-p",
+                port,
+                "-A",
+                &CLIENT_CPU.to_string(),
+                "-J",
+                "-P",
+                &streams.to_string(),
+            ])
             .args(["-t", &format!("{secs}")])
             .output()
             .context("iperf3 -c")?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-            result = Some((bps / 1e9, v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0)));
+            result = Some((
+                bps / 1e9,
+                v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+            ));
             break;
         }
         last_err = v["error"].as_str().unwrap_or("no JSON").to_owned();

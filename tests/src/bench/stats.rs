@@ -24,12 +24,26 @@ impl Summary {
     pub fn of(values: &[f64]) -> Summary {
         let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
         if v.is_empty() {
-            return Summary { median: f64::NAN, min: f64::NAN, max: f64::NAN, n: 0 };
+            return Summary {
+                median: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
+                n: 0,
+            };
         }
         v.sort_by(f64::total_cmp);
         let n = v.len();
-        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-        Summary { median, min: v[0], max: v[n - 1], n }
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Summary {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        }
     }
 
     pub fn json(&self, unit: &str) -> Value {
@@ -48,7 +62,11 @@ impl Summary {
 
 /// A finite number as JSON, else null.
 pub fn num(x: f64) -> Value {
-    if x.is_finite() { json!((x * 1000.0).round() / 1000.0) } else { Value::Null }
+    if x.is_finite() {
+        json!((x * 1000.0).round() / 1000.0)
+    } else {
+        Value::Null
+    }
 }
 
 /// 12345.6 -> "12,346".
@@ -57,7 +75,9 @@ pub fn thousands(x: f64) -> String {
         return "n/a".into();
     }
     let s = format!("{:.0}", x.round());
-    let (neg, digits) = s.strip_prefix('-').map_or((false, s.as_str()), |d| (true, d));
+    let (neg, digits) = s
+        .strip_prefix('-')
+        .map_or((false, s.as_str()), |d| (true, d));
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
         if i > 0 && (digits.len() - i) % 3 == 0 {
@@ -69,9 +89,17 @@ pub fn thousands(x: f64) -> String {
 }
 
 pub fn f1(x: f64) -> String {
-    if x.is_finite() { format!("{x:.1}") } else { "n/a".into() }
+    if x.is_finite() {
+        format!("{x:.1}")
+    } else {
+        "n/a".into()
+    }
 }
 
 pub fn f2(x: f64) -> String {
-    if x.is_finite() { format!("{x:.2}") } else { "n/a".into() }
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "n/a".into()
+    }
 }

@@ -8,7 +8,9 @@ const L: f64 = 80.0;
 const R: f64 = 180.0;
 const T: f64 = 50.0;
 const B: f64 = 60.0;
-pub const COLORS: [&str; 6] = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+pub const COLORS: [&str; 6] = [
+    "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
 
 fn nice_max(v: f64) -> f64 {
     if !(v.is_finite() && v > 0.0) {
@@ -65,18 +67,30 @@ fn frame(title: &str, y_label: &str, x_label: &str, ymax: f64) -> String {
 }
 
 fn trim(v: f64) -> String {
-    if v >= 100.0 { format!("{v:.0}") } else if v >= 1.0 { format!("{v:.1}") } else { format!("{v:.2}") }
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn legend(s: &mut String, names: &[String], dashed: &[bool]) {
     for (i, n) in names.iter().enumerate() {
         let y = T + 10.0 + 20.0 * i as f64;
         let x = W - R + 15.0;
-        let dash = if dashed.get(i).copied().unwrap_or(false) { " stroke-dasharray=\"5,3\"" } else { "" };
+        let dash = if dashed.get(i).copied().unwrap_or(false) {
+            " stroke-dasharray=\"5,3\""
+        } else {
+            ""
+        };
         let _ = writeln!(
             s,
             "<line x1=\"{x}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"{}\" stroke-width=\"3\"{dash}/><text x=\"{}\" y=\"{}\">{}</text>",
@@ -90,14 +104,33 @@ fn legend(s: &mut String, names: &[String], dashed: &[bool]) {
 }
 
 /// Lines over categorical x values. `series`: (name, dashed, values).
-pub fn lines(title: &str, y_label: &str, x_label: &str, xs: &[String], series: &[(String, bool, Vec<f64>)]) -> String {
-    let ymax = nice_max(series.iter().flat_map(|s| s.2.iter().copied()).filter(|v| v.is_finite()).fold(0.0, f64::max) * 1.05);
+pub fn lines(
+    title: &str,
+    y_label: &str,
+    x_label: &str,
+    xs: &[String],
+    series: &[(String, bool, Vec<f64>)],
+) -> String {
+    let ymax = nice_max(
+        series
+            .iter()
+            .flat_map(|s| s.2.iter().copied())
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max)
+            * 1.05,
+    );
     let mut s = frame(title, y_label, x_label, ymax);
     let pw = W - L - R;
     let ph = H - T - B;
     let xpos = |i: usize| L + pw * (i as f64 + 0.5) / xs.len() as f64;
     for (i, x) in xs.iter().enumerate() {
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>", xpos(i), H - B + 18.0, esc(x));
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            xpos(i),
+            H - B + 18.0,
+            esc(x)
+        );
     }
     for (k, (_, dashed, vals)) in series.iter().enumerate() {
         let c = COLORS[k % COLORS.len()];
@@ -107,14 +140,28 @@ pub fn lines(title: &str, y_label: &str, x_label: &str, xs: &[String], series: &
             .filter(|(_, v)| v.is_finite())
             .map(|(i, v)| format!("{:.1},{:.1}", xpos(i), T + ph - ph * v / ymax))
             .collect();
-        let dash = if *dashed { " stroke-dasharray=\"5,3\"" } else { "" };
-        let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2.5\"{dash} points=\"{}\"/>", pts.join(" "));
+        let dash = if *dashed {
+            " stroke-dasharray=\"5,3\""
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2.5\"{dash} points=\"{}\"/>",
+            pts.join(" ")
+        );
         for p in &pts {
             let (x, y) = p.split_once(',').unwrap();
             let _ = writeln!(s, "<circle cx=\"{x}\" cy=\"{y}\" r=\"4\" fill=\"{c}\"/>");
         }
         for (i, v) in vals.iter().enumerate().filter(|(_, v)| v.is_finite()) {
-            let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"{c}\">{}</text>", xpos(i) + 6.0, T + ph - ph * v / ymax - 6.0, trim(*v));
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"{c}\">{}</text>",
+                xpos(i) + 6.0,
+                T + ph - ph * v / ymax - 6.0,
+                trim(*v)
+            );
         }
     }
     let names: Vec<String> = series.iter().map(|s| s.0.clone()).collect();
@@ -126,14 +173,27 @@ pub fn lines(title: &str, y_label: &str, x_label: &str, xs: &[String], series: &
 
 /// Grouped bars: one group per category, one bar per series.
 pub fn bars(title: &str, y_label: &str, cats: &[String], series: &[(String, Vec<f64>)]) -> String {
-    let ymax = nice_max(series.iter().flat_map(|s| s.1.iter().copied()).filter(|v| v.is_finite()).fold(0.0, f64::max) * 1.1);
+    let ymax = nice_max(
+        series
+            .iter()
+            .flat_map(|s| s.1.iter().copied())
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max)
+            * 1.1,
+    );
     let mut s = frame(title, y_label, "", ymax);
     let pw = W - L - R;
     let ph = H - T - B;
     let gw = pw / cats.len() as f64;
     let bw = gw * 0.8 / series.len() as f64;
     for (i, c) in cats.iter().enumerate() {
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>", L + gw * (i as f64 + 0.5), H - B + 18.0, esc(c));
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            L + gw * (i as f64 + 0.5),
+            H - B + 18.0,
+            esc(c)
+        );
         for (k, (_, vals)) in series.iter().enumerate() {
             let v = vals.get(i).copied().unwrap_or(f64::NAN);
             if !v.is_finite() {

@@ -94,7 +94,11 @@ type Registry = Vec<(String, Vec<u32>)>;
 static CLEANUP: OnceLock<Mutex<Registry>> = OnceLock::new();
 
 fn register(c: &Cluster) {
-    let mut pids: Vec<u32> = c.nodes.iter().filter_map(|n| n.agent.as_ref().map(|a| a.id())).collect();
+    let mut pids: Vec<u32> = c
+        .nodes
+        .iter()
+        .filter_map(|n| n.agent.as_ref().map(|a| a.id()))
+        .collect();
     pids.extend(c.etcd.pid());
     let mut reg = CLEANUP.get_or_init(Default::default).lock().unwrap();
     reg.retain(|(id, _)| id != &c.id);
@@ -102,7 +106,11 @@ fn register(c: &Cluster) {
 }
 
 fn unregister(id: &str) {
-    CLEANUP.get_or_init(Default::default).lock().unwrap().retain(|(i, _)| i != id);
+    CLEANUP
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .retain(|(i, _)| i != id);
 }
 
 /// SIGINT/SIGTERM: stop what we started (by PID), delete our namespaces
@@ -150,8 +158,20 @@ struct Report {
 }
 
 impl Report {
-    fn target(&mut self, name: &str, value: f64, goal: f64, unit: &str, higher_is_better: bool, detail: &str) {
-        let met = if higher_is_better { value >= goal } else { value < goal };
+    fn target(
+        &mut self,
+        name: &str,
+        value: f64,
+        goal: f64,
+        unit: &str,
+        higher_is_better: bool,
+        detail: &str,
+    ) {
+        let met = if higher_is_better {
+            value >= goal
+        } else {
+            value < goal
+        };
         let margin = if !value.is_finite() {
             "not measured".to_string()
         } else if met {
@@ -161,9 +181,19 @@ impl Report {
                 format!("met, {:.1}% below", (1.0 - value / goal) * 100.0)
             }
         } else if higher_is_better {
-            format!("MISSED by {:.1}% ({} vs {} {unit})", (1.0 - value / goal) * 100.0, f2(value), f2(goal))
+            format!(
+                "MISSED by {:.1}% ({} vs {} {unit})",
+                (1.0 - value / goal) * 100.0,
+                f2(value),
+                f2(goal)
+            )
         } else {
-            format!("MISSED by {:.1}% ({} vs < {} {unit})", (value / goal - 1.0) * 100.0, f2(value), f2(goal))
+            format!(
+                "MISSED by {:.1}% ({} vs < {} {unit})",
+                (value / goal - 1.0) * 100.0,
+                f2(value),
+                f2(goal)
+            )
         };
         let met = met && value.is_finite();
         self.targets.push(json!({"target": name, "value": num(value), "goal": num(goal), "unit": unit,
@@ -173,17 +203,31 @@ impl Report {
             f2(value),
             if higher_is_better { "≥" } else { "<" },
             f2(goal),
-            if met { format!("✅ {margin}") } else { format!("❌ {margin}") }
+            if met {
+                format!("✅ {margin}")
+            } else {
+                format!("❌ {margin}")
+            }
         ));
     }
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn sh_out(cmd: &str) -> String {
-    Command::new("sh").arg("-c").arg(cmd).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------- clusters
@@ -220,13 +264,22 @@ fn net(s: &str) -> ipnet::Ipv4Net {
 
 /// Pods, echo servers on the server pods, client sysctls (CRR opens many
 /// connections: wide port range, TIME_WAIT reuse), and a reachability check.
-fn finish_cluster(name: &'static str, c: Cluster, flannel: Vec<FlannelNode>) -> anyhow::Result<ModeCluster> {
+fn finish_cluster(
+    name: &'static str,
+    c: Cluster,
+    flannel: Vec<FlannelNode>,
+) -> anyhow::Result<ModeCluster> {
     let mut servers = Vec::new();
     for p in &c.nodes[1].pods {
         servers.push(EchoServer::start(&p.ns, p.ip, SERVER_PORT)?);
     }
     c.nodes[0].pods[0].ns.sh("sysctl -qw net.ipv4.ip_local_port_range='1024 65535' && sysctl -qw net.ipv4.tcp_tw_reuse=1")?;
-    let m = ModeCluster { name, servers, _flannel: flannel, c };
+    let m = ModeCluster {
+        name,
+        servers,
+        _flannel: flannel,
+        c,
+    };
     for ip in m.server_ips() {
         let deadline = Instant::now() + Duration::from_secs(15);
         while m.c.ping(0, 0, ip, 1).is_err() {
@@ -264,7 +317,10 @@ fn flannel_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
     let mut c = Cluster::new(2)?;
     register(&c);
     let nets = [net("10.244.1.0/24"), net("10.244.2.0/24")];
-    let f = vec![FlannelNode::start(&c, 0, nets[0])?, FlannelNode::start(&c, 1, nets[1])?];
+    let f = vec![
+        FlannelNode::start(&c, 0, nets[0])?,
+        FlannelNode::start(&c, 1, nets[1])?,
+    ];
     for n in &f {
         n.program_peers(&c)?;
     }
@@ -293,9 +349,18 @@ fn ours_cluster(name: &'static str, mode: &str, server_pods: usize) -> anyhow::R
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     for (i, want) in [(0, 1), (1, server_pods)] {
-        while c.nodes[i].log().matches("attached from_pod to pod port").count() < want {
+        while c.nodes[i]
+            .log()
+            .matches("attached from_pod to pod port")
+            .count()
+            < want
+        {
             if Instant::now() > deadline {
-                bail!("{name}: pod ports of node {} not attached:\n{}", i + 1, c.nodes[i].log());
+                bail!(
+                    "{name}: pod ports of node {} not attached:\n{}",
+                    i + 1,
+                    c.nodes[i].log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -312,7 +377,11 @@ fn push(f: &mut Figures, mode: &str, metric: &str, v: f64) {
 }
 
 fn summary(f: &Figures, mode: &str, metric: &str) -> Summary {
-    Summary::of(f.get(&format!("{mode}|{metric}")).map(Vec::as_slice).unwrap_or(&[]))
+    Summary::of(
+        f.get(&format!("{mode}|{metric}"))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]),
+    )
 }
 
 fn pod_to_pod_rep(m: &ModeCluster, o: &Opts, f: &mut Figures, errors: &mut Vec<String>) {
@@ -335,8 +404,18 @@ fn pod_to_pod_rep(m: &ModeCluster, o: &Opts, f: &mut Figures, errors: &mut Vec<S
             push(f, name, &format!("{metric}_p99_us"), r.p99_us);
             push(f, name, &format!("{metric}_errors"), r.errors as f64);
             if r.connect_p50_us.is_finite() {
-                push(f, name, &format!("{metric}_connect_p50_us"), r.connect_p50_us);
-                push(f, name, &format!("{metric}_connect_p99_us"), r.connect_p99_us);
+                push(
+                    f,
+                    name,
+                    &format!("{metric}_connect_p50_us"),
+                    r.connect_p50_us,
+                );
+                push(
+                    f,
+                    name,
+                    &format!("{metric}_connect_p99_us"),
+                    r.connect_p99_us,
+                );
             }
         }
         Err(e) => errors.push(format!("{name} {metric}: {e:#}")),
@@ -348,15 +427,26 @@ fn pod_to_pod_rep(m: &ModeCluster, o: &Opts, f: &mut Figures, errors: &mut Vec<S
 
 fn ethtool_tso(m: &ModeCluster) -> String {
     // The underlay veth of node 1 and its peer on the bridge (u1).
-    let node = m.c.nodes[0].ns.sh("ethtool -k eth0 | grep tcp-segmentation-offload:").unwrap_or_default();
-    let peer = m.c.underlay.sh("ethtool -k u1 | grep tcp-segmentation-offload:").unwrap_or_default();
-    format!("node eth0 {}; its peer u1 {}", node.trim().trim_start_matches("tcp-segmentation-offload: "), peer.trim().trim_start_matches("tcp-segmentation-offload: "))
+    let node = m.c.nodes[0]
+        .ns
+        .sh("ethtool -k eth0 | grep tcp-segmentation-offload:")
+        .unwrap_or_default();
+    let peer =
+        m.c.underlay
+            .sh("ethtool -k u1 | grep tcp-segmentation-offload:")
+            .unwrap_or_default();
+    format!(
+        "node eth0 {}; its peer u1 {}",
+        node.trim().trim_start_matches("tcp-segmentation-offload: "),
+        peer.trim().trim_start_matches("tcp-segmentation-offload: ")
+    )
 }
 
 // ---------------------------------------------------------------- maps
 
 fn svc_map(pin: &Path) -> anyhow::Result<BpfHashMap<MapData, SvcKey, SvcInfo>> {
-    let data = MapData::from_pin(pin.join(map_names::SERVICES)).with_context(|| format!("{}", pin.display()))?;
+    let data = MapData::from_pin(pin.join(map_names::SERVICES))
+        .with_context(|| format!("{}", pin.display()))?;
     Ok(BpfHashMap::try_from(Map::HashMap(data))?)
 }
 
@@ -366,7 +456,12 @@ fn peers_map(pin: &Path) -> anyhow::Result<LpmTrie<MapData, [u8; 4], PeerInfo>> 
 }
 
 fn svc_key(vip: Ipv4Addr) -> SvcKey {
-    SvcKey { vip: vip.octets(), port: kube::SVC_PORT.to_be_bytes(), proto: dataplane_common::PROTO_TCP, _pad: 0 }
+    SvcKey {
+        vip: vip.octets(),
+        port: kube::SVC_PORT.to_be_bytes(),
+        proto: dataplane_common::PROTO_TCP,
+        _pad: 0,
+    }
 }
 
 /// Polls until `ok` holds on every map, or `timeout`.
@@ -393,11 +488,15 @@ fn svc_count_is(m: &BpfHashMap<MapData, SvcKey, SvcInfo>, k: &SvcKey, count: u32
 fn apply_services(c: &Cluster, svcs: &[BenchService]) -> anyhow::Result<()> {
     let mut batches = Vec::new();
     for chunk in svcs.chunks(60) {
-        batches.push(dataplane::services::parse_manifests(&kube::manifests(chunk)).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+        batches.push(
+            dataplane::services::parse_manifests(&kube::manifests(chunk))
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        );
     }
     c.with_etcd(move |mut cl| async move {
         for b in batches {
-            dataplane::services::store::apply(&mut cl, dataplane::services::DEFAULT_PREFIX, &b).await?;
+            dataplane::services::store::apply(&mut cl, dataplane::services::DEFAULT_PREFIX, &b)
+                .await?;
         }
         anyhow::Ok(())
     })
@@ -418,7 +517,10 @@ fn iptables_restore(m: &ModeCluster, table: &str) -> anyhow::Result<Duration> {
     let out = child.wait_with_output()?;
     let d = t0.elapsed();
     if !out.status.success() {
-        bail!("iptables-restore failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "iptables-restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(d)
 }
@@ -435,7 +537,12 @@ struct LevelResult {
     ours_load_s: f64,
 }
 
-fn clusterip(host: &ModeCluster, ours: &ModeCluster, o: &Opts, log: &mut Vec<String>) -> anyhow::Result<Vec<LevelResult>> {
+fn clusterip(
+    host: &ModeCluster,
+    ours: &ModeCluster,
+    o: &Opts,
+    log: &mut Vec<String>,
+) -> anyhow::Result<Vec<LevelResult>> {
     let host_eps = host.server_ips();
     let ours_eps = ours.server_ips();
     // Both service lists hold the same services except for the endpoints
@@ -443,10 +550,16 @@ fn clusterip(host: &ModeCluster, ours: &ModeCluster, o: &Opts, log: &mut Vec<Str
     let mut ipt_svcs: Vec<BenchService> = Vec::new();
     let mut ours_svcs: Vec<BenchService> = Vec::new();
     let mut filler = 0u32;
-    let maps = [svc_map(&ours.c.nodes[0].pin_path)?, svc_map(&ours.c.nodes[1].pin_path)?];
+    let maps = [
+        svc_map(&ours.c.nodes[0].pin_path)?,
+        svc_map(&ours.c.nodes[1].pin_path)?,
+    ];
     let mut out = Vec::new();
     for &n in &o.svc_levels {
-        let mut lr = LevelResult { n, ..Default::default() };
+        let mut lr = LevelResult {
+            n,
+            ..Default::default()
+        };
         let mut new_ours = Vec::new();
         while (ours_svcs.len() + new_ours.len() + 1) < n as usize {
             let s = kube::filler(filler);
@@ -466,14 +579,26 @@ fn clusterip(host: &ModeCluster, ours: &ModeCluster, o: &Opts, log: &mut Vec<Str
         apply_services(&ours.c, &new_ours)?;
         ours_svcs.extend(new_ours);
         let k = svc_key(t_ours.vip);
-        wait_maps(&maps, Duration::from_secs(120), |m| svc_count_is(m, &k, 3)).context("target service not in svc_v1 on every node")?;
+        wait_maps(&maps, Duration::from_secs(120), |m| svc_count_is(m, &k, 3))
+            .context("target service not in svc_v1 on every node")?;
         lr.ours_load_s = t0.elapsed().as_secs_f64();
-        log.push(format!("N={n}: iptables-restore of the full table {:.3} s; ours: applied and live in {:.3} s", lr.ipt_restore_full_s, lr.ours_load_s));
+        log.push(format!(
+            "N={n}: iptables-restore of the full table {:.3} s; ours: applied and live in {:.3} s",
+            lr.ipt_restore_full_s, lr.ours_load_s
+        ));
         eprintln!("  {}", log.last().unwrap());
         // CRR to the last-added service, interleaved.
         for _ in 0..o.svc_reps {
-            lr.ipt_crr.push(load::tcp_crr(&host.client().ns, SocketAddrV4::new(t_host.vip, kube::SVC_PORT), o.crr)?);
-            lr.ours_crr.push(load::tcp_crr(&ours.client().ns, SocketAddrV4::new(t_ours.vip, kube::SVC_PORT), o.crr)?);
+            lr.ipt_crr.push(load::tcp_crr(
+                &host.client().ns,
+                SocketAddrV4::new(t_host.vip, kube::SVC_PORT),
+                o.crr,
+            )?);
+            lr.ours_crr.push(load::tcp_crr(
+                &ours.client().ns,
+                SocketAddrV4::new(t_ours.vip, kube::SVC_PORT),
+                o.crr,
+            )?);
         }
         // One more service.
         for _ in 0..o.add_reps {
@@ -481,7 +606,8 @@ fn clusterip(host: &ModeCluster, ours: &ModeCluster, o: &Opts, log: &mut Vec<Str
             filler += 1;
             ipt_svcs.push(s.clone());
             let table = kube::iptables_nat(&ipt_svcs, "10.244.0.0/16");
-            lr.ipt_add_s.push(iptables_restore(host, &table)?.as_secs_f64());
+            lr.ipt_add_s
+                .push(iptables_restore(host, &table)?.as_secs_f64());
             let yaml = kube::manifests(std::slice::from_ref(&s));
             let path = ours.c.dir.join(format!("add-{}.yaml", s.name));
             std::fs::write(&path, yaml)?;
@@ -525,53 +651,110 @@ fn control_plane(ours: &ModeCluster, o: &Opts) -> anyhow::Result<Vec<CpResult>> 
     let endpoint = ours.c.endpoint();
     let prefix = ours.c.prefix.clone();
     let events = o.cp_events;
-    in_netns(&ours.c.underlay, move || -> anyhow::Result<Vec<CpResult>> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let svcs: Vec<_> = pins.iter().map(|p| svc_map(p)).collect::<anyhow::Result<_>>()?;
-        let peers: Vec<_> = pins.iter().map(|p| peers_map(p)).collect::<anyhow::Result<_>>()?;
-        rt.block_on(async move {
-            let mut cl = etcd_client::Client::connect([endpoint], None).await?;
-            let lease = cl.lease_grant(3600, None).await?.id();
-            let timeout = Duration::from_secs(5);
-            let mut lease_r = CpResult { kind: "new lease", lat_ms: vec![], timeouts: 0 };
-            for k in 0..events {
-                let subnet: ipnet::Ipv4Net = format!("10.12.{}.0/24", k % 256).parse()?;
-                let public_ip = Ipv4Addr::new(172, 20, (k / 250) as u8, (k % 250 + 1) as u8);
-                let attrs = LeaseAttrs { public_ip, backend_type: "vxlan".into(), vni: 1, vtep_mac: [2, 0xdb, 172, 20, (k / 250) as u8, (k % 250 + 1) as u8] };
-                let key = Key::new(24, subnet.network().octets());
-                let t0 = Instant::now();
-                cl.put(subnet_key(&prefix, subnet), attrs.to_json(), Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
-                match wait_maps(&peers, timeout, |m| m.get(&key, 0).is_ok()) {
-                    Some(t) => lease_r.lat_ms.push((t - t0).as_secs_f64() * 1e3),
-                    None => lease_r.timeouts += 1,
+    in_netns(
+        &ours.c.underlay,
+        move || -> anyhow::Result<Vec<CpResult>> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let svcs: Vec<_> = pins
+                .iter()
+                .map(|p| svc_map(p))
+                .collect::<anyhow::Result<_>>()?;
+            let peers: Vec<_> = pins
+                .iter()
+                .map(|p| peers_map(p))
+                .collect::<anyhow::Result<_>>()?;
+            rt.block_on(async move {
+                let mut cl = etcd_client::Client::connect([endpoint], None).await?;
+                let lease = cl.lease_grant(3600, None).await?.id();
+                let timeout = Duration::from_secs(5);
+                let mut lease_r = CpResult {
+                    kind: "new lease",
+                    lat_ms: vec![],
+                    timeouts: 0,
+                };
+                for k in 0..events {
+                    let subnet: ipnet::Ipv4Net = format!("10.12.{}.0/24", k % 256).parse()?;
+                    let public_ip = Ipv4Addr::new(172, 20, (k / 250) as u8, (k % 250 + 1) as u8);
+                    let attrs = LeaseAttrs {
+                        public_ip,
+                        backend_type: "vxlan".into(),
+                        vni: 1,
+                        vtep_mac: [2, 0xdb, 172, 20, (k / 250) as u8, (k % 250 + 1) as u8],
+                    };
+                    let key = Key::new(24, subnet.network().octets());
+                    let t0 = Instant::now();
+                    cl.put(
+                        subnet_key(&prefix, subnet),
+                        attrs.to_json(),
+                        Some(etcd_client::PutOptions::new().with_lease(lease)),
+                    )
+                    .await?;
+                    match wait_maps(&peers, timeout, |m| m.get(&key, 0).is_ok()) {
+                        Some(t) => lease_r.lat_ms.push((t - t0).as_secs_f64() * 1e3),
+                        None => lease_r.timeouts += 1,
+                    }
                 }
-            }
-            let mut new_r = CpResult { kind: "new service", lat_ms: vec![], timeouts: 0 };
-            let mut chg_r = CpResult { kind: "changed service (endpoints 3 -> 2)", lat_ms: vec![], timeouts: 0 };
-            for k in 0..events {
-                let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 101, 0, 1)) + k as u32);
-                let eps = [Ipv4Addr::new(10, 251, 0, 1), Ipv4Addr::new(10, 251, 0, 2), Ipv4Addr::new(10, 251, 0, 3)];
-                let mut s = BenchService { name: format!("cp-{k:04}"), vip, endpoints: eps.to_vec() };
-                let objs = dataplane::services::parse_manifests(&kube::manifests(std::slice::from_ref(&s))).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                let key = svc_key(vip);
-                let t0 = Instant::now();
-                dataplane::services::store::apply(&mut cl, dataplane::services::DEFAULT_PREFIX, &objs).await?;
-                match wait_maps(&svcs, timeout, |m| svc_count_is(m, &key, 3)) {
-                    Some(t) => new_r.lat_ms.push((t - t0).as_secs_f64() * 1e3),
-                    None => new_r.timeouts += 1,
+                let mut new_r = CpResult {
+                    kind: "new service",
+                    lat_ms: vec![],
+                    timeouts: 0,
+                };
+                let mut chg_r = CpResult {
+                    kind: "changed service (endpoints 3 -> 2)",
+                    lat_ms: vec![],
+                    timeouts: 0,
+                };
+                for k in 0..events {
+                    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 101, 0, 1)) + k as u32);
+                    let eps = [
+                        Ipv4Addr::new(10, 251, 0, 1),
+                        Ipv4Addr::new(10, 251, 0, 2),
+                        Ipv4Addr::new(10, 251, 0, 3),
+                    ];
+                    let mut s = BenchService {
+                        name: format!("cp-{k:04}"),
+                        vip,
+                        endpoints: eps.to_vec(),
+                    };
+                    let objs = dataplane::services::parse_manifests(&kube::manifests(
+                        std::slice::from_ref(&s),
+                    ))
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    let key = svc_key(vip);
+                    let t0 = Instant::now();
+                    dataplane::services::store::apply(
+                        &mut cl,
+                        dataplane::services::DEFAULT_PREFIX,
+                        &objs,
+                    )
+                    .await?;
+                    match wait_maps(&svcs, timeout, |m| svc_count_is(m, &key, 3)) {
+                        Some(t) => new_r.lat_ms.push((t - t0).as_secs_f64() * 1e3),
+                        None => new_r.timeouts += 1,
+                    }
+                    s.endpoints.truncate(2);
+                    let objs = dataplane::services::parse_manifests(&kube::manifests(
+                        std::slice::from_ref(&s),
+                    ))
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    let t0 = Instant::now();
+                    dataplane::services::store::apply(
+                        &mut cl,
+                        dataplane::services::DEFAULT_PREFIX,
+                        &objs,
+                    )
+                    .await?;
+                    match wait_maps(&svcs, timeout, |m| svc_count_is(m, &key, 2)) {
+                        Some(t) => chg_r.lat_ms.push((t - t0).as_secs_f64() * 1e3),
+                        None => chg_r.timeouts += 1,
+                    }
                 }
-                s.endpoints.truncate(2);
-                let objs = dataplane::services::parse_manifests(&kube::manifests(std::slice::from_ref(&s))).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                let t0 = Instant::now();
-                dataplane::services::store::apply(&mut cl, dataplane::services::DEFAULT_PREFIX, &objs).await?;
-                match wait_maps(&svcs, timeout, |m| svc_count_is(m, &key, 2)) {
-                    Some(t) => chg_r.lat_ms.push((t - t0).as_secs_f64() * 1e3),
-                    None => chg_r.timeouts += 1,
-                }
-            }
-            anyhow::Ok(vec![lease_r, new_r, chg_r])
-        })
-    })
+                anyhow::Ok(vec![lease_r, new_r, chg_r])
+            })
+        },
+    )
     .join()
     .map_err(|_| anyhow::anyhow!("control plane thread panicked"))?
 }
@@ -579,7 +762,11 @@ fn control_plane(ours: &ModeCluster, o: &Opts) -> anyhow::Result<Vec<CpResult>> 
 fn rss_kb(pid: u32) -> (u64, u64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let get = |k: &str| {
-        s.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
     (get("VmRSS:"), get("VmHWM:"))
 }
@@ -592,17 +779,36 @@ fn add_fake_peers(ours: &ModeCluster, n: usize) -> anyhow::Result<Duration> {
     ours.c.with_etcd(move |mut cl| async move {
         let lease = cl.lease_grant(3600, None).await?.id();
         for k in 0..n {
-            let subnet = ipnet::Ipv4Net::new(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 8, 0, 0)) + (k as u32) * 256), 24)?;
+            let subnet = ipnet::Ipv4Net::new(
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 8, 0, 0)) + (k as u32) * 256),
+                24,
+            )?;
             let public_ip = Ipv4Addr::new(172, 21, (k / 250) as u8, (k % 250 + 1) as u8);
-            let attrs = LeaseAttrs { public_ip, backend_type: "vxlan".into(), vni: 1, vtep_mac: [2, 0xdb, 172, 21, (k / 250) as u8, (k % 250 + 1) as u8] };
-            cl.put(subnet_key(&prefix, subnet), attrs.to_json(), Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+            let attrs = LeaseAttrs {
+                public_ip,
+                backend_type: "vxlan".into(),
+                vni: 1,
+                vtep_mac: [2, 0xdb, 172, 21, (k / 250) as u8, (k % 250 + 1) as u8],
+            };
+            cl.put(
+                subnet_key(&prefix, subnet),
+                attrs.to_json(),
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )
+            .await?;
         }
         anyhow::Ok(())
     })?;
     let last = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 8, 0, 0)) + (n as u32 - 1) * 256);
     let key = Key::new(24, last.octets());
-    let maps: Vec<_> = ours.c.nodes.iter().map(|nd| peers_map(&nd.pin_path)).collect::<anyhow::Result<_>>()?;
-    wait_maps(&maps, Duration::from_secs(60), |m| m.get(&key, 0).is_ok()).context("fake peers not in peers_v1")?;
+    let maps: Vec<_> = ours
+        .c
+        .nodes
+        .iter()
+        .map(|nd| peers_map(&nd.pin_path))
+        .collect::<anyhow::Result<_>>()?;
+    wait_maps(&maps, Duration::from_secs(60), |m| m.get(&key, 0).is_ok())
+        .context("fake peers not in peers_v1")?;
     Ok(t0.elapsed())
 }
 
@@ -642,9 +848,11 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
              ip addr add 10.244.1.1/24 dev cni0 && ip link set cni0 up",
         )?;
         let link = |name: &str| -> anyhow::Result<(u32, [u8; 6])> {
-            let v: Value = serde_json::from_str(&tests::netns::sh(&format!("ip -j link show {name}"))?)?;
+            let v: Value =
+                serde_json::from_str(&tests::netns::sh(&format!("ip -j link show {name}"))?)?;
             let idx = v[0]["ifindex"].as_u64().context("ifindex")? as u32;
-            let mac = dataplane::lease::parse_mac(v[0]["address"].as_str().context("mac")?).context("mac")?;
+            let mac = dataplane::lease::parse_mac(v[0]["address"].as_str().context("mac")?)
+                .context("mac")?;
             Ok((idx, mac))
         };
         let (ul_idx, ul_mac) = link("ul0")?;
@@ -667,22 +875,55 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
             ..Default::default()
         })?;
         let mut peers = BTreeMap::new();
-        peers.insert(net("10.244.2.0/24"), Peer { public_ip: PEER_IP, vtep_mac: PEER_VTEP });
+        peers.insert(
+            net("10.244.2.0/24"),
+            Peer {
+                public_ip: PEER_IP,
+                vtep_mac: PEER_VTEP,
+            },
+        );
         dp.sync_peers(&peers, true)?;
         let backends = (0..3)
-            .map(|k| Backend { ip: Ipv4Addr::new(10, 244, 2, 7 + k).octets(), port: 8080u16.to_be_bytes(), _pad: [0; 2] })
+            .map(|k| Backend {
+                ip: Ipv4Addr::new(10, 244, 2, 7 + k).octets(),
+                port: 8080u16.to_be_bytes(),
+                _pad: [0; 2],
+            })
             .collect();
-        dp.services().set_frontend(svc_key_port(vip, 80), &FrontendState { backends, affinity_timeout_s: None })?;
+        dp.services().set_frontend(
+            svc_key_port(vip, 80),
+            &FrontendState {
+                backends,
+                affinity_timeout_s: None,
+            },
+        )?;
 
-        let run = |dp: &mut Dataplane, prog: &str, xdp: bool, input: &[u8], repeat: u32| -> anyhow::Result<(u32, Duration)> {
+        let run = |dp: &mut Dataplane,
+                   prog: &str,
+                   xdp: bool,
+                   input: &[u8],
+                   repeat: u32|
+         -> anyhow::Result<(u32, Duration)> {
             let mut out = vec![0u8; input.len() + 256];
-            let mut opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
+            let mut opts = TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            };
             opts.repeat = repeat;
             let r = if xdp {
-                let p: &mut Xdp = dp.ebpf_mut().program_mut(prog).context("prog")?.try_into()?;
+                let p: &mut Xdp = dp
+                    .ebpf_mut()
+                    .program_mut(prog)
+                    .context("prog")?
+                    .try_into()?;
                 p.test_run(opts)?
             } else {
-                let p: &mut SchedClassifier = dp.ebpf_mut().program_mut(prog).context("prog")?.try_into()?;
+                let p: &mut SchedClassifier = dp
+                    .ebpf_mut()
+                    .program_mut(prog)
+                    .context("prog")?
+                    .try_into()?;
                 p.test_run(opts)?
             };
             Ok((r.return_value, r.duration))
@@ -691,11 +932,26 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
         let mut costs = Vec::new();
         // Which data path counters a case moved (what the program did).
         let snap = |dp: &Dataplane| -> BTreeMap<&'static str, u64> {
-            dp.stats().unwrap_or_default().into_iter().map(|(k, c)| (k.name(), c.packets)).collect()
+            dp.stats()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, c)| (k.name(), c.packets))
+                .collect()
         };
         let moved = |a: &BTreeMap<&'static str, u64>, b: &BTreeMap<&'static str, u64>| -> String {
-            let v: Vec<&str> = b.iter().filter(|(k, n)| a.get(*k).copied().unwrap_or(0) < **n).map(|(k, _)| *k).collect();
-            format!("counters moved: {}", if v.is_empty() { "none".to_string() } else { v.join(", ") })
+            let v: Vec<&str> = b
+                .iter()
+                .filter(|(k, n)| a.get(*k).copied().unwrap_or(0) < **n)
+                .map(|(k, _)| *k)
+                .collect();
+            format!(
+                "counters moved: {}",
+                if v.is_empty() {
+                    "none".to_string()
+                } else {
+                    v.join(", ")
+                }
+            )
         };
         // TC test runs reuse one skb across `repeat`, so a program that
         // rewrites the packet (encap, decap, DNAT) would run on its own
@@ -704,7 +960,13 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
         // adds is measured on a packet the program passes untouched
         // (repeat 1 vs repeat N) and subtracted.
         let k_runs = new_flows;
-        let pass = pod_frame(CNI0_MAC, POD_MAC, client, Ipv4Addr::new(8, 8, 8, 8), &payload);
+        let pass = pod_frame(
+            CNI0_MAC,
+            POD_MAC,
+            client,
+            Ipv4Addr::new(8, 8, 8, 8),
+            &payload,
+        );
         let (_, d_rep) = run(&mut dp, prog_names::FROM_POD, false, &pass, repeat)?;
         let mut t1 = Duration::ZERO;
         for _ in 0..k_runs {
@@ -719,7 +981,11 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
             verdict: 0,
             how: format!("repeat {repeat}; the same with repeat 1: {t1_ns:.0} ns, so the per-run overhead subtracted below is {overhead:.0} ns"),
         });
-        let single = |dp: &mut Dataplane, prog: &'static str, xdp: bool, frames: &dyn Fn(u32) -> Vec<u8>| -> anyhow::Result<(u32, f64, String)> {
+        let single = |dp: &mut Dataplane,
+                      prog: &'static str,
+                      xdp: bool,
+                      frames: &dyn Fn(u32) -> Vec<u8>|
+         -> anyhow::Result<(u32, f64, String)> {
             let a = snap(dp);
             let mut total = Duration::ZERO;
             let mut rc = 0;
@@ -729,15 +995,51 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
                 rc = r;
                 total += d;
             }
-            Ok((rc, total.as_nanos() as f64 / k_runs as f64 - overhead, moved(&a, &snap(dp))))
+            Ok((
+                rc,
+                total.as_nanos() as f64 / k_runs as f64 - overhead,
+                moved(&a, &snap(dp)),
+            ))
         };
         // Encapsulation: pod -> remote pod, TCP segment with 64 B.
-        let seg = tcp(client, Ipv4Addr::new(10, 244, 2, 7), 40000, 8080, 1, 1, 0x18, &payload);
-        let input = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(client, Ipv4Addr::new(10, 244, 2, 7), 6, 0, &seg));
+        let seg = tcp(
+            client,
+            Ipv4Addr::new(10, 244, 2, 7),
+            40000,
+            8080,
+            1,
+            1,
+            0x18,
+            &payload,
+        );
+        let input = eth(
+            CNI0_MAC,
+            POD_MAC,
+            ETH_P_IP,
+            &ipv4(client, Ipv4Addr::new(10, 244, 2, 7), 6, 0, &seg),
+        );
         let (rc, ns, m) = single(&mut dp, prog_names::FROM_POD, false, &|_| input.clone())?;
-        costs.push(ProgCost { name: "encap (pod -> remote pod)", program: prog_names::FROM_POD, ns_per_packet: ns, verdict: rc, how: format!("{k_runs} runs of repeat 1 minus overhead, {} B frame; {m}", input.len()) });
+        costs.push(ProgCost {
+            name: "encap (pod -> remote pod)",
+            program: prog_names::FROM_POD,
+            ns_per_packet: ns,
+            verdict: rc,
+            how: format!(
+                "{k_runs} runs of repeat 1 minus overhead, {} B frame; {m}",
+                input.len()
+            ),
+        });
         // Decapsulation: VXLAN from the peer to a local pod, TC and XDP.
-        let inner_seg = tcp(Ipv4Addr::new(10, 244, 2, 7), client, 8080, 40000, 1, 1, 0x18, &payload);
+        let inner_seg = tcp(
+            Ipv4Addr::new(10, 244, 2, 7),
+            client,
+            8080,
+            40000,
+            1,
+            1,
+            0x18,
+            &payload,
+        );
         let inner = ipv4(Ipv4Addr::new(10, 244, 2, 7), client, 6, 0, &inner_seg);
         let vx = VxlanFrame {
             outer_dst_mac: ul_mac,
@@ -752,7 +1054,16 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
         }
         .build();
         let (rc, ns, m) = single(&mut dp, prog_names::FROM_UNDERLAY, false, &|_| vx.clone())?;
-        costs.push(ProgCost { name: "decap, TC", program: prog_names::FROM_UNDERLAY, ns_per_packet: ns, verdict: rc, how: format!("{k_runs} runs of repeat 1 minus overhead, {} B frame; {m}", vx.len()) });
+        costs.push(ProgCost {
+            name: "decap, TC",
+            program: prog_names::FROM_UNDERLAY,
+            ns_per_packet: ns,
+            verdict: rc,
+            how: format!(
+                "{k_runs} runs of repeat 1 minus overhead, {} B frame; {m}",
+                vx.len()
+            ),
+        });
         let a = snap(&dp);
         let (rc, d) = run(&mut dp, prog_names::DECAP_XDP, true, &vx, repeat)?;
         costs.push(ProgCost { name: "decap, XDP", program: prog_names::DECAP_XDP, ns_per_packet: d.as_nanos() as f64, verdict: rc, how: format!("repeat {repeat} (XDP test runs start from the input frame each time), {} B frame; {}", vx.len(), moved(&a, &snap(&dp))) });
@@ -766,21 +1077,50 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
             eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(src, vip, 6, 0, &seg))
         };
         let (rc, ns, m) = single(&mut dp, prog_names::FROM_POD, false, &syn)?;
-        costs.push(ProgCost { name: "service lookup, new flow (SYN to ClusterIP; + CT/RNAT insert, DNAT, encap)", program: prog_names::FROM_POD, ns_per_packet: ns, verdict: rc, how: format!("{k_runs} distinct flows, repeat 1 each, minus overhead; {m}") });
+        costs.push(ProgCost {
+            name: "service lookup, new flow (SYN to ClusterIP; + CT/RNAT insert, DNAT, encap)",
+            program: prog_names::FROM_POD,
+            ns_per_packet: ns,
+            verdict: rc,
+            how: format!("{k_runs} distinct flows, repeat 1 each, minus overhead; {m}"),
+        });
         // Conntrack hit: the next segment of an existing flow.
         let seg = tcp(client, vip, 50000, 80, 1000, 0, 0x02, b"");
-        run(&mut dp, prog_names::FROM_POD, false, &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(client, vip, 6, 0, &seg)), 1)?;
+        run(
+            &mut dp,
+            prog_names::FROM_POD,
+            false,
+            &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(client, vip, 6, 0, &seg)),
+            1,
+        )?;
         let seg = tcp(client, vip, 50000, 80, 1001, 1, 0x18, &payload);
         let input = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(client, vip, 6, 0, &seg));
         let (rc, ns, m) = single(&mut dp, prog_names::FROM_POD, false, &|_| input.clone())?;
-        costs.push(ProgCost { name: "conntrack hit (established flow to ClusterIP; + DNAT, encap)", program: prog_names::FROM_POD, ns_per_packet: ns, verdict: rc, how: format!("{k_runs} runs of repeat 1 minus overhead, {} B frame; {m}", input.len()) });
+        costs.push(ProgCost {
+            name: "conntrack hit (established flow to ClusterIP; + DNAT, encap)",
+            program: prog_names::FROM_POD,
+            ns_per_packet: ns,
+            verdict: rc,
+            how: format!(
+                "{k_runs} runs of repeat 1 minus overhead, {} B frame; {m}",
+                input.len()
+            ),
+        });
         Ok(costs)
     })
 }
 
 fn verdict_name(program: &str, v: u32) -> String {
     let name = if program == dataplane_common::prog_names::DECAP_XDP {
-        ["XDP_ABORTED", "XDP_DROP", "XDP_PASS", "XDP_TX", "XDP_REDIRECT"].get(v as usize).copied()
+        [
+            "XDP_ABORTED",
+            "XDP_DROP",
+            "XDP_PASS",
+            "XDP_TX",
+            "XDP_REDIRECT",
+        ]
+        .get(v as usize)
+        .copied()
     } else {
         match v {
             0 => Some("TC_ACT_OK"),
@@ -793,7 +1133,12 @@ fn verdict_name(program: &str, v: u32) -> String {
 }
 
 fn svc_key_port(vip: Ipv4Addr, port: u16) -> SvcKey {
-    SvcKey { vip: vip.octets(), port: port.to_be_bytes(), proto: dataplane_common::PROTO_TCP, _pad: 0 }
+    SvcKey {
+        vip: vip.octets(),
+        port: port.to_be_bytes(),
+        proto: dataplane_common::PROTO_TCP,
+        _pad: 0,
+    }
 }
 
 // ---------------------------------------------------------------- main
@@ -808,7 +1153,9 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     let mut r = Report::default();
     let load_before = loadavg();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let machine = json!({
         "kernel": sh_out("uname -r"),
         "cpus": cpus,
@@ -820,7 +1167,11 @@ fn main() -> anyhow::Result<()> {
         "mode": if quick { "quick" } else { "full" },
         "date_utc": sh_out("date -u +%Y-%m-%dT%H:%M:%SZ"),
     });
-    eprintln!("bench ({}): kernel {}, {cpus} CPUs, load {load_before}", if quick { "quick" } else { "full" }, machine["kernel"]);
+    eprintln!(
+        "bench ({}): kernel {}, {cpus} CPUs, load {load_before}",
+        if quick { "quick" } else { "full" },
+        machine["kernel"]
+    );
     let mut sections = serde_json::Map::new();
     let mut md = String::new();
     let mut errors: Vec<String> = Vec::new();
@@ -842,20 +1193,35 @@ fn main() -> anyhow::Result<()> {
     let mut modes: Vec<ModeCluster> = Vec::new();
     let mut tso = BTreeMap::new();
     for (name, build) in [
-        ("host routing", Box::new(|| host_cluster(3)) as Box<dyn Fn() -> anyhow::Result<ModeCluster>>),
+        (
+            "host routing",
+            Box::new(|| host_cluster(3)) as Box<dyn Fn() -> anyhow::Result<ModeCluster>>,
+        ),
         ("kernel vxlan (flannel)", Box::new(|| flannel_cluster(1))),
-        ("ours, TC decap", Box::new(|| ours_cluster("ours, TC decap", "tc", 3))),
-        ("ours, XDP decap", Box::new(|| ours_cluster("ours, XDP decap", "xdp", 1))),
+        (
+            "ours, TC decap",
+            Box::new(|| ours_cluster("ours, TC decap", "tc", 3)),
+        ),
+        (
+            "ours, XDP decap",
+            Box::new(|| ours_cluster("ours, XDP decap", "xdp", 1)),
+        ),
     ] {
         match build() {
             Ok(m) => {
                 tso.insert(name.to_string(), ethtool_tso(&m));
                 modes.push(m);
             }
-            Err(e) => r.missing.push(format!("mode {name}: cluster setup failed: {e:#}")),
+            Err(e) => r
+                .missing
+                .push(format!("mode {name}: cluster setup failed: {e:#}")),
         }
     }
-    eprintln!("[p2p] {} modes ready after {:.1} s", modes.len(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "[p2p] {} modes ready after {:.1} s",
+        modes.len(),
+        started.elapsed().as_secs_f64()
+    );
     for rep in 0..o.reps {
         // Rotate the order per repetition so drift hits all modes alike.
         let n = modes.len();
@@ -863,7 +1229,12 @@ fn main() -> anyhow::Result<()> {
             let m = &modes[(k + rep) % n];
             pod_to_pod_rep(m, &o, &mut figs, &mut errors);
         }
-        eprintln!("[p2p] repetition {}/{} done at {:.1} s", rep + 1, o.reps, started.elapsed().as_secs_f64());
+        eprintln!(
+            "[p2p] repetition {}/{} done at {:.1} s",
+            rep + 1,
+            o.reps,
+            started.elapsed().as_secs_f64()
+        );
     }
     let mode_names: Vec<&str> = modes.iter().map(|m| m.name).collect();
     let host_ok = mode_names.contains(&"host routing");
@@ -872,8 +1243,16 @@ fn main() -> anyhow::Result<()> {
     let p2p_metrics: [(&str, &str, &str); 14] = [
         ("bulk1_gbps", "TCP bulk, 1 stream", "Gbit/s"),
         ("bulk4_gbps", "TCP bulk, 4 streams", "Gbit/s"),
-        ("bulk1_gbps_retransmits", "retransmits, 1 stream", "segments"),
-        ("bulk4_gbps_retransmits", "retransmits, 4 streams", "segments"),
+        (
+            "bulk1_gbps_retransmits",
+            "retransmits, 1 stream",
+            "segments",
+        ),
+        (
+            "bulk4_gbps_retransmits",
+            "retransmits, 4 streams",
+            "segments",
+        ),
         ("tcp_rr_rate", "TCP RR 64 B", "transactions/s"),
         ("tcp_rr_p50_us", "TCP RR p50", "µs"),
         ("tcp_rr_p99_us", "TCP RR p99", "µs"),
@@ -906,25 +1285,60 @@ fn main() -> anyhow::Result<()> {
             let mut row = format!("| {label} | {unit} |");
             for m in &mode_names {
                 let s = summary(&figs, m, metric);
-                let fmt = |x: f64| if unit == "Gbit/s" { f2(x) } else if unit == "µs" { f1(x) } else { thousands(x) };
+                let fmt = |x: f64| {
+                    if unit == "Gbit/s" {
+                        f2(x)
+                    } else if unit == "µs" {
+                        f1(x)
+                    } else {
+                        thousands(x)
+                    }
+                };
                 let _ = write!(row, " {} |", s.fmt(fmt));
-                j.entry(m.to_string()).or_insert_with(|| json!({})).as_object_mut().unwrap().insert(metric.to_string(), s.json(unit));
+                j.entry(m.to_string())
+                    .or_insert_with(|| json!({}))
+                    .as_object_mut()
+                    .unwrap()
+                    .insert(metric.to_string(), s.json(unit));
             }
             let _ = writeln!(md, "{row}");
         }
         let _ = writeln!(md);
         // Ratios.
-        let ours_modes: Vec<&str> = mode_names.iter().copied().filter(|m| m.starts_with("ours")).collect();
+        let ours_modes: Vec<&str> = mode_names
+            .iter()
+            .copied()
+            .filter(|m| m.starts_with("ours"))
+            .collect();
         let mut ratios = serde_json::Map::new();
-        let _ = writeln!(md, "Ratios of medians (higher is better for rates and throughput, lower for latency):\n");
-        let _ = writeln!(md, "| figure | {} |", ours_modes.iter().flat_map(|m| [format!("{m} / host routing"), format!("{m} / kernel VXLAN")]).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(
+            md,
+            "Ratios of medians (higher is better for rates and throughput, lower for latency):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| figure | {} |",
+            ours_modes
+                .iter()
+                .flat_map(|m| [format!("{m} / host routing"), format!("{m} / kernel VXLAN")])
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
         let _ = writeln!(md, "|---|{}", "---|".repeat(ours_modes.len() * 2));
         for (metric, label, _) in p2p_metrics.iter().filter(|(m, ..)| !m.contains("retrans")) {
             let mut row = format!("| {label} |");
             for m in &ours_modes {
                 let ours = summary(&figs, m, metric).median;
-                let h = if host_ok { ours / summary(&figs, "host routing", metric).median } else { f64::NAN };
-                let v = if vx_ok { ours / summary(&figs, "kernel vxlan (flannel)", metric).median } else { f64::NAN };
+                let h = if host_ok {
+                    ours / summary(&figs, "host routing", metric).median
+                } else {
+                    f64::NAN
+                };
+                let v = if vx_ok {
+                    ours / summary(&figs, "kernel vxlan (flannel)", metric).median
+                } else {
+                    f64::NAN
+                };
                 let _ = write!(row, " {}x | {}x |", f2(h), f2(v));
                 ratios.insert(format!("{m} / host routing: {metric}"), num(h));
                 ratios.insert(format!("{m} / kernel VXLAN: {metric}"), num(v));
@@ -935,7 +1349,10 @@ fn main() -> anyhow::Result<()> {
             md,
             "\n`--decap-mode auto` picks **{auto:?}** on this underlay (veth: XDP on a veth turns off TSO on its peer). \
              TSO as ethtool reports it per mode: {}\n",
-            tso.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ")
+            tso.iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join("; ")
         );
         j.insert("ratios".into(), Value::Object(ratios));
         j.insert("auto_decap_mode_on_veth".into(), json!(format!("{auto:?}")));
@@ -945,12 +1362,35 @@ fn main() -> anyhow::Result<()> {
         // Targets.
         for m in &ours_modes {
             for (metric, label) in [("tcp_rr_rate", "TCP RR"), ("tcp_crr_rate", "TCP CRR")] {
-                let v = summary(&figs, m, metric).median / summary(&figs, "host routing", metric).median;
-                r.target(&format!("{label} {m} / host routing"), v, 1.0, "x", true, "pod to pod, medians");
+                let v = summary(&figs, m, metric).median
+                    / summary(&figs, "host routing", metric).median;
+                r.target(
+                    &format!("{label} {m} / host routing"),
+                    v,
+                    1.0,
+                    "x",
+                    true,
+                    "pod to pod, medians",
+                );
             }
             for metric in ["bulk1_gbps", "bulk4_gbps"] {
-                let v = summary(&figs, m, metric).median / summary(&figs, "kernel vxlan (flannel)", metric).median;
-                r.target(&format!("bulk {} {m} / kernel VXLAN", if metric == "bulk1_gbps" { "1 stream" } else { "4 streams" }), v, 1.0, "x", true, "pod to pod, medians");
+                let v = summary(&figs, m, metric).median
+                    / summary(&figs, "kernel vxlan (flannel)", metric).median;
+                r.target(
+                    &format!(
+                        "bulk {} {m} / kernel VXLAN",
+                        if metric == "bulk1_gbps" {
+                            "1 stream"
+                        } else {
+                            "4 streams"
+                        }
+                    ),
+                    v,
+                    1.0,
+                    "x",
+                    true,
+                    "pod to pod, medians",
+                );
             }
         }
         // Chart: pod-to-pod latency per mode.
@@ -963,9 +1403,25 @@ fn main() -> anyhow::Result<()> {
             ("UDP RR p50", "udp_rr_p50_us"),
         ]
         .iter()
-        .map(|(n, k)| (n.to_string(), mode_names.iter().map(|m| summary(&figs, m, k).median).collect()))
+        .map(|(n, k)| {
+            (
+                n.to_string(),
+                mode_names
+                    .iter()
+                    .map(|m| summary(&figs, m, k).median)
+                    .collect(),
+            )
+        })
         .collect();
-        std::fs::write(out_dir.join("pod_latency.svg"), svg::bars("Pod-to-pod latency across nodes, per mode (medians)", "latency (µs)", &cats, &series))?;
+        std::fs::write(
+            out_dir.join("pod_latency.svg"),
+            svg::bars(
+                "Pod-to-pod latency across nodes, per mode (medians)",
+                "latency (µs)",
+                &cats,
+                &series,
+            ),
+        )?;
     }
 
     // ---- ClusterIP
@@ -980,7 +1436,11 @@ fn main() -> anyhow::Result<()> {
     }
     let mut cip_levels = Vec::new();
     if let (Some(host), Some(tc)) = (&host, &tc) {
-        eprintln!("[clusterip] levels {:?} at {:.1} s", o.svc_levels, started.elapsed().as_secs_f64());
+        eprintln!(
+            "[clusterip] levels {:?} at {:.1} s",
+            o.svc_levels,
+            started.elapsed().as_secs_f64()
+        );
         let mut log = Vec::new();
         match clusterip(host, tc, &o, &mut log) {
             Ok(l) => cip_levels = l,
@@ -999,14 +1459,25 @@ fn main() -> anyhow::Result<()> {
             o.crr.as_millis(),
             o.svc_reps
         );
-        let _ = writeln!(md, "| services | iptables CRR/s | ours CRR/s | ours / iptables | iptables connect p50 / p99 µs | ours connect p50 / p99 µs | iptables CRR p50 / p99 µs | ours CRR p50 / p99 µs |");
+        let _ = writeln!(
+            md,
+            "| services | iptables CRR/s | ours CRR/s | ours / iptables | iptables connect p50 / p99 µs | ours connect p50 / p99 µs | iptables CRR p50 / p99 µs | ours CRR p50 / p99 µs |"
+        );
         let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
         let mut lv = Vec::new();
         for l in &cip_levels {
-            let s = |v: &[RrResult], f: fn(&RrResult) -> f64| Summary::of(&v.iter().map(f).collect::<Vec<_>>());
+            let s = |v: &[RrResult], f: fn(&RrResult) -> f64| {
+                Summary::of(&v.iter().map(f).collect::<Vec<_>>())
+            };
             let (ir, or) = (s(&l.ipt_crr, |r| r.rate), s(&l.ours_crr, |r| r.rate));
-            let (icp50, icp99) = (s(&l.ipt_crr, |r| r.connect_p50_us), s(&l.ipt_crr, |r| r.connect_p99_us));
-            let (ocp50, ocp99) = (s(&l.ours_crr, |r| r.connect_p50_us), s(&l.ours_crr, |r| r.connect_p99_us));
+            let (icp50, icp99) = (
+                s(&l.ipt_crr, |r| r.connect_p50_us),
+                s(&l.ipt_crr, |r| r.connect_p99_us),
+            );
+            let (ocp50, ocp99) = (
+                s(&l.ours_crr, |r| r.connect_p50_us),
+                s(&l.ours_crr, |r| r.connect_p99_us),
+            );
             let (ip50, ip99) = (s(&l.ipt_crr, |r| r.p50_us), s(&l.ipt_crr, |r| r.p99_us));
             let (op50, op99) = (s(&l.ours_crr, |r| r.p50_us), s(&l.ours_crr, |r| r.p99_us));
             let _ = writeln!(
@@ -1038,11 +1509,22 @@ fn main() -> anyhow::Result<()> {
                 "ratio_ours_over_iptables_crr": num(or.median / ir.median),
             }));
         }
-        let _ = writeln!(md, "\nTime to add one more service ({} time(s) per level; median (min–max)):\n", o.add_reps);
-        let _ = writeln!(md, "| services | iptables-restore of the full nat table | `dataplane apply` until the entry is in svc_v1 on every node | (`dataplane apply` process exit) | iptables / ours |");
+        let _ = writeln!(
+            md,
+            "\nTime to add one more service ({} time(s) per level; median (min–max)):\n",
+            o.add_reps
+        );
+        let _ = writeln!(
+            md,
+            "| services | iptables-restore of the full nat table | `dataplane apply` until the entry is in svc_v1 on every node | (`dataplane apply` process exit) | iptables / ours |"
+        );
         let _ = writeln!(md, "|---|---|---|---|---|");
         for l in &cip_levels {
-            let (i, ou, cli) = (Summary::of(&l.ipt_add_s), Summary::of(&l.ours_add_s), Summary::of(&l.ours_add_cli_s));
+            let (i, ou, cli) = (
+                Summary::of(&l.ipt_add_s),
+                Summary::of(&l.ours_add_s),
+                Summary::of(&l.ours_add_cli_s),
+            );
             let _ = writeln!(
                 md,
                 "| {} | {} ms | {} ms | {} ms | {}x |",
@@ -1053,60 +1535,133 @@ fn main() -> anyhow::Result<()> {
                 f1(i.median / ou.median)
             );
         }
-        let _ = writeln!(md, "\nLoading each level from scratch: {}\n", log.join("; "));
+        let _ = writeln!(
+            md,
+            "\nLoading each level from scratch: {}\n",
+            log.join("; ")
+        );
         j.insert("levels".into(), json!(lv));
         sections.insert("clusterip".into(), Value::Object(j));
         if let (Some(first), Some(last)) = (cip_levels.first(), cip_levels.last()) {
-            let rate = |v: &[RrResult]| Summary::of(&v.iter().map(|r| r.rate).collect::<Vec<_>>()).median;
+            let rate =
+                |v: &[RrResult]| Summary::of(&v.iter().map(|r| r.rate).collect::<Vec<_>>()).median;
             let r10k_over_1 = rate(&last.ours_crr) / rate(&first.ours_crr);
             r.target(
-                &format!("ours CRR at {} services within 5% of 1 service", thousands(last.n as f64)),
+                &format!(
+                    "ours CRR at {} services within 5% of 1 service",
+                    thousands(last.n as f64)
+                ),
                 r10k_over_1,
                 0.95,
                 "x of 1-service rate",
                 true,
-                &format!("{} vs {} conn/s", thousands(rate(&last.ours_crr)), thousands(rate(&first.ours_crr))),
+                &format!(
+                    "{} vs {} conn/s",
+                    thousands(rate(&last.ours_crr)),
+                    thousands(rate(&first.ours_crr))
+                ),
             );
             r.target(
-                &format!("ours / iptables CRR at {} services", thousands(last.n as f64)),
+                &format!(
+                    "ours / iptables CRR at {} services",
+                    thousands(last.n as f64)
+                ),
                 rate(&last.ours_crr) / rate(&last.ipt_crr),
                 5.0,
                 "x",
                 true,
-                &format!("{} vs {} conn/s", thousands(rate(&last.ours_crr)), thousands(rate(&last.ipt_crr))),
+                &format!(
+                    "{} vs {} conn/s",
+                    thousands(rate(&last.ours_crr)),
+                    thousands(rate(&last.ipt_crr))
+                ),
             );
             let add = Summary::of(&last.ipt_add_s).median / Summary::of(&last.ours_add_s).median;
             r.target(
-                &format!("adding one service among {}: iptables-restore / ours", thousands(last.n as f64)),
+                &format!(
+                    "adding one service among {}: iptables-restore / ours",
+                    thousands(last.n as f64)
+                ),
                 add,
                 1000.0,
                 "x",
                 true,
-                &format!("{:.1} ms vs {:.2} ms", Summary::of(&last.ipt_add_s).median * 1e3, Summary::of(&last.ours_add_s).median * 1e3),
+                &format!(
+                    "{:.1} ms vs {:.2} ms",
+                    Summary::of(&last.ipt_add_s).median * 1e3,
+                    Summary::of(&last.ours_add_s).median * 1e3
+                ),
             );
             let xs: Vec<String> = cip_levels.iter().map(|l| thousands(l.n as f64)).collect();
             let med = |l: &LevelResult, ours: bool, f: fn(&RrResult) -> f64| {
-                Summary::of(&(if ours { &l.ours_crr } else { &l.ipt_crr }).iter().map(f).collect::<Vec<_>>()).median
+                Summary::of(
+                    &(if ours { &l.ours_crr } else { &l.ipt_crr })
+                        .iter()
+                        .map(f)
+                        .collect::<Vec<_>>(),
+                )
+                .median
             };
             let series = vec![
-                ("iptables p50".to_string(), false, cip_levels.iter().map(|l| med(l, false, |r| r.connect_p50_us)).collect()),
-                ("iptables p99".to_string(), true, cip_levels.iter().map(|l| med(l, false, |r| r.connect_p99_us)).collect()),
-                ("ours p50".to_string(), false, cip_levels.iter().map(|l| med(l, true, |r| r.connect_p50_us)).collect()),
-                ("ours p99".to_string(), true, cip_levels.iter().map(|l| med(l, true, |r| r.connect_p99_us)).collect()),
+                (
+                    "iptables p50".to_string(),
+                    false,
+                    cip_levels
+                        .iter()
+                        .map(|l| med(l, false, |r| r.connect_p50_us))
+                        .collect(),
+                ),
+                (
+                    "iptables p99".to_string(),
+                    true,
+                    cip_levels
+                        .iter()
+                        .map(|l| med(l, false, |r| r.connect_p99_us))
+                        .collect(),
+                ),
+                (
+                    "ours p50".to_string(),
+                    false,
+                    cip_levels
+                        .iter()
+                        .map(|l| med(l, true, |r| r.connect_p50_us))
+                        .collect(),
+                ),
+                (
+                    "ours p99".to_string(),
+                    true,
+                    cip_levels
+                        .iter()
+                        .map(|l| med(l, true, |r| r.connect_p99_us))
+                        .collect(),
+                ),
             ];
             std::fs::write(
                 out_dir.join("clusterip_connect_latency.svg"),
-                svg::lines("ClusterIP connect latency vs number of services", "connect() latency (µs)", "services", &xs, &series),
+                svg::lines(
+                    "ClusterIP connect latency vs number of services",
+                    "connect() latency (µs)",
+                    "services",
+                    &xs,
+                    &series,
+                ),
             )?;
         }
     } else {
-        r.missing.push("ClusterIP benchmark: needs the host-routing and TC clusters, one failed to start".into());
+        r.missing.push(
+            "ClusterIP benchmark: needs the host-routing and TC clusters, one failed to start"
+                .into(),
+        );
     }
     drop(host);
 
     // ---- control plane and RSS on the TC cluster (10,000+ services loaded)
     if let Some(tc) = &tc {
-        eprintln!("[control plane] {} events per kind at {:.1} s", o.cp_events, started.elapsed().as_secs_f64());
+        eprintln!(
+            "[control plane] {} events per kind at {:.1} s",
+            o.cp_events,
+            started.elapsed().as_secs_f64()
+        );
         let _ = writeln!(md, "## Control plane\n");
         let mut j = serde_json::Map::new();
         match control_plane(tc, &o) {
@@ -1118,7 +1673,10 @@ fn main() -> anyhow::Result<()> {
                     thousands(cip_levels.last().map_or(0.0, |l| l.n as f64)),
                     o.cp_events
                 );
-                let _ = writeln!(md, "| event | p50 ms | p99 ms | max ms | events | timeouts (5 s) |");
+                let _ = writeln!(
+                    md,
+                    "| event | p50 ms | p99 ms | max ms | events | timeouts (5 s) |"
+                );
                 let _ = writeln!(md, "|---|---|---|---|---|---|");
                 let mut all = Vec::new();
                 let mut js = Vec::new();
@@ -1126,7 +1684,16 @@ fn main() -> anyhow::Result<()> {
                     let mut v: Vec<u32> = c.lat_ms.iter().map(|x| (x * 1000.0) as u32).collect();
                     v.sort_unstable();
                     let p = |q| tests::bench::stats::percentile_sorted(&v, q) / 1000.0;
-                    let _ = writeln!(md, "| {} | {} | {} | {} | {} | {} |", c.kind, f2(p(50.0)), f2(p(99.0)), f2(p(100.0)), c.lat_ms.len(), c.timeouts);
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {} | {} | {} |",
+                        c.kind,
+                        f2(p(50.0)),
+                        f2(p(99.0)),
+                        f2(p(100.0)),
+                        c.lat_ms.len(),
+                        c.timeouts
+                    );
                     js.push(json!({"event": c.kind, "p50_ms": num(p(50.0)), "p99_ms": num(p(99.0)), "max_ms": num(p(100.0)), "events": c.lat_ms.len(), "timeouts": c.timeouts}));
                     all.extend(v);
                 }
@@ -1134,20 +1701,43 @@ fn main() -> anyhow::Result<()> {
                 let p99 = tests::bench::stats::percentile_sorted(&all, 99.0) / 1000.0;
                 let timeouts: usize = res.iter().map(|c| c.timeouts).sum();
                 let p99 = if timeouts > 0 { f64::INFINITY } else { p99 };
-                let _ = writeln!(md, "| all | {} | {} | | {} | {timeouts} |\n", f2(tests::bench::stats::percentile_sorted(&all, 50.0) / 1000.0), f2(p99), all.len());
+                let _ = writeln!(
+                    md,
+                    "| all | {} | {} | | {} | {timeouts} |\n",
+                    f2(tests::bench::stats::percentile_sorted(&all, 50.0) / 1000.0),
+                    f2(p99),
+                    all.len()
+                );
                 j.insert("etcd_to_map_every_node".into(), json!(js));
-                r.target("etcd change -> map on every node, p99", p99, 50.0, "ms", false, &format!("{} events of 3 kinds", all.len()));
+                r.target(
+                    "etcd change -> map on every node, p99",
+                    p99,
+                    50.0,
+                    "ms",
+                    false,
+                    &format!("{} events of 3 kinds", all.len()),
+                );
             }
             Err(e) => r.missing.push(format!("control plane latency: {e:#}")),
         }
-        eprintln!("[rss] 1,000 fake peers at {:.1} s", started.elapsed().as_secs_f64());
-        let pids: Vec<u32> = tc.c.nodes.iter().filter_map(|n| n.agent.as_ref().map(|a| a.id())).collect();
+        eprintln!(
+            "[rss] 1,000 fake peers at {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let pids: Vec<u32> =
+            tc.c.nodes
+                .iter()
+                .filter_map(|n| n.agent.as_ref().map(|a| a.id()))
+                .collect();
         let before: Vec<(u64, u64)> = pids.iter().map(|p| rss_kb(*p)).collect();
         match add_fake_peers(tc, 1000) {
             Ok(d) => {
                 std::thread::sleep(Duration::from_secs(1));
                 let after: Vec<(u64, u64)> = pids.iter().map(|p| rss_kb(*p)).collect();
-                let nsvc = tc.c.cli(&["get", "services"]).map(|s| s.lines().count().saturating_sub(1)).unwrap_or(0);
+                let nsvc =
+                    tc.c.cli(&["get", "services"])
+                        .map(|s| s.lines().count().saturating_sub(1))
+                        .unwrap_or(0);
                 let _ = writeln!(md, "## Agent memory\n");
                 let _ = writeln!(
                     md,
@@ -1155,35 +1745,70 @@ fn main() -> anyhow::Result<()> {
                      (flannel JSON, distinct PublicIPs; all in peers_v1 on both nodes {:.2} s after the first write).\n",
                     d.as_secs_f64()
                 );
-                let _ = writeln!(md, "| agent | RSS before peers MB | RSS with 1,000 peers MB | peak (VmHWM) MB |");
+                let _ = writeln!(
+                    md,
+                    "| agent | RSS before peers MB | RSS with 1,000 peers MB | peak (VmHWM) MB |"
+                );
                 let _ = writeln!(md, "|---|---|---|---|");
                 let mut js = Vec::new();
                 for (i, ((b, _), (a, hwm))) in before.iter().zip(&after).enumerate() {
-                    let _ = writeln!(md, "| node {} | {} | {} | {} |", i + 1, f1(*b as f64 / 1024.0), f1(*a as f64 / 1024.0), f1(*hwm as f64 / 1024.0));
+                    let _ = writeln!(
+                        md,
+                        "| node {} | {} | {} | {} |",
+                        i + 1,
+                        f1(*b as f64 / 1024.0),
+                        f1(*a as f64 / 1024.0),
+                        f1(*hwm as f64 / 1024.0)
+                    );
                     js.push(json!({"node": i + 1, "rss_before_peers_mb": num(*b as f64 / 1024.0), "rss_mb": num(*a as f64 / 1024.0), "vmhwm_mb": num(*hwm as f64 / 1024.0)}));
                 }
                 let _ = writeln!(md);
                 let worst = after.iter().map(|(a, _)| *a).max().unwrap_or(0) as f64 / 1024.0;
-                j.insert("agent_rss".into(), json!({"services": nsvc, "peers": 1000, "agents": js}));
-                r.target("agent RSS at 1,000 peers / 10,000 services", worst, 30.0, "MB", false, &format!("{nsvc} services, worst of {} agents", after.len()));
+                j.insert(
+                    "agent_rss".into(),
+                    json!({"services": nsvc, "peers": 1000, "agents": js}),
+                );
+                r.target(
+                    "agent RSS at 1,000 peers / 10,000 services",
+                    worst,
+                    30.0,
+                    "MB",
+                    false,
+                    &format!("{nsvc} services, worst of {} agents", after.len()),
+                );
             }
             Err(e) => r.missing.push(format!("agent RSS with 1,000 peers: {e:#}")),
         }
         sections.insert("control_plane".into(), Value::Object(j));
     } else {
-        r.missing.push("control plane latency and agent RSS: the TC cluster did not start".into());
+        r.missing
+            .push("control plane latency and agent RSS: the TC cluster did not start".into());
     }
     drop(tc);
 
     // ---- BPF costs table
     {
-        let _ = writeln!(md, "## Per-packet cost of each BPF program (BPF_PROG_TEST_RUN)\n");
-        let _ = writeln!(md, "Object loaded with `Dataplane::load_with(None)` in a private network namespace (node config, one peer, one ClusterIP with 3 remote backends); duration as the kernel reports it (total / repeat). TC test runs reuse one skb across repetitions, so paths that rewrite the packet are timed one run per syscall on a fresh frame, minus the per-run overhead measured on the pass-through row (its repeat-1 minus repeat-N time); those figures carry the noise of that subtraction.\n");
+        let _ = writeln!(
+            md,
+            "## Per-packet cost of each BPF program (BPF_PROG_TEST_RUN)\n"
+        );
+        let _ = writeln!(
+            md,
+            "Object loaded with `Dataplane::load_with(None)` in a private network namespace (node config, one peer, one ClusterIP with 3 remote backends); duration as the kernel reports it (total / repeat). TC test runs reuse one skb across repetitions, so paths that rewrite the packet are timed one run per syscall on a fresh frame, minus the per-run overhead measured on the pass-through row (its repeat-1 minus repeat-N time); those figures carry the noise of that subtraction.\n"
+        );
         let _ = writeln!(md, "| path | program | ns/packet | verdict | how |");
         let _ = writeln!(md, "|---|---|---|---|---|");
         let mut js = Vec::new();
         for c in &bpf {
-            let _ = writeln!(md, "| {} | `{}` | {} | {} | {} |", c.name, c.program, f1(c.ns_per_packet), verdict_name(c.program, c.verdict), c.how);
+            let _ = writeln!(
+                md,
+                "| {} | `{}` | {} | {} | {} |",
+                c.name,
+                c.program,
+                f1(c.ns_per_packet),
+                verdict_name(c.program, c.verdict),
+                c.how
+            );
             js.push(json!({"path": c.name, "program": c.program, "ns_per_packet": num(c.ns_per_packet), "unit": "ns/packet", "verdict": c.verdict, "how": c.how}));
         }
         let _ = writeln!(md);
@@ -1197,7 +1822,15 @@ fn main() -> anyhow::Result<()> {
         r.missing.push(format!("run error: {e}"));
     }
     let mut head = String::new();
-    let _ = writeln!(head, "# Benchmark results ({})\n", if quick { "`cargo xtask bench --quick`" } else { "`cargo xtask bench`" });
+    let _ = writeln!(
+        head,
+        "# Benchmark results ({})\n",
+        if quick {
+            "`cargo xtask bench --quick`"
+        } else {
+            "`cargo xtask bench`"
+        }
+    );
     let _ = writeln!(
         head,
         "Machine: kernel {}, {} CPUs ({}), {}; load average before {load_before}, after {load_after}; run took {elapsed:.0} s; {}.\n",
@@ -1207,7 +1840,10 @@ fn main() -> anyhow::Result<()> {
         machine["iptables"].as_str().unwrap_or(""),
         machine["date_utc"].as_str().unwrap_or("")
     );
-    let _ = writeln!(head, "Charts: [connect latency vs services](clusterip_connect_latency.svg), [pod-to-pod latency per mode](pod_latency.svg).\n");
+    let _ = writeln!(
+        head,
+        "Charts: [connect latency vs services](clusterip_connect_latency.svg), [pod-to-pod latency per mode](pod_latency.svg).\n"
+    );
     let _ = writeln!(head, "## Targets (reported, not asserted)\n");
     let _ = writeln!(head, "| target | measured | goal | result | detail |");
     let _ = writeln!(head, "|---|---|---|---|---|");
@@ -1242,8 +1878,14 @@ fn main() -> anyhow::Result<()> {
     mj.insert("elapsed_s".into(), num(elapsed));
     let doc = json!({"machine": mj, "targets": r.targets, "not_measured_or_errors": r.missing, "results": sections});
     std::fs::write(out_dir.join("latest.md"), &text)?;
-    std::fs::write(out_dir.join("latest.json"), serde_json::to_string_pretty(&doc)?)?;
+    std::fs::write(
+        out_dir.join("latest.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
     println!("{text}");
-    eprintln!("wrote {} and latest.json, charts; {elapsed:.0} s", out_dir.join("latest.md").display());
+    eprintln!(
+        "wrote {} and latest.json, charts; {elapsed:.0} s",
+        out_dir.join("latest.md").display()
+    );
     Ok(())
 }

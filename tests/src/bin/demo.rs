@@ -46,7 +46,11 @@ fn step(title: &str) {
 }
 
 fn run(c: &mut Cluster) -> anyhow::Result<()> {
-    step(&format!("etcd at {} (inside namespace {}), network config", c.endpoint(), c.underlay.name));
+    step(&format!(
+        "etcd at {} (inside namespace {}), network config",
+        c.endpoint(),
+        c.underlay.name
+    ));
     c.put_config(CONFIG)?;
     println!("{}/config = {CONFIG}", c.prefix);
 
@@ -72,7 +76,9 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
         .context("dataplane leases")?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
-    step(&format!("{PODS} pods per node, plumbed like the CNI bridge plugin"));
+    step(&format!(
+        "{PODS} pods per node, plumbed like the CNI bridge plugin"
+    ));
     for i in 0..NODES {
         for _ in 0..PODS {
             let ip = c.add_pod(i)?;
@@ -81,8 +87,17 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     for i in 0..NODES {
-        while c.nodes[i].log().matches("attached from_pod to pod port").count() < PODS {
-            anyhow::ensure!(Instant::now() < deadline, "node {}: pod ports not attached", i + 1);
+        while c.nodes[i]
+            .log()
+            .matches("attached from_pod to pod port")
+            .count()
+            < PODS
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {}: pod ports not attached",
+                i + 1
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -120,14 +135,28 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
     let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
     let r = bulk_tcp(&b.ns, b.ip, &a.ns, 200 << 20)?;
     anyhow::ensure!(r.sent_sum == r.received_sum, "checksum mismatch");
-    println!("{} MB in {:.2} s = {:.2} Gbit/s, checksum ok", r.bytes >> 20, r.elapsed.as_secs_f64(), r.gbit_per_s());
+    println!(
+        "{} MB in {:.2} s = {:.2} Gbit/s, checksum ok",
+        r.bytes >> 20,
+        r.elapsed.as_secs_f64(),
+        r.gbit_per_s()
+    );
     if Command::new("iperf3").arg("--version").output().is_ok() {
-        let srv = b.ns.command("iperf3").args(["-s", "-1", "-B", &b.ip.to_string()]).spawn();
+        let srv =
+            b.ns.command("iperf3")
+                .args(["-s", "-1", "-B", &b.ip.to_string()])
+                .spawn();
         if let Ok(mut srv) = srv {
             std::thread::sleep(Duration::from_millis(300));
-            let out = a.ns.command("iperf3").args(["-c", &b.ip.to_string(), "-t", "3", "-f", "g"]).output()?;
+            let out =
+                a.ns.command("iperf3")
+                    .args(["-c", &b.ip.to_string(), "-t", "3", "-f", "g"])
+                    .output()?;
             let text = String::from_utf8_lossy(&out.stdout);
-            for line in text.lines().filter(|l| l.contains("sender") || l.contains("receiver")) {
+            for line in text
+                .lines()
+                .filter(|l| l.contains("sender") || l.contains("receiver"))
+            {
                 println!("iperf3: {}", line.trim());
             }
             let _ = srv.kill();
@@ -137,12 +166,21 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
 
     services(c)?;
 
-    step(&format!("peer map of node 1: bpftool map dump pinned {}/peers_v1", c.nodes[0].pin_path.display()));
-    let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.nodes[0].pin_path.join("peers_v1")).output()?;
+    step(&format!(
+        "peer map of node 1: bpftool map dump pinned {}/peers_v1",
+        c.nodes[0].pin_path.display()
+    ));
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(c.nodes[0].pin_path.join("peers_v1"))
+        .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
     step("data path counters of node 1 (dataplane stats)");
-    let out = Command::new(agent_bin()).args(["stats", "--pin-path"]).arg(&c.nodes[0].pin_path).output()?;
+    let out = Command::new(agent_bin())
+        .args(["stats", "--pin-path"])
+        .arg(&c.nodes[0].pin_path)
+        .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     Ok(())
 }
@@ -152,15 +190,25 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
 fn services(c: &Cluster) -> anyhow::Result<()> {
     use tests::svc::{Backend, Ep, endpoint_slice, service, tcp_ask_many};
     let vip = std::net::Ipv4Addr::new(10, 96, 0, 10);
-    let backends = [c.nodes[0].pods[1].ip, c.nodes[1].pods[0].ip, c.nodes[2].pods[0].ip];
+    let backends = [
+        c.nodes[0].pods[1].ip,
+        c.nodes[1].pods[0].ip,
+        c.nodes[2].pods[0].ip,
+    ];
     let mut servers = Vec::new();
     for (n, p) in [(0, 1), (1, 0), (2, 0)] {
         let pod = &c.nodes[n].pods[p];
         servers.push(Backend::start(&pod.ns, pod.ip)?);
     }
-    step(&format!("Service web, ClusterIP {vip} port 80 -> 8080, backends {backends:?} (dataplane apply -f)"));
+    step(&format!(
+        "Service web, ClusterIP {vip} port 80 -> 8080, backends {backends:?} (dataplane apply -f)"
+    ));
     let eps: Vec<Ep> = backends.iter().copied().map(Ep::ready).collect();
-    let yaml = format!("{}---\n{}", service("web", vip, ""), endpoint_slice("web", &eps));
+    let yaml = format!(
+        "{}---\n{}",
+        service("web", vip, ""),
+        endpoint_slice("web", &eps)
+    );
     print!("{}", c.apply_yaml(&yaml)?);
     print!("{}", c.cli(&["get", "services"])?);
     let clients = [(0usize, 0usize), (1, 1), (2, 1)];
@@ -177,15 +225,24 @@ fn services(c: &Cluster) -> anyhow::Result<()> {
             };
             let mut counts = std::collections::BTreeMap::<String, usize>::new();
             for a in answers {
-                *counts.entry(a.unwrap_or_else(|e| format!("error: {e}"))).or_default() += 1;
+                *counts
+                    .entry(a.unwrap_or_else(|e| format!("error: {e}")))
+                    .or_default() += 1;
             }
             println!("{label} from {} (node {}): {counts:?}", pod.ip, n + 1);
         }
         Ok(())
     };
     spread("300 connections")?;
-    step(&format!("backend {} removed from the EndpointSlice", backends[2]));
-    let yaml = format!("{}---\n{}", service("web", vip, ""), endpoint_slice("web", &eps[..2]));
+    step(&format!(
+        "backend {} removed from the EndpointSlice",
+        backends[2]
+    ));
+    let yaml = format!(
+        "{}---\n{}",
+        service("web", vip, ""),
+        endpoint_slice("web", &eps[..2])
+    );
     print!("{}", c.apply_yaml(&yaml)?);
     std::thread::sleep(Duration::from_millis(300));
     spread("300 connections")?;
@@ -194,7 +251,11 @@ fn services(c: &Cluster) -> anyhow::Result<()> {
 }
 
 fn register(c: &Cluster) {
-    let mut pids: Vec<u32> = c.nodes.iter().filter_map(|n| n.agent.as_ref().map(|a| a.id())).collect();
+    let mut pids: Vec<u32> = c
+        .nodes
+        .iter()
+        .filter_map(|n| n.agent.as_ref().map(|a| a.id()))
+        .collect();
     pids.extend(c.etcd.pid());
     *CLEANUP.get_or_init(Default::default).lock().unwrap() = Some((c.id.clone(), pids));
 }
