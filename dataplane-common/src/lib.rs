@@ -211,17 +211,9 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 /// The flags byte of a VXLAN header with only the I (VNI valid) bit set.
 pub const VXLAN_FLAGS_I: u8 = 0x08;
 
-/// Key of the [`map_names::PEERS`] LPM trie. Layout is what the kernel's
-/// LPM trie expects: a 32-bit prefix length followed by the address bytes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PeerKey {
-    pub prefix_len: u32,
-    /// Subnet network address, network byte order.
-    pub addr: [u8; 4],
-}
-
-/// Value of the [`map_names::PEERS`] LPM trie.
+/// Value of the [`map_names::PEERS`] LPM trie. Its key is aya's
+/// `lpm_trie::Key<[u8; 4]>`: a 32-bit prefix length, then the subnet's
+/// network address in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -420,7 +412,6 @@ pub struct Counter {
 /// and forwards it to the pod bridge.
 pub const XDP_META_DECAPPED: u32 = 0xdec0_0001;
 
-const _: () = assert!(size_of::<PeerKey>() == 8);
 const _: () = assert!(size_of::<PeerInfo>() == 12);
 const _: () = assert!(size_of::<PeerIpKey>() == 4);
 const _: () = assert!(size_of::<PeerIpInfo>() == 4);
@@ -445,7 +436,6 @@ const _: () = assert!(size_of::<SvcCounters>() == 32);
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, contain only integers and
     // byte arrays, and have no implicit padding (see the size assertions).
-    unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::PeerInfo {}
     unsafe impl aya::Pod for super::PeerIpKey {}
     unsafe impl aya::Pod for super::PeerIpInfo {}
