@@ -52,6 +52,8 @@ const RETRY: Duration = Duration::from_secs(5);
 /// Re-list bridge ports this often even without link events, in case a
 /// notification was lost (netlink multicast can overflow).
 const PORT_RESYNC: Duration = Duration::from_secs(10);
+/// How long a clean shutdown may take before the agent exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the agent until SIGINT/SIGTERM. The lease is deliberately not
 /// revoked on exit: a restart must get the same subnet back.
@@ -61,6 +63,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         wait_for_signal().await;
         info!("signal received, shutting down (the lease is kept for the restart)");
         let _ = shutdown_tx.send(true);
+        // A clean stop takes milliseconds. Never let an await that does
+        // not watch for shutdown keep a stopped agent around: a supervisor
+        // would wait on it forever. A second signal exits at once.
+        std::thread::spawn(|| {
+            std::thread::sleep(SHUTDOWN_GRACE);
+            error!("clean shutdown took more than {SHUTDOWN_GRACE:?}; exiting");
+            std::process::exit(1);
+        });
+        wait_for_signal().await;
+        error!("second signal: exiting now");
+        std::process::exit(1);
     });
 
     let nl = Netlink::new()?;

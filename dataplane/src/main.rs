@@ -178,6 +178,7 @@ struct AgentArgs {
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    unblock_stop_signals();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -401,4 +402,19 @@ async fn get_cmd(svc: &ServiceArgs, what: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A parent that blocked SIGTERM/SIGINT (many supervisors and test
+/// harnesses do, to handle them on one thread) passes the blocked mask on
+/// through fork and exec; the agent would then never see the signal that
+/// asks it to stop. Unblock them before any thread exists.
+fn unblock_stop_signals() {
+    // SAFETY: plain signal-mask calls on a zeroed, initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
 }

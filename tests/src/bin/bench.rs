@@ -90,7 +90,7 @@ impl Opts {
 
 // ---------------------------------------------------------------- cleanup
 
-type Registry = Vec<(String, Vec<u32>)>;
+type Registry = Vec<(String, Vec<u32>, std::path::PathBuf)>;
 static CLEANUP: OnceLock<Mutex<Registry>> = OnceLock::new();
 
 fn register(c: &Cluster) {
@@ -101,8 +101,8 @@ fn register(c: &Cluster) {
         .collect();
     pids.extend(c.etcd.pid());
     let mut reg = CLEANUP.get_or_init(Default::default).lock().unwrap();
-    reg.retain(|(id, _)| id != &c.id);
-    reg.push((c.id.clone(), pids));
+    reg.retain(|(id, _, _)| id != &c.id);
+    reg.push((c.id.clone(), pids, c.etcd.data_dir.clone()));
 }
 
 fn unregister(id: &str) {
@@ -110,7 +110,7 @@ fn unregister(id: &str) {
         .get_or_init(Default::default)
         .lock()
         .unwrap()
-        .retain(|(i, _)| i != id);
+        .retain(|(i, _, _)| i != id);
 }
 
 /// SIGINT/SIGTERM: stop what we started (by PID), delete our namespaces
@@ -128,18 +128,19 @@ fn install_signal_cleanup() {
             libc::sigwait(&set, &mut sig);
             eprintln!("\ninterrupted: cleaning up");
             let reg = std::mem::take(&mut *CLEANUP.get_or_init(Default::default).lock().unwrap());
-            for (_, pids) in &reg {
+            for (_, pids, _) in &reg {
                 for pid in pids {
                     libc::kill(*pid as i32, libc::SIGTERM);
                 }
             }
             std::thread::sleep(Duration::from_millis(500));
-            for (id, _) in &reg {
+            for (id, _, etcd_dir) in &reg {
                 let _ = Command::new("sh")
                     .arg("-c")
                     .arg(format!(
                         "for ns in $(ip netns list | awk '{{print $1}}' | grep '^dp{id}'); do ip netns delete $ns; done; \
-                         rm -rf /sys/fs/bpf/dp{id}n* /tmp/dp-{id}"
+                         rm -rf /sys/fs/bpf/dp{id}n* /tmp/dp-{id} '{}'",
+                        etcd_dir.display()
                     ))
                     .status();
             }

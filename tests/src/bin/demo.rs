@@ -22,7 +22,7 @@ const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#
 
 /// What the signal thread needs to clean up if the demo is interrupted.
 /// Cluster id and the PIDs we started.
-type Registry = Option<(String, Vec<u32>)>;
+type Registry = Option<(String, Vec<u32>, std::path::PathBuf)>;
 static CLEANUP: OnceLock<Mutex<Registry>> = OnceLock::new();
 
 fn main() -> anyhow::Result<()> {
@@ -257,7 +257,8 @@ fn register(c: &Cluster) {
         .filter_map(|n| n.agent.as_ref().map(|a| a.id()))
         .collect();
     pids.extend(c.etcd.pid());
-    *CLEANUP.get_or_init(Default::default).lock().unwrap() = Some((c.id.clone(), pids));
+    *CLEANUP.get_or_init(Default::default).lock().unwrap() =
+        Some((c.id.clone(), pids, c.etcd.data_dir.clone()));
 }
 
 /// SIGINT/SIGTERM: stop what we started (by PID), delete our namespaces
@@ -275,7 +276,9 @@ fn install_signal_cleanup() {
             let mut sig = 0;
             libc::sigwait(&set, &mut sig);
             eprintln!("\ninterrupted: cleaning up");
-            if let Some((id, pids)) = CLEANUP.get_or_init(Default::default).lock().unwrap().take() {
+            if let Some((id, pids, etcd_dir)) =
+                CLEANUP.get_or_init(Default::default).lock().unwrap().take()
+            {
                 for pid in pids {
                     libc::kill(pid as i32, libc::SIGTERM);
                 }
@@ -284,7 +287,8 @@ fn install_signal_cleanup() {
                     .arg("-c")
                     .arg(format!(
                         "for ns in $(ip netns list | awk '{{print $1}}' | grep '^dp{id}'); do ip netns delete $ns; done; \
-                         rm -rf /sys/fs/bpf/dp{id}n* /tmp/dp-{id}"
+                         rm -rf /sys/fs/bpf/dp{id}n* /tmp/dp-{id} '{}'",
+                        etcd_dir.display()
                     ))
                     .status();
             }
