@@ -220,8 +220,13 @@ fn decap_direct_to_pod() {
                 .stderr(std::process::Stdio::null())
                 .spawn();
         if let Ok(d) = dump.as_mut() {
-            std::thread::sleep(Duration::from_millis(500));
-            c.ping(0, 0, b.ip, 1).unwrap();
+            // Ping until tcpdump (-c 1) has caught one: on a loaded machine
+            // it may take a while before it listens.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(d.try_wait(), Ok(None)) {
+                let _ = c.ping(0, 0, b.ip, 1);
+                std::thread::sleep(Duration::from_millis(200));
+            }
             let out = d.wait_with_output_timeout();
             assert!(
                 out.contains(&format!("{} > {}", fmt(gw_mac), fmt(b_mac))),

@@ -206,7 +206,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     c.args(["build", "--locked", "-p", "dataplane", "--bin", "dataplane"]);
     status(c)?;
     let mut c = cargo();
-    c.args(["test", "--locked", "--workspace"])
+    c.args(["test", "--locked", "--workspace", "--no-fail-fast"])
         .env("DATAPLANE_BIN", root().join("target/debug/dataplane"))
         .args(extra);
     status(c)
