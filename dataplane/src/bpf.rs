@@ -13,7 +13,7 @@ use std::{
     ffi::CString,
     fs,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -116,7 +116,6 @@ fn is_bpffs(path: &Path) -> bool {
 /// The loaded programs and their pinned maps.
 pub struct Dataplane {
     ebpf: Ebpf,
-    pin_path: Option<PathBuf>,
     peers: LpmTrie<MapData, [u8; 4], PeerInfo>,
     peer_ips: HashMap<MapData, PeerIpKey, PeerIpInfo>,
     node_cfg: Array<MapData, NodeConfig>,
@@ -212,7 +211,6 @@ impl Dataplane {
         }
         Ok(Self {
             ebpf,
-            pin_path: pin_path.map(Path::to_owned),
             peers,
             peer_ips,
             node_cfg,
@@ -227,17 +225,9 @@ impl Dataplane {
         })
     }
 
-    pub fn pin_path(&self) -> Option<&Path> {
-        self.pin_path.as_deref()
-    }
-
     /// The loaded object, for running programs with BPF_PROG_TEST_RUN.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
-    }
-
-    pub fn write_stats(&self) -> WriteStats {
-        self.writes
     }
 
     pub fn set_node_config(&mut self, cfg: &NodeConfig) -> anyhow::Result<()> {
@@ -435,14 +425,6 @@ impl Dataplane {
         &mut self.svc
     }
 
-    /// Map writes so far (peer and service maps).
-    pub fn total_writes(&self) -> WriteStats {
-        WriteStats {
-            updates: self.writes.updates + self.svc.writes.updates,
-            deletes: self.writes.deletes + self.svc.writes.deletes,
-        }
-    }
-
     /// Per-outcome counters summed over CPUs.
     pub fn stats(&self) -> anyhow::Result<Vec<(Stat, Counter)>> {
         read_stats(&self.stats)
@@ -483,15 +465,14 @@ pub fn read_pinned_svc_stats(pin_path: &Path) -> anyhow::Result<Vec<(SvcKey, Svc
     let map: PerCpuHashMap<MapData, SvcKey, SvcCounters> =
         PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))?;
     let mut out = Vec::new();
-    for item in map.iter() {
-        let Ok((k, per_cpu)) = item else { continue };
-        let mut sum = SvcCounters::default();
-        for c in per_cpu.iter() {
-            sum.new_flows += c.new_flows;
-            sum.packets += c.packets;
-            sum.bytes += c.bytes;
-            sum.rejections += c.rejections;
-        }
+    for (k, per_cpu) in map.iter().filter_map(Result::ok) {
+        let sum = per_cpu.iter().fold(SvcCounters::default(), |mut s, c| {
+            s.new_flows += c.new_flows;
+            s.packets += c.packets;
+            s.bytes += c.bytes;
+            s.rejections += c.rejections;
+            s
+        });
         out.push((k, sum));
     }
     out.sort_by_key(|(k, _)| *k);
@@ -715,58 +696,11 @@ impl ServiceMaps {
         Ok(())
     }
 
-    /// Keys of frontends in the shadow.
-    pub fn keys(&self) -> Vec<SvcKey> {
-        self.shadow.keys().copied().collect()
-    }
-
     fn alloc_id(&mut self) -> u32 {
         self.free_ids.pop().unwrap_or_else(|| {
             let id = self.next_id;
             self.next_id += 1;
             id
         })
-    }
-
-    /// Removes service entries left in the pinned maps by an earlier run
-    /// that the shadow does not know (call after the first full sync).
-    pub fn remove_unknown(&mut self) -> anyhow::Result<usize> {
-        let stale: Vec<SvcKey> = self
-            .services
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !self.shadow.contains_key(k))
-            .collect();
-        for k in &stale {
-            remove_ok_if_missing(self.services.remove(k))?;
-            self.writes.deletes += 1;
-        }
-        let vips: Vec<VipKey> = self
-            .vips
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !self.vip_refs.contains_key(&k.vip))
-            .collect();
-        for k in &vips {
-            remove_ok_if_missing(self.vips.remove(k))?;
-        }
-        Ok(stale.len())
-    }
-
-    /// Per-frontend counters summed over CPUs.
-    pub fn counters(&self) -> Vec<(SvcKey, SvcCounters)> {
-        let mut out = Vec::new();
-        for item in self.svc_stats.iter() {
-            let Ok((k, per_cpu)) = item else { continue };
-            let mut sum = SvcCounters::default();
-            for c in per_cpu.iter() {
-                sum.new_flows += c.new_flows;
-                sum.packets += c.packets;
-                sum.bytes += c.bytes;
-                sum.rejections += c.rejections;
-            }
-            out.push((k, sum));
-        }
-        out
     }
 }
