@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod etcd;
 pub mod flannel;
+pub mod interrupt;
 pub mod netns;
 pub mod packets;
 pub mod svc;

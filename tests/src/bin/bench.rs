@@ -18,7 +18,6 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -85,67 +84,6 @@ impl Opts {
                 bpf_new_flows: 20_000,
             }
         }
-    }
-}
-
-// ---------------------------------------------------------------- cleanup
-
-type Registry = Vec<(String, Vec<u32>, std::path::PathBuf)>;
-static CLEANUP: OnceLock<Mutex<Registry>> = OnceLock::new();
-
-fn register(c: &Cluster) {
-    let mut pids: Vec<u32> = c
-        .nodes
-        .iter()
-        .filter_map(|n| n.agent.as_ref().map(|a| a.id()))
-        .collect();
-    pids.extend(c.etcd.pid());
-    let mut reg = CLEANUP.get_or_init(Default::default).lock().unwrap();
-    reg.retain(|(id, _, _)| id != &c.id);
-    reg.push((c.id.clone(), pids, c.etcd.data_dir.clone()));
-}
-
-fn unregister(id: &str) {
-    CLEANUP
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap()
-        .retain(|(i, _, _)| i != id);
-}
-
-/// SIGINT/SIGTERM: stop what we started (by PID), delete our namespaces
-/// and pins, exit. Signals are blocked on every other thread.
-fn install_signal_cleanup() {
-    // SAFETY: signal mask manipulation with valid sets.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        std::thread::spawn(move || {
-            let mut sig = 0;
-            libc::sigwait(&set, &mut sig);
-            eprintln!("\ninterrupted: cleaning up");
-            let reg = std::mem::take(&mut *CLEANUP.get_or_init(Default::default).lock().unwrap());
-            for (_, pids, _) in &reg {
-                for pid in pids {
-                    libc::kill(*pid as i32, libc::SIGTERM);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(500));
-            for (id, _, etcd_dir) in &reg {
-                let _ = Command::new("sh")
-                    .arg("-c")
-                    .arg(format!(
-                        "for ns in $(ip netns list | awk '{{print $1}}' | grep '^dp{id}'); do ip netns delete $ns; done; \
-                         rm -rf /sys/fs/bpf/dp{id}n* /tmp/dp-{id} '{}'",
-                        etcd_dir.display()
-                    ))
-                    .status();
-            }
-            std::process::exit(130);
-        });
     }
 }
 
@@ -255,7 +193,7 @@ impl ModeCluster {
 impl Drop for ModeCluster {
     fn drop(&mut self) {
         self.servers.clear();
-        unregister(&self.c.id);
+        tests::interrupt::unregister(&self.c.id);
     }
 }
 
@@ -295,7 +233,7 @@ fn finish_cluster(
 
 fn host_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
     let mut c = Cluster::new(2)?;
-    register(&c);
+    tests::interrupt::register(&c);
     let nets = [net("10.244.1.0/24"), net("10.244.2.0/24")];
     for i in 0..2 {
         let gw = Ipv4Addr::from(u32::from(nets[i].network()) + 1);
@@ -316,7 +254,7 @@ fn host_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
 
 fn flannel_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
     let mut c = Cluster::new(2)?;
-    register(&c);
+    tests::interrupt::register(&c);
     let nets = [net("10.244.1.0/24"), net("10.244.2.0/24")];
     let f = vec![
         FlannelNode::start(&c, 0, nets[0])?,
@@ -335,12 +273,12 @@ fn flannel_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
 
 fn ours_cluster(name: &'static str, mode: &str, server_pods: usize) -> anyhow::Result<ModeCluster> {
     let mut c = Cluster::new(2)?;
-    register(&c);
+    tests::interrupt::register(&c);
     c.put_config(OURS_CONFIG)?;
     for i in 0..2 {
         c.start_agent(i, &["--decap-mode", mode])?;
     }
-    register(&c);
+    tests::interrupt::register(&c);
     for i in 0..2 {
         c.wait_ready(i, Duration::from_secs(60))?;
     }
@@ -1147,7 +1085,7 @@ fn svc_key_port(vip: Ipv4Addr, port: u16) -> SvcKey {
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let o = Opts::new(quick);
-    install_signal_cleanup();
+    tests::interrupt::install_signal_cleanup();
     let started = Instant::now();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out_dir = root.join("bench/results");

@@ -6,7 +6,6 @@
 
 use std::{
     process::Command,
-    sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -20,15 +19,10 @@ const NODES: usize = 3;
 const PODS: usize = 2;
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
-/// What the signal thread needs to clean up if the demo is interrupted.
-/// Cluster id and the PIDs we started.
-type Registry = Option<(String, Vec<u32>, std::path::PathBuf)>;
-static CLEANUP: OnceLock<Mutex<Registry>> = OnceLock::new();
-
 fn main() -> anyhow::Result<()> {
-    install_signal_cleanup();
+    tests::interrupt::install_signal_cleanup();
     let mut c = Cluster::new(NODES)?;
-    register(&c);
+    tests::interrupt::register(&c);
     let r = run(&mut c);
     if let Err(e) = &r {
         eprintln!("demo failed: {e:#}");
@@ -58,7 +52,7 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
     for i in 0..NODES {
         c.start_agent(i, &[])?;
     }
-    register(c);
+    tests::interrupt::register(c);
     for i in 0..NODES {
         let env = c.wait_ready(i, Duration::from_secs(60))?;
         println!("node {} ({}): subnet {}", i + 1, c.nodes[i].ip, env.subnet);
@@ -248,51 +242,4 @@ fn services(c: &Cluster) -> anyhow::Result<()> {
     spread("300 connections")?;
     drop(servers);
     Ok(())
-}
-
-fn register(c: &Cluster) {
-    let mut pids: Vec<u32> = c
-        .nodes
-        .iter()
-        .filter_map(|n| n.agent.as_ref().map(|a| a.id()))
-        .collect();
-    pids.extend(c.etcd.pid());
-    *CLEANUP.get_or_init(Default::default).lock().unwrap() =
-        Some((c.id.clone(), pids, c.etcd.data_dir.clone()));
-}
-
-/// SIGINT/SIGTERM: stop what we started (by PID), delete our namespaces
-/// and pins, then exit. Runs on its own thread with the signals blocked
-/// everywhere else, so it works whatever the main thread is doing.
-fn install_signal_cleanup() {
-    // SAFETY: signal mask manipulation with valid sets.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        std::thread::spawn(move || {
-            let mut sig = 0;
-            libc::sigwait(&set, &mut sig);
-            eprintln!("\ninterrupted: cleaning up");
-            if let Some((id, pids, etcd_dir)) =
-                CLEANUP.get_or_init(Default::default).lock().unwrap().take()
-            {
-                for pid in pids {
-                    libc::kill(pid as i32, libc::SIGTERM);
-                }
-                std::thread::sleep(Duration::from_millis(500));
-                let _ = Command::new("sh")
-                    .arg("-c")
-                    .arg(format!(
-                        "for ns in $(ip netns list | awk '{{print $1}}' | grep '^dp{id}'); do ip netns delete $ns; done; \
-                         rm -rf /sys/fs/bpf/dp{id}n* /tmp/dp-{id} '{}'",
-                        etcd_dir.display()
-                    ))
-                    .status();
-            }
-            std::process::exit(130);
-        });
-    }
 }
