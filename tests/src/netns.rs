@@ -126,6 +126,17 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Root-only tests are `#[ignore = "needs root ..."]`, so a plain `cargo
+/// test` lists them as ignored; `cargo xtask test` runs them with
+/// `--include-ignored`. Run that way without root, they fail here rather
+/// than pass having done nothing.
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "this test needs root (network namespaces, BPF): run it as root, e.g. `cargo xtask test`"
+    );
+}
+
 /// Runs `f` on a new thread that has joined the named namespace (setns):
 /// sockets it opens live there. The calling thread is unaffected.
 pub fn in_netns<T: Send + 'static>(

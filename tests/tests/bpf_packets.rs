@@ -12,7 +12,7 @@ use dataplane::bpf::{Dataplane, Peer};
 use dataplane_common::{NODE_CFG_READY, NodeConfig, Stat, prog_names};
 use ipnet::Ipv4Net;
 use tests::{
-    netns::{in_private_netns, is_root, sh},
+    netns::{in_private_netns, require_root, sh},
     packets::*,
 };
 
@@ -183,11 +183,9 @@ fn vxlan_from(
 macro_rules! root_test {
     ($name:ident, $body:expr) => {
         #[test]
+        #[ignore = "needs root; `cargo xtask test` runs it"]
         fn $name() {
-            if !is_root() {
-                eprintln!("skipped: needs root");
-                return;
-            }
+            require_root();
             in_private_netns($body);
         }
     };

@@ -24,7 +24,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapInfo};
 use dataplane_common::{EndpointInfo, EndpointKey, map_names};
 use tests::{
-    netns::{NetNs, is_root},
+    netns::{NetNs, require_root},
     topo::Cluster,
     traffic::bulk_tcp,
 };
@@ -169,11 +169,9 @@ fn ping(c: &Cluster, from: usize, dst: Ipv4Addr) {
 }
 
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn decap_direct_to_pod() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     for mode in ["tc", "xdp"] {
         let c = cluster(mode);
         let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
@@ -285,11 +283,9 @@ impl WaitTimeout for &mut std::process::Child {
 }
 
 #[test]
-#[ignore]
+#[ignore = "manual measurement (`cargo xtask test` skips it): cargo test -p tests --test decap_fastpath decap_perf -- --ignored"]
 fn decap_perf() {
-    if !is_root() {
-        return;
-    }
+    require_root();
     let modes = std::env::var("DECAP_MODE").unwrap_or_else(|_| "tc,xdp".into());
     let fill = std::env::var("ENDPOINTS").map_or(true, |v| v != "0");
     let secs = std::env::var("SECS")

@@ -7,7 +7,7 @@ use std::{
 };
 
 use tests::{
-    netns::{in_netns, is_root},
+    netns::{in_netns, require_root},
     packets::parse_vxlan,
     topo::{Cluster, add_pod_to},
     traffic::bulk_tcp,
@@ -18,10 +18,7 @@ const READY: Duration = Duration::from_secs(30);
 
 macro_rules! root_only {
     () => {
-        if !is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
+        require_root()
     };
 }
 
@@ -126,12 +123,14 @@ fn full_mesh(extra: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn full_mesh_tc_decap() {
     root_only!();
     full_mesh(&["--decap-mode", "tc"]);
 }
 
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn full_mesh_xdp_decap() {
     root_only!();
     full_mesh(&["--decap-mode", "xdp"]);
@@ -139,6 +138,7 @@ fn full_mesh_xdp_decap() {
 
 /// What leaves node 1 for node 2 is exactly flannel's VXLAN.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn capture_shows_flannel_wire_format() {
     root_only!();
     let c = cluster(2, 1, &["--decap-mode", "tc"]);
@@ -246,6 +246,7 @@ fn capture_vxlan(timeout: Duration) -> Option<Vec<u8>> {
 /// A node running this agent and a node running stock flannel's kernel
 /// vxlan device reach each other's pods.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn mixed_cluster_with_flannel_node() {
     root_only!();
     for mode in ["tc", "xdp"] {
@@ -293,6 +294,7 @@ fn mixed_cluster_with_flannel_node() {
 /// A node that joins becomes reachable without restarting the others; a
 /// node whose lease is deleted becomes unreachable and leaves the map.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn node_join_and_leave() {
     root_only!();
     let mut c = cluster(2, 1, &["--decap-mode", "tc"]);

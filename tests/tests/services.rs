@@ -11,7 +11,7 @@ use std::{
 };
 
 use tests::{
-    netns::is_root,
+    netns::require_root,
     svc::{
         Backend, Conn, Ep, endpoint_slice, service, tcp_ask, tcp_ask_many, udp_ask, udp_ask_from,
     },
@@ -23,10 +23,7 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 macro_rules! root_only {
     () => {
-        if !is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
+        require_root()
     };
 }
 
@@ -115,6 +112,7 @@ fn apply_service(e: &Env, name: &str, extra_spec: &str, eps: &[Ep]) {
 /// 1 + 2 (reverse NAT) + 8 (client/backend on the same and other nodes):
 /// new connections spread evenly over the ready endpoints, from either node.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn even_spread_from_both_nodes() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
@@ -165,6 +163,7 @@ fn even_spread_from_both_nodes() {
 /// 2 + 6: an established connection stays on its backend while others
 /// come and go; when its own backend is removed it fails fast.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn established_connection_sticks_then_fails_fast() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
@@ -217,6 +216,7 @@ fn established_connection_sticks_then_fails_fast() {
 /// 3: ClientIP affinity holds, and expires after timeoutSeconds of no new
 /// connections.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn client_ip_affinity_and_timeout() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
@@ -257,6 +257,7 @@ fn client_ip_affinity_and_timeout() {
 
 /// 4: no endpoints -> refused at once, TCP and UDP.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn no_endpoints_is_refused_immediately() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
@@ -293,6 +294,7 @@ fn no_endpoints_is_refused_immediately() {
 /// 5: only terminating-but-serving endpoints left -> they are used; once a
 /// ready one exists, only it is.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn terminating_endpoints_are_the_fallback() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
@@ -312,6 +314,7 @@ fn terminating_endpoints_are_the_fallback() {
 /// 6: a UDP client reusing its port gets a live backend on its next
 /// request after its backend is removed (kubernetes #19029).
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn udp_recovers_after_backend_removal() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
@@ -330,6 +333,7 @@ fn udp_recovers_after_backend_removal() {
 
 /// 7: a pod that is the service's only endpoint reaches itself through it.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn hairpin() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
@@ -346,6 +350,7 @@ fn hairpin() {
 
 /// 8: a port or protocol the Service does not define is not forwarded.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn undefined_port_is_not_forwarded() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
@@ -382,6 +387,7 @@ fn undefined_port_is_not_forwarded() {
 /// 9: internalTrafficPolicy Local uses only endpoints on the client's node
 /// and rejects where there are none.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn internal_traffic_policy_local() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);
@@ -412,6 +418,7 @@ fn internal_traffic_policy_local() {
 /// 10: with 10,000 services applied, one more becomes reachable from every
 /// node, and programming it took map writes for that one service only.
 #[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn ten_thousand_services_then_one_more() {
     root_only!();
     let e = env(&["--decap-mode", "tc"]);

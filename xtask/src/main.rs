@@ -17,18 +17,65 @@ use clap::{Parser, Subcommand};
 /// The toolchain pinned in rust-toolchain.toml (preinstalled; its LLVM is 22).
 const TOOLCHAIN: &str = "1.95.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-const DEBIAN_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "bpftool",
-    "protobuf-compiler",
-    "etcd-server",
-    "iproute2",
-    "iperf3",
-    "ethtool",
-    "iputils-ping",
-    "tcpdump",
-    "iptables",
+/// What the project needs from Debian, and how setup proves each package
+/// is usable once installed: a program on PATH or a file. A build script
+/// failing minutes later on a missing header is what this is here to avoid.
+const DEBIAN_PACKAGES: &[(&str, Need)] = &[
+    // bpf-linker links against libLLVM 22.
+    (
+        "llvm-22-dev",
+        Need::File("/usr/lib/llvm-22/bin/llvm-config"),
+    ),
+    ("bpftool", Need::Program("bpftool")),
+    // etcd-client's build script runs protoc on etcd's .proto files, which
+    // import google/protobuf/*.proto: those come from libprotobuf-dev
+    // (protobuf-compiler only recommends it).
+    ("protobuf-compiler", Need::Program("protoc")),
+    (
+        "libprotobuf-dev",
+        Need::File("/usr/include/google/protobuf/descriptor.proto"),
+    ),
+    ("etcd-server", Need::Program("etcd")),
+    ("iproute2", Need::Program("ip")),
+    ("iperf3", Need::Program("iperf3")),
+    ("ethtool", Need::Program("ethtool")),
+    ("iputils-ping", Need::Program("ping")),
+    ("tcpdump", Need::Program("tcpdump")),
+    // The benchmark's kube-proxy comparison programs iptables rules.
+    ("iptables", Need::Program("iptables")),
 ];
+
+#[derive(Clone, Copy)]
+enum Need {
+    Program(&'static str),
+    File(&'static str),
+}
+
+impl Need {
+    fn present(self) -> bool {
+        match self {
+            Need::File(p) => Path::new(p).is_file(),
+            Need::Program(name) => find_program(name).is_some(),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Need::File(p) => p.to_owned(),
+            Need::Program(name) => format!("`{name}` on PATH"),
+        }
+    }
+}
+
+/// `name` in PATH, or in the sbin directories a non-login root shell may
+/// lack from PATH.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -45,7 +92,8 @@ enum Task {
     /// Setup, then every test: unit, BPF packet tests, network-namespace
     /// tests with a real etcd (as root).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Extra arguments for `cargo test` (e.g. `-p tests --test services`
+        /// or a test name filter); after `--`, arguments for the test binaries.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -130,11 +178,12 @@ fn setup() -> anyhow::Result<()> {
 
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
-        .copied()
-        .filter(|p| {
-            output_ok("dpkg-query", &["-W", "-f=${Status}", p])
-                .is_none_or(|s| !s.contains("install ok installed"))
+        .filter(|(p, need)| {
+            !need.present()
+                || output_ok("dpkg-query", &["-W", "-f=${Status}", p])
+                    .is_none_or(|s| !s.contains("install ok installed"))
         })
+        .map(|(p, _)| *p)
         .collect();
     if !missing.is_empty() {
         if !is_root() {
@@ -150,6 +199,18 @@ fn setup() -> anyhow::Result<()> {
             .args(&missing);
         status(c)?;
         did.push(format!("installed {}", missing.join(" ")));
+    }
+    // Fail here, naming the package, rather than in a build script later.
+    let absent: Vec<String> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, need)| !need.present())
+        .map(|(p, need)| format!("{} (from Debian package {p})", need.describe()))
+        .collect();
+    if !absent.is_empty() {
+        bail!(
+            "still missing after installing: {}. Install those packages and run `cargo xtask setup` again",
+            absent.join("; ")
+        );
     }
 
     let components = output_ok(
@@ -178,7 +239,10 @@ fn setup() -> anyhow::Result<()> {
         ]);
         status(c)?;
         if !bpf_linker_ok() {
-            bail!("bpf-linker still not usable after installing it");
+            bail!(
+                "bpf-linker is still not usable after `cargo install bpf-linker`: is ~/.cargo/bin on PATH, \
+                 and does `bpf-linker --version` find libLLVM 22 (Debian package llvm-22-dev)?"
+            );
         }
         did.push("installed bpf-linker".into());
     }
@@ -205,10 +269,19 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let mut c = cargo();
     c.args(["build", "--locked", "-p", "dataplane", "--bin", "dataplane"]);
     status(c)?;
+    // Root-only tests are #[ignore = "needs root ..."] so that a plain
+    // `cargo test` shows them as ignored instead of passing them empty;
+    // here, as root, they run. decap_perf is a manual measurement.
+    let (cargo_args, test_args) = match extra.iter().position(|a| a == "--") {
+        Some(i) => (&extra[..i], &extra[i + 1..]),
+        None => (extra, &[][..]),
+    };
     let mut c = cargo();
     c.args(["test", "--locked", "--workspace", "--no-fail-fast"])
         .env("DATAPLANE_BIN", root().join("target/debug/dataplane"))
-        .args(extra);
+        .args(cargo_args)
+        .args(["--", "--include-ignored", "--skip", "decap_perf"])
+        .args(test_args);
     status(c)
 }
 
