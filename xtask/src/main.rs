@@ -277,8 +277,15 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         None => (extra, &[][..]),
     };
     let mut c = cargo();
-    c.args(["test", "--locked", "--workspace", "--no-fail-fast"])
-        .env("DATAPLANE_BIN", root().join("target/debug/dataplane"))
+    c.args(["test", "--locked", "--no-fail-fast"]);
+    // `--workspace` would override a `-p` of the caller's.
+    if !cargo_args
+        .iter()
+        .any(|a| a == "-p" || a.starts_with("--package") || a.starts_with("-p"))
+    {
+        c.arg("--workspace");
+    }
+    c.env("DATAPLANE_BIN", root().join("target/debug/dataplane"))
         .args(cargo_args)
         .args(["--", "--include-ignored", "--skip", "decap_perf"])
         .args(test_args);
