@@ -43,6 +43,12 @@ const DEBIAN_PACKAGES: &[(&str, Need)] = &[
     ("tcpdump", Need::Program("tcpdump")),
     // The benchmark's kube-proxy comparison programs iptables rules.
     ("iptables", Need::Program("iptables")),
+    // The reference CNI plugins: host-local is dataplane-cni's default
+    // IPAM, bridge is the stock path the tests keep working.
+    (
+        "containernetworking-plugins",
+        Need::File("/usr/lib/cni/host-local"),
+    ),
 ];
 
 #[derive(Clone, Copy)]
