@@ -8,9 +8,16 @@
 //! [`netkit`] for the netkit kind), addresses it ([`addressing`]), and
 //! registers the endpoint with the agent over a Unix socket ([`proto`]).
 //! The agent serves that socket with [`server`].
+pub mod addressing;
+pub mod device;
 pub mod env;
 pub mod error;
+pub mod gc;
+pub mod ipam;
 pub mod netconf;
+pub mod netkit;
+pub mod netns;
+pub mod plugin;
 pub mod proto;
 pub mod result;
 pub mod server;

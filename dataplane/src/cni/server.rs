@@ -260,13 +260,11 @@ mod tests {
             if let Some(why) = &self.not_ready {
                 return Err(ProtoError::new(ErrorCode::NotReady, why.clone()));
             }
-            let mut eps = self.endpoints.lock().unwrap();
-            if eps.values().any(|o| o.ip == e.ip && o.key() != e.key()) {
-                return Err(ProtoError::new(
-                    ErrorCode::Conflict,
-                    format!("{} is taken", e.ip),
-                ));
+            if e.host_ifindex == 0 {
+                return Err(ProtoError::new(ErrorCode::Invalid, "host_ifindex 0"));
             }
+            let mut eps = self.endpoints.lock().unwrap();
+            eps.retain(|_, o| o.ip != e.ip);
             eps.insert(e.key(), e);
             Ok(())
         }
@@ -357,12 +355,13 @@ mod tests {
             vec![("a", a.ip), ("b", b.ip)]
         );
         // A registry refusal comes back as a typed error.
-        let clash = Endpoint {
+        let bad = Endpoint {
             container_id: "c".into(),
+            host_ifindex: 0,
             ..a.clone()
         };
-        match client.add(&clash).await.unwrap_err() {
-            ClientError::Refused { error, .. } => assert_eq!(error.code, ErrorCode::Conflict),
+        match client.add(&bad).await.unwrap_err() {
+            ClientError::Refused { error, .. } => assert_eq!(error.code, ErrorCode::Invalid),
             other => panic!("expected a refusal, got {other}"),
         }
         client.del(&a.key()).await.unwrap();
