@@ -220,6 +220,27 @@ pub async fn delete_by_name(nl: &Handle, name: &str) -> CniResult<bool> {
     }
 }
 
+/// Whether this kernel can make netkit pairs (`CONFIG_NETKIT`, Linux 6.7+;
+/// the version alone does not tell: a 6.18 kernel may be built without
+/// it). Creates a throw-away pair with the same request ADD sends, and
+/// deletes it; `nl` must belong to the calling thread's namespace, where
+/// both ends go. For `--pod-device auto`.
+pub async fn netkit_available(nl: &Handle) -> CniResult<bool> {
+    let ns = std::fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| CniError::internal(format!("opening /proc/thread-self/ns/net: {e}")))?;
+    let tag = format!("{:x}", std::process::id() & 0xff_ffff);
+    let (primary, peer) = (format!("dpnk{tag}a"), format!("dpnk{tag}b"));
+    let msg = netkit::pair_message(&primary, &peer, std::os::fd::AsFd::as_fd(&ns), None);
+    match nl.link().add(msg).execute().await {
+        Ok(()) => {
+            delete_by_name(nl, &primary).await?;
+            Ok(true)
+        }
+        Err(e) if errno(&e) == Some(libc::EOPNOTSUPP) => Ok(false),
+        Err(e) => Err(CniError::internal(format!("probing for netkit: {e}"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
