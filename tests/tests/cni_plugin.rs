@@ -494,8 +494,14 @@ fn add_check_del(kind: &'static str) {
     // DEL again, and without a netns or prevResult, still succeeds.
     node.del(&id, Some(&pod), Some(&result)).quiet_ok();
     node.del(&id, None, None).quiet_ok();
-    // DEL of a container that was never added succeeds too.
-    node.del("never-added", None, None).quiet_ok();
+    // DEL of a container that was never added succeeds too, even with a
+    // prevResult that is not one (DEL does not need it).
+    node.del(
+        "never-added",
+        None,
+        Some(&json!({ "ips": [{ "address": "nope" }] })),
+    )
+    .quiet_ok();
     assert_eq!(
         node.registry.calls(),
         vec![

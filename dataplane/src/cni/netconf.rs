@@ -60,7 +60,9 @@ pub struct NetConf {
     pub ipam_type: String,
     /// `dns` of the netconf, reported when IPAM gives none.
     pub dns: Dns,
-    pub prev_result: Option<CniOutput>,
+    /// `prevResult`, decoded on use ([`NetConf::prev_result`]): DEL does
+    /// not need it and must not fail on a bad one.
+    prev_result: Option<Value>,
     /// GC's still-valid attachments; `None` if the key is absent (null
     /// counts as an empty list, as libcni sends for none).
     pub valid_attachments: Option<Vec<AttachmentKey>>,
@@ -195,11 +197,7 @@ impl NetConf {
             )));
         }
 
-        let prev_result = typed
-            .prev_result
-            .filter(|v| !v.is_null())
-            .map(|v| CniOutput::from_value(v, "prevResult"))
-            .transpose()?;
+        let prev_result = typed.prev_result.filter(|v| !v.is_null());
 
         let valid_attachments = match raw
             .get(VALID_ATTACHMENTS)
@@ -240,6 +238,14 @@ impl NetConf {
             valid_attachments,
             raw,
         })
+    }
+
+    /// `prevResult`, if given (code 6 if it is not a result).
+    pub fn prev_result(&self) -> CniResult<Option<CniOutput>> {
+        self.prev_result
+            .clone()
+            .map(|v| CniOutput::from_value(v, "prevResult"))
+            .transpose()
     }
 
     /// The netconf for a delegated plugin speaking `version`: the whole
@@ -317,7 +323,7 @@ mod tests {
         assert_eq!(c.pod_device, PodDevice::Netkit);
         assert_eq!(c.ipam_type, "host-local");
         assert_eq!(c.dns.nameservers, vec!["10.96.0.10".to_string()]);
-        assert_eq!(c.prev_result, None);
+        assert_eq!(c.prev_result().unwrap(), None);
         assert_eq!(c.valid_attachments, None);
     }
 
@@ -368,14 +374,22 @@ mod tests {
             m.insert("cniVersion".into(), 1.into());
         }));
         assert_eq!(e.code, code::DECODE);
-        let e = err(&with(|m| {
+        // A bad prevResult is an error where it is used (CHECK, ADD), not
+        // for DEL, which must not fail on it.
+        let c = NetConf::parse(&with(|m| {
             m.insert(
                 "prevResult".into(),
                 serde_json::json!({"ips": [{"address": "nope"}]}),
             );
-        }));
+        }))
+        .unwrap();
+        let e = c.prev_result().unwrap_err();
         assert_eq!(e.code, code::DECODE);
-        assert!(e.msg.contains("prevResult"), "{}", e.msg);
+        assert!(
+            e.msg.contains("prevResult") && e.msg.contains("ips[0].address"),
+            "{}",
+            e.msg
+        );
     }
 
     #[test]

@@ -134,6 +134,7 @@ fn try_again(what: &str, e: &ClientError) -> CniError {
 
 async fn add(env: &Env, conf: &NetConf) -> CniResult<CniOutput> {
     let key = key(env);
+    let prev = conf.prev_result()?;
     let netns = netns_path(env)?;
     let pod_ns = Netns::open(netns)?;
     let host_nl = netns::current_handle()?;
@@ -186,7 +187,7 @@ async fn add(env: &Env, conf: &NetConf) -> CniResult<CniOutput> {
     )
     .await;
     match attached {
-        Ok(result) => Ok(result),
+        Ok(result) => Ok(merge(prev.as_ref(), result)),
         Err(e) => {
             note!(
                 "ADD {}/{} failed, undoing: {e}",
@@ -250,14 +251,13 @@ async fn attach(
         .add(&endpoint)
         .await
         .map_err(|e| try_again("registering the endpoint with the agent", &e))?;
-    let ours = result(
+    Ok(result(
         conf,
         &pod_ns.path.display().to_string(),
         &plan,
         &pair,
         allocated,
-    );
-    Ok(merge(conf.prev_result.as_ref(), ours))
+    ))
 }
 
 /// ADD's result: the host end, the pod end (index 1), the /32 with its
@@ -371,8 +371,7 @@ async fn delete_pod_end(env: &Env, conf: &NetConf) -> CniResult<()> {
 async fn check(env: &Env, conf: &NetConf) -> CniResult<()> {
     let key = key(env);
     let prev = conf
-        .prev_result
-        .as_ref()
+        .prev_result()?
         .ok_or_else(|| CniError::invalid_netconf("CHECK needs prevResult (the result of ADD)"))?;
     let netns = netns_path(env)?;
     let sandbox = netns.display().to_string();
