@@ -35,7 +35,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub trait EndpointRegistry: Send + Sync + 'static {
     /// Registers an endpoint; the pod must be reachable (map entries
     /// written, programs attached) when this returns `Ok`. A key that is
-    /// already registered gets the new endpoint.
+    /// already registered gets the new endpoint. IPAM is the authority on
+    /// addresses: another key registered with the same IP is stale (its
+    /// DEL did not reach the agent) and gives way.
     fn add(&self, endpoint: Endpoint) -> impl Future<Output = Result<(), ProtoError>> + Send;
 
     /// Removes an endpoint and everything the agent holds for it. Unknown
