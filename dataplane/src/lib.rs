@@ -9,6 +9,7 @@
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
 pub mod agent;
 pub mod bpf;
+pub mod cni;
 pub mod config;
 pub mod etcd;
 pub mod lease;
