@@ -271,9 +271,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the tests create network namespaces and load BPF programs: run as root");
     }
-    // Build the agent binary first: end-to-end tests start it as a process.
+    // Build the agent and the CNI plugin first: end-to-end tests run them
+    // as processes.
     let mut c = cargo();
-    c.args(["build", "--locked", "-p", "dataplane", "--bin", "dataplane"]);
+    c.args(["build", "--locked", "-p", "dataplane", "--bins"]);
     status(c)?;
     // Root-only tests are #[ignore = "needs root ..."] so that a plain
     // `cargo test` shows them as ignored instead of passing them empty;
@@ -303,7 +304,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         bail!("the agent loads BPF programs and configures interfaces: run as root");
     }
     let mut c = cargo();
-    c.args(["build", "--locked", "-p", "dataplane", "--bin", "dataplane"]);
+    c.args(["build", "--locked", "-p", "dataplane", "--bins"]);
     status(c)?;
     let bin = root().join("target/debug/dataplane");
     let has_endpoints = args.iter().any(|a| a.starts_with("--etcd-endpoints"))
@@ -369,7 +370,7 @@ fn demo() -> anyhow::Result<()> {
         bail!("the demo creates network namespaces: run as root");
     }
     let mut c = cargo();
-    c.args(["build", "--locked", "-p", "dataplane", "--bin", "dataplane"]);
+    c.args(["build", "--locked", "-p", "dataplane", "--bins"]);
     status(c)?;
     let mut c = cargo();
     c.args(["run", "--locked", "-q", "-p", "tests", "--bin", "demo"])
@@ -389,8 +390,7 @@ fn bench(quick: bool) -> anyhow::Result<()> {
         "--release",
         "-p",
         "dataplane",
-        "--bin",
-        "dataplane",
+        "--bins",
     ]);
     status(c)?;
     let mut c = cargo();
