@@ -129,7 +129,14 @@ pub async fn connect(opts: &EtcdOptions) -> anyhow::Result<Client> {
     let mut co = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the others cannot tell its watchers: their
+        // watches just fall silent. With etcd's "hasleader" metadata (which
+        // etcd-client sets on every request, there is no per-watch switch)
+        // such a member cancels our watches, so the watchers re-list,
+        // perhaps through another endpoint, and other requests to it fail
+        // at once instead of timing out.
+        .with_require_leader(true);
     if opts.uses_tls() {
         co = co.with_tls(tls_options(opts)?);
     }
