@@ -30,8 +30,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 use serde_norway::Value as Yaml;
 
+use super::object::{Kind, ObjectRef, SERVICE_NAME_LABEL};
 use super::validate::{self, FieldError};
-use super::{Kind, ObjectRef, SERVICE_NAME_LABEL};
 
 /// The namespace of objects whose manifest names none (as kubectl does
 /// without `-n`).
