@@ -444,7 +444,7 @@ fn start_watch(
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(watch_peers(
         client.clone(),
-        PREFIX.into(),
+        PREFIX,
         tx,
         stats.clone(),
         stop_rx,
@@ -626,7 +626,7 @@ fn start_keeper(
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(lease::keep(
         client.clone(),
-        PREFIX.into(),
+        PREFIX,
         cfg.clone(),
         attrs.clone(),
         lease,
