@@ -19,7 +19,7 @@ mod keys;
 mod request;
 mod watch;
 
-pub use connect::{EtcdOptions, connect};
+pub use connect::{ConnectError, EtcdOptions, connect};
 pub use keys::{KeyRange, Prefix};
 pub use request::{
     EtcdError, MAX_RESPONSE_BYTES, REQUEST_TIMEOUT, create_if_absent, kv_client, list, timed,
