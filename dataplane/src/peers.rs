@@ -31,7 +31,7 @@ use etcd_client::{Client, KeyValue};
 use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
 
-use crate::etcd::{Event, Prefix, Update, list_then_watch};
+use crate::etcd::{Event, Prefix, Snapshot, Update, list_then_watch};
 use crate::lease::{LeaseAttrs, subnet_in, subnets_dir};
 
 /// What [`watch_peers`] tells the agent.
@@ -191,15 +191,26 @@ impl Entry {
 /// Turns the listings and events of the watch into [`PeerUpdate`]s,
 /// remembering what it sent so that a no-op write sends nothing.
 struct PeerTracker {
+    /// `<prefix>/subnets/`.
+    subnets: Prefix,
     known: BTreeMap<Ipv4Net, LeaseAttrs>,
     listed_before: bool,
     stats: Arc<PeerWatchStats>,
 }
 
 impl PeerTracker {
+    fn new(subnets: Prefix, stats: Arc<PeerWatchStats>) -> PeerTracker {
+        PeerTracker {
+            subnets,
+            known: BTreeMap::new(),
+            listed_before: false,
+            stats,
+        }
+    }
+
     fn update(&mut self, update: Update<Entry>) -> Option<PeerUpdate> {
         match update {
-            Update::Snapshot(s) => Some(self.snapshot(s.items)),
+            Update::Snapshot(s) => Some(self.snapshot(s)),
             Update::Event(ev) => {
                 self.stats.events.fetch_add(1, Ordering::Relaxed);
                 self.event(ev)
@@ -207,13 +218,13 @@ impl PeerTracker {
         }
     }
 
-    fn snapshot(&mut self, entries: Vec<Entry>) -> PeerUpdate {
+    fn snapshot(&mut self, s: Snapshot<Entry>) -> PeerUpdate {
         if self.listed_before {
             self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
         }
         self.listed_before = true;
         let mut peers = BTreeMap::new();
-        for entry in entries {
+        for entry in s.items {
             match entry.parse() {
                 Ok((subnet, attrs)) => {
                     if peers.contains_key(&subnet) {
@@ -225,6 +236,12 @@ impl PeerTracker {
                 Err(msg) => self.malformed(&msg),
             }
         }
+        log::info!(
+            "{} leases under {} at revision {}",
+            peers.len(),
+            self.subnets,
+            s.revision
+        );
         self.known = peers.clone();
         PeerUpdate::Snapshot(peers)
     }
@@ -286,22 +303,11 @@ pub async fn watch_peers(
         |kv: &KeyValue| Some(Entry::decode(&subnets, kv)),
         shutdown,
     );
-    let mut tracker = PeerTracker {
-        known: BTreeMap::new(),
-        listed_before: false,
-        stats,
-    };
+    let mut tracker = PeerTracker::new(subnets.clone(), stats);
     while let Some(update) = watch.next().await {
-        let revision = match &update {
-            Update::Snapshot(s) => Some(s.revision),
-            Update::Event(_) => None,
-        };
         let Some(u) = tracker.update(update) else {
             continue;
         };
-        if let (Some(rev), PeerUpdate::Snapshot(peers)) = (revision, &u) {
-            log::info!("{} leases under {subnets} at revision {rev}", peers.len());
-        }
         if tx.send(u).await.is_err() {
             log::info!("peer update receiver gone; stopping the peer watch");
             break;
@@ -325,6 +331,67 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
+    }
+
+    const FLANNEL: &str = r#"{"PublicIP":"192.168.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:db:00:00:00:01"}}"#;
+
+    fn entry(key: &str, value: &str) -> Entry {
+        let subnets = Prefix::new("/coreos.com/network/subnets");
+        Entry {
+            subnet: subnet_in(&subnets, key),
+            key: key.to_string(),
+            value: value.as_bytes().to_vec(),
+        }
+    }
+
+    fn tracker() -> (PeerTracker, Arc<PeerWatchStats>) {
+        let stats = Arc::new(PeerWatchStats::default());
+        let subnets = Prefix::new("/coreos.com/network/subnets");
+        (PeerTracker::new(subnets, stats.clone()), stats)
+    }
+
+    fn snapshot(items: Vec<Entry>) -> Update<Entry> {
+        Update::Snapshot(Snapshot { items, revision: 7 })
+    }
+
+    const A: &str = "/coreos.com/network/subnets/10.244.1.0-24";
+
+    #[test]
+    fn tracker_counts_and_skips_garbage() {
+        let (mut t, stats) = tracker();
+        let good = attrs([192, 168, 0, 1], 1);
+        let u = t.update(snapshot(vec![
+            entry(A, FLANNEL),
+            entry("/coreos.com/network/subnets/nonsense", "{}"),
+            entry("/coreos.com/network/subnets/10.244.2.0-24", "garbage"),
+        ]));
+        assert_eq!(
+            u,
+            Some(PeerUpdate::Snapshot(BTreeMap::from([(
+                net("10.244.1.0/24"),
+                good.clone()
+            )])))
+        );
+        assert_eq!(stats.malformed.load(Ordering::Relaxed), 2);
+        // Rewriting the same value sends nothing.
+        assert_eq!(t.update(Update::Event(Event::Put(entry(A, FLANNEL)))), None);
+        // Deleting a malformed key is no news and no new malformation.
+        let bad_key = entry("/coreos.com/network/subnets/nonsense", "");
+        assert_eq!(t.update(Update::Event(Event::Delete(bad_key))), None);
+        assert_eq!(stats.malformed.load(Ordering::Relaxed), 2);
+        // Garbage over a good lease removes it, once.
+        let garbage = || Update::Event(Event::Put(entry(A, "garbage")));
+        assert_eq!(
+            t.update(garbage()),
+            Some(PeerUpdate::Remove(net("10.244.1.0/24")))
+        );
+        assert_eq!(t.update(garbage()), None);
+        assert_eq!(stats.malformed.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.events.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.resyncs.load(Ordering::Relaxed), 0);
+        // A second listing is a resync.
+        t.update(snapshot(vec![]));
+        assert_eq!(stats.resyncs.load(Ordering::Relaxed), 1);
     }
 
     #[test]
