@@ -23,22 +23,23 @@ pub enum ConnectError {
     #[error("{0}")]
     Options(String),
     /// A TLS file could not be read.
-    #[error("reading etcd {what} {}: {source}", path.display())]
+    #[error("reading etcd {what} {}: {error}", path.display())]
     ReadFile {
         /// `CA file`, `certificate` or `key`.
         what: &'static str,
         /// The file.
         path: PathBuf,
-        /// Why it could not be read.
-        source: std::io::Error,
+        /// Why it could not be read (in the message, so not also a
+        /// `source()`, which would print it twice in an error chain).
+        error: std::io::Error,
     },
     /// etcd could not be reached, or refused us (bad credentials, say).
-    #[error("connecting to etcd at {endpoints}: {source}")]
+    #[error("connecting to etcd at {endpoints}: {error}")]
     Connect {
         /// The endpoints tried, comma separated.
         endpoints: String,
-        /// The client error.
-        source: etcd_client::Error,
+        /// The client error (in the message, not also a `source()`).
+        error: etcd_client::Error,
     },
     /// etcd did not answer within the connect timeout.
     #[error("etcd at {endpoints} did not answer within {CONNECT_TIMEOUT:?}")]
@@ -142,10 +143,10 @@ impl EtcdOptions {
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
-    std::fs::read(path).map_err(|source| ConnectError::ReadFile {
+    std::fs::read(path).map_err(|error| ConnectError::ReadFile {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -205,9 +206,9 @@ pub async fn connect(opts: &EtcdOptions) -> Result<Client, ConnectError> {
     }
 
     let list = endpoints.join(",");
-    let failed = |source| ConnectError::Connect {
+    let failed = |error| ConnectError::Connect {
         endpoints: list.clone(),
-        source,
+        error,
     };
     let timed_out = |_| ConnectError::Timeout {
         endpoints: list.clone(),

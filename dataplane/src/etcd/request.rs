@@ -25,12 +25,13 @@ const LIST_PAGE: i64 = 500;
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     /// etcd refused the request, or the connection failed.
-    #[error("etcd: {what}: {source}")]
+    #[error("etcd: {what}: {error}")]
     Request {
         /// What we were doing, e.g. `listing /coreos.com/network/subnets/`.
         what: String,
-        /// The client error.
-        source: etcd_client::Error,
+        /// The client error (in the message, so not also a `source()`,
+        /// which would print it twice in an error chain).
+        error: etcd_client::Error,
     },
     /// etcd did not answer within [`REQUEST_TIMEOUT`].
     #[error("etcd: {what}: no answer within {REQUEST_TIMEOUT:?}")]
@@ -48,9 +49,9 @@ pub async fn timed<T>(
 ) -> Result<T, EtcdError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(EtcdError::Request {
+        Ok(Err(error)) => Err(EtcdError::Request {
             what: what(),
-            source,
+            error,
         }),
         Err(_) => Err(EtcdError::Timeout { what: what() }),
     }

@@ -61,15 +61,15 @@ pub enum StoreError {
     /// The write is larger than etcd accepts in one request.
     #[error(
         "the {count} objects add up to {bytes} bytes, more than etcd accepts in one request \
-         (--max-request-bytes, 1.5 MiB by default); apply the file in smaller parts: {source}"
+         (--max-request-bytes, 1.5 MiB by default); apply the file in smaller parts: {error}"
     )]
     TooLarge {
         /// How many objects.
         count: usize,
         /// Their keys and values, in bytes.
         bytes: usize,
-        /// etcd's refusal.
-        source: EtcdError,
+        /// etcd's refusal (in the message, not also a `source()`).
+        error: EtcdError,
     },
     /// Other writers kept changing the same keys; nothing was written.
     #[error(
@@ -278,7 +278,7 @@ fn explain_limits(e: EtcdError, entries: &[(String, ObjectRef, Vec<u8>)]) -> Sto
         return StoreError::TooLarge {
             count: entries.len(),
             bytes: entries.iter().map(|(k, _, v)| k.len() + v.len()).sum(),
-            source: e,
+            error: e,
         };
     }
     StoreError::Etcd(e)
