@@ -16,6 +16,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde_json::{Map, Value};
 
+use crate::etcd::Prefix;
+
 /// Default VXLAN network identifier, as in flannel.
 pub const DEFAULT_VNI: u32 = 1;
 /// Default VXLAN UDP port: flannel passes 0 to the kernel, which uses the
@@ -401,8 +403,8 @@ impl BackendConfig {
 }
 
 /// The etcd key holding the network config.
-pub fn config_key(prefix: &str) -> String {
-    format!("{}/config", crate::lease::clean_prefix(prefix))
+pub fn config_key(prefix: impl Into<Prefix>) -> String {
+    prefix.into().key("config")
 }
 
 /// Why [`load`] could not produce a config.
@@ -443,7 +445,7 @@ pub enum LoadConfigError {
 /// Reads and parses `<prefix>/config` from etcd.
 pub async fn load(
     client: &mut etcd_client::Client,
-    prefix: &str,
+    prefix: impl Into<Prefix>,
 ) -> Result<NetworkConfig, LoadConfigError> {
     let key = config_key(prefix);
     let resp = client

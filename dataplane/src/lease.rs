@@ -12,9 +12,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
-};
+use etcd_client::{Client, Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp};
 use ipnet::Ipv4Net;
 use rand::seq::IndexedRandom;
 use serde::Serialize;
@@ -23,6 +21,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::{MAX_VNI, NetworkConfig, get_ci};
+use crate::etcd::{
+    self, EtcdError, Event, KeyRange, Prefix, Update, create_if_absent, list_then_watch,
+    wait_shutdown,
+};
 
 /// flannel's lease TTL: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -33,8 +35,8 @@ pub const MAX_ATTEMPTS: usize = 10;
 /// [`acquire`] picks at random among this many free subnets (as flannel does),
 /// so that nodes starting together rarely collide.
 const FREE_CANDIDATES: usize = 100;
-/// Bound on each etcd call made by the keeper, so a black-holed connection
-/// cannot stall renewals forever.
+/// Bound on each renewal (and revocation) made by the keeper, so a
+/// black-holed connection cannot stall renewals forever.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a node publishes in its lease.
@@ -56,17 +58,9 @@ pub enum LeaseError {
     /// A lease value is not flannel's JSON.
     #[error("malformed lease value: {0}")]
     Malformed(String),
-    /// An etcd request failed.
-    #[error("etcd: {what}: {source}")]
-    Etcd {
-        /// What we were doing.
-        what: String,
-        /// The client error.
-        source: etcd_client::Error,
-    },
-    /// An etcd request did not answer in time.
-    #[error("etcd: {0}: timed out")]
-    Timeout(String),
+    /// An etcd request failed or did not answer in time.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
     /// Every subnet the config allows is leased.
     #[error(
         "no free subnet: every /{subnet_len} between SubnetMin {subnet_min} and SubnetMax \
@@ -86,11 +80,6 @@ pub enum LeaseError {
     /// Other writers kept winning the race for the subnets we tried.
     #[error("gave up after {0} attempts: other nodes kept taking the subnets we tried")]
     Contention(usize),
-}
-
-fn etcd_err(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> LeaseError {
-    let what = what.into();
-    move |source| LeaseError::Etcd { what, source }
 }
 
 #[derive(Serialize)]
@@ -225,36 +214,31 @@ pub fn vtep_mac_for(public_ip: Ipv4Addr) -> [u8; 6] {
     [0x02, 0xdb, a, b, c, d]
 }
 
-/// `prefix` without trailing slashes, as flannel's `path.Join` would leave it.
-pub(crate) fn clean_prefix(prefix: &str) -> &str {
-    let p = prefix.trim_end_matches('/');
-    if p.is_empty() && prefix.starts_with('/') {
-        ""
-    } else {
-        p
-    }
-}
-
 /// The directory holding every node's lease: `<prefix>/subnets/`.
-pub fn subnets_prefix(prefix: &str) -> String {
-    format!("{}/subnets/", clean_prefix(prefix))
+pub fn subnets_dir(prefix: &Prefix) -> Prefix {
+    prefix.join("subnets")
 }
 
 /// The key of a subnet's lease: `<prefix>/subnets/10.244.1.0-24`.
-pub fn subnet_key(prefix: &str, subnet: Ipv4Net) -> String {
-    format!(
-        "{}{}-{}",
-        subnets_prefix(prefix),
-        subnet.addr(),
-        subnet.prefix_len()
-    )
+pub fn subnet_key(prefix: impl Into<Prefix>, subnet: Ipv4Net) -> String {
+    key_in(&subnets_dir(&prefix.into()), subnet)
 }
 
 /// The subnet named by a lease key, or `None` for anything else (another
 /// prefix, garbage, host bits set). A dual-stack suffix (`&fd00::-64`) is
 /// ignored: we only use the IPv4 part.
-pub fn parse_subnet_key(prefix: &str, key: &str) -> Option<Ipv4Net> {
-    let rest = key.strip_prefix(&subnets_prefix(prefix))?;
+pub fn parse_subnet_key(prefix: impl Into<Prefix>, key: &str) -> Option<Ipv4Net> {
+    subnet_in(&subnets_dir(&prefix.into()), key)
+}
+
+/// [`subnet_key`] with the directory from [`subnets_dir`].
+pub(crate) fn key_in(subnets: &Prefix, subnet: Ipv4Net) -> String {
+    subnets.key(&format!("{}-{}", subnet.addr(), subnet.prefix_len()))
+}
+
+/// [`parse_subnet_key`] with the directory from [`subnets_dir`].
+pub(crate) fn subnet_in(subnets: &Prefix, key: &str) -> Option<Ipv4Net> {
+    let rest = subnets.strip(key)?;
     let v4 = match rest.split_once('&') {
         Some((v4, v6)) if !v6.is_empty() => v4,
         Some(_) => return None,
@@ -292,16 +276,12 @@ struct Existing {
     lease_id: i64,
 }
 
-async fn list_leases(client: &mut Client, prefix: &str) -> Result<Vec<Existing>, LeaseError> {
-    let dir = subnets_prefix(prefix);
-    let resp = client
-        .get(dir.as_str(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(etcd_err(format!("listing {dir}")))?;
-    let mut out = Vec::with_capacity(resp.kvs().len());
-    for kv in resp.kvs() {
+async fn list_leases(client: &Client, dir: &Prefix) -> Result<Vec<Existing>, LeaseError> {
+    let (kvs, _) = etcd::list(&mut etcd::kv_client(client), &dir.range()).await?;
+    let mut out = Vec::with_capacity(kvs.len());
+    for kv in &kvs {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        let Some(subnet) = parse_subnet_key(prefix, &key) else {
+        let Some(subnet) = subnet_in(dir, &key) else {
             log::warn!("ignoring malformed lease key {key:?}");
             continue;
         };
@@ -328,10 +308,11 @@ fn ttl_secs(ttl: Duration) -> i64 {
 }
 
 async fn grant(client: &mut Client, ttl: Duration) -> Result<(i64, Duration), LeaseError> {
-    let resp = client
-        .lease_grant(ttl_secs(ttl), None)
-        .await
-        .map_err(etcd_err(format!("granting a {}s lease", ttl_secs(ttl))))?;
+    let resp = etcd::timed(
+        || format!("granting a {}s lease", ttl_secs(ttl)),
+        client.lease_grant(ttl_secs(ttl), None),
+    )
+    .await?;
     let granted = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0).max(1));
     Ok((resp.id(), granted))
 }
@@ -342,27 +323,6 @@ async fn revoke_quietly(client: &mut Client, id: i64, why: &str) {
         Ok(Err(e)) => log::debug!("revoking etcd lease {id:x} ({why}): {e}"),
         Err(_) => log::debug!("revoking etcd lease {id:x} ({why}): timed out"),
     }
-}
-
-/// Creates `key` only if it does not exist, attached to etcd lease `id`.
-async fn create_if_absent(
-    client: &mut Client,
-    key: &str,
-    value: &str,
-    id: i64,
-) -> Result<bool, LeaseError> {
-    let txn = Txn::new()
-        .when([Compare::version(key, CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(
-            key,
-            value,
-            Some(PutOptions::new().with_lease(id)),
-        )]);
-    let resp = client
-        .txn(txn)
-        .await
-        .map_err(etcd_err(format!("creating {key}")))?;
-    Ok(resp.succeeded())
 }
 
 /// Rewrites `key` under etcd lease `id` only if nobody touched it since we
@@ -381,10 +341,7 @@ async fn rewrite_if_unchanged(
             value,
             Some(PutOptions::new().with_lease(id)),
         )]);
-    let resp = client
-        .txn(txn)
-        .await
-        .map_err(etcd_err(format!("taking back {key}")))?;
+    let resp = etcd::timed(|| format!("taking back {key}"), client.txn(txn)).await?;
     Ok(resp.succeeded())
 }
 
@@ -398,14 +355,15 @@ async fn rewrite_if_unchanged(
 /// another node wins, we list again and retry, at most [`MAX_ATTEMPTS`] times.
 pub async fn acquire(
     client: &mut Client,
-    prefix: &str,
+    prefix: impl Into<Prefix>,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
     hint: Option<Ipv4Net>,
     ttl: Duration,
 ) -> Result<Lease, LeaseError> {
+    let subnets = subnets_dir(&prefix.into());
     let mut granted = None;
-    let result = acquire_inner(client, prefix, cfg, attrs, hint, ttl, &mut granted).await;
+    let result = acquire_inner(client, &subnets, cfg, attrs, hint, ttl, &mut granted).await;
     if result.is_err()
         && let Some((id, _)) = granted
     {
@@ -416,7 +374,7 @@ pub async fn acquire(
 
 async fn acquire_inner(
     client: &mut Client,
-    prefix: &str,
+    subnets: &Prefix,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
     hint: Option<Ipv4Net>,
@@ -425,7 +383,7 @@ async fn acquire_inner(
 ) -> Result<Lease, LeaseError> {
     let value = attrs.to_json();
     for attempt in 1..=MAX_ATTEMPTS {
-        let existing = list_leases(client, prefix).await?;
+        let existing = list_leases(client, subnets).await?;
 
         // (1) Our own lease, from a previous run of this node.
         let mut mine = Vec::new();
@@ -528,8 +486,8 @@ async fn acquire_inner(
             Some(g) => g,
             None => *granted.insert(grant(client, ttl).await?),
         };
-        let key = subnet_key(prefix, subnet);
-        if create_if_absent(client, &key, &value, id).await? {
+        let key = key_in(subnets, subnet);
+        if create_if_absent(client, &key, value.as_str(), Some(id)).await? {
             log::info!(
                 "acquired subnet {subnet} ({key}, etcd lease {id:x}, TTL {}s)",
                 granted_ttl.as_secs()
@@ -608,7 +566,7 @@ pub struct LeaseKeeper {
     /// etcd connection (cloned from the agent's).
     pub client: Client,
     /// etcd prefix, e.g. `/coreos.com/network`.
-    pub prefix: String,
+    pub prefix: Prefix,
     /// Network config, used when re-acquiring.
     pub cfg: NetworkConfig,
     /// What we publish.
@@ -617,11 +575,8 @@ pub struct LeaseKeeper {
     pub renew_margin: Duration,
 }
 
-/// Result of checking that our key still holds our lease.
-enum Check {
-    Watching(Box<WatchStream>),
-    Gone(String),
-}
+/// The watch of our own key: its snapshot and events carry the key-value.
+type OwnKeyWatch = etcd::ListWatch<KeyValue, fn(&KeyValue) -> Option<KeyValue>>;
 
 impl LeaseKeeper {
     /// Runs until `shutdown` becomes true (or its sender is dropped).
@@ -633,39 +588,44 @@ impl LeaseKeeper {
     ) {
         let mut lease = lease;
         let mut next_renew = Instant::now() + renew_delay(lease.ttl, self.renew_margin);
-        let mut watcher: Option<WatchStream> = None;
-        let mut recheck_at = Some(Instant::now());
+        let mut own = self.watch_own_key(&lease, &shutdown);
         log::info!(
             "keeping lease for {} (TTL {}s, renewing every {}s)",
             lease.subnet,
             lease.ttl.as_secs(),
             renew_delay(lease.ttl, self.renew_margin).as_secs_f32()
         );
+        let stopping = |lease: &Lease| {
+            log::info!(
+                "lease keeper stopping; lease for {} left in place",
+                lease.subnet
+            );
+        };
 
         loop {
             let lost: Option<String> = tokio::select! {
                 r = shutdown.changed() => {
                     if r.is_err() || *shutdown.borrow() {
-                        log::info!("lease keeper stopping; lease for {} left in place", lease.subnet);
+                        stopping(&lease);
                         return;
                     }
                     None
                 }
-                _ = sleep_until_opt(recheck_at), if watcher.is_none() => {
-                    match self.check_and_watch(&lease).await {
-                        Ok(Check::Watching(w)) => {
-                            watcher = Some(*w);
-                            recheck_at = None;
-                            None
-                        }
-                        Ok(Check::Gone(reason)) => Some(reason),
-                        Err(e) => {
-                            log::warn!("cannot watch our lease {}: {e}; retrying", self.key(&lease));
-                            recheck_at = Some(Instant::now() + retry_interval(lease.ttl));
-                            None
-                        }
+                update = own.next() => match update {
+                    None => {
+                        stopping(&lease);
+                        return;
                     }
-                }
+                    // Listed (at start, or again after the watch broke).
+                    Some(Update::Snapshot(s)) => match s.items.first() {
+                        None => Some("our key is gone (expired or deleted)".to_string()),
+                        Some(kv) => self.still_ours(&lease, kv.lease(), kv.value()).err(),
+                    },
+                    Some(Update::Event(Event::Delete(_))) => Some("our key was deleted".to_string()),
+                    Some(Update::Event(Event::Put(kv))) => {
+                        self.still_ours(&lease, kv.lease(), kv.value()).err()
+                    }
+                },
                 _ = tokio::time::sleep_until(next_renew) => {
                     match renew_once(&mut self.client, lease.lease_id).await {
                         Ok(()) => {
@@ -686,35 +646,9 @@ impl LeaseKeeper {
                         }
                     }
                 }
-                msg = next_watch_message(&mut watcher) => {
-                    match msg {
-                        Ok(Some(resp)) if resp.canceled() => {
-                            log::warn!("watch on our lease was cancelled ({}); re-checking", resp.cancel_reason());
-                            watcher = None;
-                            recheck_at = Some(Instant::now());
-                            None
-                        }
-                        Ok(Some(resp)) => resp.events().iter().find_map(|ev| {
-                            let kv = ev.kv()?;
-                            match ev.event_type() {
-                                etcd_client::EventType::Delete => Some("our key was deleted".to_string()),
-                                etcd_client::EventType::Put => self.still_ours(&lease, kv.lease(), kv.value()).err(),
-                            }
-                        }),
-                        Ok(None) | Err(_) => {
-                            if let Err(e) = msg {
-                                log::warn!("watch on our lease broke: {e}; re-checking");
-                            }
-                            watcher = None;
-                            recheck_at = Some(Instant::now() + Duration::from_millis(200));
-                            None
-                        }
-                    }
-                }
             };
 
             if let Some(reason) = lost {
-                watcher = None;
                 match self
                     .reacquire(&lease, &reason, &events, &mut shutdown)
                     .await
@@ -722,7 +656,7 @@ impl LeaseKeeper {
                     Some(new) => {
                         lease = new;
                         next_renew = Instant::now() + renew_delay(lease.ttl, self.renew_margin);
-                        recheck_at = Some(Instant::now());
+                        own = self.watch_own_key(&lease, &shutdown);
                     }
                     None => return,
                 }
@@ -731,7 +665,20 @@ impl LeaseKeeper {
     }
 
     fn key(&self, lease: &Lease) -> String {
-        subnet_key(&self.prefix, lease.subnet)
+        key_in(&subnets_dir(&self.prefix), lease.subnet)
+    }
+
+    /// Follows our key: its value now, then every change, so nothing
+    /// happening in between is missed.
+    fn watch_own_key(&self, lease: &Lease, shutdown: &watch::Receiver<bool>) -> OwnKeyWatch {
+        let key = self.key(lease);
+        list_then_watch(
+            &self.client,
+            format!("our lease {key}"),
+            KeyRange::key(key),
+            |kv: &KeyValue| Some(kv.clone()),
+            shutdown.clone(),
+        )
     }
 
     /// Whether a value seen on our key is still our lease.
@@ -747,29 +694,6 @@ impl LeaseKeeper {
             Ok(a) => Err(format!("our key was overwritten with {}", a.to_json())),
             Err(e) => Err(format!("our key was overwritten with garbage ({e})")),
         }
-    }
-
-    /// Reads our key, checks it is still ours, and watches it from the next
-    /// revision so nothing happening in between is missed.
-    async fn check_and_watch(&mut self, lease: &Lease) -> Result<Check, LeaseError> {
-        let key = self.key(lease);
-        let resp = tokio::time::timeout(RPC_TIMEOUT, self.client.get(key.as_str(), None))
-            .await
-            .map_err(|_| LeaseError::Timeout(format!("reading {key}")))?
-            .map_err(etcd_err(format!("reading {key}")))?;
-        let Some(kv) = resp.kvs().first() else {
-            return Ok(Check::Gone("our key is gone (expired or deleted)".into()));
-        };
-        if let Err(reason) = self.still_ours(lease, kv.lease(), kv.value()) {
-            return Ok(Check::Gone(reason));
-        }
-        let rev = resp.header().map_or(kv.mod_revision(), |h| h.revision());
-        let opts = WatchOptions::new().with_start_revision(rev + 1);
-        let stream = tokio::time::timeout(RPC_TIMEOUT, self.client.watch(key.as_str(), Some(opts)))
-            .await
-            .map_err(|_| LeaseError::Timeout(format!("watching {key}")))?
-            .map_err(etcd_err(format!("watching {key}")))?;
-        Ok(Check::Watching(Box::new(stream)))
     }
 
     /// Loud re-acquisition after a loss; `None` on shutdown.
@@ -857,7 +781,7 @@ impl LeaseKeeper {
 #[allow(clippy::too_many_arguments)]
 pub async fn keep(
     client: Client,
-    prefix: String,
+    prefix: impl Into<Prefix>,
     cfg: NetworkConfig,
     attrs: LeaseAttrs,
     lease: Lease,
@@ -867,35 +791,13 @@ pub async fn keep(
 ) {
     LeaseKeeper {
         client,
-        prefix,
+        prefix: prefix.into(),
         cfg,
         attrs,
         renew_margin,
     }
     .run(lease, events, shutdown)
     .await
-}
-
-/// Resolves once shutdown is requested (value true or sender dropped).
-pub(crate) async fn wait_shutdown(shutdown: &mut watch::Receiver<bool>) {
-    // An error means the sender is gone, which we treat as shutdown too.
-    let _ = shutdown.wait_for(|&stop| stop).await;
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn next_watch_message(
-    w: &mut Option<WatchStream>,
-) -> Result<Option<etcd_client::WatchResponse>, etcd_client::Error> {
-    match w {
-        Some(s) => s.message().await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use dataplane::{
     agent::{self, AgentConfig},
     bpf::{DecapMode, fmt_mac},
-    etcd::EtcdOptions,
+    etcd::{EtcdOptions, Prefix},
 };
 
 #[derive(Parser)]
@@ -113,7 +113,7 @@ struct EtcdArgs {
     etcd_password: Option<String>,
     /// Key prefix of the network (flannel's --etcd-prefix).
     #[arg(long, default_value = "/coreos.com/network")]
-    etcd_prefix: String,
+    etcd_prefix: Prefix,
 }
 
 impl EtcdArgs {
@@ -135,7 +135,7 @@ struct ServiceArgs {
     etcd: EtcdArgs,
     /// etcd prefix of Services, Endpoints and EndpointSlices.
     #[arg(long, default_value = dataplane::services::DEFAULT_PREFIX)]
-    service_prefix: String,
+    service_prefix: Prefix,
 }
 
 #[derive(Args)]
@@ -173,7 +173,7 @@ struct AgentArgs {
     ip_masq: bool,
     /// etcd prefix of Services, Endpoints and EndpointSlices.
     #[arg(long, default_value = dataplane::services::DEFAULT_PREFIX)]
-    service_prefix: String,
+    service_prefix: Prefix,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -193,7 +193,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 agent::run(AgentConfig {
                     etcd: a.etcd.options(),
-                    prefix: a.etcd.etcd_prefix.trim_end_matches('/').to_owned(),
+                    prefix: a.etcd.etcd_prefix.to_string(),
                     iface: a.iface,
                     public_ip: a.public_ip,
                     subnet_file: a.subnet_file,
@@ -203,7 +203,7 @@ fn main() -> anyhow::Result<()> {
                     lease_ttl: Duration::from_secs(a.lease_ttl_secs),
                     renew_margin: Duration::from_secs(a.renew_margin_secs),
                     ip_masq: a.ip_masq,
-                    service_prefix: a.service_prefix,
+                    service_prefix: a.service_prefix.to_string(),
                 })
                 .await
             }
@@ -255,7 +255,7 @@ async fn config_cmd(op: ConfigOp) -> anyhow::Result<()> {
         ConfigOp::Get { etcd } | ConfigOp::Put { etcd, .. } => etcd.clone(),
     };
     let mut client = dataplane::etcd::connect(&etcd.options()).await?;
-    let key = dataplane::config::config_key(etcd.etcd_prefix.trim_end_matches('/'));
+    let key = dataplane::config::config_key(&etcd.etcd_prefix);
     match op {
         ConfigOp::Get { .. } => {
             let resp = client.get(key.as_str(), None).await?;
@@ -270,14 +270,12 @@ async fn config_cmd(op: ConfigOp) -> anyhow::Result<()> {
             dataplane::config::NetworkConfig::parse(&json)
                 .with_context(|| format!("refusing to store an invalid {key}"))?;
             if if_absent {
-                use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-                let txn = Txn::new()
-                    .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(key.as_str(), json.as_str(), None)]);
-                let resp = client.txn(txn).await?;
+                let created =
+                    dataplane::etcd::create_if_absent(&mut client, &key, json.as_str(), None)
+                        .await?;
                 println!(
                     "{}",
-                    if resp.succeeded() {
+                    if created {
                         "stored"
                     } else {
                         "already set, left alone"
@@ -294,19 +292,15 @@ async fn config_cmd(op: ConfigOp) -> anyhow::Result<()> {
 
 async fn leases_cmd(etcd: &EtcdArgs) -> anyhow::Result<()> {
     let mut client = dataplane::etcd::connect(&etcd.options()).await?;
-    let prefix = etcd.etcd_prefix.trim_end_matches('/');
-    let dir = format!("{prefix}/subnets/");
-    let resp = client
-        .get(
-            dir.as_str(),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await?;
+    let prefix = &etcd.etcd_prefix;
+    let dir = dataplane::lease::subnets_dir(prefix);
+    let (kvs, _) =
+        dataplane::etcd::list(&mut dataplane::etcd::kv_client(&client), &dir.range()).await?;
     println!(
         "{:<20} {:<16} {:<18} {:>10}",
         "SUBNET", "PUBLIC IP", "VTEP MAC", "TTL (s)"
     );
-    for kv in resp.kvs() {
+    for kv in &kvs {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         let Some(subnet) = dataplane::lease::parse_subnet_key(prefix, &key) else {
             println!("{key:<20} (not a subnet key)");

@@ -1,10 +1,11 @@
 //! Watching every node's lease under `<prefix>/subnets/`.
 //!
-//! [`watch_peers`] lists the directory, sends a full [`PeerUpdate::Snapshot`],
-//! then watches from the next revision and sends incremental updates. When
-//! the watch breaks (etcd restart, network trouble, compaction) it lists
-//! again and sends a new snapshot; [`PeerTable::apply`] turns that into the
-//! exact diff, including removals of peers that vanished meanwhile.
+//! [`watch_peers`] follows the directory with
+//! [`crate::etcd::list_then_watch`]: a full [`PeerUpdate::Snapshot`], then
+//! incremental updates. When the watch breaks (etcd restart, network
+//! trouble, compaction) it lists again and sends a new snapshot;
+//! [`PeerTable::apply`] turns that into the exact diff, including removals of
+//! peers that vanished meanwhile.
 //!
 //! Unlike flannel, one unparsable entry never costs us the other peers: a bad
 //! key or value is logged, counted in [`PeerWatchStats::malformed`] and
@@ -25,13 +26,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+use etcd_client::{Client, KeyValue};
 use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
 
-use crate::lease::{LeaseAttrs, parse_subnet_key, subnets_prefix, wait_shutdown};
+use crate::etcd::{Event, Prefix, Snapshot, Update, list_then_watch};
+use crate::lease::{LeaseAttrs, subnet_in, subnets_dir};
 
 /// What [`watch_peers`] tells the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,61 +153,135 @@ impl PeerTable {
     }
 }
 
-/// Longest wait between attempts while etcd is unreachable.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-const MIN_BACKOFF: Duration = Duration::from_millis(250);
-
-/// A key/value under `subnets/`, parsed; `Err` carries a log message.
-fn parse_entry(prefix: &str, kv: &KeyValue) -> Result<(Ipv4Net, LeaseAttrs), String> {
-    let key = String::from_utf8_lossy(kv.key());
-    let subnet = parse_subnet_key(prefix, &key)
-        .ok_or_else(|| format!("ignoring malformed lease key {key:?}"))?;
-    let attrs = LeaseAttrs::from_json(kv.value()).map_err(|e| {
-        format!(
-            "ignoring lease {key}: {e} (value {:?})",
-            String::from_utf8_lossy(kv.value())
-        )
-    })?;
-    Ok((subnet, attrs))
+/// A key under `subnets/`, with the subnet it names (`None` for a
+/// malformed key) and its value (empty for a deletion).
+#[derive(Debug)]
+struct Entry {
+    key: String,
+    subnet: Option<Ipv4Net>,
+    value: Vec<u8>,
 }
 
-async fn snapshot(
-    client: &mut Client,
-    prefix: &str,
-    stats: &PeerWatchStats,
-) -> Result<(BTreeMap<Ipv4Net, LeaseAttrs>, i64), etcd_client::Error> {
-    let dir = subnets_prefix(prefix);
-    let resp = client
-        .get(dir.as_str(), Some(GetOptions::new().with_prefix()))
-        .await?;
-    let rev = resp.header().map_or(0, |h| h.revision());
-    let mut peers = BTreeMap::new();
-    for kv in resp.kvs() {
-        match parse_entry(prefix, kv) {
-            Ok((subnet, attrs)) => {
-                if peers.contains_key(&subnet) {
-                    log::warn!(
-                        "two leases for {subnet}; ignoring {}",
-                        String::from_utf8_lossy(kv.key())
-                    );
-                    continue;
-                }
-                peers.insert(subnet, attrs);
-            }
-            Err(msg) => {
-                stats.malformed.fetch_add(1, Ordering::Relaxed);
-                log::warn!("{msg}");
+impl Entry {
+    fn decode(subnets: &Prefix, kv: &KeyValue) -> Entry {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        Entry {
+            subnet: subnet_in(subnets, &key),
+            key,
+            value: kv.value().to_vec(),
+        }
+    }
+
+    /// The lease, parsed; `Err` carries a log message.
+    fn parse(&self) -> Result<(Ipv4Net, LeaseAttrs), String> {
+        let key = &self.key;
+        let subnet = self
+            .subnet
+            .ok_or_else(|| format!("ignoring malformed lease key {key:?}"))?;
+        let attrs = LeaseAttrs::from_json(&self.value).map_err(|e| {
+            format!(
+                "ignoring lease {key}: {e} (value {:?})",
+                String::from_utf8_lossy(&self.value)
+            )
+        })?;
+        Ok((subnet, attrs))
+    }
+}
+
+/// Turns the listings and events of the watch into [`PeerUpdate`]s,
+/// remembering what it sent so that a no-op write sends nothing.
+struct PeerTracker {
+    /// `<prefix>/subnets/`.
+    subnets: Prefix,
+    known: BTreeMap<Ipv4Net, LeaseAttrs>,
+    listed_before: bool,
+    stats: Arc<PeerWatchStats>,
+}
+
+impl PeerTracker {
+    fn new(subnets: Prefix, stats: Arc<PeerWatchStats>) -> PeerTracker {
+        PeerTracker {
+            subnets,
+            known: BTreeMap::new(),
+            listed_before: false,
+            stats,
+        }
+    }
+
+    fn update(&mut self, update: Update<Entry>) -> Option<PeerUpdate> {
+        match update {
+            Update::Snapshot(s) => Some(self.snapshot(s)),
+            Update::Event(ev) => {
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                self.event(ev)
             }
         }
     }
-    Ok((peers, rev))
-}
 
-/// Sleeps `d` unless shutdown comes first; `false` on shutdown.
-async fn pause(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => true,
-        _ = wait_shutdown(shutdown) => false,
+    fn snapshot(&mut self, s: Snapshot<Entry>) -> PeerUpdate {
+        if self.listed_before {
+            self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        self.listed_before = true;
+        let mut peers = BTreeMap::new();
+        for entry in s.items {
+            match entry.parse() {
+                Ok((subnet, attrs)) => {
+                    if peers.contains_key(&subnet) {
+                        log::warn!("two leases for {subnet}; ignoring {}", entry.key);
+                        continue;
+                    }
+                    peers.insert(subnet, attrs);
+                }
+                Err(msg) => self.malformed(&msg),
+            }
+        }
+        log::info!(
+            "{} leases under {} at revision {}",
+            peers.len(),
+            self.subnets,
+            s.revision
+        );
+        self.known = peers.clone();
+        PeerUpdate::Snapshot(peers)
+    }
+
+    fn event(&mut self, ev: Event<Entry>) -> Option<PeerUpdate> {
+        match ev {
+            Event::Delete(entry) => match entry.subnet {
+                Some(subnet) => self
+                    .known
+                    .remove(&subnet)
+                    .map(|_| PeerUpdate::Remove(subnet)),
+                None => {
+                    log::debug!("malformed key {:?} deleted", entry.key);
+                    None
+                }
+            },
+            Event::Put(entry) => match entry.parse() {
+                Ok((subnet, attrs)) => {
+                    if self.known.get(&subnet) == Some(&attrs) {
+                        None
+                    } else {
+                        self.known.insert(subnet, attrs.clone());
+                        Some(PeerUpdate::Upsert(subnet, attrs))
+                    }
+                }
+                Err(msg) => {
+                    self.malformed(&msg);
+                    // A good lease overwritten with garbage is gone.
+                    let subnet = entry.subnet?;
+                    self.known.remove(&subnet)?;
+                    log::warn!("lease for {subnet} overwritten with garbage; removing that peer");
+                    Some(PeerUpdate::Remove(subnet))
+                }
+            },
+        }
+    }
+
+    fn malformed(&self, msg: &str) {
+        self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+        log::warn!("{msg}");
     }
 }
 
@@ -214,160 +289,31 @@ async fn pause(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
 /// dropped) or `tx`'s receiver is dropped; both return `Ok(())`. etcd
 /// trouble is retried forever with backoff, never returned.
 pub async fn watch_peers(
-    mut client: Client,
-    prefix: String,
+    client: Client,
+    prefix: impl Into<Prefix>,
     tx: mpsc::Sender<PeerUpdate>,
     stats: Arc<PeerWatchStats>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let dir = subnets_prefix(&prefix);
-    let mut backoff = MIN_BACKOFF;
-    let mut listed_before = false;
-
-    loop {
-        if *shutdown.borrow() {
-            return Ok(());
-        }
-        let listed = tokio::select! {
-            r = snapshot(&mut client, &prefix, &stats) => r,
-            _ = wait_shutdown(&mut shutdown) => return Ok(()),
+    let subnets = subnets_dir(&prefix.into());
+    let mut watch = list_then_watch(
+        &client,
+        format!("leases under {subnets}"),
+        subnets.range(),
+        |kv: &KeyValue| Some(Entry::decode(&subnets, kv)),
+        shutdown,
+    );
+    let mut tracker = PeerTracker::new(subnets.clone(), stats);
+    while let Some(update) = watch.next().await {
+        let Some(u) = tracker.update(update) else {
+            continue;
         };
-        let (mut known, rev) = match listed {
-            Ok(x) => x,
-            Err(e) => {
-                log::warn!(
-                    "listing peers under {dir}: {e}; retrying in {:.1}s",
-                    backoff.as_secs_f32()
-                );
-                if !pause(backoff, &mut shutdown).await {
-                    return Ok(());
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        };
-        if listed_before {
-            stats.resyncs.fetch_add(1, Ordering::Relaxed);
-        }
-        listed_before = true;
-        log::info!("{} leases under {dir} at revision {rev}", known.len());
-        if tx.send(PeerUpdate::Snapshot(known.clone())).await.is_err() {
+        if tx.send(u).await.is_err() {
             log::info!("peer update receiver gone; stopping the peer watch");
-            return Ok(());
-        }
-
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(rev + 1);
-        let created = tokio::select! {
-            r = client.watch(dir.as_str(), Some(opts)) => r,
-            _ = wait_shutdown(&mut shutdown) => return Ok(()),
-        };
-        let mut stream = match created {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!(
-                    "watching {dir}: {e}; re-listing in {:.1}s",
-                    backoff.as_secs_f32()
-                );
-                if !pause(backoff, &mut shutdown).await {
-                    return Ok(());
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        };
-
-        // Follow the watch until it breaks.
-        loop {
-            let msg = tokio::select! {
-                m = stream.message() => m,
-                _ = wait_shutdown(&mut shutdown) => return Ok(()),
-            };
-            let resp = match msg {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    log::warn!("watch on {dir} ended; re-listing");
-                    break;
-                }
-                Err(e) => {
-                    log::warn!("watch on {dir} failed: {e}; re-listing");
-                    break;
-                }
-            };
-            if resp.compact_revision() > 0 {
-                log::warn!(
-                    "watch on {dir} fell behind compaction (revision {}); re-listing",
-                    resp.compact_revision()
-                );
-                break;
-            }
-            if resp.canceled() {
-                log::warn!(
-                    "watch on {dir} was cancelled ({}); re-listing",
-                    resp.cancel_reason()
-                );
-                break;
-            }
-            if resp.created() {
-                // The watch is up: etcd is healthy again.
-                backoff = MIN_BACKOFF;
-            }
-            for ev in resp.events() {
-                stats.events.fetch_add(1, Ordering::Relaxed);
-                let Some(kv) = ev.kv() else { continue };
-                let update = match ev.event_type() {
-                    EventType::Delete => {
-                        let key = String::from_utf8_lossy(kv.key());
-                        match parse_subnet_key(&prefix, &key) {
-                            Some(subnet) => {
-                                known.remove(&subnet).map(|_| PeerUpdate::Remove(subnet))
-                            }
-                            None => {
-                                log::debug!("malformed key {key:?} deleted");
-                                None
-                            }
-                        }
-                    }
-                    EventType::Put => match parse_entry(&prefix, kv) {
-                        Ok((subnet, attrs)) => {
-                            if known.get(&subnet) == Some(&attrs) {
-                                None
-                            } else {
-                                known.insert(subnet, attrs.clone());
-                                Some(PeerUpdate::Upsert(subnet, attrs))
-                            }
-                        }
-                        Err(msg) => {
-                            stats.malformed.fetch_add(1, Ordering::Relaxed);
-                            log::warn!("{msg}");
-                            // A good lease overwritten with garbage is gone.
-                            let key = String::from_utf8_lossy(kv.key());
-                            parse_subnet_key(&prefix, &key)
-                                .and_then(|subnet| known.remove(&subnet).map(|_| subnet))
-                                .map(|subnet| {
-                                    log::warn!(
-                                        "lease for {subnet} overwritten with garbage; removing that peer"
-                                    );
-                                    PeerUpdate::Remove(subnet)
-                                })
-                        }
-                    },
-                };
-                if let Some(u) = update
-                    && tx.send(u).await.is_err()
-                {
-                    log::info!("peer update receiver gone; stopping the peer watch");
-                    return Ok(());
-                }
-            }
-        }
-
-        // Do not hammer etcd if the watch keeps breaking right away.
-        if !pause(MIN_BACKOFF, &mut shutdown).await {
-            return Ok(());
+            break;
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -385,6 +331,67 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
+    }
+
+    const FLANNEL: &str = r#"{"PublicIP":"192.168.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:db:00:00:00:01"}}"#;
+
+    fn entry(key: &str, value: &str) -> Entry {
+        let subnets = Prefix::new("/coreos.com/network/subnets");
+        Entry {
+            subnet: subnet_in(&subnets, key),
+            key: key.to_string(),
+            value: value.as_bytes().to_vec(),
+        }
+    }
+
+    fn tracker() -> (PeerTracker, Arc<PeerWatchStats>) {
+        let stats = Arc::new(PeerWatchStats::default());
+        let subnets = Prefix::new("/coreos.com/network/subnets");
+        (PeerTracker::new(subnets, stats.clone()), stats)
+    }
+
+    fn snapshot(items: Vec<Entry>) -> Update<Entry> {
+        Update::Snapshot(Snapshot { items, revision: 7 })
+    }
+
+    const A: &str = "/coreos.com/network/subnets/10.244.1.0-24";
+
+    #[test]
+    fn tracker_counts_and_skips_garbage() {
+        let (mut t, stats) = tracker();
+        let good = attrs([192, 168, 0, 1], 1);
+        let u = t.update(snapshot(vec![
+            entry(A, FLANNEL),
+            entry("/coreos.com/network/subnets/nonsense", "{}"),
+            entry("/coreos.com/network/subnets/10.244.2.0-24", "garbage"),
+        ]));
+        assert_eq!(
+            u,
+            Some(PeerUpdate::Snapshot(BTreeMap::from([(
+                net("10.244.1.0/24"),
+                good.clone()
+            )])))
+        );
+        assert_eq!(stats.malformed.load(Ordering::Relaxed), 2);
+        // Rewriting the same value sends nothing.
+        assert_eq!(t.update(Update::Event(Event::Put(entry(A, FLANNEL)))), None);
+        // Deleting a malformed key is no news and no new malformation.
+        let bad_key = entry("/coreos.com/network/subnets/nonsense", "");
+        assert_eq!(t.update(Update::Event(Event::Delete(bad_key))), None);
+        assert_eq!(stats.malformed.load(Ordering::Relaxed), 2);
+        // Garbage over a good lease removes it, once.
+        let garbage = || Update::Event(Event::Put(entry(A, "garbage")));
+        assert_eq!(
+            t.update(garbage()),
+            Some(PeerUpdate::Remove(net("10.244.1.0/24")))
+        );
+        assert_eq!(t.update(garbage()), None);
+        assert_eq!(stats.malformed.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.events.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.resyncs.load(Ordering::Relaxed), 0);
+        // A second listing is a resync.
+        t.update(snapshot(vec![]));
+        assert_eq!(stats.resyncs.load(Ordering::Relaxed), 1);
     }
 
     #[test]

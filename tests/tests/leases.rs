@@ -9,11 +9,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dataplane::config::{LoadConfigError, NetworkConfig, load};
+use dataplane::etcd::{Event, ListWatch, Prefix, Update, list_then_watch};
 use dataplane::lease::{
     self, Lease, LeaseAttrs, LeaseError, LeaseEvent, acquire, subnet_key, vtep_mac_for,
 };
 use dataplane::peers::{PeerUpdate, PeerWatchStats, watch_peers};
-use etcd_client::{Client, GetOptions, PutOptions};
+use etcd_client::{Client, GetOptions, KeyValue, PutOptions};
 use ipnet::Ipv4Net;
 use tests::etcd::Etcd;
 use tokio::sync::{mpsc, watch};
@@ -444,7 +445,7 @@ fn start_watch(
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(watch_peers(
         client.clone(),
-        PREFIX.into(),
+        PREFIX,
         tx,
         stats.clone(),
         stop_rx,
@@ -626,7 +627,7 @@ fn start_keeper(
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(lease::keep(
         client.clone(),
-        PREFIX.into(),
+        PREFIX,
         cfg.clone(),
         attrs.clone(),
         lease,
@@ -762,4 +763,93 @@ async fn agent_connect_reaches_etcd() {
     opts.endpoints = vec![etcd.endpoint.trim_start_matches("http://").to_string()];
     let mut c = dataplane::etcd::connect(&opts).await.unwrap();
     c.put("k", "v", None).await.unwrap();
+}
+
+/// The loop every watcher shares, on its own: a snapshot, then the events
+/// after it in order (deletions decoded from the key alone), a new snapshot
+/// when the revision it would watch from has been compacted, and `None`
+/// once shutdown is requested.
+#[tokio::test]
+async fn list_then_watch_follows_and_relists_after_compaction() {
+    let etcd = Etcd::start().unwrap();
+    let mut client = etcd.client().await.unwrap();
+    client.put("/lw/a", "1", None).await.unwrap();
+    client.put("/lw0", "outside", None).await.unwrap();
+    let decode = |kv: &KeyValue| {
+        let key = kv.key_str().ok()?.to_string();
+        (key != "/lw/skip").then(|| (key, kv.value_str().unwrap_or_default().to_string()))
+    };
+    let item = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let (stop, shutdown) = watch::channel(false);
+    let mut w = list_then_watch(
+        &client,
+        "test keys",
+        Prefix::new("/lw").range(),
+        decode,
+        shutdown.clone(),
+    );
+    let next = async |w: &mut ListWatch<_, _>| {
+        tokio::time::timeout(WAIT, w.next())
+            .await
+            .expect("timed out waiting for an update")
+    };
+
+    let Some(Update::Snapshot(s)) = next(&mut w).await else {
+        panic!("first update must be a snapshot")
+    };
+    assert_eq!(s.items, vec![item("/lw/a", "1")]);
+    client.put("/lw/skip", "x", None).await.unwrap();
+    client.put("/lw/b", "2", None).await.unwrap();
+    client.delete("/lw/a", None).await.unwrap();
+    assert_eq!(
+        next(&mut w).await,
+        Some(Update::Event(Event::Put(item("/lw/b", "2"))))
+    );
+    assert_eq!(
+        next(&mut w).await,
+        Some(Update::Event(Event::Delete(item("/lw/a", ""))))
+    );
+
+    // A second watcher lists, then (before it asks for the next update,
+    // which is when it starts watching) the revisions after its snapshot
+    // are compacted away: it must list again, and miss nothing.
+    let mut late = list_then_watch(
+        &client,
+        "test keys",
+        Prefix::new("/lw").range(),
+        decode,
+        shutdown,
+    );
+    let Some(Update::Snapshot(s)) = next(&mut late).await else {
+        panic!("first update must be a snapshot")
+    };
+    assert_eq!(s.items, vec![item("/lw/b", "2")]);
+    client.put("/lw/c", "3", None).await.unwrap();
+    let rev = client
+        .put("/lw/b", "22", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    client.compact(rev, None).await.unwrap();
+    let Some(Update::Snapshot(again)) = next(&mut late).await else {
+        panic!("expected a new snapshot after compaction")
+    };
+    assert_eq!(again.items, vec![item("/lw/b", "22"), item("/lw/c", "3")]);
+    assert_eq!(again.revision, rev);
+
+    // The first watcher was never behind: it just sees the writes.
+    assert_eq!(
+        next(&mut w).await,
+        Some(Update::Event(Event::Put(item("/lw/c", "3"))))
+    );
+    assert_eq!(
+        next(&mut w).await,
+        Some(Update::Event(Event::Put(item("/lw/b", "22"))))
+    );
+
+    stop.send(true).unwrap();
+    assert_eq!(next(&mut w).await, None);
+    assert_eq!(next(&mut late).await, None);
 }

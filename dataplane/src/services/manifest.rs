@@ -20,7 +20,6 @@
 //! nothing unless everything parsed.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -30,8 +29,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 use serde_norway::Value as Yaml;
 
+use super::object::{Kind, ObjectRef, SERVICE_NAME_LABEL};
 use super::validate::{self, FieldError};
-use super::{Kind, ObjectRef, SERVICE_NAME_LABEL};
 
 /// The namespace of objects whose manifest names none (as kubectl does
 /// without `-n`).
@@ -126,7 +125,8 @@ impl Object {
 }
 
 /// What is wrong with one document.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("document {document} (line {line}): {}{message}", field_prefix(.path))]
 pub struct DocumentError {
     /// 1-based, counting the non-empty documents of the file.
     pub document: usize,
@@ -139,34 +139,29 @@ pub struct DocumentError {
     pub message: String,
 }
 
-impl fmt::Display for DocumentError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "document {} (line {}): ", self.document, self.line)?;
-        if let Some(path) = &self.path {
-            write!(f, "{path}: ")?;
-        }
-        f.write_str(&self.message)
-    }
+/// `path: `, or nothing without a path.
+fn field_prefix(path: &Option<String>) -> String {
+    path.as_ref().map(|p| format!("{p}: ")).unwrap_or_default()
 }
 
 /// Why a manifest file was refused: every problem found, in file order.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", list_errors(.errors))]
 pub struct ManifestError {
     /// At least one.
     pub errors: Vec<DocumentError>,
 }
 
-impl fmt::Display for ManifestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.errors.as_slice() {
-            [one] => write!(f, "{one}"),
-            all => {
-                write!(f, "{} problems in the manifests:", all.len())?;
-                for e in all {
-                    write!(f, "\n  {e}")?;
-                }
-                Ok(())
+/// One problem on its own; several as a count and one line each.
+fn list_errors(errors: &[DocumentError]) -> String {
+    match errors {
+        [one] => one.to_string(),
+        all => {
+            let mut s = format!("{} problems in the manifests:", all.len());
+            for e in all {
+                s.push_str(&format!("\n  {e}"));
             }
+            s
         }
     }
 }

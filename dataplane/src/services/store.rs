@@ -13,37 +13,92 @@
 //! nothing, so it costs the watchers nothing either.
 
 use std::fmt;
-use std::time::Duration;
 
-use anyhow::{Context, bail};
-use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{Client, Compare, CompareOp, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::manifest::Object;
 use super::model::ServiceStore;
-use super::{Kind, ObjectRef, SERVICE_NAME_LABEL, base, key_range, namespace_dir, strip_base};
+use super::object::{Kind, ObjectRef, SERVICE_NAME_LABEL, key_range, namespace_dir};
+use crate::etcd::{self, EtcdError, Prefix, kv_client, timed};
 
 /// Operations per etcd transaction: etcd's default `--max-txn-ops`. Also
 /// bounds the comparisons of one transaction, which etcd limits alike.
 pub const MAX_TXN_OPS: usize = 128;
 
-/// Bound on each etcd request, so a black-holed connection fails the
-/// command instead of hanging it.
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Attempts of a compare-and-swap write racing other writers.
 const CAS_ATTEMPTS: usize = 5;
 
-/// Keys per page when listing. With the raised message limit below, a page
-/// of even large EndpointSlices fits in one response.
-const LIST_PAGE: i64 = 500;
-
-/// Largest response we accept from etcd. tonic's default is 4 MiB, which a
-/// few hundred big EndpointSlices exceed; etcd itself caps values at its
-/// `--max-request-bytes` (1.5 MiB by default).
-pub(crate) const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// More objects than one etcd transaction may hold; nothing was written.
+    #[error(
+        "{count} objects to {op} in one etcd transaction; etcd allows {MAX_TXN_OPS} \
+         operations per transaction (--max-txn-ops), and this tool does not split a file \
+         (that could leave it half-applied): split it into files of at most {MAX_TXN_OPS} \
+         objects"
+    )]
+    TooManyObjects {
+        /// How many objects were given.
+        count: usize,
+        /// `apply` or `delete`.
+        op: &'static str,
+    },
+    /// An object fails validation; nothing was written.
+    #[error("{object} is invalid: {path}: {message}")]
+    Invalid {
+        /// The object.
+        object: ObjectRef,
+        /// The field at fault, e.g. `spec.ports[0].protocol`.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The same object was given twice; nothing was written.
+    #[error("{0} is given twice")]
+    Duplicate(ObjectRef),
+    /// The write is larger than etcd accepts in one request.
+    #[error(
+        "the {count} objects add up to {bytes} bytes, more than etcd accepts in one request \
+         (--max-request-bytes, 1.5 MiB by default); apply the file in smaller parts: {error}"
+    )]
+    TooLarge {
+        /// How many objects.
+        count: usize,
+        /// Their keys and values, in bytes.
+        bytes: usize,
+        /// etcd's refusal (in the message, not also a `source()`).
+        error: EtcdError,
+    },
+    /// Other writers kept changing the same keys; nothing was written.
+    #[error(
+        "other writers kept changing the same objects under {prefix}; gave up after \
+         {CAS_ATTEMPTS} attempts (nothing was written)"
+    )]
+    Contention {
+        /// The prefix written under.
+        prefix: Prefix,
+    },
+    /// The EndpointSlices of a namespace kept changing while deleting a
+    /// service; nothing was deleted.
+    #[error(
+        "EndpointSlices in namespace {namespace} kept changing; gave up deleting service \
+         {name} after {CAS_ATTEMPTS} attempts (nothing was deleted)"
+    )]
+    SlicesKeptChanging {
+        /// The namespace.
+        namespace: String,
+        /// The service.
+        name: String,
+    },
+    /// etcd answered something it should not have.
+    #[error("unexpected answer from etcd: {0}")]
+    Unexpected(String),
+    /// An etcd request failed or did not answer in time.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+}
 
 /// What [`apply`] did with one object, in kubectl's words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,33 +149,9 @@ pub struct DeleteSummary {
     pub revision: i64,
 }
 
-async fn timed<T>(
-    what: impl FnOnce() -> String,
-    fut: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> anyhow::Result<T> {
-    match tokio::time::timeout(RPC_TIMEOUT, fut).await {
-        Ok(r) => r.with_context(what),
-        Err(_) => Err(anyhow::anyhow!(
-            "{}: etcd did not answer within {RPC_TIMEOUT:?}",
-            what()
-        )),
-    }
-}
-
-fn kv(client: &Client) -> KvClient {
-    client
-        .kv_client()
-        .max_decoding_message_size(MAX_RESPONSE_BYTES)
-}
-
-fn check_size(n: usize, what: &str) -> anyhow::Result<()> {
-    if n > MAX_TXN_OPS {
-        bail!(
-            "{n} objects to {what} in one etcd transaction; etcd allows {MAX_TXN_OPS} \
-             operations per transaction (--max-txn-ops), and this tool does not split a file \
-             (that could leave it half-applied): split it into files of at most {MAX_TXN_OPS} \
-             objects"
-        );
+fn check_size(count: usize, op: &'static str) -> Result<(), StoreError> {
+    if count > MAX_TXN_OPS {
+        return Err(StoreError::TooManyObjects { count, op });
     }
     Ok(())
 }
@@ -137,23 +168,28 @@ fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> i64 {
 /// writers keep changing the same keys.
 pub async fn apply(
     client: &mut Client,
-    prefix: &str,
+    prefix: impl Into<Prefix>,
     objects: &[Object],
-) -> anyhow::Result<ApplySummary> {
+) -> Result<ApplySummary, StoreError> {
+    let prefix = prefix.into();
     check_size(objects.len(), "apply")?;
     let mut entries = Vec::with_capacity(objects.len());
     let mut seen = std::collections::BTreeSet::new();
     for obj in objects {
         let r = obj.object_ref();
         if let Some(p) = obj.problems().first() {
-            bail!("{r} is invalid: {}: {}", p.path, p.message);
+            return Err(StoreError::Invalid {
+                object: r,
+                path: p.path.clone(),
+                message: p.message.clone(),
+            });
         }
         if !seen.insert(r.clone()) {
-            bail!("{r} is given twice");
+            return Err(StoreError::Duplicate(r));
         }
-        entries.push((r.key(prefix), r, obj.to_json()));
+        entries.push((r.key(&prefix), r, obj.to_json()));
     }
-    let mut kv = kv(client);
+    let mut kv = kv_client(client);
 
     for _ in 0..CAS_ATTEMPTS {
         // Read everything at one revision.
@@ -178,11 +214,11 @@ pub async fn apply(
             })
             .collect();
         if current.len() != entries.len() {
-            bail!(
-                "etcd answered {} reads for {} keys",
+            return Err(StoreError::Unexpected(format!(
+                "{} reads for {} keys",
                 current.len(),
                 entries.len()
-            );
+            )));
         }
 
         let mut compares = Vec::with_capacity(entries.len());
@@ -233,32 +269,28 @@ pub async fn apply(
         }
         log::info!("objects under {prefix} changed while applying; retrying");
     }
-    bail!(
-        "other writers kept changing the same objects under {prefix}; gave up after \
-         {CAS_ATTEMPTS} attempts (nothing was written)"
-    )
+    Err(StoreError::Contention { prefix })
 }
 
 /// etcd's size limit, spelled out for the operator.
-fn explain_limits(e: anyhow::Error, entries: &[(String, ObjectRef, Vec<u8>)]) -> anyhow::Error {
-    if format!("{e:#}").contains("request is too large") {
-        let bytes: usize = entries.iter().map(|(k, _, v)| k.len() + v.len()).sum();
-        return e.context(format!(
-            "the {} objects add up to {bytes} bytes, more than etcd accepts in one request \
-             (--max-request-bytes, 1.5 MiB by default); apply the file in smaller parts",
-            entries.len()
-        ));
+fn explain_limits(e: EtcdError, entries: &[(String, ObjectRef, Vec<u8>)]) -> StoreError {
+    if e.to_string().contains("request is too large") {
+        return StoreError::TooLarge {
+            count: entries.len(),
+            bytes: entries.iter().map(|(k, _, v)| k.len() + v.len()).sum(),
+            error: e,
+        };
     }
-    e
+    StoreError::Etcd(e)
 }
 
 /// Runs deletes in one transaction; returns (deleted, not found, revision).
 async fn delete_keys(
     kv: &mut KvClient,
-    prefix: &str,
+    prefix: &Prefix,
     refs: Vec<ObjectRef>,
     compares: Vec<Compare>,
-) -> anyhow::Result<Option<DeleteSummary>> {
+) -> Result<Option<DeleteSummary>, StoreError> {
     let ops: Vec<TxnOp> = refs
         .iter()
         .map(|r| TxnOp::delete(r.key(prefix), None))
@@ -289,17 +321,18 @@ async fn delete_keys(
 /// listed too (see [`delete_service`] for that).
 pub async fn delete_objects(
     client: &mut Client,
-    prefix: &str,
+    prefix: impl Into<Prefix>,
     objects: &[Object],
-) -> anyhow::Result<DeleteSummary> {
+) -> Result<DeleteSummary, StoreError> {
+    let prefix = prefix.into();
     check_size(objects.len(), "delete")?;
     let mut refs: Vec<ObjectRef> = objects.iter().map(Object::object_ref).collect();
     refs.sort();
     refs.dedup();
-    let mut kv = kv(client);
-    delete_keys(&mut kv, prefix, refs, Vec::new())
+    let mut kv = kv_client(client);
+    delete_keys(&mut kv, &prefix, refs, Vec::new())
         .await?
-        .context("etcd refused an unconditional delete")
+        .ok_or_else(|| StoreError::Unexpected("an unconditional delete failed".into()))
 }
 
 /// Deletes a service with its Endpoints and the EndpointSlices labelled
@@ -310,21 +343,23 @@ pub async fn delete_objects(
 /// retried if one did.
 pub async fn delete_service(
     client: &mut Client,
-    prefix: &str,
+    prefix: impl Into<Prefix>,
     namespace: &str,
     name: &str,
-) -> anyhow::Result<DeleteSummary> {
-    let mut kv = kv(client);
-    let dir = namespace_dir(prefix, Kind::EndpointSlice, namespace);
+) -> Result<DeleteSummary, StoreError> {
+    let prefix = prefix.into();
+    let mut kv = kv_client(client);
+    let dir = namespace_dir(&prefix, Kind::EndpointSlice, namespace);
+    let range = dir.range();
     for _ in 0..CAS_ATTEMPTS {
-        let (kvs, rev) = list_range(&mut kv, &dir, &prefix_end(&dir)).await?;
+        let (kvs, rev) = etcd::list(&mut kv, &range).await?;
         let mut refs = vec![
             ObjectRef::new(Kind::Service, namespace, name),
             ObjectRef::new(Kind::Endpoints, namespace, name),
         ];
         for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key());
-            let Some(slice_name) = key.strip_prefix(dir.as_str()) else {
+            let Some(slice_name) = dir.strip(&key) else {
                 continue;
             };
             match serde_json::from_slice::<EndpointSlice>(kv.value()) {
@@ -343,116 +378,84 @@ pub async fn delete_service(
         }
         check_size(refs.len(), "delete")?;
         // No slice key in the namespace modified after our list.
-        let unchanged = Compare::mod_revision(dir.as_str(), CompareOp::Less, rev + 1)
-            .with_range(prefix_end(&dir));
-        if let Some(summary) = delete_keys(&mut kv, prefix, refs, vec![unchanged]).await? {
+        let unchanged = Compare::mod_revision(range.start.clone(), CompareOp::Less, rev + 1)
+            .with_range(range.end.clone());
+        if let Some(summary) = delete_keys(&mut kv, &prefix, refs, vec![unchanged]).await? {
             return Ok(summary);
         }
         log::info!("EndpointSlices in {namespace} changed while deleting {name}; retrying");
     }
-    bail!(
-        "EndpointSlices in namespace {namespace} kept changing; gave up deleting service \
-         {name} after {CAS_ATTEMPTS} attempts (nothing was deleted)"
-    )
+    Err(StoreError::SlicesKeptChanging {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    })
 }
 
-/// The smallest key greater than every key starting with `prefix`.
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // All 0xff (or empty): to the end of the keyspace.
-    vec![0]
+/// One key-value under the prefix, as the readers ([`list`] and
+/// [`super::watch_services`]) see it.
+pub(crate) enum Entry {
+    /// A key of one of our kinds: the key below the prefix and its value
+    /// (empty for a deletion).
+    Object {
+        /// E.g. `services/default/my-service`.
+        key: String,
+        /// The stored JSON.
+        value: Vec<u8>,
+    },
+    /// A key that is not UTF-8: unusable, counted as malformed.
+    BadKey,
 }
 
-/// All keys in `[start, end)` at one revision, in pages. Returns the
-/// key-values and that revision.
-pub(crate) async fn list_range(
-    kv: &mut KvClient,
-    start: &str,
-    end: &[u8],
-) -> anyhow::Result<(Vec<KeyValue>, i64)> {
-    let mut out = Vec::new();
-    let mut from = start.as_bytes().to_vec();
-    let mut rev = 0;
-    loop {
-        let opts = GetOptions::new()
-            .with_range(end.to_vec())
-            .with_limit(LIST_PAGE)
-            .with_revision(rev);
-        let mut resp = timed(
-            || format!("listing {start}"),
-            kv.get(from.clone(), Some(opts)),
-        )
-        .await?;
-        if rev == 0 {
-            rev = revision_of(resp.header());
-        }
-        let more = resp.more();
-        let kvs = resp.take_kvs();
-        let Some(last) = kvs.last() else { break };
-        // The next page starts just after the last key.
-        from = last.key().to_vec();
-        from.push(0);
-        out.extend(kvs);
-        if !more {
-            break;
-        }
-    }
-    Ok((out, rev))
+/// The entry for `kv`, or `None` for keys that are not ours (other data in
+/// the key range).
+pub(crate) fn decode(prefix: &Prefix, kv: &KeyValue) -> Option<Entry> {
+    let Ok(key) = std::str::from_utf8(kv.key()) else {
+        log::warn!(
+            "ignoring non-UTF-8 key {:?} under {prefix}",
+            String::from_utf8_lossy(kv.key())
+        );
+        return Some(Entry::BadKey);
+    };
+    let rel = prefix.strip(key)?;
+    Kind::from_dir(rel.split('/').next()?)?;
+    Some(Entry::Object {
+        key: rel.to_string(),
+        value: kv.value().to_vec(),
+    })
 }
 
-/// Lists everything under `prefix` into a store, at one revision. Also
-/// returns that revision (to watch from the next one).
-pub(crate) async fn list_with_revision(
-    client: &Client,
-    prefix: &str,
-) -> anyhow::Result<(ServiceStore, i64)> {
-    let (start, end) = key_range(prefix);
-    let mut kv = kv(client);
-    let (kvs, rev) = list_range(&mut kv, &start, end.as_bytes()).await?;
-    let b = base(prefix);
+/// A store of listed entries.
+pub(crate) fn store_from(entries: Vec<Entry>) -> ServiceStore {
     let mut bad_keys = 0u64;
-    let entries: Vec<(String, Vec<u8>)> = kvs
-        .into_iter()
-        .filter_map(|kv| {
-            let Ok(key) = std::str::from_utf8(kv.key()) else {
-                bad_keys += 1;
-                log::warn!(
-                    "ignoring non-UTF-8 key {:?} under {b}",
-                    String::from_utf8_lossy(kv.key())
-                );
-                return None;
-            };
-            let rel = strip_base(prefix, key)?.to_string();
-            Some((rel, kv.value().to_vec()))
-        })
-        .collect();
-    let mut store = ServiceStore::from_entries(entries);
+    let objects = entries.into_iter().filter_map(|e| match e {
+        Entry::Object { key, value } => Some((key, value)),
+        Entry::BadKey => {
+            bad_keys += 1;
+            None
+        }
+    });
+    let mut store = ServiceStore::from_entries(objects);
     store.add_malformed(bad_keys);
-    Ok((store, rev))
+    store
 }
 
 /// Lists all Services, Endpoints and EndpointSlices under `prefix`, at one
 /// revision. Unusable values are skipped (logged, and counted in
 /// [`ServiceStore::malformed`]).
-pub async fn list(client: &mut Client, prefix: &str) -> anyhow::Result<ServiceStore> {
-    Ok(list_with_revision(client, prefix).await?.0)
+pub async fn list(
+    client: &mut Client,
+    prefix: impl Into<Prefix>,
+) -> Result<ServiceStore, StoreError> {
+    let prefix = prefix.into();
+    let (kvs, _) = etcd::list(&mut kv_client(client), &key_range(&prefix)).await?;
+    Ok(store_from(
+        kvs.iter().filter_map(|kv| decode(&prefix, kv)).collect(),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefix_ends() {
-        assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
-        assert_eq!(prefix_end("ab"), b"ac".to_vec());
-    }
 
     #[test]
     fn too_many_objects_refused_before_any_io() {

@@ -17,7 +17,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::model::Proto;
+use super::object::{Proto, SERVICE_NAME_LABEL};
 
 /// One problem, at a field path such as `spec.ports[0].port`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -464,11 +464,11 @@ pub(crate) fn endpoint_slice(slice: &EndpointSlice) -> Vec<FieldError> {
         &mut errs,
     );
     if let Some(labels) = &slice.metadata.labels
-        && let Some(svc) = labels.get(super::SERVICE_NAME_LABEL)
+        && let Some(svc) = labels.get(SERVICE_NAME_LABEL)
         && !is_dns1035_label(svc)
     {
         errs.add(
-            format!("metadata.labels[{}]", super::SERVICE_NAME_LABEL),
+            format!("metadata.labels[{}]", SERVICE_NAME_LABEL),
             format!("{svc:?} is not a valid Service name"),
         );
     }

@@ -6,7 +6,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
 /// How long to wait for etcd to answer the first request.
@@ -15,6 +14,44 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// nothing at all is in flight.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why [`connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The options cannot work (no endpoint, a scheme that does not match
+    /// the TLS files, half of a credential pair): retrying will not help.
+    #[error("{0}")]
+    Options(String),
+    /// A TLS file could not be read.
+    #[error("reading etcd {what} {}: {error}", path.display())]
+    ReadFile {
+        /// `CA file`, `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read (in the message, so not also a
+        /// `source()`, which would print it twice in an error chain).
+        error: std::io::Error,
+    },
+    /// etcd could not be reached, or refused us (bad credentials, say).
+    #[error("connecting to etcd at {endpoints}: {error}")]
+    Connect {
+        /// The endpoints tried, comma separated.
+        endpoints: String,
+        /// The client error (in the message, not also a `source()`).
+        error: etcd_client::Error,
+    },
+    /// etcd did not answer within the connect timeout.
+    #[error("etcd at {endpoints} did not answer within {CONNECT_TIMEOUT:?}")]
+    Timeout {
+        /// The endpoints tried, comma separated.
+        endpoints: String,
+    },
+}
+
+fn bad_options(msg: impl Into<String>) -> ConnectError {
+    ConnectError::Options(msg.into())
+}
 
 /// Where etcd is and how to authenticate.
 #[derive(Clone, Default)]
@@ -62,31 +99,38 @@ impl EtcdOptions {
     /// Endpoints with a scheme: as given, or `https://` when TLS files are
     /// set and `http://` otherwise. An explicit `http://` with TLS files is
     /// an error rather than a silent plaintext connection.
-    pub fn normalized_endpoints(&self) -> anyhow::Result<Vec<String>> {
+    pub fn normalized_endpoints(&self) -> Result<Vec<String>, ConnectError> {
         if self.endpoints.is_empty() {
-            bail!("no etcd endpoints given");
+            return Err(bad_options("no etcd endpoints given"));
         }
         let tls = self.uses_tls();
         let mut out = Vec::with_capacity(self.endpoints.len());
         for e in &self.endpoints {
             let e = e.trim();
             if e.is_empty() {
-                bail!("empty etcd endpoint in {:?}", self.endpoints);
+                return Err(bad_options(format!(
+                    "empty etcd endpoint in {:?}",
+                    self.endpoints
+                )));
             }
             let full = if let Some(rest) = e.strip_prefix("http://") {
                 if tls {
-                    bail!(
+                    return Err(bad_options(format!(
                         "etcd endpoint {e} is plain http but TLS files were given; use https://{rest}"
-                    );
+                    )));
                 }
                 e.to_string()
             } else if e.starts_with("https://") {
                 if !tls {
-                    bail!("etcd endpoint {e} is https but no CA file was given (--etcd-cafile)");
+                    return Err(bad_options(format!(
+                        "etcd endpoint {e} is https but no CA file was given (--etcd-cafile)"
+                    )));
                 }
                 e.to_string()
             } else if e.contains("://") {
-                bail!("etcd endpoint {e}: only http:// and https:// are supported");
+                return Err(bad_options(format!(
+                    "etcd endpoint {e}: only http:// and https:// are supported"
+                )));
             } else if tls {
                 format!("https://{e}")
             } else {
@@ -98,13 +142,19 @@ impl EtcdOptions {
     }
 }
 
-fn read_file(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading etcd {what} {}", path.display()))
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
+    std::fs::read(path).map_err(|error| ConnectError::ReadFile {
+        what,
+        path: path.to_owned(),
+        error,
+    })
 }
 
-fn tls_options(opts: &EtcdOptions) -> anyhow::Result<TlsOptions> {
+fn tls_options(opts: &EtcdOptions) -> Result<TlsOptions, ConnectError> {
     let Some(ca) = &opts.ca_file else {
-        bail!("TLS to etcd needs a CA file (--etcd-cafile) to verify the server");
+        return Err(bad_options(
+            "TLS to etcd needs a CA file (--etcd-cafile) to verify the server",
+        ));
     };
     let mut tls =
         TlsOptions::new().ca_certificate(Certificate::from_pem(read_file("CA file", ca)?));
@@ -116,39 +166,61 @@ fn tls_options(opts: &EtcdOptions) -> anyhow::Result<TlsOptions> {
             ));
         }
         (None, None) => {}
-        (Some(_), None) => bail!("etcd client certificate given without its key file"),
-        (None, Some(_)) => bail!("etcd client key given without its certificate file"),
+        (Some(_), None) => {
+            return Err(bad_options(
+                "etcd client certificate given without its key file",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(bad_options(
+                "etcd client key given without its certificate file",
+            ));
+        }
     }
     Ok(tls)
 }
 
 /// Connects to etcd and checks that it answers, so a wrong endpoint or bad
 /// credentials fail here with a clear message rather than later.
-pub async fn connect(opts: &EtcdOptions) -> anyhow::Result<Client> {
+pub async fn connect(opts: &EtcdOptions) -> Result<Client, ConnectError> {
     let endpoints = opts.normalized_endpoints()?;
     let mut co = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the others cannot tell its watchers: their
+        // watches just fall silent. With etcd's "hasleader" metadata (which
+        // etcd-client sets on every request, there is no per-watch switch)
+        // such a member cancels our watches, so the watchers re-list,
+        // perhaps through another endpoint, and other requests to it fail
+        // at once instead of timing out.
+        .with_require_leader(true);
     if opts.uses_tls() {
         co = co.with_tls(tls_options(opts)?);
     }
     match (&opts.username, &opts.password) {
         (Some(u), Some(p)) => co = co.with_user(u.clone(), p.clone()),
         (None, None) => {}
-        (Some(_), None) => bail!("etcd username given without a password"),
-        (None, Some(_)) => bail!("etcd password given without a username"),
+        (Some(_), None) => return Err(bad_options("etcd username given without a password")),
+        (None, Some(_)) => return Err(bad_options("etcd password given without a username")),
     }
 
     let list = endpoints.join(",");
+    let failed = |error| ConnectError::Connect {
+        endpoints: list.clone(),
+        error,
+    };
+    let timed_out = |_| ConnectError::Timeout {
+        endpoints: list.clone(),
+    };
     let mut client = tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(&endpoints, Some(co)))
         .await
-        .with_context(|| format!("connecting to etcd at {list}: timed out"))?
-        .with_context(|| format!("connecting to etcd at {list}"))?;
+        .map_err(timed_out)?
+        .map_err(failed)?;
     tokio::time::timeout(CONNECT_TIMEOUT, client.status())
         .await
-        .with_context(|| format!("etcd at {list} did not answer within {CONNECT_TIMEOUT:?}"))?
-        .with_context(|| format!("etcd at {list} did not answer"))?;
+        .map_err(timed_out)?
+        .map_err(failed)?;
     log::info!("connected to etcd at {list}");
     Ok(client)
 }
