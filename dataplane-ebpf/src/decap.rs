@@ -164,12 +164,15 @@ pub fn xdp_decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         Dest::Pod => (XDP_META_DECAPPED, Stat::Decapsulated),
         Dest::Host => (XDP_META_TO_HOST, Stat::PassToHost),
     };
+    // A driver without XDP metadata refuses this for every frame, so it is
+    // not logged: the frame then reaches the pod through the kernel's
+    // routing, unmarked (see `Stat::Decapsulated`).
     // SAFETY: as above.
-    let rc = unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(size_of::<u32>() as i32)) };
-    match ptr_at::<u32>(ctx.metadata(), ctx.data(), 0) {
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(size_of::<u32>() as i32)) } == 0
+        && let Some(m) = ptr_at::<u32>(ctx.metadata(), ctx.data(), 0)
+    {
         // SAFETY: bounds checked against data (the end of the metadata).
-        Some(m) if rc == 0 => unsafe { *m = marker },
-        _ => log_event!(ctx, "decap_xdp: no room for metadata ({}): marker lost", rc),
+        unsafe { *m = marker };
     }
     count(stat, len);
     xdp_action::XDP_PASS
