@@ -44,6 +44,25 @@ pub mod map_names {
     /// Hash: local pod IPv4 -> its host-side veth and MACs, for delivering
     /// decapsulated packets straight into the pod (bpf_redirect_peer).
     pub const ENDPOINTS: &str = "endpoints_v1";
+
+    /// Every map the programs define, exactly (a test checks this list
+    /// against the built object, where `dataplane-ebpf/src/maps.rs` has to
+    /// spell the names as literals).
+    pub const ALL: &[&str] = &[
+        PEERS,
+        PEER_IPS,
+        NODE_CONFIG,
+        STATS,
+        SERVICES,
+        BACKENDS,
+        VIPS,
+        CT,
+        RNAT,
+        AFFINITY,
+        SVC_STATS,
+        LIVE,
+        ENDPOINTS,
+    ];
 }
 
 /// Program names as they appear in the object file.
@@ -51,6 +70,9 @@ pub mod prog_names {
     pub const FROM_POD: &str = "from_pod";
     pub const FROM_UNDERLAY: &str = "from_underlay";
     pub const DECAP_XDP: &str = "decap_xdp";
+
+    /// Every program in the object, exactly (checked against it by a test).
+    pub const ALL: &[&str] = &[FROM_POD, FROM_UNDERLAY, DECAP_XDP];
 }
 
 pub const PEERS_MAX: u32 = 16_384;
@@ -241,6 +263,9 @@ pub struct PeerIpInfo {
 
 /// `NodeConfig::flags` bit: the node is configured (the agent wrote it).
 pub const NODE_CFG_READY: u32 = 1 << 0;
+/// `NodeConfig::flags` bit: log rare data-path events through aya-log
+/// (`dataplane agent --bpf-log`). Never set on the fast path's behalf.
+pub const NODE_CFG_BPF_LOG: u32 = 1 << 1;
 
 /// The single entry of [`map_names::NODE_CONFIG`]: what the programs need to
 /// know about this node. Written by the agent before it attaches anything.
@@ -277,127 +302,150 @@ pub struct NodeConfig {
     pub _pad: [u8; 2],
 }
 
-/// Outcomes counted in [`map_names::STATS`]. The numbers are stable: they
-/// are array indexes that operators and dashboards read; never renumber or
-/// reuse one, only append.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
-    /// A pod packet was VXLAN-encapsulated and sent to a remote node.
-    Encapsulated = 0,
-    /// A VXLAN packet from a peer was decapsulated and delivered to a pod.
-    Decapsulated = 1,
-    /// Underlay traffic that is not our VXLAN, passed untouched.
-    PassNotOverlay = 2,
-    /// Pod traffic that stays on this node or leaves the cluster network,
-    /// passed to the kernel untouched.
-    PassLocal = 3,
-    /// A decapsulated packet for this node itself (the bridge address), passed up.
-    PassToHost = 4,
-    /// A packet to a ClusterIP translated to its backend.
-    SvcForward = 5,
-    /// A reply from a backend translated back to the ClusterIP.
-    SvcReverse = 6,
+/// Defines [`Stat`], [`Stat::ALL`], [`Stat::name`] and [`Stat::meaning`]
+/// from one list, so the names cannot drift from the codes.
+macro_rules! stats {
+    ($(
+        $(#[$attr:meta])*
+        $variant:ident = $num:literal, $name:literal, $meaning:literal;
+    )*) => {
+        /// Outcomes counted in [`map_names::STATS`]. The numbers are stable:
+        /// they are array indexes that operators and dashboards read; never
+        /// renumber or reuse one (a retired number stays in
+        /// [`Stat::RETIRED`]), only append.
+        ///
+        /// Every packet a program handles ends in exactly one outcome
+        /// counter. `svc_forward` and `svc_reverse` count a translation on
+        /// the way and are followed by the packet's outcome.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat {
+            $(
+                #[doc = $meaning]
+                $(#[$attr])*
+                $variant = $num,
+            )*
+        }
 
-    /// VXLAN from a source IP that holds no lease.
-    DropUnknownPeer = 10,
-    /// VXLAN to our port with another VNI.
-    DropWrongVni = 11,
-    /// VXLAN header flags other than exactly the I bit.
-    DropBadVxlanFlags = 12,
-    /// A header was cut short.
-    DropTruncated = 13,
-    /// bpf_skb_adjust_room / bpf_xdp_adjust_head failed.
-    DropAdjustRoom = 14,
-    /// No route or neighbour towards the remote node.
-    DropFib = 15,
-    /// Decapsulated frame is not IPv4.
-    DropInnerNotIpv4 = 16,
-    /// Decapsulated packet is not for a pod of this node.
-    DropInnerNotLocal = 17,
-    /// Destination is in the cluster network but no lease covers it.
-    DropNoPeer = 18,
-    /// The agent has not written the node configuration yet.
-    DropNoConfig = 19,
-    /// IPv4 options or fragments in the outer header of VXLAN to us.
-    DropOuterMalformed = 20,
-    /// Inner Ethernet destination is not our VtepMAC.
-    DropWrongVtepMac = 21,
-    /// New connection to a Service with no usable backend: rejected with
-    /// ICMP port unreachable (kube-proxy's REJECT).
-    SvcRejectNoBackend = 22,
-    /// To a ClusterIP on a port or protocol the Service does not define.
-    DropSvcUndefinedPort = 23,
-    /// TCP segment (not SYN) to a ClusterIP with no connection-tracking
-    /// entry, e.g. its backend was removed: rejected so it fails fast.
-    SvcRejectNoConntrack = 24,
-    /// Could not build the rejection packet.
-    DropRejectFailed = 25,
-    /// A fragment or a header too short to read ports from, to a ClusterIP.
-    DropSvcMalformed = 26,
+        impl Stat {
+            /// Every stat, in numeric order.
+            pub const ALL: &'static [Stat] = &[$(Stat::$variant),*];
+
+            /// The counter's name, as `dataplane stats` prints it.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Stat::$variant => $name,)*
+                }
+            }
+
+            /// One line saying what happened to a packet counted here.
+            pub const fn meaning(self) -> &'static str {
+                match self {
+                    $(Stat::$variant => $meaning,)*
+                }
+            }
+        }
+    };
+}
+
+stats! {
+    Encapsulated = 0, "encapsulated",
+        "pod packet VXLAN-encapsulated and redirected to a remote node";
+    /// In XDP mode `decap_xdp` counts it; from_underlay then only delivers
+    /// it (a reverse-NAT failure there is counted as `drop_nat_failed` as
+    /// well). Where the driver cannot carry XDP metadata the frame reaches
+    /// the pod through the kernel's routing, and from_underlay counts it
+    /// again as `pass_not_overlay`.
+    Decapsulated = 1, "decapsulated",
+        "VXLAN from a peer decapsulated and handed on to a pod of this node";
+    PassNotOverlay = 2, "pass_not_overlay",
+        "underlay frame that is not VXLAN to this node, passed to the kernel untouched";
+    /// Includes Service packets translated to an address outside the
+    /// cluster network (counted as `svc_forward`/`svc_reverse` first).
+    PassLocal = 3, "pass_local",
+        "pod packet for this node's subnet or outside the cluster network, passed to the kernel";
+    PassToHost = 4, "pass_to_host",
+        "VXLAN for this node's bridge address, decapsulated and passed up the stack";
+    SvcForward = 5, "svc_forward",
+        "packet to a ClusterIP translated to its backend (then counted by its outcome)";
+    SvcReverse = 6, "svc_reverse",
+        "reply from a backend translated back to the ClusterIP (then counted by its outcome)";
+
+    DropUnknownPeer = 10, "drop_unknown_peer",
+        "VXLAN from an IP that holds no lease (flannel accepts it; we do not)";
+    DropWrongVni = 11, "drop_wrong_vni",
+        "VXLAN to our port with another VNI";
+    DropBadVxlanFlags = 12, "drop_bad_vxlan_flags",
+        "VXLAN flags other than exactly the I bit";
+    DropTruncated = 13, "drop_truncated",
+        "VXLAN to this node cut short before the end of the inner IPv4 header";
+    DropAdjustRoom = 14, "drop_adjust_room",
+        "bpf_skb_adjust_room / bpf_xdp_adjust_head failed to add or strip the VXLAN headers";
+    DropFib = 15, "drop_fib",
+        "no route towards the remote node (FIB lookup failed)";
+    DropInnerNotIpv4 = 16, "drop_inner_not_ipv4",
+        "decapsulated frame is not IPv4";
+    DropInnerNotLocal = 17, "drop_inner_not_local",
+        "decapsulated packet not for a pod of this node";
+    DropNoPeer = 18, "drop_no_peer",
+        "pod packet to the cluster network that no lease covers";
+    DropOuterMalformed = 20, "drop_outer_malformed",
+        "IPv4 options or fragments in VXLAN's outer header";
+    DropWrongVtepMac = 21, "drop_wrong_vtep_mac",
+        "inner destination MAC of VXLAN to this node is not our VtepMAC";
+    /// kube-proxy's REJECT: nobody waits for a timeout.
+    SvcRejectNoBackend = 22, "svc_reject_no_backend",
+        "new connection to a Service with no usable backend, answered with TCP RST / ICMP port unreachable";
+    DropSvcUndefinedPort = 23, "drop_svc_undefined_port",
+        "to a ClusterIP on a port or protocol the Service does not define";
+    SvcRejectNoConntrack = 24, "svc_reject_no_conntrack",
+        "TCP segment (not SYN) to a ClusterIP without a conntrack entry (its backend went), answered with RST";
+    DropRejectFailed = 25, "drop_reject_failed",
+        "a Service rejection (RST / ICMP) could not be built, e.g. IPv4 options: dropped instead";
+    DropSvcMalformed = 26, "drop_svc_malformed",
+        "fragment, or header too short to read the ports of, to a ClusterIP";
+    /// Not logged: without a configuration there is no `NODE_CFG_BPF_LOG`
+    /// bit to ask for it.
+    PassNoConfig = 27, "pass_no_config",
+        "the agent has not written the node configuration yet: passed to the kernel untouched";
+    PassNotIpv4 = 28, "pass_not_ipv4",
+        "pod frame without a complete IPv4 header (ARP, IPv6, cut short), passed to the kernel untouched";
+    DropNatFailed = 29, "drop_nat_failed",
+        "rewriting a Service packet's addresses, ports or checksums failed";
+    /// Straight to the bridge rather than through IP forwarding, which
+    /// would also send the pod an ICMP redirect (in and out being cni0).
+    RedirectToBridge = 30, "redirect_to_bridge",
+        "translated Service packet for a pod of this node, handed to the bridge";
+    SvcRejectCtFailed = 31, "svc_reject_ct_failed",
+        "new connection to a Service rejected (RST / ICMP) because its conntrack entry could not be stored";
+}
+
+impl Stat {
+    /// Numbers of removed codes, never to be used again: 19 was
+    /// `drop_no_config`, which nothing emitted (the packet is passed, now
+    /// counted as [`Stat::PassNoConfig`]).
+    pub const RETIRED: &'static [u32] = &[19];
 }
 
 /// Size of the stats array; leaves room for later reasons.
 pub const STATS_LEN: u32 = 64;
 
-impl Stat {
-    /// Every stat, for listing. Keep in numeric order.
-    pub const ALL: &'static [Stat] = &[
-        Stat::Encapsulated,
-        Stat::Decapsulated,
-        Stat::PassNotOverlay,
-        Stat::PassLocal,
-        Stat::PassToHost,
-        Stat::SvcForward,
-        Stat::SvcReverse,
-        Stat::DropUnknownPeer,
-        Stat::DropWrongVni,
-        Stat::DropBadVxlanFlags,
-        Stat::DropTruncated,
-        Stat::DropAdjustRoom,
-        Stat::DropFib,
-        Stat::DropInnerNotIpv4,
-        Stat::DropInnerNotLocal,
-        Stat::DropNoPeer,
-        Stat::DropNoConfig,
-        Stat::DropOuterMalformed,
-        Stat::DropWrongVtepMac,
-        Stat::SvcRejectNoBackend,
-        Stat::DropSvcUndefinedPort,
-        Stat::SvcRejectNoConntrack,
-        Stat::DropRejectFailed,
-        Stat::DropSvcMalformed,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Stat::Encapsulated => "encapsulated",
-            Stat::Decapsulated => "decapsulated",
-            Stat::PassNotOverlay => "pass_not_overlay",
-            Stat::PassLocal => "pass_local",
-            Stat::PassToHost => "pass_to_host",
-            Stat::SvcForward => "svc_forward",
-            Stat::SvcReverse => "svc_reverse",
-            Stat::DropUnknownPeer => "drop_unknown_peer",
-            Stat::DropWrongVni => "drop_wrong_vni",
-            Stat::DropBadVxlanFlags => "drop_bad_vxlan_flags",
-            Stat::DropTruncated => "drop_truncated",
-            Stat::DropAdjustRoom => "drop_adjust_room",
-            Stat::DropFib => "drop_fib",
-            Stat::DropInnerNotIpv4 => "drop_inner_not_ipv4",
-            Stat::DropInnerNotLocal => "drop_inner_not_local",
-            Stat::DropNoPeer => "drop_no_peer",
-            Stat::DropNoConfig => "drop_no_config",
-            Stat::DropOuterMalformed => "drop_outer_malformed",
-            Stat::DropWrongVtepMac => "drop_wrong_vtep_mac",
-            Stat::SvcRejectNoBackend => "svc_reject_no_backend",
-            Stat::DropSvcUndefinedPort => "drop_svc_undefined_port",
-            Stat::SvcRejectNoConntrack => "svc_reject_no_conntrack",
-            Stat::DropRejectFailed => "drop_reject_failed",
-            Stat::DropSvcMalformed => "drop_svc_malformed",
+// Stat::ALL in increasing order, below STATS_LEN, no retired number reused.
+const _: () = {
+    let all = Stat::ALL;
+    let mut i = 0;
+    while i < all.len() {
+        let n = all[i] as u32;
+        assert!(n < STATS_LEN);
+        assert!(i == 0 || (all[i - 1] as u32) < n);
+        let mut j = 0;
+        while j < Stat::RETIRED.len() {
+            assert!(n != Stat::RETIRED[j]);
+            j += 1;
         }
+        i += 1;
     }
-}
+};
 
 /// One slot of [`map_names::STATS`].
 #[repr(C)]
@@ -411,13 +459,15 @@ pub struct Counter {
 /// program on the same interface knows the frame was a verified VXLAN packet
 /// and forwards it to the pod bridge.
 pub const XDP_META_DECAPPED: u32 = 0xdec0_0001;
+/// Marker for a frame decap_xdp decapsulated for this node itself (the
+/// bridge address): the TC program passes it up without counting it again.
+pub const XDP_META_TO_HOST: u32 = 0xdec0_0002;
 
 const _: () = assert!(size_of::<PeerInfo>() == 12);
 const _: () = assert!(size_of::<PeerIpKey>() == 4);
 const _: () = assert!(size_of::<PeerIpInfo>() == 4);
 const _: () = assert!(size_of::<NodeConfig>() == 56);
 const _: () = assert!(size_of::<Counter>() == 16);
-const _: () = assert!((Stat::DropSvcMalformed as u32) < STATS_LEN);
 const _: () = assert!(size_of::<SvcKey>() == 8);
 const _: () = assert!(size_of::<SvcInfo>() == 16);
 const _: () = assert!(size_of::<BackendKey>() == 8);

@@ -1,30 +1,45 @@
-//! Checksum helpers.
+//! Internet checksums (RFC 1071) of the headers the programs write: the
+//! outer IPv4 header of VXLAN, the rejections' IPv4, TCP and ICMP headers.
+//! Rewrites of a packet in place (Service NAT) use the kernel's
+//! incremental helpers instead (see `nat`), which keep CHECKSUM_PARTIAL
+//! skbs consistent.
+
+use core::mem::size_of;
 
 use network_types::ip::Ipv4Hdr;
 
-/// Internet checksum of a 20-byte IPv4 header (no options), with the
-/// checksum field taken as zero. Unrolled: 10 u16 words.
+/// Adds the bytes of `v` (an even number of them, in packet or stack
+/// memory) to `sum` as big-endian 16-bit words.
 #[inline(always)]
-pub fn ipv4_header_csum(ip: &Ipv4Hdr) -> [u8; 2] {
-    let words: [u16; 10] = [
-        u16::from_be_bytes([ip.vihl, ip.tos]),
-        u16::from_be_bytes(ip.tot_len),
-        u16::from_be_bytes(ip.id),
-        u16::from_be_bytes(ip.frags),
-        u16::from_be_bytes([ip.ttl, ip.proto]),
-        0,
-        u16::from_be_bytes([ip.src_addr[0], ip.src_addr[1]]),
-        u16::from_be_bytes([ip.src_addr[2], ip.src_addr[3]]),
-        u16::from_be_bytes([ip.dst_addr[0], ip.dst_addr[1]]),
-        u16::from_be_bytes([ip.dst_addr[2], ip.dst_addr[3]]),
-    ];
-    let mut sum: u32 = 0;
+pub fn add<T>(mut sum: u32, v: &T) -> u32 {
+    let p = (v as *const T).cast::<u8>();
     let mut i = 0;
-    while i < 10 {
-        sum += u32::from(words[i]);
-        i += 1;
+    while i + 1 < size_of::<T>() {
+        // SAFETY: i + 1 < size_of::<T>(), inside `v`.
+        let w = unsafe { u16::from_be_bytes([*p.add(i), *p.add(i + 1)]) };
+        sum += u32::from(w);
+        i += 2;
     }
+    sum
+}
+
+/// Sum of the IPv4 pseudo-header of an L4 segment of `len` bytes.
+#[inline(always)]
+pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
+    let sum = add(add(0, &src), &dst);
+    sum + u32::from(proto) + u32::from(len)
+}
+
+/// Folds the carries and complements: the bytes of the checksum field.
+#[inline(always)]
+pub fn finish(mut sum: u32) -> [u8; 2] {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     (!(sum as u16)).to_be_bytes()
+}
+
+/// Checksum of a 20-byte IPv4 header whose checksum field is zero.
+#[inline(always)]
+pub fn ipv4_header(ip: &Ipv4Hdr) -> [u8; 2] {
+    finish(add(0, ip))
 }

@@ -9,14 +9,15 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
-use dataplane_common::{NodeConfig, Stat, VXLAN_OVERHEAD, XDP_META_DECAPPED};
+use dataplane_common::{NodeConfig, Stat, VXLAN_OVERHEAD, XDP_META_DECAPPED, XDP_META_TO_HOST};
 use network_types::eth::EthHdr;
 
 use crate::{
     forward::{redirect_to_bridge, redirect_to_pod},
+    lb,
     parse::ptr_at,
     stats::count,
-    vxlan::{HEADERS_LEN, Verdict, classify, is_vxlan_candidate},
+    vxlan::{Dest, HEADERS_LEN, classify, is_vxlan_candidate},
 };
 
 /// Flags for the skb shrink. FIXED_GSO keeps gso_size (the inner MSS) as
@@ -30,12 +31,17 @@ const DECAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV
 #[inline(always)]
 pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     let len = ctx.len();
-    if xdp_marked(ctx) {
-        // Verified and decapsulated by decap_xdp; only delivery is left.
-        if let Err(action) = crate::lb::reverse_nat_decapsulated(ctx) {
-            return action;
+    match xdp_marker(ctx) {
+        // Verified, decapsulated and counted by decap_xdp; only delivery
+        // is left.
+        Some(XDP_META_DECAPPED) => {
+            return match lb::reverse_nat_decapsulated(ctx) {
+                Ok(dst) => deliver_to_pod(ctx, cfg, dst),
+                Err(action) => action,
+            };
         }
-        return deliver_to_pod(ctx, cfg);
+        Some(XDP_META_TO_HOST) => return TC_ACT_OK,
+        _ => {}
     }
     if !is_vxlan_candidate(ctx.data(), ctx.data_end(), cfg) {
         count(Stat::PassNotOverlay, len);
@@ -43,13 +49,18 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     }
     if ctx.data() + HEADERS_LEN > ctx.data_end() {
         // Headers split across fragments: pull them into the linear area.
-        if len < HEADERS_LEN as u32 || ctx.pull_data(HEADERS_LEN as u32).is_err() {
+        if len < HEADERS_LEN as u32 {
+            count(Stat::DropTruncated, len);
+            return TC_ACT_SHOT;
+        }
+        if let Err(e) = ctx.pull_data(HEADERS_LEN as u32) {
+            log_event!(ctx, "decap: bpf_skb_pull_data failed: {}", e);
             count(Stat::DropTruncated, len);
             return TC_ACT_SHOT;
         }
     }
-    let verdict = match classify(ctx.data(), ctx.data_end(), cfg) {
-        Ok(v) => v,
+    let dest = match classify(ctx.data(), ctx.data_end(), cfg) {
+        Ok(d) => d,
         Err(stat) => {
             count(stat, len);
             return TC_ACT_SHOT;
@@ -57,23 +68,22 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     };
     // Remove outer IPv4 + UDP + VXLAN + inner Ethernet; the outer Ethernet
     // header stays in front of the inner IPv4 packet.
-    if ctx
-        .adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS)
-        .is_err()
-    {
+    if let Err(e) = ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS) {
+        log_event!(ctx, "decap: bpf_skb_adjust_room failed: {}", e);
         count(Stat::DropAdjustRoom, len);
         return TC_ACT_SHOT;
     }
-    match verdict {
-        Verdict::ToPod => {
-            count(Stat::Decapsulated, len);
+    match dest {
+        Dest::Pod => {
             // Replies from a remote backend of a Service a local pod uses.
-            if let Err(action) = crate::lb::reverse_nat_decapsulated(ctx) {
-                return action;
-            }
-            deliver_to_pod(ctx, cfg)
+            let dst = match lb::reverse_nat_decapsulated(ctx) {
+                Ok(dst) => dst,
+                Err(action) => return action,
+            };
+            count(Stat::Decapsulated, len);
+            deliver_to_pod(ctx, cfg, dst)
         }
-        Verdict::ToHost => {
+        Dest::Host => {
             // The outer Ethernet header is addressed to this interface, so
             // the stack takes the inner packet as its own.
             count(Stat::PassToHost, len);
@@ -82,21 +92,22 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     }
 }
 
-/// Hands a decapsulated packet for a local pod on: straight into the pod
-/// when the agent listed it in endpoints_v1 (fast: the GSO packet stays
-/// whole, see `redirect_to_pod`), else through the bridge (correct, but
-/// the bridge segments a tunnel-GSO packet in software).
+/// Hands a decapsulated packet for a local pod (IPv4 destination `dst`)
+/// on: straight into the pod when the agent listed it in endpoints_v1
+/// (fast: the GSO packet stays whole, see `redirect_to_pod`), else through
+/// the bridge (correct, but the bridge segments a tunnel-GSO packet in
+/// software).
 #[inline(always)]
-fn deliver_to_pod(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
-    match redirect_to_pod(ctx) {
+fn deliver_to_pod(ctx: &TcContext, cfg: &NodeConfig, dst: Option<[u8; 4]>) -> i32 {
+    match dst.and_then(|dst| redirect_to_pod(ctx, dst)) {
         Some(action) => action,
         None => redirect_to_bridge(cfg.bridge_ifindex),
     }
 }
 
-/// Did decap_xdp leave its marker in the metadata in front of the frame?
+/// The marker decap_xdp left in the metadata in front of the frame, if any.
 #[inline(always)]
-fn xdp_marked(ctx: &TcContext) -> bool {
+fn xdp_marker(ctx: &TcContext) -> Option<u32> {
     // SAFETY: reading context fields the verifier rewrites into packet pointers.
     let (meta, data) = unsafe {
         (
@@ -104,17 +115,16 @@ fn xdp_marked(ctx: &TcContext) -> bool {
             (*ctx.skb.skb).data as usize,
         )
     };
-    match ptr_at::<u32>(meta, data, 0) {
-        // SAFETY: bounds checked against data (the end of the metadata).
-        Some(m) => unsafe { *m == XDP_META_DECAPPED },
-        None => false,
-    }
+    let m = ptr_at::<u32>(meta, data, 0)?;
+    // SAFETY: bounds checked against data (the end of the metadata).
+    Some(unsafe { *m })
 }
 
 /// XDP on the underlay: verifies and strips VXLAN on the driver's buffer.
 /// Frames for pods get a metadata marker and go up to tc_from_underlay,
 /// which delivers them (XDP cannot redirect into a bridge, and
-/// bpf_redirect_peer exists only in TC).
+/// bpf_redirect_peer exists only in TC); frames for this node itself get
+/// another, so that the TC program passes them without counting them again.
 #[inline(always)]
 pub fn xdp_decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
@@ -123,8 +133,8 @@ pub fn xdp_decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         // Counted once, by the TC program that sees it next.
         return xdp_action::XDP_PASS;
     }
-    let verdict = match classify(data, data_end, cfg) {
-        Ok(v) => v,
+    let dest = match classify(data, data_end, cfg) {
+        Ok(d) => d,
         Err(stat) => {
             count(stat, len);
             return xdp_action::XDP_DROP;
@@ -133,28 +143,37 @@ pub fn xdp_decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     // SAFETY: helpers on our own frame; pointers re-derived afterwards.
     // Strip outer Ethernet + IPv4 + UDP + VXLAN (14 + 20 + 8 + 8, which is
     // also VXLAN_OVERHEAD); the inner Ethernet header is left in front.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
+    let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) };
+    if rc != 0 {
+        log_event!(ctx, "decap_xdp: bpf_xdp_adjust_head failed: {}", rc);
         count(Stat::DropAdjustRoom, len);
         return xdp_action::XDP_DROP;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
+    // classify read the inner IPv4 header, so this is there; the verifier
+    // needs the check.
     let Some(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
-        count(Stat::DropTruncated, len);
+        count(Stat::DropAdjustRoom, len);
         return xdp_action::XDP_DROP;
     };
     // The inner frame is addressed to our VtepMAC; readdress it to the
     // underlay interface so the stack treats it as its own.
+    // SAFETY: bounds checked by ptr_at.
     unsafe { (*eth).dst_addr = cfg.underlay_mac };
-    if let Verdict::ToHost = verdict {
-        count(Stat::PassToHost, len);
-        return xdp_action::XDP_PASS;
+    let (marker, stat) = match dest {
+        Dest::Pod => (XDP_META_DECAPPED, Stat::Decapsulated),
+        Dest::Host => (XDP_META_TO_HOST, Stat::PassToHost),
+    };
+    // A driver without XDP metadata refuses this for every frame, so it is
+    // not logged: the frame then reaches the pod through the kernel's
+    // routing, unmarked (see `Stat::Decapsulated`).
+    // SAFETY: as above.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(size_of::<u32>() as i32)) } == 0
+        && let Some(m) = ptr_at::<u32>(ctx.metadata(), ctx.data(), 0)
+    {
+        // SAFETY: bounds checked against data (the end of the metadata).
+        unsafe { *m = marker };
     }
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } == 0 {
-        let (meta, data) = (ctx.metadata(), ctx.data());
-        if let Some(m) = ptr_at::<u32>(meta, data, 0) {
-            unsafe { *m = XDP_META_DECAPPED };
-        }
-    }
-    count(Stat::Decapsulated, len);
+    count(stat, len);
     xdp_action::XDP_PASS
 }

@@ -18,22 +18,22 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{NodeConfig, Stat, VXLAN_FLAGS_I, VXLAN_OVERHEAD};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr},
+    udp::UdpHdr,
+    vxlan::VxlanHdr,
+};
 
 use crate::{
-    csum::ipv4_header_csum,
+    consts::{IP_DEFAULT_TTL, IP_ECN_MASK, IPV4_VIHL_NO_OPTIONS, VXLAN_SPORT_MAX, VXLAN_SPORT_MIN},
+    csum,
     forward::redirect_to_underlay,
     maps::PEERS,
     parse::{in_prefix, ptr_at},
     stats::count,
     vxlan::{INNER_ETH_OFF, OUTER_IP_OFF, UDP_OFF, VXLAN_OFF},
 };
-
-const ETH_P_IP: u16 = 0x0800;
-/// Linux's default ip_local_port_range, which the kernel vxlan driver uses
-/// for its source ports.
-const SPORT_MIN: u32 = 32768;
-const SPORT_RANGE: u32 = 60999 - 32768 + 1;
 
 /// FIXED_GSO: the pod MTU already leaves room for the 50 bytes, so GSO
 /// segments keep the inner MSS instead of shrinking by 50.
@@ -66,50 +66,42 @@ pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8) -
     // kernel's udp_flow_src_port() does.
     // SAFETY: helper on our own skb.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-    let sport = (SPORT_MIN + hash % SPORT_RANGE) as u16;
+    let sport = (VXLAN_SPORT_MIN + hash % (VXLAN_SPORT_MAX - VXLAN_SPORT_MIN + 1)) as u16;
 
-    if ctx
-        .adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
-        .is_err()
-    {
+    if let Err(e) = ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS) {
+        log_event!(ctx, "encap: bpf_skb_adjust_room failed: {}", e);
         count(Stat::DropAdjustRoom, len);
         return TC_ACT_SHOT;
     }
     let new_len = ctx.len();
     let (data, data_end) = (ctx.data(), ctx.data_end());
-
-    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, OUTER_IP_OFF) else {
-        count(Stat::DropTruncated, len);
-        return TC_ACT_SHOT;
-    };
-    let Some(udp) = ptr_at::<UdpHdr>(data, data_end, UDP_OFF) else {
-        count(Stat::DropTruncated, len);
-        return TC_ACT_SHOT;
-    };
-    let Some(vx) = ptr_at::<VxlanHdr>(data, data_end, VXLAN_OFF) else {
-        count(Stat::DropTruncated, len);
-        return TC_ACT_SHOT;
-    };
-    let Some(inner_eth) = ptr_at::<EthHdr>(data, data_end, INNER_ETH_OFF) else {
-        count(Stat::DropTruncated, len);
+    // The room just opened is linear data, so these always succeed; the
+    // verifier needs the checks.
+    let (Some(ip), Some(udp), Some(vx), Some(inner_eth)) = (
+        ptr_at::<Ipv4Hdr>(data, data_end, OUTER_IP_OFF),
+        ptr_at::<UdpHdr>(data, data_end, UDP_OFF),
+        ptr_at::<VxlanHdr>(data, data_end, VXLAN_OFF),
+        ptr_at::<EthHdr>(data, data_end, INNER_ETH_OFF),
+    ) else {
+        count(Stat::DropAdjustRoom, len);
         return TC_ACT_SHOT;
     };
     let outer_len = (new_len - EthHdr::LEN as u32) as u16;
     // SAFETY: every pointer was bounds-checked by ptr_at above.
     unsafe {
         let ip = &mut *ip;
-        ip.vihl = 0x45;
+        ip.vihl = IPV4_VIHL_NO_OPTIONS;
         // Copy ECN from the inner header (RFC 6040 normal mode), no DSCP.
-        ip.tos = tos & 0x03;
+        ip.tos = tos & IP_ECN_MASK;
         ip.tot_len = outer_len.to_be_bytes();
         ip.id = (bpf_get_prandom_u32() as u16).to_be_bytes();
         ip.frags = [0, 0];
-        ip.ttl = 64;
-        ip.proto = 17;
+        ip.ttl = IP_DEFAULT_TTL;
+        ip.proto = IpProto::Udp as u8;
         ip.src_addr = cfg.public_ip;
         ip.dst_addr = peer_ip;
         ip.check = [0, 0];
-        ip.check = ipv4_header_csum(ip);
+        ip.check = csum::ipv4_header(ip);
 
         let udp = &mut *udp;
         udp.src = sport.to_be_bytes();
@@ -128,15 +120,21 @@ pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8) -
         let inner_eth = &mut *inner_eth;
         inner_eth.dst_addr = peer_mac;
         inner_eth.src_addr = cfg.vtep_mac;
-        inner_eth.ether_type = ETH_P_IP.to_be();
+        inner_eth.ether_type = EtherType::Ipv4 as u16;
     }
 
     match redirect_to_underlay(ctx, cfg.public_ip, peer_ip, cfg.underlay_ifindex) {
-        Some(action) => {
+        Ok(action) => {
             count(Stat::Encapsulated, new_len);
             action
         }
-        None => {
+        Err(rc) => {
+            log_event!(
+                ctx,
+                "encap: no route to {:i} (bpf_fib_lookup {})",
+                peer_ip,
+                rc
+            );
             count(Stat::DropFib, new_len);
             TC_ACT_SHOT
         }

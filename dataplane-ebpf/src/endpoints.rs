@@ -12,10 +12,15 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{EndpointInfo, EndpointKey, NodeConfig};
 
-use crate::{maps::ENDPOINTS, parse::in_prefix};
+use crate::{
+    maps::ENDPOINTS,
+    parse::{Ipv4Packet, in_prefix},
+};
 
+/// Records (or refreshes) the sender of `pkt`, a pod of this node.
 #[inline(always)]
-pub fn learn(ctx: &TcContext, cfg: &NodeConfig, src_ip: [u8; 4], src_mac: [u8; 6]) {
+pub fn learn(ctx: &TcContext, cfg: &NodeConfig, pkt: &Ipv4Packet) {
+    let (src_ip, src_mac) = (pkt.saddr, pkt.src_mac);
     if src_ip == cfg.gateway || !in_prefix(src_ip, cfg.subnet, cfg.subnet_prefix_len) {
         return;
     }
@@ -30,13 +35,12 @@ pub fn learn(ctx: &TcContext, cfg: &NodeConfig, src_ip: [u8; 4], src_mac: [u8; 6
     {
         return;
     }
-    let _ = ENDPOINTS.insert(
-        key,
-        EndpointInfo {
-            ifindex,
-            mac: src_mac,
-            gw_mac: cfg.bridge_mac,
-        },
-        0,
-    );
+    let info = EndpointInfo {
+        ifindex,
+        mac: src_mac,
+        gw_mac: cfg.bridge_mac,
+    };
+    if ENDPOINTS.insert(key, info, 0).is_err() {
+        log_event!(ctx, "endpoints_v1 full? {:i} not learnt", src_ip);
+    }
 }

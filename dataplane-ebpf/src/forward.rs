@@ -4,17 +4,15 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_REDIRECT, bpf_fib_lookup as FibParams,
+        BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup as FibParams,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use dataplane_common::EndpointKey;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::eth::EthHdr;
 
-use crate::{maps::ENDPOINTS, parse::ptr_at};
-
-const AF_INET: u8 = 2;
+use crate::{consts::AF_INET, maps::ENDPOINTS, parse::ptr_at};
 
 /// Sends an encapsulated frame towards `dst` (the remote node's PublicIP)
 /// out of the interface the routing table picks. The outer Ethernet
@@ -22,14 +20,15 @@ const AF_INET: u8 = 2;
 /// not resolved yet the kernel resolves it (bpf_redirect_neigh), so the
 /// first packet to a new node is not lost.
 ///
-/// Returns the TC action, or `None` when there is no route.
+/// Returns the TC action, or the `bpf_fib_lookup` result when there is no
+/// way there (no route, unreachable, ...).
 #[inline(always)]
 pub fn redirect_to_underlay(
     ctx: &TcContext,
     src: [u8; 4],
     dst: [u8; 4],
     ifindex: u32,
-) -> Option<i32> {
+) -> Result<i32, i64> {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
@@ -46,23 +45,23 @@ pub fn redirect_to_underlay(
         )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0)?;
+        let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0).ok_or(rc)?;
         // SAFETY: bounds checked.
         unsafe {
             (*eth).dst_addr = p.dmac;
             (*eth).src_addr = p.smac;
         }
         let rc = unsafe { bpf_redirect(p.ifindex, 0) };
-        return Some(rc as i32);
+        return Ok(rc as i32);
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 {
         // Let the kernel route and resolve the next hop (it queues the
         // packet while ARP runs). bpf_fib_lookup refuses to answer when IP
         // forwarding is off on the interface; bpf_redirect_neigh does not.
         let rc = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) };
-        return Some(rc as i32);
+        return Ok(rc as i32);
     }
-    None
+    Err(rc)
 }
 
 /// Delivers a decapsulated IPv4 packet to a pod behind the bridge: the
@@ -72,12 +71,8 @@ pub fn redirect_to_underlay(
 #[inline(always)]
 pub fn redirect_to_bridge(bridge_ifindex: u32) -> i32 {
     // SAFETY: plain helper call; NULL params means "look up the next hop".
-    let rc = unsafe { bpf_redirect_neigh(bridge_ifindex, core::ptr::null_mut(), 0, 0) };
-    if rc == TC_ACT_REDIRECT as i64 {
-        TC_ACT_REDIRECT
-    } else {
-        rc as i32
-    }
+    // TC_ACT_REDIRECT, or TC_ACT_SHOT for invalid arguments.
+    unsafe { bpf_redirect_neigh(bridge_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
 /// Delivers a decapsulated IPv4 packet straight into a local pod, if the
@@ -93,20 +88,15 @@ pub fn redirect_to_bridge(bridge_ifindex: u32) -> i32 {
 /// instead of one. The pod's veth keeps the GSO packet whole, and a local
 /// TCP receiver does not care about the leftover tunnel GSO bits.
 ///
-/// `None` when the pod is not in the map (the caller uses the bridge).
-/// Must run at TC ingress (`bpf_redirect_peer` refuses anything else).
+/// `dst` is the packet's (parsed) IPv4 destination. `None` when the pod is
+/// not in the map (the caller uses the bridge). Must run at TC ingress
+/// (`bpf_redirect_peer` refuses anything else).
 #[inline(always)]
-pub fn redirect_to_pod(ctx: &TcContext) -> Option<i32> {
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let eth = ptr_at::<EthHdr>(data, data_end, 0)?;
-    let ip = ptr_at::<Ipv4Hdr>(data, data_end, EthHdr::LEN)?;
-    // SAFETY: bounds checked by ptr_at.
-    let key = EndpointKey {
-        ip: unsafe { (*ip).dst_addr },
-    };
+pub fn redirect_to_pod(ctx: &TcContext, dst: [u8; 4]) -> Option<i32> {
     // SAFETY: read-only lookup of a plain value.
-    let ep = unsafe { ENDPOINTS.get(key) }?;
+    let ep = unsafe { ENDPOINTS.get(EndpointKey { ip: dst }) }?;
     let (ifindex, mac, gw_mac) = (ep.ifindex, ep.mac, ep.gw_mac);
+    let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
         (*eth).dst_addr = mac;

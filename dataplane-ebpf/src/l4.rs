@@ -1,13 +1,14 @@
-//! IPv4 + TCP/UDP flow parsing for the service path.
+//! TCP/UDP: the flow a packet belongs to, as the service path needs it.
+
+use core::mem::offset_of;
 
 use dataplane_common::{PROTO_TCP, PROTO_UDP};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::parse::ptr_at;
-
-pub const IP_OFF: usize = EthHdr::LEN;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_ACK: u8 = 0x10;
+use crate::{
+    consts::{IP_MF_OFFSET, IPV4_MAX_HDR_LEN, TCP_ACK, TCP_FLAGS_OFF, TCP_SYN},
+    parse::{IP_OFF, ptr_at},
+};
 
 /// The 5-tuple of a packet and where its L4 header starts.
 #[derive(Clone, Copy)]
@@ -19,67 +20,73 @@ pub struct Flow {
     pub proto: u8,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
 }
 
 impl Flow {
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field from the start of the frame.
+    #[inline(always)]
     pub fn csum_off(&self) -> usize {
         if self.proto == PROTO_TCP {
-            self.l4_off + 16
+            self.l4_off + offset_of!(TcpHdr, check)
         } else {
-            self.l4_off + 6
+            self.l4_off + offset_of!(UdpHdr, check)
         }
     }
 
     /// A TCP segment that opens a connection (SYN without ACK).
+    #[inline(always)]
     pub fn is_tcp_open(&self) -> bool {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 }
 
+/// What follows the IPv4 header.
+#[derive(Clone, Copy)]
 pub enum L4 {
-    /// A TCP or UDP packet whose ports could be read.
+    /// A TCP or UDP packet whose ports (and TCP flags) could be read.
     Flow(Flow),
-    /// Not TCP/UDP, a fragment, or a header cut short.
-    Other { daddr: [u8; 4] },
+    /// Another protocol (ICMP, ...).
+    Other,
+    /// A fragment, an impossible header length, or ports cut short.
+    Malformed,
 }
 
-/// Parses the IPv4 header at [`IP_OFF`] and the TCP/UDP ports after it.
-/// `None` when there is no complete IPv4 header.
+/// Reads the ports after `ip`, the IPv4 header at [`IP_OFF`].
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Option<L4> {
-    let ip = ptr_at::<Ipv4Hdr>(data, data_end, IP_OFF)?;
-    // SAFETY: bounds checked.
-    let ip = unsafe { &*ip };
-    let daddr = ip.dst_addr;
-    let frag = u16::from_be_bytes(ip.frags) & 0x3fff;
-    if (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP) || frag != 0 {
-        return Some(L4::Other { daddr });
+pub fn parse(ip: &Ipv4Hdr, data: usize, data_end: usize) -> L4 {
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+        return L4::Other;
     }
-    let ihl = usize::from(ip.vihl & 0x0f) * 4;
-    if !(20..=60).contains(&ihl) {
-        return Some(L4::Other { daddr });
+    if u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
+        return L4::Malformed;
+    }
+    let ihl = usize::from(ip.ihl());
+    if !(Ipv4Hdr::LEN..=IPV4_MAX_HDR_LEN).contains(&ihl) {
+        return L4::Malformed;
     }
     let l4_off = IP_OFF + ihl;
     let Some(ports) = ptr_at::<[u8; 4]>(data, data_end, l4_off) else {
-        return Some(L4::Other { daddr });
+        return L4::Malformed;
     };
+    // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { *ports };
     let mut tcp_flags = 0;
     if ip.proto == PROTO_TCP {
-        let Some(f) = ptr_at::<u8>(data, data_end, l4_off + 13) else {
-            return Some(L4::Other { daddr });
+        let Some(f) = ptr_at::<u8>(data, data_end, l4_off + TCP_FLAGS_OFF) else {
+            return L4::Malformed;
         };
+        // SAFETY: as above.
         tcp_flags = unsafe { *f };
     }
-    Some(L4::Flow(Flow {
+    L4::Flow(Flow {
         saddr: ip.src_addr,
-        daddr,
+        daddr: ip.dst_addr,
         sport: [ports[0], ports[1]],
         dport: [ports[2], ports[3]],
         proto: ip.proto,
         tcp_flags,
         l4_off,
-    }))
+    })
 }

@@ -21,25 +21,45 @@ use dataplane_common::{
 };
 
 use crate::{
-    l4::Flow,
+    l4::{Flow, L4},
     maps::{AFFINITY, BACKENDS, CT, LIVE, RNAT, SERVICES, SVC_STATS, VIPS},
-    nat::{IP_DST_OFF, IP_SRC_OFF, set_addr, set_port},
+    nat::{Addr, Port, set_addr, set_port},
+    parse::{self, Ipv4Packet},
     reject,
     stats::count,
 };
 
+/// What the service path decided about a packet.
 pub enum Verdict {
     /// Not service traffic: forward as it is.
     Pass,
     /// Translated; forward to this destination address.
     Translated([u8; 4]),
-    /// Finished here with this TC action (rejected or dropped).
+    /// Finished here with this TC action (rejected or dropped, counted).
     Done(i32),
 }
 
 /// Service handling for a packet leaving a pod.
 #[inline(always)]
-pub fn from_pod(ctx: &TcContext, flow: &Flow) -> Verdict {
+pub fn from_pod(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
+    match pkt.l4 {
+        L4::Flow(flow) => from_pod_flow(ctx, &flow),
+        L4::Other if is_vip(pkt.daddr) => drop_counted(ctx, Stat::DropSvcUndefinedPort),
+        L4::Malformed if is_vip(pkt.daddr) => drop_counted(ctx, Stat::DropSvcMalformed),
+        _ => Verdict::Pass,
+    }
+}
+
+#[inline(always)]
+fn drop_counted(ctx: &TcContext, stat: Stat) -> Verdict {
+    count(stat, ctx.len());
+    Verdict::Done(TC_ACT_SHOT)
+}
+
+/// A TCP/UDP packet leaving a pod: a reply to translate back, a packet to
+/// a ClusterIP to translate to its backend, or neither.
+#[inline(always)]
+fn from_pod_flow(ctx: &TcContext, flow: &Flow) -> Verdict {
     let len = ctx.len();
     if let Some(d) = reverse_nat(ctx, flow) {
         return d;
@@ -53,8 +73,7 @@ pub fn from_pod(ctx: &TcContext, flow: &Flow) -> Verdict {
     // SAFETY: values are plain data; copied out at once.
     let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
         if is_vip(flow.daddr) {
-            count(Stat::DropSvcUndefinedPort, len);
-            return Verdict::Done(TC_ACT_SHOT);
+            return drop_counted(ctx, Stat::DropSvcUndefinedPort);
         }
         return Verdict::Pass;
     };
@@ -76,24 +95,23 @@ pub fn from_pod(ctx: &TcContext, flow: &Flow) -> Verdict {
                 let _ = CT.remove(ct_key);
                 let _ = RNAT.remove(reply_key(flow, &e.backend, e.snat));
             }
-            match new_flow(flow, &key, &svc, &ct_key) {
+            match new_flow(ctx, flow, &key, &svc, &ct_key) {
                 Ok(e) => e,
                 Err(stat) => return reject(ctx, flow, &key, stat),
             }
         }
     };
-    svc_counters(&key, |c| {
+    svc_counters(ctx, &key, |c| {
         c.packets += 1;
         c.bytes += u64::from(len);
     });
     let b = entry.backend;
-    let ok = set_addr(ctx, flow, IP_DST_OFF, flow.daddr, b.ip).is_ok()
-        && set_port(ctx, flow, 2, flow.dport, b.port).is_ok()
-        && (entry.snat == [0; 4]
-            || set_addr(ctx, flow, IP_SRC_OFF, flow.saddr, entry.snat).is_ok());
+    let ok = set_addr(ctx, flow, Addr::Dst, flow.daddr, b.ip).is_ok()
+        && set_port(ctx, flow, Port::Dst, flow.dport, b.port).is_ok()
+        && (entry.snat == [0; 4] || set_addr(ctx, flow, Addr::Src, flow.saddr, entry.snat).is_ok());
     if !ok {
-        count(Stat::DropAdjustRoom, len);
-        return Verdict::Done(TC_ACT_SHOT);
+        log_event!(ctx, "svc: DNAT to {:i} failed", b.ip);
+        return drop_counted(ctx, Stat::DropNatFailed);
     }
     count(Stat::SvcForward, len);
     Verdict::Translated(b.ip)
@@ -102,7 +120,7 @@ pub fn from_pod(ctx: &TcContext, flow: &Flow) -> Verdict {
 /// A reply from a backend to a client: restore the ClusterIP as its source
 /// (and the client as its destination for hairpin flows).
 #[inline(always)]
-pub fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
+fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
     let key = CtKey {
         saddr: flow.saddr,
         daddr: flow.daddr,
@@ -113,30 +131,35 @@ pub fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
     };
     // SAFETY: plain data, copied out.
     let r: RnatEntry = unsafe { RNAT.get(key) }.copied()?;
-    let len = ctx.len();
-    let ok = set_addr(ctx, flow, IP_SRC_OFF, flow.saddr, r.vip).is_ok()
-        && set_port(ctx, flow, 0, flow.sport, r.vport).is_ok()
-        && set_addr(ctx, flow, IP_DST_OFF, flow.daddr, r.client).is_ok()
-        && set_port(ctx, flow, 2, flow.dport, r.client_port).is_ok();
+    let ok = set_addr(ctx, flow, Addr::Src, flow.saddr, r.vip).is_ok()
+        && set_port(ctx, flow, Port::Src, flow.sport, r.vport).is_ok()
+        && set_addr(ctx, flow, Addr::Dst, flow.daddr, r.client).is_ok()
+        && set_port(ctx, flow, Port::Dst, flow.dport, r.client_port).is_ok();
     if !ok {
-        count(Stat::DropAdjustRoom, len);
-        return Some(Verdict::Done(TC_ACT_SHOT));
+        log_event!(ctx, "svc: reverse NAT to {:i} failed", r.client);
+        return Some(drop_counted(ctx, Stat::DropNatFailed));
     }
-    count(Stat::SvcReverse, len);
+    count(Stat::SvcReverse, ctx.len());
     Some(Verdict::Translated(r.client))
 }
 
 /// Reverse NAT for a packet that just came out of the overlay (a reply
-/// from a backend on another node). `Err` carries the TC action when the
-/// rewrite failed.
+/// from a backend on another node). Returns its IPv4 destination after the
+/// rewrite (`None` if it is not IPv4), or the TC action when the rewrite
+/// failed (counted).
 #[inline(always)]
-pub fn reverse_nat_decapsulated(ctx: &TcContext) -> Result<(), i32> {
-    if let Some(crate::l4::L4::Flow(flow)) = crate::l4::parse(ctx.data(), ctx.data_end())
-        && let Some(Verdict::Done(action)) = reverse_nat(ctx, &flow)
-    {
-        return Err(action);
+pub fn reverse_nat_decapsulated(ctx: &TcContext) -> Result<Option<[u8; 4]>, i32> {
+    let Some(pkt) = parse::ipv4(ctx.data(), ctx.data_end()) else {
+        return Ok(None);
+    };
+    if let L4::Flow(flow) = pkt.l4 {
+        match reverse_nat(ctx, &flow) {
+            Some(Verdict::Done(action)) => return Err(action),
+            Some(Verdict::Translated(to)) => return Ok(Some(to)),
+            _ => {}
+        }
     }
-    Ok(())
+    Ok(Some(pkt.daddr))
 }
 
 #[inline(always)]
@@ -148,7 +171,13 @@ pub fn is_vip(addr: [u8; 4]) -> bool {
 /// Picks a backend for a new flow and records it. `Err` is why the flow
 /// is rejected.
 #[inline(always)]
-fn new_flow(flow: &Flow, key: &SvcKey, svc: &SvcInfo, ct_key: &CtKey) -> Result<CtEntry, Stat> {
+fn new_flow(
+    ctx: &TcContext,
+    flow: &Flow,
+    key: &SvcKey,
+    svc: &SvcInfo,
+    ct_key: &CtKey,
+) -> Result<CtEntry, Stat> {
     // A TCP segment that does not open a connection and has no entry
     // belongs to a flow whose backend went away (its entry was purged):
     // refuse it so the client fails fast instead of hanging.
@@ -158,7 +187,10 @@ fn new_flow(flow: &Flow, key: &SvcKey, svc: &SvcInfo, ct_key: &CtKey) -> Result<
     if svc.count == 0 {
         return Err(Stat::SvcRejectNoBackend);
     }
-    let backend = pick_backend(flow, svc).ok_or(Stat::SvcRejectNoBackend)?;
+    let Some(backend) = pick_backend(ctx, flow, svc) else {
+        log_event!(ctx, "svc {}: backend slot missing", svc.id);
+        return Err(Stat::SvcRejectNoBackend);
+    };
     // Hairpin: the client is its own backend. Give the flow another source
     // so the pod does not see a packet from itself.
     let snat = if backend.ip == flow.saddr {
@@ -180,9 +212,10 @@ fn new_flow(flow: &Flow, key: &SvcKey, svc: &SvcInfo, ct_key: &CtKey) -> Result<
     };
     // Reply state first: a fast reply must find it.
     if RNAT.insert(reply, rnat, 0).is_err() || CT.insert(ct_key, entry, 0).is_err() {
-        return Err(Stat::SvcRejectNoBackend);
+        log_event!(ctx, "svc {}: conntrack insert failed", svc.id);
+        return Err(Stat::SvcRejectCtFailed);
     }
-    svc_counters(key, |c| c.new_flows += 1);
+    svc_counters(ctx, key, |c| c.new_flows += 1);
     Ok(entry)
 }
 
@@ -212,7 +245,7 @@ fn is_live(svc_id: u32, backend: &Backend) -> bool {
 }
 
 #[inline(always)]
-fn pick_backend(flow: &Flow, svc: &SvcInfo) -> Option<Backend> {
+fn pick_backend(ctx: &TcContext, flow: &Flow, svc: &SvcInfo) -> Option<Backend> {
     let aff_key = AffinityKey {
         svc_id: svc.id,
         client: flow.saddr,
@@ -225,14 +258,7 @@ fn pick_backend(flow: &Flow, svc: &SvcInfo) -> Option<Backend> {
             && now.wrapping_sub(a.last_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000
             && is_live(svc.id, &a.backend)
         {
-            let _ = AFFINITY.insert(
-                aff_key,
-                AffinityEntry {
-                    backend: a.backend,
-                    last_ns: now,
-                },
-                0,
-            );
+            remember_affinity(ctx, &aff_key, a.backend, now);
             return Some(a.backend);
         }
     }
@@ -249,30 +275,45 @@ fn pick_backend(flow: &Flow, svc: &SvcInfo) -> Option<Backend> {
     }
     .copied()?;
     if svc.flags & SVC_F_AFFINITY != 0 {
-        let _ = AFFINITY.insert(
-            aff_key,
-            AffinityEntry {
-                backend: b,
-                last_ns: now,
-            },
-            0,
-        );
+        remember_affinity(ctx, &aff_key, b, now);
     }
     Some(b)
 }
 
 #[inline(always)]
+fn remember_affinity(ctx: &TcContext, key: &AffinityKey, backend: Backend, now: u64) {
+    if AFFINITY
+        .insert(
+            key,
+            AffinityEntry {
+                backend,
+                last_ns: now,
+            },
+            0,
+        )
+        .is_err()
+    {
+        log_event!(ctx, "svc {}: affinity insert failed", key.svc_id);
+    }
+}
+
+/// Rejects a new connection: counted under `stat` when the RST / ICMP
+/// error went back to the client, as `drop_reject_failed` when it could
+/// not be built.
+#[inline(always)]
 fn reject(ctx: &TcContext, flow: &Flow, key: &SvcKey, stat: Stat) -> Verdict {
     let len = ctx.len();
-    count(stat, len);
-    svc_counters(key, |c| c.rejections += 1);
+    svc_counters(ctx, key, |c| c.rejections += 1);
     let r = if flow.proto == PROTO_TCP {
         reject::tcp_reset(ctx, flow)
     } else {
         reject::port_unreachable(ctx, flow)
     };
     match r {
-        Ok(action) => Verdict::Done(action),
+        Ok(action) => {
+            count(stat, len);
+            Verdict::Done(action)
+        }
         Err(()) => {
             count(Stat::DropRejectFailed, len);
             Verdict::Done(TC_ACT_SHOT)
@@ -281,12 +322,15 @@ fn reject(ctx: &TcContext, flow: &Flow, key: &SvcKey, stat: Stat) -> Verdict {
 }
 
 #[inline(always)]
-fn svc_counters(key: &SvcKey, f: impl FnOnce(&mut SvcCounters)) {
+fn svc_counters(ctx: &TcContext, key: &SvcKey, f: impl FnOnce(&mut SvcCounters)) {
     let ptr = match SVC_STATS.get_ptr_mut(key) {
         Some(p) => p,
         None => {
             // The agent creates the entry with the service; this covers a race.
-            let _ = SVC_STATS.insert(key, SvcCounters::default(), 0);
+            if SVC_STATS.insert(key, SvcCounters::default(), 0).is_err() {
+                log_event!(ctx, "svc_stats_v1 insert failed");
+                return;
+            }
             match SVC_STATS.get_ptr_mut(key) {
                 Some(p) => p,
                 None => return,

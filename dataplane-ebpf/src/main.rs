@@ -1,8 +1,15 @@
-//! Entry points only. Each program reads the node configuration, then hands
-//! the packet to the module for its concern (encap, decap).
+//! Entry points only. Each program reads the node configuration, parses
+//! the packet once, then hands it to the module for each concern in turn
+//! (services, encapsulation, decapsulation). Every packet leaves through
+//! exactly one outcome counter (`dataplane_common::Stat`).
 #![no_std]
 #![no_main]
 
+// First: the `log_event!` macro is used by the modules below.
+#[macro_use]
+mod event;
+
+mod consts;
 mod csum;
 mod decap;
 mod encap;
@@ -18,17 +25,13 @@ mod stats;
 mod vxlan;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_OK, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::{NODE_CFG_READY, NodeConfig, Stat};
-use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
-};
 
-use crate::{maps::NODE_CONFIG, parse::ptr_at, stats::count};
+use crate::{lb::Verdict, maps::NODE_CONFIG, parse::in_prefix, stats::count};
 
 #[inline(always)]
 fn node_config() -> Option<&'static NodeConfig> {
@@ -39,45 +42,28 @@ fn node_config() -> Option<&'static NodeConfig> {
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(cfg) = node_config() else {
+        count(Stat::PassNoConfig, ctx.len());
         return TC_ACT_OK;
     };
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let Some(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+    let Some(pkt) = parse::ipv4(ctx.data(), ctx.data_end()) else {
+        count(Stat::PassNotIpv4, ctx.len());
         return TC_ACT_OK;
     };
-    // SAFETY: bounds checked.
-    if !matches!(unsafe { (*eth).ether_type() }, Ok(EtherType::Ipv4)) {
-        return TC_ACT_OK;
-    }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, EthHdr::LEN) else {
-        count(Stat::DropTruncated, ctx.len());
-        return TC_ACT_OK;
-    };
-    // SAFETY: bounds checked.
-    let (mut dst, tos, src) = unsafe { ((*ip).dst_addr, (*ip).tos, (*ip).src_addr) };
-    endpoints::learn(&ctx, cfg, src, unsafe { (*eth).src_addr });
+    endpoints::learn(&ctx, cfg, &pkt);
     // Services first: a ClusterIP is never forwarded untranslated.
-    match l4::parse(data, data_end) {
-        Some(l4::L4::Flow(flow)) => match lb::from_pod(&ctx, &flow) {
-            lb::Verdict::Pass => {}
-            lb::Verdict::Done(action) => return action,
-            lb::Verdict::Translated(to) => {
-                dst = to;
-                // A pod of this node: hand it to the bridge directly, not
-                // through IP forwarding (which would also send the client
-                // an ICMP redirect, in and out being the same bridge).
-                if parse::in_prefix(dst, cfg.subnet, cfg.subnet_prefix_len) {
-                    return forward::redirect_to_bridge(cfg.bridge_ifindex);
-                }
-            }
-        },
-        Some(l4::L4::Other { daddr }) if lb::is_vip(daddr) => {
-            count(Stat::DropSvcUndefinedPort, ctx.len());
-            return TC_ACT_SHOT;
+    let dst = match lb::from_pod(&ctx, &pkt) {
+        Verdict::Pass => pkt.daddr,
+        Verdict::Done(action) => return action,
+        // A pod of this node: hand it to the bridge directly, not through
+        // IP forwarding (which would also send the client an ICMP
+        // redirect, in and out being the same bridge).
+        Verdict::Translated(to) if in_prefix(to, cfg.subnet, cfg.subnet_prefix_len) => {
+            count(Stat::RedirectToBridge, ctx.len());
+            return forward::redirect_to_bridge(cfg.bridge_ifindex);
         }
-        _ => {}
-    }
-    encap::encap_to_peer(&ctx, cfg, dst, tos)
+        Verdict::Translated(to) => to,
+    };
+    encap::encap_to_peer(&ctx, cfg, dst, pkt.tos)
 }
 
 /// TC ingress of the underlay interface: VXLAN in (decapsulation in TC
@@ -85,6 +71,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_underlay(ctx: TcContext) -> i32 {
     let Some(cfg) = node_config() else {
+        count(Stat::PassNoConfig, ctx.len());
         return TC_ACT_OK;
     };
     decap::tc_from_underlay(&ctx, cfg)
@@ -94,6 +81,7 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn decap_xdp(ctx: XdpContext) -> u32 {
     let Some(cfg) = node_config() else {
+        // Counted by from_underlay, which sees the frame next.
         return xdp_action::XDP_PASS;
     };
     decap::xdp_decap(&ctx, cfg)

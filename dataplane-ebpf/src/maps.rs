@@ -1,6 +1,10 @@
-//! Every map the programs use, one comment each. Names and layouts come from
-//! `dataplane-common`; the agent pins them under `--pin-path`. They are BTF
-//! maps (`.maps` section) so `bpftool map dump` prints typed keys and values.
+//! Every map the programs use, one comment each. Layouts come from
+//! `dataplane-common`; the names are spelled here as literals
+//! (`#[btf_map(name = ...)]` takes nothing else) and must be exactly
+//! `dataplane_common::map_names::ALL`, which `tests/tests/bpf_object.rs`
+//! checks against the built object. The agent pins them under
+//! `--pin-path`. They are BTF maps (`.maps` section) so `bpftool map dump`
+//! prints typed keys and values.
 
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},

@@ -2,47 +2,70 @@
 //! kernel helpers keep CHECKSUM_PARTIAL skbs (checksum offload from a
 //! local pod) consistent, which a hand-written full checksum would not.
 
-use aya_ebpf::programs::TcContext;
+use core::mem::offset_of;
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
 use dataplane_common::PROTO_UDP;
+use network_types::ip::Ipv4Hdr;
 
-use crate::l4::{Flow, IP_OFF};
+use crate::{l4::Flow, parse::IP_OFF};
 
-const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
-const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
-const IP_CSUM_OFF: usize = IP_OFF + 10;
-pub const IP_SRC_OFF: usize = IP_OFF + 12;
-pub const IP_DST_OFF: usize = IP_OFF + 16;
+const IP_CSUM_OFF: usize = IP_OFF + offset_of!(Ipv4Hdr, check);
 
+/// Which address of the IPv4 header to rewrite.
+#[derive(Clone, Copy)]
+pub enum Addr {
+    Src,
+    Dst,
+}
+
+/// Which port of the TCP/UDP header to rewrite.
+#[derive(Clone, Copy)]
+pub enum Port {
+    Src,
+    Dst,
+}
+
+/// `bpf_l4_csum_replace` flags for this flow: a zero UDP checksum means
+/// "none" and must stay zero.
+#[inline(always)]
 fn l4_flags(flow: &Flow) -> u64 {
-    // A zero UDP checksum means "none" and must stay zero.
     if flow.proto == PROTO_UDP {
-        BPF_F_MARK_MANGLED_0
+        BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
     }
 }
 
-/// Rewrites the IPv4 address at `off` (IP_SRC_OFF or IP_DST_OFF).
+/// Rewrites an IPv4 address from `old` to `new`, fixing both checksums.
 #[inline(always)]
 pub fn set_addr(
     ctx: &TcContext,
     flow: &Flow,
-    off: usize,
+    which: Addr,
     old: [u8; 4],
     new: [u8; 4],
 ) -> Result<(), ()> {
     if old == new {
         return Ok(());
     }
+    let off = match which {
+        Addr::Src => IP_OFF + offset_of!(Ipv4Hdr, src_addr),
+        Addr::Dst => IP_OFF + offset_of!(Ipv4Hdr, dst_addr),
+    };
     let (from, to) = (
         u64::from(u32::from_ne_bytes(old)),
         u64::from(u32::from_ne_bytes(new)),
     );
+    // The low bits of the flags are the size of the changed field.
     ctx.l4_csum_replace(
         flow.csum_off(),
         from,
         to,
-        BPF_F_PSEUDO_HDR | l4_flags(flow) | 4,
+        BPF_F_PSEUDO_HDR as u64 | l4_flags(flow) | 4,
     )
     .map_err(|_| ())?;
     ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4)
@@ -50,23 +73,28 @@ pub fn set_addr(
     ctx.store(off, &new, 0).map_err(|_| ())
 }
 
-/// Rewrites the source (`port_off` 0) or destination (2) port.
+/// Rewrites a TCP/UDP port from `old` to `new`, fixing the L4 checksum.
 #[inline(always)]
 pub fn set_port(
     ctx: &TcContext,
     flow: &Flow,
-    port_off: usize,
+    which: Port,
     old: [u8; 2],
     new: [u8; 2],
 ) -> Result<(), ()> {
     if old == new {
         return Ok(());
     }
+    // Source then destination port open both the TCP and UDP header.
+    let off = match which {
+        Port::Src => flow.l4_off,
+        Port::Dst => flow.l4_off + 2,
+    };
     let (from, to) = (
         u64::from(u16::from_ne_bytes(old)),
         u64::from(u16::from_ne_bytes(new)),
     );
     ctx.l4_csum_replace(flow.csum_off(), from, to, l4_flags(flow) | 2)
         .map_err(|_| ())?;
-    ctx.store(flow.l4_off + port_off, &new, 0).map_err(|_| ())
+    ctx.store(off, &new, 0).map_err(|_| ())
 }

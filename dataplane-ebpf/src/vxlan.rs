@@ -13,7 +13,11 @@ use network_types::{
     vxlan::VxlanHdr,
 };
 
-use crate::{maps::PEER_IPS, parse::in_prefix, parse::ptr_at};
+use crate::{
+    consts::{IP_MF_OFFSET, IPV4_MAX_HDR_LEN, IPV4_VIHL_NO_OPTIONS},
+    maps::PEER_IPS,
+    parse::{in_prefix, ptr_at},
+};
 
 pub const OUTER_IP_OFF: usize = EthHdr::LEN;
 pub const UDP_OFF: usize = OUTER_IP_OFF + Ipv4Hdr::LEN;
@@ -23,13 +27,13 @@ pub const INNER_IP_OFF: usize = INNER_ETH_OFF + EthHdr::LEN;
 /// Bytes that must be readable to classify a frame.
 pub const HEADERS_LEN: usize = INNER_IP_OFF + Ipv4Hdr::LEN;
 
-/// What to do with a frame arriving on the underlay.
-pub enum Verdict {
-    /// Verified VXLAN for a pod on this node: decapsulate and deliver.
-    ToPod,
-    /// Verified VXLAN for this node's own bridge address: decapsulate and
-    /// pass up the stack.
-    ToHost,
+/// Whom a verified VXLAN frame for this node carries a packet for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dest {
+    /// A pod on this node: decapsulate and deliver.
+    Pod,
+    /// This node's own bridge address: decapsulate and pass up the stack.
+    Host,
 }
 
 /// Is this frame UDP to our VXLAN port? Needs only the outer headers, so
@@ -40,7 +44,7 @@ pub fn is_vxlan_candidate(data: usize, data_end: usize, cfg: &NodeConfig) -> boo
         return false;
     };
     // SAFETY: ptr_at checked the bounds.
-    if !matches!(unsafe { (*eth).ether_type() }, Ok(EtherType::Ipv4)) {
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return false;
     }
     let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, OUTER_IP_OFF) else {
@@ -51,8 +55,8 @@ pub fn is_vxlan_candidate(data: usize, data_end: usize, cfg: &NodeConfig) -> boo
         return false;
     }
     // The UDP header sits after the IPv4 options, if any.
-    let ihl = usize::from(ip.vihl & 0x0f) * 4;
-    if !(Ipv4Hdr::LEN..=60).contains(&ihl) {
+    let ihl = usize::from(ip.ihl());
+    if !(Ipv4Hdr::LEN..=IPV4_MAX_HDR_LEN).contains(&ihl) {
         return false;
     }
     let Some(udp) = ptr_at::<UdpHdr>(data, data_end, OUTER_IP_OFF + ihl) else {
@@ -64,13 +68,13 @@ pub fn is_vxlan_candidate(data: usize, data_end: usize, cfg: &NodeConfig) -> boo
 /// Classifies a frame whose outer headers [`is_vxlan_candidate`] accepted.
 /// `Err` carries the drop reason.
 #[inline(always)]
-pub fn classify(data: usize, data_end: usize, cfg: &NodeConfig) -> Result<Verdict, Stat> {
+pub fn classify(data: usize, data_end: usize, cfg: &NodeConfig) -> Result<Dest, Stat> {
     let ip = ptr_at::<Ipv4Hdr>(data, data_end, OUTER_IP_OFF).ok_or(Stat::DropTruncated)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     // Options or fragments in the outer header: not something a VXLAN
     // sender produces; refuse rather than guess where the payload starts.
-    if ip.vihl != 0x45 || (u16::from_be_bytes(ip.frags) & 0x3fff) != 0 {
+    if ip.vihl != IPV4_VIHL_NO_OPTIONS || (u16::from_be_bytes(ip.frags) & IP_MF_OFFSET) != 0 {
         return Err(Stat::DropOuterMalformed);
     }
     let vx = ptr_at::<VxlanHdr>(data, data_end, VXLAN_OFF).ok_or(Stat::DropTruncated)?;
@@ -94,16 +98,16 @@ pub fn classify(data: usize, data_end: usize, cfg: &NodeConfig) -> Result<Verdic
     if inner_eth.dst_addr != cfg.vtep_mac {
         return Err(Stat::DropWrongVtepMac);
     }
-    if !matches!(inner_eth.ether_type(), Ok(EtherType::Ipv4)) {
+    if inner_eth.ether_type != EtherType::Ipv4 as u16 {
         return Err(Stat::DropInnerNotIpv4);
     }
     let inner_ip = ptr_at::<Ipv4Hdr>(data, data_end, INNER_IP_OFF).ok_or(Stat::DropTruncated)?;
     let inner_dst = unsafe { (*inner_ip).dst_addr };
     if inner_dst == cfg.gateway {
-        return Ok(Verdict::ToHost);
+        return Ok(Dest::Host);
     }
     if !in_prefix(inner_dst, cfg.subnet, cfg.subnet_prefix_len) {
         return Err(Stat::DropInnerNotLocal);
     }
-    Ok(Verdict::ToPod)
+    Ok(Dest::Pod)
 }

@@ -7,9 +7,13 @@
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use aya::{
+    maps::RingBuf,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
 use dataplane::bpf::{Dataplane, Peer};
-use dataplane_common::{NODE_CFG_READY, NodeConfig, Stat, prog_names};
+use dataplane_common::{NODE_CFG_BPF_LOG, NODE_CFG_READY, NodeConfig, Stat, prog_names};
+use etherparse::{Ethernet2Header, Icmpv4Type, IpNumber, icmpv4::DestUnreachableHeader};
 use ipnet::Ipv4Net;
 use tests::{
     netns::{in_private_netns, require_root, sh},
@@ -34,6 +38,7 @@ const CNI0_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 1];
 struct Env {
     dp: Dataplane,
     ul_mac: [u8; 6],
+    cfg: NodeConfig,
 }
 
 fn link(name: &str) -> (u32, [u8; 6]) {
@@ -70,7 +75,7 @@ fn setup() -> Env {
     let (ul_idx, ul_mac) = link("ul0");
     let (br_idx, _) = link("cni0");
     let mut dp = Dataplane::load_with(None).unwrap();
-    dp.set_node_config(&NodeConfig {
+    let cfg = NodeConfig {
         flags: NODE_CFG_READY,
         vni: 1,
         underlay_ifindex: ul_idx,
@@ -86,8 +91,14 @@ fn setup() -> Env {
         underlay_mac: ul_mac,
         bridge_mac: CNI0_MAC,
         _pad: [0; 2],
-    })
-    .unwrap();
+    };
+    dp.set_node_config(&cfg).unwrap();
+    dp.sync_peers(&peers(&[]), true).unwrap();
+    Env { dp, ul_mac, cfg }
+}
+
+/// The peer of [`setup`] (10.244.2.0/24 at 192.168.100.2) and `more`.
+fn peers(more: &[(&str, Ipv4Addr)]) -> std::collections::BTreeMap<Ipv4Net, Peer> {
     let mut peers = std::collections::BTreeMap::new();
     peers.insert(
         "10.244.2.0/24".parse::<Ipv4Net>().unwrap(),
@@ -96,8 +107,16 @@ fn setup() -> Env {
             vtep_mac: PEER_VTEP,
         },
     );
-    dp.sync_peers(&peers, true).unwrap();
-    Env { dp, ul_mac }
+    for (subnet, public_ip) in more {
+        peers.insert(
+            subnet.parse().unwrap(),
+            Peer {
+                public_ip: *public_ip,
+                vtep_mac: PEER_VTEP,
+            },
+        );
+    }
+    peers
 }
 
 fn run_tc(env: &mut Env, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
@@ -191,6 +210,33 @@ macro_rules! root_test {
     };
 }
 
+/// The counters that moved, by name.
+fn nonzero(env: &Env) -> Vec<(&'static str, u64)> {
+    env.dp
+        .stats()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, c)| c.packets > 0)
+        .map(|(s, c)| (s.name(), c.packets))
+        .collect()
+}
+
+/// Exactly these counters moved, by exactly these numbers of packets.
+fn assert_counters(env: &Env, want: &[(Stat, u64)], what: &str) {
+    let want: Vec<(&str, u64)> = Stat::ALL
+        .iter()
+        .filter_map(|s| want.iter().find(|(w, _)| w == s))
+        .map(|(s, n)| (s.name(), *n))
+        .collect();
+    assert_eq!(nonzero(env), want, "{what}: counters");
+}
+
+/// A SYN from the client (a pod of this node) to the ClusterIP.
+fn syn_to_vip(sport: u16) -> Vec<u8> {
+    let seg = tcp(CLIENT, VIP, sport, 80, 1000, 0, TCP_SYN, b"");
+    eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg))
+}
+
 root_test!(encap_to_remote_pod_writes_flannel_vxlan, || {
     let mut env = setup();
     let inner_ip = ipv4(
@@ -206,12 +252,7 @@ root_test!(encap_to_remote_pod_writes_flannel_vxlan, || {
         rc,
         TC_ACT_REDIRECT,
         "encapsulated packets are redirected to the underlay: {:?}",
-        env.dp
-            .stats()
-            .unwrap()
-            .iter()
-            .filter(|(_, c)| c.packets > 0)
-            .collect::<Vec<_>>()
+        nonzero(&env)
     );
     assert_eq!(out.len(), input.len() + 50);
     let p = parse_vxlan(&out);
@@ -228,18 +269,20 @@ root_test!(encap_to_remote_pod_writes_flannel_vxlan, || {
         p.sport
     );
     assert_eq!(p.udp_csum, 0, "zero UDP checksum is valid over IPv4");
-    assert_eq!(p.vxlan, [0x08, 0, 0, 0, 0, 0, 1, 0], "flags I, VNI 1");
+    assert_eq!(p.vxlan, vxlan_hdr(0x08, 1), "flags I, VNI 1");
+    let (inner_eth, rest) = Ethernet2Header::from_slice(&p.inner).unwrap();
     assert_eq!(
-        &p.inner[0..6],
-        &PEER_VTEP,
+        inner_eth.destination, PEER_VTEP,
         "inner destination = receiver's VtepMAC"
     );
-    assert_eq!(&p.inner[6..12], &OUR_VTEP, "inner source = our VtepMAC");
-    assert_eq!(&p.inner[12..14], &[0x08, 0x00]);
-    assert_eq!(&p.inner[14..], &inner_ip[..], "inner IPv4 packet untouched");
-    // ECN of the inner packet is copied to the outer header.
-    assert_eq!(out[15] & 0x03, 0x02);
-    assert_eq!(stat(&env, Stat::Encapsulated), 1);
+    assert_eq!(inner_eth.source, OUR_VTEP, "inner source = our VtepMAC");
+    assert_eq!(inner_eth.ether_type.0, ETH_P_IP);
+    assert_eq!(rest, &inner_ip[..], "inner IPv4 packet untouched");
+    assert_eq!(
+        p.ecn, 0x02,
+        "ECN of the inner packet copied to the outer header"
+    );
+    assert_counters(&env, &[(Stat::Encapsulated, 1)], "encap");
 
     // Same flow, same source port (ECMP/RSS stability); another flow may differ.
     let (_, out2) = run_tc(&mut env, prog_names::FROM_POD, &input);
@@ -261,7 +304,42 @@ root_test!(from_pod_passes_local_and_external_traffic_untouched, || {
     let arp = eth([0xff; 6], POD_MAC, ETH_P_ARP, &[0u8; 28]);
     let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &arp);
     assert_eq!((rc, out), (TC_ACT_OK, arp));
-    assert_eq!(stat(&env, Stat::PassLocal), 3);
+    // IPv6 (a bare header; BPF_PROG_TEST_RUN refuses an IPv4 frame too
+    // short for its header, as the stack does).
+    let mut ipv6 = [0u8; 40];
+    ipv6[0] = 0x60;
+    let ipv6 = eth(CNI0_MAC, POD_MAC, ETH_P_IPV6, &ipv6);
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &ipv6);
+    assert_eq!((rc, out), (TC_ACT_OK, ipv6));
+    assert_counters(
+        &env,
+        &[(Stat::PassLocal, 3), (Stat::PassNotIpv4, 2)],
+        "local, external, ARP, IPv6",
+    );
+});
+
+root_test!(without_node_config_everything_passes_counted, || {
+    // Loaded, but the agent has not written this node's configuration.
+    let mut env = Env {
+        dp: Dataplane::load_with(None).unwrap(),
+        ul_mac: [2, 0, 0, 0, 0, 1],
+        cfg: NodeConfig::default(),
+    };
+    let from_pod = pod_frame(
+        CNI0_MAC,
+        POD_MAC,
+        Ipv4Addr::new(10, 244, 1, 5),
+        Ipv4Addr::new(10, 244, 2, 7),
+        b"x",
+    );
+    let vxlan = vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &inner_pod_packet(), env.ul_mac);
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &from_pod);
+    assert_eq!((rc, out), (TC_ACT_OK, from_pod));
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &vxlan);
+    assert_eq!((rc, &out), (TC_ACT_OK, &vxlan));
+    let (rc, out) = run_xdp(&mut env, &vxlan);
+    assert_eq!((rc, out), (XDP_PASS, vxlan), "XDP leaves counting to TC");
+    assert_counters(&env, &[(Stat::PassNoConfig, 2)], "no config");
 });
 
 root_test!(from_pod_drops_cluster_traffic_without_a_lease, || {
@@ -275,7 +353,69 @@ root_test!(from_pod_drops_cluster_traffic_without_a_lease, || {
     );
     let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &input);
     assert_eq!(rc, TC_ACT_SHOT);
-    assert_eq!(stat(&env, Stat::DropNoPeer), 1);
+    assert_counters(&env, &[(Stat::DropNoPeer, 1)], "no lease");
+});
+
+root_test!(rare_events_are_logged_only_when_asked, || {
+    let mut env = setup();
+    // A peer whose PublicIP has no route: encapsulation fails at the FIB.
+    env.dp
+        .sync_peers(
+            &peers(&[("10.244.3.0/24", Ipv4Addr::new(203, 0, 113, 9))]),
+            true,
+        )
+        .unwrap();
+    let input = pod_frame(
+        CNI0_MAC,
+        POD_MAC,
+        Ipv4Addr::new(10, 244, 1, 5),
+        Ipv4Addr::new(10, 244, 3, 7),
+        b"x",
+    );
+    let log_records = |env: &mut Env| {
+        let map = env.dp.ebpf_mut().map_mut("AYA_LOGS").expect("aya-log map");
+        let mut ring = RingBuf::try_from(map).unwrap();
+        let mut records = Vec::new();
+        while let Some(r) = ring.next() {
+            records.push(r.to_vec());
+        }
+        records
+    };
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &input);
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_counters(&env, &[(Stat::DropFib, 1)], "no route");
+    assert!(log_records(&mut env).is_empty(), "nothing logged unasked");
+
+    let cfg = NodeConfig {
+        flags: env.cfg.flags | NODE_CFG_BPF_LOG,
+        ..env.cfg
+    };
+    env.dp.set_node_config(&cfg).unwrap();
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &input);
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_counters(&env, &[(Stat::DropFib, 2)], "no route, logged");
+    let records = log_records(&mut env);
+    assert_eq!(records.len(), 1, "one record for one event");
+    assert!(
+        records[0].windows(8).any(|w| w == b"no route"),
+        "the record says what happened: {:?}",
+        String::from_utf8_lossy(&records[0])
+    );
+
+    // The fast path never logs, asked or not.
+    let ok = pod_frame(
+        CNI0_MAC,
+        POD_MAC,
+        Ipv4Addr::new(10, 244, 1, 5),
+        Ipv4Addr::new(10, 244, 2, 7),
+        b"x",
+    );
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &ok);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert!(
+        log_records(&mut env).is_empty(),
+        "encapsulation logs nothing"
+    );
 });
 
 root_test!(tc_decap_delivers_vxlan_from_a_peer, || {
@@ -285,13 +425,14 @@ root_test!(tc_decap_delivers_vxlan_from_a_peer, || {
     let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &input);
     assert_eq!(rc, TC_ACT_REDIRECT, "redirected to the pod bridge");
     assert_eq!(out.len(), input.len() - 50);
-    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    let (e, rest) = Ethernet2Header::from_slice(&out).unwrap();
+    assert_eq!(e.ether_type.0, ETH_P_IP);
     assert_eq!(
-        &out[14..],
+        rest,
         &inner[..],
         "inner IPv4 packet behind an Ethernet header"
     );
-    assert_eq!(stat(&env, Stat::Decapsulated), 1);
+    assert_counters(&env, &[(Stat::Decapsulated, 1)], "decap");
 });
 
 root_test!(tc_decap_rejects_bad_vxlan_and_passes_the_rest, || {
@@ -367,11 +508,19 @@ root_test!(tc_decap_rejects_bad_vxlan_and_passes_the_rest, || {
             assert_eq!(stat(&env, s), 1, "{what}: counted as {s:?}");
         }
     }
-    // Truncated: VXLAN header cut short.
-    let full = vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &inner, ul);
-    let mut cut = full[..46].to_vec();
-    let ip_len = (cut.len() - 14) as u16;
-    cut[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    // Truncated: VXLAN header cut short (4 of its 8 bytes).
+    let cut = eth(
+        ul,
+        PEER_UL_MAC,
+        ETH_P_IP,
+        &ipv4(
+            PEER_IP,
+            OUR_IP,
+            17,
+            0,
+            &udp(45678, 8472, &vxlan_hdr(0x08, 1)[..4]),
+        ),
+    );
     let (rc, _) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &cut);
     assert_eq!(rc, TC_ACT_SHOT, "truncated VXLAN");
     assert_eq!(stat(&env, Stat::DropTruncated), 1);
@@ -381,13 +530,7 @@ root_test!(tc_decap_rejects_bad_vxlan_and_passes_the_rest, || {
         ul,
         PEER_UL_MAC,
         ETH_P_IP,
-        &ipv4(
-            PEER_IP,
-            OUR_IP,
-            17,
-            0,
-            &udp(1, 4789, &[0x08, 0, 0, 0, 0, 0, 1, 0]),
-        ),
+        &ipv4(PEER_IP, OUR_IP, 17, 0, &udp(1, 4789, &vxlan_hdr(0x08, 1))),
     );
     let other_dst = eth(
         ul,
@@ -409,7 +552,20 @@ root_test!(tc_decap_rejects_bad_vxlan_and_passes_the_rest, || {
         let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &input);
         assert_eq!((rc, &out), (TC_ACT_OK, &input), "{what} passes untouched");
     }
-    assert_eq!(stat(&env, Stat::PassNotOverlay), 3);
+    assert_counters(
+        &env,
+        &[
+            (Stat::PassNotOverlay, 3),
+            (Stat::DropUnknownPeer, 1),
+            (Stat::DropWrongVni, 1),
+            (Stat::DropBadVxlanFlags, 1),
+            (Stat::DropTruncated, 1),
+            (Stat::DropInnerNotIpv4, 1),
+            (Stat::DropInnerNotLocal, 1),
+            (Stat::DropWrongVtepMac, 1),
+        ],
+        "each frame under its own reason",
+    );
 });
 
 root_test!(xdp_decap_strips_vxlan_and_drops_bad, || {
@@ -425,15 +581,35 @@ root_test!(xdp_decap_strips_vxlan_and_drops_bad, || {
         &dataplane_common::XDP_META_DECAPPED.to_ne_bytes(),
         "marker for the TC program"
     );
-    let out = &out[4..];
+    let (e, rest) = Ethernet2Header::from_slice(&out[4..]).unwrap();
     assert_eq!(
-        &out[0..6],
-        &ul,
+        e.destination, ul,
         "inner frame readdressed to the underlay interface"
     );
-    assert_eq!(&out[6..12], &PEER_VTEP);
-    assert_eq!(&out[14..], &inner[..]);
+    assert_eq!(e.source, PEER_VTEP);
+    assert_eq!(rest, &inner[..]);
     assert_eq!(stat(&env, Stat::Decapsulated), 1);
+
+    // For the node itself (the bridge address): decapsulated, passed up,
+    // marked so that from_underlay does not count it again.
+    let to_host = ipv4(
+        Ipv4Addr::new(10, 244, 2, 7),
+        Ipv4Addr::new(10, 244, 1, 1),
+        17,
+        0,
+        &udp(1234, 80, b"to the node"),
+    );
+    let (rc, out) = run_xdp(
+        &mut env,
+        &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &to_host, ul),
+    );
+    assert_eq!(rc, XDP_PASS);
+    assert_eq!(
+        &out[0..4],
+        &dataplane_common::XDP_META_TO_HOST.to_ne_bytes()
+    );
+    assert_eq!(&out[4 + 14..], &to_host[..]);
+    assert_eq!(stat(&env, Stat::PassToHost), 1);
 
     let (rc, _) = run_xdp(
         &mut env,
@@ -445,7 +621,6 @@ root_test!(xdp_decap_strips_vxlan_and_drops_bad, || {
         &vxlan_from(STRANGER_IP, 0x08, 1, OUR_VTEP, &inner, ul),
     );
     assert_eq!(rc, XDP_DROP, "unknown sender");
-    assert_eq!(stat(&env, Stat::DropUnknownPeer), 1);
     let plain = eth(
         ul,
         PEER_UL_MAC,
@@ -454,6 +629,16 @@ root_test!(xdp_decap_strips_vxlan_and_drops_bad, || {
     );
     let (rc, out) = run_xdp(&mut env, &plain);
     assert_eq!((rc, out), (XDP_PASS, plain), "non-VXLAN passes untouched");
+    assert_counters(
+        &env,
+        &[
+            (Stat::Decapsulated, 1),
+            (Stat::PassToHost, 1),
+            (Stat::DropUnknownPeer, 1),
+            (Stat::DropWrongVni, 1),
+        ],
+        "XDP (non-VXLAN left to TC)",
+    );
 });
 
 root_test!(peer_removal_stops_encap_and_decap, || {
@@ -505,36 +690,39 @@ fn backend(ip: Ipv4Addr, port: u16) -> Backend {
     }
 }
 
-fn syn_to_vip(sport: u16) -> Vec<u8> {
-    let seg = tcp(CLIENT, VIP, sport, 80, 1000, 0, 0x02, b"");
-    eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg))
+fn set_frontend(env: &mut Env, key: SvcKey, backends: Vec<Backend>) {
+    env.dp
+        .services()
+        .set_frontend(
+            key,
+            &FrontendState {
+                backends,
+                affinity_timeout_s: None,
+            },
+        )
+        .unwrap();
 }
 
 root_test!(service_dnat_to_remote_backend_then_encap, || {
     let mut env = setup();
     let b = backend(Ipv4Addr::new(10, 244, 2, 7), 8080);
-    env.dp
-        .services()
-        .set_frontend(
-            svc_key(80, 6),
-            &FrontendState {
-                backends: vec![b],
-                affinity_timeout_s: None,
-            },
-        )
-        .unwrap();
+    set_frontend(&mut env, svc_key(80, 6), vec![b]);
     let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40001));
     assert_eq!(rc, TC_ACT_REDIRECT);
-    let p = parse_vxlan(&out);
-    let inner_ip = &p.inner[14..];
-    assert_eq!(&inner_ip[16..20], &[10, 244, 2, 7], "DNAT to the backend");
-    assert_eq!(&inner_ip[22..24], &8080u16.to_be_bytes(), "backend port");
-    assert_eq!(&inner_ip[12..16], &CLIENT.octets(), "source kept");
-    assert!(
-        ipv4_checksums_ok(inner_ip),
-        "IPv4 and TCP checksums valid after NAT"
+    // Checksums are verified while parsing.
+    let inner = parse_vxlan(&out).inner_ipv4();
+    assert_eq!(
+        inner.dst(),
+        Ipv4Addr::new(10, 244, 2, 7),
+        "DNAT to the backend"
     );
-    assert_eq!(stat(&env, Stat::SvcForward), 1);
+    assert_eq!(inner.tcp().destination_port, 8080, "backend port");
+    assert_eq!(inner.src(), CLIENT, "source kept");
+    assert_counters(
+        &env,
+        &[(Stat::Encapsulated, 1), (Stat::SvcForward, 1)],
+        "translated, then encapsulated",
+    );
 
     // The reply from the backend, arriving decapsulated on the underlay,
     // goes back to the client from the ClusterIP.
@@ -545,7 +733,7 @@ root_test!(service_dnat_to_remote_backend_then_encap, || {
         40001,
         5000,
         1001,
-        0x12,
+        TCP_SYN | TCP_ACK,
         b"",
     );
     let reply_ip = ipv4(Ipv4Addr::new(10, 244, 2, 7), CLIENT, 6, 0, &reply_seg);
@@ -556,65 +744,72 @@ root_test!(service_dnat_to_remote_backend_then_encap, || {
         &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &reply_ip, ul),
     );
     assert_eq!(rc, TC_ACT_REDIRECT);
-    let ip = &out[14..];
-    assert_eq!(&ip[12..16], &VIP.octets(), "reply source is the ClusterIP");
+    let (_, reply) = parse_eth_ipv4(&out);
+    assert_eq!(reply.src(), VIP, "reply source is the ClusterIP");
     assert_eq!(
-        &ip[20..22],
-        &80u16.to_be_bytes(),
+        reply.tcp().source_port,
+        80,
         "reply source port is the service port"
     );
-    assert!(ipv4_checksums_ok(ip));
-    assert_eq!(stat(&env, Stat::SvcReverse), 1);
+    assert_counters(
+        &env,
+        &[
+            (Stat::Encapsulated, 1),
+            (Stat::Decapsulated, 1),
+            (Stat::SvcForward, 1),
+            (Stat::SvcReverse, 1),
+        ],
+        "reply translated back, then delivered",
+    );
 });
 
 root_test!(
     service_without_backends_rejects_tcp_with_rst_and_udp_with_icmp,
     || {
         let mut env = setup();
-        env.dp
-            .services()
-            .set_frontend(
-                svc_key(80, 6),
-                &FrontendState {
-                    backends: vec![],
-                    affinity_timeout_s: None,
-                },
-            )
-            .unwrap();
-        env.dp
-            .services()
-            .set_frontend(
-                svc_key(53, 17),
-                &FrontendState {
-                    backends: vec![],
-                    affinity_timeout_s: None,
-                },
-            )
-            .unwrap();
+        set_frontend(&mut env, svc_key(80, 6), vec![]);
+        set_frontend(&mut env, svc_key(53, 17), vec![]);
         let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40002));
         assert_eq!(rc, TC_ACT_REDIRECT, "the RST goes straight back to the pod");
-        assert_eq!(&out[0..6], &POD_MAC);
-        let ip = &out[14..];
-        assert_eq!(ip[9], 6);
-        assert_eq!(&ip[12..16], &VIP.octets());
-        assert_eq!(&ip[16..20], &CLIENT.octets());
-        assert_eq!(ip[33] & 0x04, 0x04, "RST flag");
-        assert_eq!(&ip[28..32], &1001u32.to_be_bytes(), "acknowledges the SYN");
-        assert!(ipv4_checksums_ok(ip));
+        let (e, rst) = parse_eth_ipv4(&out);
+        assert_eq!(e.destination, POD_MAC);
+        assert_eq!((rst.src(), rst.dst()), (VIP, CLIENT));
+        let t = rst.tcp();
+        assert!(t.rst && t.ack, "RST+ACK");
+        assert_eq!(t.acknowledgment_number, 1001, "acknowledges the SYN");
+        assert_eq!((t.source_port, t.destination_port), (80, 40002));
         assert_eq!(stat(&env, Stat::SvcRejectNoBackend), 1);
 
         let q = udp_csum(CLIENT, VIP, 5353, 53, b"query");
-        let input = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 17, 0, &q));
+        let query = ipv4(CLIENT, VIP, 17, 0, &q);
+        let input = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &query);
         let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &input);
         assert_eq!(rc, TC_ACT_REDIRECT);
-        let ip = &out[14..];
-        assert_eq!((ip[9], ip[20], ip[21]), (1, 3, 3), "ICMP port unreachable");
-        assert_eq!(inet_csum(&ip[..20]), 0);
-        assert_eq!(inet_csum(&ip[20..]), 0, "ICMP checksum");
+        let (_, icmp) = parse_eth_ipv4(&out);
+        assert_eq!((icmp.src(), icmp.dst()), (VIP, CLIENT));
         assert_eq!(
-            &ip[28 + 16..28 + 20],
-            &VIP.octets(),
-            "quotes the original packet"
+            icmp.icmp().icmp_type,
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+            "ICMP port unreachable"
+        );
+        assert_eq!(
+            icmp.payload,
+            &query[..28],
+            "quotes the original IPv4 header and 8 bytes"
+        );
+        assert_eq!(stat(&env, Stat::SvcRejectNoBackend), 2);
+
+        // With IPv4 options there is no rejection to build: dropped, and
+        // counted as that, not as a rejection.
+        let mut h = ipv4_header(CLIENT, VIP, 17, 0, q.len());
+        h.options = [1, 1, 1, 1].into(); // four NOPs
+        let input = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4_with(h, &q));
+        let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &input);
+        assert_eq!(rc, TC_ACT_SHOT);
+        assert_counters(
+            &env,
+            &[(Stat::SvcRejectNoBackend, 2), (Stat::DropRejectFailed, 1)],
+            "rejections",
         );
     }
 );
@@ -622,84 +817,96 @@ root_test!(
 root_test!(service_undefined_port_and_midflow_without_conntrack, || {
     let mut env = setup();
     let b = backend(Ipv4Addr::new(10, 244, 2, 7), 8080);
-    env.dp
-        .services()
-        .set_frontend(
-            svc_key(80, 6),
-            &FrontendState {
-                backends: vec![b],
-                affinity_timeout_s: None,
-            },
-        )
-        .unwrap();
-    // Port 81 and UDP/80 are not defined: dropped, not forwarded raw.
-    let seg = tcp(CLIENT, VIP, 40003, 81, 1, 0, 0x02, b"");
-    let (rc, _) = run_tc(
-        &mut env,
-        prog_names::FROM_POD,
-        &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg)),
-    );
-    assert_eq!(rc, TC_ACT_SHOT);
+    set_frontend(&mut env, svc_key(80, 6), vec![b]);
+    // Port 81, UDP/80 and ICMP are not defined: dropped, not forwarded raw.
+    let seg = tcp(CLIENT, VIP, 40003, 81, 1, 0, TCP_SYN, b"");
     let u = udp_csum(CLIENT, VIP, 40003, 80, b"x");
+    let ping = [8, 0, 0xf7, 0xff, 0, 0, 0, 0]; // echo request, checksum included
+    for (what, ip) in [
+        ("TCP/81", ipv4(CLIENT, VIP, 6, 0, &seg)),
+        ("UDP/80", ipv4(CLIENT, VIP, 17, 0, &u)),
+        ("ICMP", ipv4(CLIENT, VIP, IpNumber::ICMP.0, 0, &ping)),
+    ] {
+        let (rc, _) = run_tc(
+            &mut env,
+            prog_names::FROM_POD,
+            &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ip),
+        );
+        assert_eq!(rc, TC_ACT_SHOT, "{what}");
+    }
+    assert_eq!(stat(&env, Stat::DropSvcUndefinedPort), 3);
+    // A fragment to the ClusterIP (ports not in every fragment): dropped
+    // as malformed.
+    let seg = tcp(CLIENT, VIP, 40003, 80, 1, 0, TCP_SYN, b"first fragment");
+    let mut h = ipv4_header(CLIENT, VIP, 6, 0, seg.len());
+    h.dont_fragment = false;
+    h.more_fragments = true;
     let (rc, _) = run_tc(
         &mut env,
         prog_names::FROM_POD,
-        &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 17, 0, &u)),
+        &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4_with(h, &seg)),
     );
-    assert_eq!(rc, TC_ACT_SHOT);
-    assert_eq!(stat(&env, Stat::DropSvcUndefinedPort), 2);
+    assert_eq!(rc, TC_ACT_SHOT, "fragment");
+    assert_eq!(stat(&env, Stat::DropSvcMalformed), 1);
     // An ACK with no tracked connection is reset.
-    let seg = tcp(CLIENT, VIP, 40004, 80, 1, 77, 0x10, b"data");
+    let seg = tcp(CLIENT, VIP, 40004, 80, 1, 77, TCP_ACK, b"data");
     let (rc, out) = run_tc(
         &mut env,
         prog_names::FROM_POD,
         &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg)),
     );
     assert_eq!(rc, TC_ACT_REDIRECT);
-    assert_eq!(out[14 + 33], 0x04, "bare RST");
-    assert_eq!(
-        &out[14 + 24..14 + 28],
-        &77u32.to_be_bytes(),
-        "sequence = the segment's ACK"
+    let t = parse_eth_ipv4(&out).1.tcp().clone();
+    assert!(t.rst && !t.ack, "bare RST");
+    assert_eq!(t.sequence_number, 77, "sequence = the segment's ACK");
+    assert_counters(
+        &env,
+        &[
+            (Stat::DropSvcUndefinedPort, 3),
+            (Stat::SvcRejectNoConntrack, 1),
+            (Stat::DropSvcMalformed, 1),
+        ],
+        "ClusterIP without a matching frontend or flow",
     );
-    assert_eq!(stat(&env, Stat::SvcRejectNoConntrack), 1);
 });
 
 root_test!(service_local_backend_and_hairpin, || {
     let mut env = setup();
     // The client itself is the only backend: hairpin, source rewritten.
     let b = backend(CLIENT, 8080);
-    env.dp
-        .services()
-        .set_frontend(
-            svc_key(80, 6),
-            &FrontendState {
-                backends: vec![b],
-                affinity_timeout_s: None,
-            },
-        )
-        .unwrap();
+    set_frontend(&mut env, svc_key(80, 6), vec![b]);
     let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40005));
     assert_eq!(
         rc, TC_ACT_REDIRECT,
         "local backends are handed to the bridge"
     );
+    assert_counters(
+        &env,
+        &[(Stat::SvcForward, 1), (Stat::RedirectToBridge, 1)],
+        "to a local backend",
+    );
     // The backend answers the hairpin address; it goes back as VIP -> client.
     let hp = Ipv4Addr::from(dataplane_common::HAIRPIN_SNAT_IP);
-    let seg = tcp(CLIENT, hp, 8080, 40005, 9, 1001, 0x12, b"");
+    let seg = tcp(CLIENT, hp, 8080, 40005, 9, 1001, TCP_SYN | TCP_ACK, b"");
     let (rc, out) = run_tc(
         &mut env,
         prog_names::FROM_POD,
         &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, hp, 6, 0, &seg)),
     );
     assert_eq!(rc, TC_ACT_REDIRECT);
-    let ip = &out[14..];
-    assert_eq!(
-        (&ip[12..16], &ip[16..20]),
-        (&VIP.octets()[..], &CLIENT.octets()[..])
+    let (_, reply) = parse_eth_ipv4(&out);
+    assert_eq!((reply.src(), reply.dst()), (VIP, CLIENT));
+    let t = reply.tcp();
+    assert_eq!((t.source_port, t.destination_port), (80, 40005));
+    assert_counters(
+        &env,
+        &[
+            (Stat::SvcForward, 1),
+            (Stat::SvcReverse, 1),
+            (Stat::RedirectToBridge, 2),
+        ],
+        "and back",
     );
-    assert_eq!(&ip[20..24], &[0, 80, 0x9c, 0x45], "ports: 80 -> 40005");
-    assert!(ipv4_checksums_ok(ip));
 });
 
 root_test!(decap_delivers_straight_to_a_learnt_pod, || {
@@ -729,9 +936,10 @@ root_test!(decap_delivers_straight_to_a_learnt_pod, || {
         &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &inner, ul),
     );
     assert_eq!(rc, TC_ACT_REDIRECT, "redirected into the pod");
-    assert_eq!(&out[0..6], &POD_MAC, "to the pod's MAC");
-    assert_eq!(&out[6..12], &CNI0_MAC, "from its gateway's MAC");
-    assert_eq!(&out[14..], &inner[..]);
+    let (e, rest) = Ethernet2Header::from_slice(&out).unwrap();
+    assert_eq!(e.destination, POD_MAC, "to the pod's MAC");
+    assert_eq!(e.source, CNI0_MAC, "from its gateway's MAC");
+    assert_eq!(rest, &inner[..]);
 });
 
 root_test!(removed_backend_flows_die_at_their_next_packet, || {
@@ -741,59 +949,38 @@ root_test!(removed_backend_flows_die_at_their_next_packet, || {
         backend(Ipv4Addr::new(10, 244, 2, 8), 8080),
     );
     let udp_key = svc_key(53, 17);
-    env.dp
-        .services()
-        .set_frontend(
-            svc_key(80, 6),
-            &FrontendState {
-                backends: vec![a],
-                affinity_timeout_s: None,
-            },
-        )
-        .unwrap();
-    env.dp
-        .services()
-        .set_frontend(
-            udp_key,
-            &FrontendState {
-                backends: vec![a],
-                affinity_timeout_s: None,
-            },
-        )
-        .unwrap();
+    set_frontend(&mut env, svc_key(80, 6), vec![a]);
+    set_frontend(&mut env, udp_key, vec![a]);
     let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40010));
     assert_eq!(rc, TC_ACT_REDIRECT);
     let q = udp_csum(CLIENT, VIP, 40011, 53, b"q");
     let udp_frame = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 17, 0, &q));
     let (_, out) = run_tc(&mut env, prog_names::FROM_POD, &udp_frame);
-    assert_eq!(&parse_vxlan(&out).inner[14 + 16..14 + 20], &[10, 244, 2, 7]);
+    assert_eq!(
+        parse_vxlan(&out).inner_ipv4().dst(),
+        Ipv4Addr::new(10, 244, 2, 7)
+    );
     // Backend a goes, b comes: no conntrack scan, one live_v1 delete.
     for k in [svc_key(80, 6), udp_key] {
-        env.dp
-            .services()
-            .set_frontend(
-                k,
-                &FrontendState {
-                    backends: vec![b],
-                    affinity_timeout_s: None,
-                },
-            )
-            .unwrap();
+        set_frontend(&mut env, k, vec![b]);
     }
     // The TCP flow's next segment is reset...
-    let seg = tcp(CLIENT, VIP, 40010, 80, 1001, 5001, 0x10, b"more");
+    let seg = tcp(CLIENT, VIP, 40010, 80, 1001, 5001, TCP_ACK, b"more");
     let (rc, out) = run_tc(
         &mut env,
         prog_names::FROM_POD,
         &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg)),
     );
     assert_eq!(rc, TC_ACT_REDIRECT);
-    assert_eq!(out[14 + 33], 0x04, "RST for a flow whose backend is gone");
+    assert!(
+        parse_eth_ipv4(&out).1.tcp().rst,
+        "RST for a flow whose backend is gone"
+    );
     // ...and the UDP flow's next datagram goes to the live backend.
     let (_, out) = run_tc(&mut env, prog_names::FROM_POD, &udp_frame);
     assert_eq!(
-        &parse_vxlan(&out).inner[14 + 16..14 + 20],
-        &[10, 244, 2, 8],
+        parse_vxlan(&out).inner_ipv4().dst(),
+        Ipv4Addr::new(10, 244, 2, 8),
         "UDP re-balanced at once"
     );
 });

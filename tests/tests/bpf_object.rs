@@ -1,0 +1,57 @@
+//! The names the agent uses for maps and programs
+//! (`dataplane_common::map_names::ALL`, `prog_names::ALL`) are exactly those
+//! in the built BPF object, where `dataplane-ebpf/src/maps.rs` has to spell
+//! the map names as literals (`#[btf_map(name = ...)]` takes nothing else).
+//! The object is parsed, not loaded: no root needed.
+
+use aya_obj::{EbpfSectionKind, Object};
+use dataplane_common::{map_names, prog_names};
+
+/// aya-log's ring buffer, present because the programs log rare events.
+const AYA_LOG_MAP: &str = "AYA_LOGS";
+
+fn object() -> Object {
+    Object::parse(dataplane::BPF_OBJECT).expect("the embedded BPF object parses")
+}
+
+fn sorted<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut v: Vec<&str> = names.into_iter().collect();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn map_names_are_exactly_the_objects_maps() {
+    let obj = object();
+    let ours = sorted(
+        obj.maps
+            .iter()
+            .filter(|(_, m)| m.section_kind() == EbpfSectionKind::BtfMaps)
+            .map(|(n, _)| n.as_str()),
+    );
+    let listed = sorted(map_names::ALL.iter().copied());
+    assert_eq!(ours, listed, "BTF maps in the object vs map_names::ALL");
+    let mut dedup = listed.clone();
+    dedup.dedup();
+    assert_eq!(dedup, listed, "map_names::ALL lists a name twice");
+    // Anything else is aya-log's or global data, not a map of ours.
+    for (name, m) in &obj.maps {
+        match m.section_kind() {
+            EbpfSectionKind::BtfMaps
+            | EbpfSectionKind::Data
+            | EbpfSectionKind::Rodata
+            | EbpfSectionKind::Bss => {}
+            EbpfSectionKind::Maps if name == AYA_LOG_MAP => {}
+            kind => panic!("map {name} ({kind:?}) is not in map_names::ALL"),
+        }
+    }
+}
+
+#[test]
+fn prog_names_are_exactly_the_objects_programs() {
+    let obj = object();
+    assert_eq!(
+        sorted(obj.programs.keys().map(String::as_str)),
+        sorted(prog_names::ALL.iter().copied()),
+    );
+}
