@@ -241,6 +241,9 @@ pub struct PeerIpInfo {
 
 /// `NodeConfig::flags` bit: the node is configured (the agent wrote it).
 pub const NODE_CFG_READY: u32 = 1 << 0;
+/// `NodeConfig::flags` bit: log rare data-path events through aya-log
+/// (`dataplane agent --bpf-log`). Never set on the fast path's behalf.
+pub const NODE_CFG_BPF_LOG: u32 = 1 << 1;
 
 /// The single entry of [`map_names::NODE_CONFIG`]: what the programs need to
 /// know about this node. Written by the agent before it attaches anything.
