@@ -8,7 +8,11 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use dataplane::bpf::{Dataplane, Peer};
+use dataplane::{
+    bpf::Dataplane,
+    reconcile::{FrontendState, Frontends, Peer, Reconciler, Resync},
+    services::ServiceName,
+};
 use dataplane_common::{NODE_CFG_READY, NodeConfig, Stat, prog_names};
 use ipnet::Ipv4Net;
 use tests::{
@@ -33,7 +37,21 @@ const CNI0_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 1];
 
 struct Env {
     dp: Dataplane,
+    rec: Reconciler,
     ul_mac: [u8; 6],
+    /// The frontends of the one test Service.
+    fronts: Frontends,
+}
+
+impl Env {
+    /// Programs one frontend of the test Service (its others stay).
+    fn set_frontend(&mut self, key: SvcKey, state: FrontendState) {
+        self.fronts.insert(key, state);
+        let name = ServiceName::new("default", "test");
+        self.rec
+            .set_service(self.dp.maps(), &name, &self.fronts)
+            .unwrap();
+    }
 }
 
 fn link(name: &str) -> (u32, [u8; 6]) {
@@ -62,31 +80,35 @@ fn setup() -> Env {
          ip neigh replace 192.168.100.2 lladdr {} dev ul0 nud permanent && \
          ip link add cni0 type bridge && ip link set cni0 address {} && \
          ip addr add 10.244.1.1/24 dev cni0 && ip link set cni0 up",
-        dataplane::bpf::fmt_mac(&PEER_UL_MAC),
-        dataplane::bpf::fmt_mac(&PEER_UL_MAC),
-        dataplane::bpf::fmt_mac(&CNI0_MAC),
+        dataplane::lease::format_mac(&PEER_UL_MAC),
+        dataplane::lease::format_mac(&PEER_UL_MAC),
+        dataplane::lease::format_mac(&CNI0_MAC),
     ))
     .unwrap();
     let (ul_idx, ul_mac) = link("ul0");
     let (br_idx, _) = link("cni0");
     let mut dp = Dataplane::load_with(None).unwrap();
-    dp.set_node_config(&NodeConfig {
-        flags: NODE_CFG_READY,
-        vni: 1,
-        underlay_ifindex: ul_idx,
-        bridge_ifindex: br_idx,
-        public_ip: OUR_IP.octets(),
-        network: [10, 244, 0, 0],
-        subnet: [10, 244, 1, 0],
-        gateway: [10, 244, 1, 1],
-        network_prefix_len: 16,
-        subnet_prefix_len: 24,
-        vxlan_port: 8472,
-        vtep_mac: OUR_VTEP,
-        underlay_mac: ul_mac,
-        bridge_mac: CNI0_MAC,
-        _pad: [0; 2],
-    })
+    let mut rec = Reconciler::new();
+    rec.set_node(
+        dp.maps(),
+        &NodeConfig {
+            flags: NODE_CFG_READY,
+            vni: 1,
+            underlay_ifindex: ul_idx,
+            bridge_ifindex: br_idx,
+            public_ip: OUR_IP.octets(),
+            network: [10, 244, 0, 0],
+            subnet: [10, 244, 1, 0],
+            gateway: [10, 244, 1, 1],
+            network_prefix_len: 16,
+            subnet_prefix_len: 24,
+            vxlan_port: 8472,
+            vtep_mac: OUR_VTEP,
+            underlay_mac: ul_mac,
+            bridge_mac: CNI0_MAC,
+            _pad: [0; 2],
+        },
+    )
     .unwrap();
     let mut peers = std::collections::BTreeMap::new();
     peers.insert(
@@ -96,8 +118,13 @@ fn setup() -> Env {
             vtep_mac: PEER_VTEP,
         },
     );
-    dp.sync_peers(&peers, true).unwrap();
-    Env { dp, ul_mac }
+    rec.set_peers(dp.maps(), &peers, Resync::Full).unwrap();
+    Env {
+        dp,
+        rec,
+        ul_mac,
+        fronts: Frontends::new(),
+    }
 }
 
 fn run_tc(env: &mut Env, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
@@ -458,7 +485,9 @@ root_test!(xdp_decap_strips_vxlan_and_drops_bad, || {
 
 root_test!(peer_removal_stops_encap_and_decap, || {
     let mut env = setup();
-    env.dp.sync_peers(&Default::default(), false).unwrap();
+    env.rec
+        .set_peers(env.dp.maps(), &Default::default(), Resync::Incremental)
+        .unwrap();
     let input = pod_frame(
         CNI0_MAC,
         POD_MAC,
@@ -482,7 +511,6 @@ root_test!(peer_removal_stops_encap_and_decap, || {
 
 // ---- ClusterIP services ----
 
-use dataplane::bpf::FrontendState;
 use dataplane_common::{Backend, SvcKey};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -513,16 +541,13 @@ fn syn_to_vip(sport: u16) -> Vec<u8> {
 root_test!(service_dnat_to_remote_backend_then_encap, || {
     let mut env = setup();
     let b = backend(Ipv4Addr::new(10, 244, 2, 7), 8080);
-    env.dp
-        .services()
-        .set_frontend(
-            svc_key(80, 6),
-            &FrontendState {
-                backends: vec![b],
-                affinity_timeout_s: None,
-            },
-        )
-        .unwrap();
+    env.set_frontend(
+        svc_key(80, 6),
+        FrontendState {
+            backends: vec![b],
+            affinity_timeout_s: None,
+        },
+    );
     let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40001));
     assert_eq!(rc, TC_ACT_REDIRECT);
     let p = parse_vxlan(&out);
@@ -571,26 +596,20 @@ root_test!(
     service_without_backends_rejects_tcp_with_rst_and_udp_with_icmp,
     || {
         let mut env = setup();
-        env.dp
-            .services()
-            .set_frontend(
-                svc_key(80, 6),
-                &FrontendState {
-                    backends: vec![],
-                    affinity_timeout_s: None,
-                },
-            )
-            .unwrap();
-        env.dp
-            .services()
-            .set_frontend(
-                svc_key(53, 17),
-                &FrontendState {
-                    backends: vec![],
-                    affinity_timeout_s: None,
-                },
-            )
-            .unwrap();
+        env.set_frontend(
+            svc_key(80, 6),
+            FrontendState {
+                backends: vec![],
+                affinity_timeout_s: None,
+            },
+        );
+        env.set_frontend(
+            svc_key(53, 17),
+            FrontendState {
+                backends: vec![],
+                affinity_timeout_s: None,
+            },
+        );
         let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40002));
         assert_eq!(rc, TC_ACT_REDIRECT, "the RST goes straight back to the pod");
         assert_eq!(&out[0..6], &POD_MAC);
@@ -622,16 +641,13 @@ root_test!(
 root_test!(service_undefined_port_and_midflow_without_conntrack, || {
     let mut env = setup();
     let b = backend(Ipv4Addr::new(10, 244, 2, 7), 8080);
-    env.dp
-        .services()
-        .set_frontend(
-            svc_key(80, 6),
-            &FrontendState {
-                backends: vec![b],
-                affinity_timeout_s: None,
-            },
-        )
-        .unwrap();
+    env.set_frontend(
+        svc_key(80, 6),
+        FrontendState {
+            backends: vec![b],
+            affinity_timeout_s: None,
+        },
+    );
     // Port 81 and UDP/80 are not defined: dropped, not forwarded raw.
     let seg = tcp(CLIENT, VIP, 40003, 81, 1, 0, 0x02, b"");
     let (rc, _) = run_tc(
@@ -669,16 +685,13 @@ root_test!(service_local_backend_and_hairpin, || {
     let mut env = setup();
     // The client itself is the only backend: hairpin, source rewritten.
     let b = backend(CLIENT, 8080);
-    env.dp
-        .services()
-        .set_frontend(
-            svc_key(80, 6),
-            &FrontendState {
-                backends: vec![b],
-                affinity_timeout_s: None,
-            },
-        )
-        .unwrap();
+    env.set_frontend(
+        svc_key(80, 6),
+        FrontendState {
+            backends: vec![b],
+            affinity_timeout_s: None,
+        },
+    );
     let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40005));
     assert_eq!(
         rc, TC_ACT_REDIRECT,
@@ -741,26 +754,20 @@ root_test!(removed_backend_flows_die_at_their_next_packet, || {
         backend(Ipv4Addr::new(10, 244, 2, 8), 8080),
     );
     let udp_key = svc_key(53, 17);
-    env.dp
-        .services()
-        .set_frontend(
-            svc_key(80, 6),
-            &FrontendState {
-                backends: vec![a],
-                affinity_timeout_s: None,
-            },
-        )
-        .unwrap();
-    env.dp
-        .services()
-        .set_frontend(
-            udp_key,
-            &FrontendState {
-                backends: vec![a],
-                affinity_timeout_s: None,
-            },
-        )
-        .unwrap();
+    env.set_frontend(
+        svc_key(80, 6),
+        FrontendState {
+            backends: vec![a],
+            affinity_timeout_s: None,
+        },
+    );
+    env.set_frontend(
+        udp_key,
+        FrontendState {
+            backends: vec![a],
+            affinity_timeout_s: None,
+        },
+    );
     let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40010));
     assert_eq!(rc, TC_ACT_REDIRECT);
     let q = udp_csum(CLIENT, VIP, 40011, 53, b"q");
@@ -769,16 +776,13 @@ root_test!(removed_backend_flows_die_at_their_next_packet, || {
     assert_eq!(&parse_vxlan(&out).inner[14 + 16..14 + 20], &[10, 244, 2, 7]);
     // Backend a goes, b comes: no conntrack scan, one live_v1 delete.
     for k in [svc_key(80, 6), udp_key] {
-        env.dp
-            .services()
-            .set_frontend(
-                k,
-                &FrontendState {
-                    backends: vec![b],
-                    affinity_timeout_s: None,
-                },
-            )
-            .unwrap();
+        env.set_frontend(
+            k,
+            FrontendState {
+                backends: vec![b],
+                affinity_timeout_s: None,
+            },
+        );
     }
     // The TCP flow's next segment is reset...
     let seg = tcp(CLIENT, VIP, 40010, 80, 1001, 5001, 0x10, b"more");
