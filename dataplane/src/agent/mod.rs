@@ -484,6 +484,9 @@ impl Agent {
         for name in std::mem::take(&mut self.retry.services) {
             self.program_service(&name);
         }
+        if let Err(e) = self.rec.remove_orphans(self.dp.maps()) {
+            self.failed(anyhow!("removing what failed service writes left: {e}"));
+        }
         self.sync_ports().await;
     }
 
@@ -525,5 +528,18 @@ fn log_change(c: &PeerChange, own: Ipv4Net) {
             format_mac(&new.vtep_mac)
         ),
         PeerChange::Removed(net, a) => info!("peer removed: {net} (was {})", a.public_ip),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_decap_is_xdp_on_physical_nics_and_tc_on_virtual_ones() {
+        assert_eq!(DecapMode::Auto.resolve(None), Decap::Xdp);
+        assert_eq!(DecapMode::Auto.resolve(Some("veth")), Decap::Tc);
+        assert_eq!(DecapMode::Xdp.resolve(Some("veth")), Decap::Xdp);
+        assert_eq!(DecapMode::Tc.resolve(None), Decap::Tc);
     }
 }

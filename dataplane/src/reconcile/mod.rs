@@ -66,7 +66,7 @@ impl Sink for Maps {
 pub enum ReconcileError {
     #[error("{op}: {source}")]
     Write {
-        op: MapOp,
+        op: Box<MapOp>,
         #[source]
         source: MapError,
     },
@@ -99,7 +99,12 @@ pub fn apply(
         match sink.apply(op) {
             Ok(()) => {}
             Err(MapError::NotFound) if op.is_delete() => {}
-            Err(source) => return Err(ReconcileError::Write { op: *op, source }),
+            Err(source) => {
+                return Err(ReconcileError::Write {
+                    op: Box::new(*op),
+                    source,
+                });
+            }
         }
         debug!("map write: {op}");
         shadow.record(op);
@@ -234,6 +239,15 @@ impl Reconciler {
         self.apply(sink, &ops)?;
         self.shadow.owners = Owners::default();
         Ok(())
+    }
+
+    /// Removes slots and `live` pairs a failed plan left under ids no
+    /// frontend carries (they are also reused, and so cleaned, by the next
+    /// new frontend). Returns how many writes that took.
+    pub fn remove_orphans(&mut self, sink: &mut impl Sink) -> Result<usize, ReconcileError> {
+        let ops = plan::orphans(&self.shadow.maps);
+        self.apply(sink, &ops)?;
+        Ok(ops.len())
     }
 
     /// Forgets learnt endpoints whose port (host-side ifindex) is not in

@@ -13,9 +13,10 @@
 //! - A ClusterIP's `vips` entry is written after the service entry of its
 //!   first frontend and removed before the service entry of its last one.
 //!   The data path drops traffic to a ClusterIP in `vips` that has no
-//!   frontend for the port; these orders mean no state in between has a
-//!   ClusterIP in `vips` without any frontend, and a frontend that stays is
-//!   translated throughout.
+//!   frontend for the port; these orders, and writing the frontends a
+//!   plan keeps or adds before removing the others, mean no state in
+//!   between has a ClusterIP in `vips` without any frontend, and a
+//!   frontend that stays is translated throughout.
 //! - A PublicIP is accepted (`peer_ips`) before a peer points at it, and
 //!   peers are removed before their PublicIP is refused.
 //! - Only what differs is written: an unchanged input plans nothing, and a
@@ -114,18 +115,20 @@ pub fn service(owner: &ServiceName, want: &Frontends, cur: &Shadow) -> Vec<MapOp
     }
 
     let mut ops = vips_first;
-    for (k, info) in &removed {
-        remove_frontend(&mut ops, maps, k, info);
-    }
-    // Ids in use stay in use until this plan is applied, so a new frontend
-    // never gets the id of one removed above.
+    // Frontends that stay or come first, then those that go: a ClusterIP
+    // that keeps frontends (a port renumbered) always has one.
     let mut fresh = maps.fresh_ids();
     for (k, st) in want {
         let old = maps.services.get(k);
+        // Ids of the frontends removed below are in use until then, so
+        // `fresh` never hands one out here.
         let Some(id) = old.map(|i| i.id).or_else(|| fresh.next()) else {
             continue; // 2^32 frontends: cannot happen (the map holds 65,536)
         };
         set_frontend(&mut ops, maps, *k, old, id, st);
+    }
+    for (k, info) in &removed {
+        remove_frontend(&mut ops, maps, k, info);
     }
     ops.extend(vips_last);
     ops
@@ -182,6 +185,21 @@ fn remove_frontend(ops: &mut Vec<MapOp>, maps: &MapState, key: &SvcKey, info: &S
         ops.push(MapOp::DelBackend(backend_key(id, *slot)));
     }
     ops.push(MapOp::DelSvcStats(*key));
+}
+
+/// Slots and `live` pairs of ids no service entry carries (a plan that
+/// failed half way left them). Nothing exposes them, so any order is safe.
+pub fn orphans(cur: &MapState) -> Vec<MapOp> {
+    let mut ops = Vec::new();
+    for &id in cur.orphans() {
+        for a in cur.live_of(id) {
+            ops.push(MapOp::DelLive(live_key(id, a)));
+        }
+        for slot in cur.slots.get(&id).into_iter().flat_map(|s| s.keys()) {
+            ops.push(MapOp::DelBackend(backend_key(id, *slot)));
+        }
+    }
+    ops
 }
 
 /// Everything in the service maps (as adopted from the kernel), and the

@@ -4,10 +4,11 @@
 //! plan picks up where the failed one stopped.
 //!
 //! It also holds the one service-id allocator. An id is taken while a
-//! service entry carries it; backend slots or `live` pairs left under a
-//! free id (a plan that failed half way) are overwritten or removed by the
-//! plan of the next frontend that gets the id, since plans diff slots and
-//! pairs by id.
+//! service entry carries it. Backend slots or `live` pairs left under a
+//! free id (a plan that failed half way) are tracked as orphans: removed
+//! at the agent's next tick ([`super::plan::orphans`]), or overwritten by
+//! the plan of the next frontend that gets the id, since plans diff slots
+//! and pairs by id.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -54,6 +55,9 @@ pub struct MapState {
     /// ClusterIP -> service entries that carry it (derived from `services`).
     frontends_per_vip: BTreeMap<[u8; 4], u32>,
     ids: IdAllocator,
+    /// Ids with slots or `live` pairs but no service entry: left by a
+    /// plan that failed half way (derived).
+    orphans: BTreeSet<u32>,
 }
 
 /// Service ids: taken while a service entry carries one; released ids are
@@ -113,9 +117,33 @@ impl MapState {
             .map(|(_, a)| *a)
     }
 
+    /// Ids with slots or `live` pairs but no service entry.
+    pub fn orphans(&self) -> &BTreeSet<u32> {
+        &self.orphans
+    }
+
+    fn refresh_orphan(&mut self, id: u32) {
+        let unused = !self.ids.used.contains_key(&id);
+        if unused && (self.slots.contains_key(&id) || self.live_of(id).next().is_some()) {
+            self.orphans.insert(id);
+        } else {
+            self.orphans.remove(&id);
+        }
+    }
+
     /// Records a write that took effect (or a delete of a key that was
     /// already gone: the entry is absent either way).
     pub fn record(&mut self, op: &MapOp) {
+        self.record_entry(op);
+        match *op {
+            MapOp::PutService(_, v) => self.refresh_orphan(v.id),
+            MapOp::PutBackend(k, _) | MapOp::DelBackend(k) => self.refresh_orphan(k.svc_id),
+            MapOp::PutLive(k) | MapOp::DelLive(k) => self.refresh_orphan(k.svc_id),
+            _ => {}
+        }
+    }
+
+    fn record_entry(&mut self, op: &MapOp) {
         match *op {
             MapOp::NodeConfig(c) => self.node = Some(c),
             MapOp::PutPeerIp(k, v) => {
@@ -133,6 +161,7 @@ impl MapState {
             MapOp::PutService(k, v) => {
                 if let Some(old) = self.services.insert(k, v) {
                     self.ids.release(old.id);
+                    self.refresh_orphan(old.id);
                 } else {
                     *self.frontends_per_vip.entry(k.vip).or_default() += 1;
                 }
@@ -141,6 +170,7 @@ impl MapState {
             MapOp::DelService(k) => {
                 if let Some(old) = self.services.remove(&k) {
                     self.ids.release(old.id);
+                    self.refresh_orphan(old.id);
                     if let Some(n) = self.frontends_per_vip.get_mut(&k.vip) {
                         *n -= 1;
                         if *n == 0 {
@@ -208,6 +238,16 @@ impl MapState {
             .iter()
             .map(|k| (k.svc_id, addr(&k.backend)))
             .collect();
+        let ids: BTreeSet<u32> = self
+            .slots
+            .keys()
+            .copied()
+            .chain(self.live.iter().map(|(id, _)| *id))
+            .collect();
+        self.orphans.clear();
+        for id in ids {
+            self.refresh_orphan(id);
+        }
     }
 }
 
