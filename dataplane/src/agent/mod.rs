@@ -12,7 +12,7 @@
 //!
 //! Inside the loop no error ends the agent: a failed write or netlink call
 //! is logged and counted, and retried at the next event or tick.
-//! [`node`] is this node's host side, [`startup`] the waits before the loop.
+//! [`startup`] is everything before the loop, [`node`] this node's host side.
 
 mod node;
 mod startup;
@@ -21,25 +21,23 @@ use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
     path::PathBuf,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::anyhow;
-use dataplane_common::VXLAN_OVERHEAD;
 use ipnet::Ipv4Net;
 use log::{error, info, warn};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    bpf::{Dataplane, Decap, LoadOptions},
+    bpf::{Dataplane, Decap},
     config::NetworkConfig,
     etcd::EtcdOptions,
-    lease::{self, LeaseAttrs, LeaseEvent, format_mac},
+    lease::{LeaseAttrs, LeaseEvent, format_mac},
     netlink::{self, LinkInfo, Netlink},
-    peers::{self, PeerChange, PeerTable, PeerUpdate, PeerWatchStats},
+    peers::{PeerChange, PeerTable, PeerUpdate},
     reconcile::{Reconciler, Resync, desired},
-    services::{self, ServiceName, ServiceStore, StoreUpdate},
+    services::{ServiceName, ServiceStore, StoreUpdate},
 };
 
 /// Everything the agent needs to run; built from the CLI.
@@ -95,154 +93,10 @@ const TICK: Duration = Duration::from_secs(10);
 /// revoked on exit: a restart must get the same subnet back.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let shutdown = startup::stop_on_signal();
-
-    let nl = Netlink::new()?;
-    let underlay = node::underlay_iface(&nl, cfg.iface.as_deref()).await?;
-    let public_ip = node::public_ip(&nl, &underlay, cfg.public_ip).await?;
-    info!(
-        "underlay {} (ifindex {}, mtu {}), public IP {public_ip}",
-        underlay.name, underlay.ifindex, underlay.mtu
-    );
-
-    let Some(mut client) = startup::connect_etcd(&cfg.etcd, shutdown.clone()).await else {
+    let Some((mut agent, events)) = startup::start(cfg, shutdown.clone()).await? else {
         return Ok(());
     };
-    let Some(net) = startup::wait_for_config(&mut client, &cfg.prefix, shutdown.clone()).await
-    else {
-        return Ok(());
-    };
-    info!(
-        "network {} subnets /{} from {} to {}, VXLAN VNI {} port {}",
-        net.network,
-        net.subnet_len,
-        net.subnet_min,
-        net.subnet_max,
-        net.backend.vni,
-        net.backend.port
-    );
-
-    let attrs = LeaseAttrs {
-        public_ip,
-        backend_type: "vxlan".into(),
-        vni: net.backend.vni,
-        vtep_mac: lease::vtep_mac_for(public_ip),
-    };
-    let hint = node::subnet_hint(&cfg.subnet_file);
-    let Some(lease) =
-        startup::acquire_lease(&mut client, &cfg, &net, &attrs, hint, shutdown.clone()).await
-    else {
-        return Ok(());
-    };
-    let mtu = net
-        .backend
-        .mtu
-        .unwrap_or(underlay.mtu.saturating_sub(VXLAN_OVERHEAD));
-    let mut subnet_env =
-        node::SubnetEnvFile::new(cfg.subnet_file.clone(), net.network, cfg.ip_masq);
-    subnet_env.ensure(lease.subnet, mtu)?;
-
-    netlink::set_sysctl("net/ipv4/ip_forward", "1")?;
-    let mut dp = Dataplane::load(&LoadOptions {
-        pin_path: Some(&cfg.pin_path),
-        bpf_log: cfg.bpf_log,
-    })?;
-    if cfg.bpf_log
-        && let Some(log) = dp.take_log()?
-    {
-        tokio::spawn(log.forward());
-    }
-    let bridge = node::plumb_bridge(&nl, &cfg.bridge, lease.subnet, net.network, mtu).await?;
-    let mut agent = Agent {
-        nl,
-        dp,
-        rec: Reconciler::new(),
-        subnet: lease.subnet,
-        subnet_env,
-        mtu,
-        underlay,
-        bridge,
-        table: PeerTable::default(),
-        store: ServiceStore::new(),
-        retry: Retry::default(),
-        transient_errors: 0,
-        cfg,
-        net,
-        attrs,
-    };
-    let node_cfg = desired::node_config(&agent.node_facts());
-    agent.rec.set_node(agent.dp.maps(), &node_cfg)?;
-    // Services are in the maps before any program is attached, so a
-    // ClusterIP is never forwarded untranslated, not even at start-up.
-    // Entries an earlier run left are cleared first: their ids would
-    // collide with the ones allocated now.
-    agent.rec.clear_services(agent.dp.maps())?;
-    agent.store = match services::list(&mut client, &agent.cfg.service_prefix).await {
-        Ok(s) => s,
-        Err(e) => {
-            error!(
-                "listing services under {}: {e:#}; the watch will deliver them",
-                agent.cfg.service_prefix
-            );
-            ServiceStore::new()
-        }
-    };
-    let names = agent.program_all_services();
-    info!(
-        "{names} services, {} frontends programmed",
-        agent.rec.frontends()
-    );
-
-    let mode = agent.cfg.decap_mode.resolve(agent.underlay.kind.as_deref());
-    agent.dp.attach_underlay(&agent.underlay.name, mode)?;
-    // Subscribe before the first listing so no new pod falls in between.
-    let links = Some(netlink::link_events()?);
-    let (svc_tx, services) = mpsc::channel::<StoreUpdate>(4096);
-    tokio::spawn(services::watch_services(
-        client.clone(),
-        agent.cfg.service_prefix.clone(),
-        svc_tx,
-        shutdown.clone(),
-    ));
-    agent.sync_ports().await;
-
-    // Peers: etcd watch -> table -> maps.
-    let (peer_tx, peers) = mpsc::channel::<PeerUpdate>(1024);
-    tokio::spawn(peers::watch_peers(
-        client.clone(),
-        agent.cfg.prefix.clone(),
-        peer_tx,
-        Arc::new(PeerWatchStats::default()),
-        shutdown.clone(),
-    ));
-    // Own lease: renewal and re-acquisition.
-    let (lease_tx, leases) = mpsc::channel::<LeaseEvent>(16);
-    tokio::spawn(lease::keep(
-        client.clone(),
-        agent.cfg.prefix.clone(),
-        agent.net.clone(),
-        agent.attrs.clone(),
-        lease,
-        agent.cfg.renew_margin,
-        lease_tx,
-        shutdown.clone(),
-    ));
-
-    info!(
-        "agent ready: subnet {}, VtepMAC {}",
-        agent.subnet,
-        format_mac(&agent.attrs.vtep_mac)
-    );
-    agent
-        .event_loop(
-            Events {
-                peers,
-                services,
-                leases,
-                links,
-            },
-            shutdown,
-        )
-        .await;
+    agent.event_loop(events, shutdown).await;
     info!("stopped");
     Ok(())
 }
@@ -263,6 +117,8 @@ struct Retry {
     services: BTreeSet<ServiceName>,
 }
 
+/// What the event handlers share: the data plane, the reconciler and the
+/// desired-state sources (lease table, Service store, this node).
 struct Agent {
     cfg: AgentConfig,
     nl: Netlink,

@@ -43,6 +43,9 @@ pub enum MapError {
     /// The key was not in the map (a delete of something already gone).
     #[error("no such key")]
     NotFound,
+    /// The map holds `max_entries` already.
+    #[error("map full")]
+    Full,
     #[error("map {0} missing from the BPF object")]
     Missing(&'static str),
     #[error("opening {}: {source}", path.display())]
@@ -63,6 +66,11 @@ impl From<aya::maps::MapError> for MapError {
                 if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
             {
                 MapError::NotFound
+            }
+            aya::maps::MapError::SyscallError(s)
+                if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                MapError::Full
             }
             e => MapError::Kernel(e),
         }

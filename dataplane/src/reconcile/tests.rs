@@ -71,9 +71,7 @@ impl Sink for Fake {
         let call = self.calls;
         self.calls += 1;
         if self.fail_at == Some(call) {
-            return Err(MapError::Kernel(aya::maps::MapError::IoError(
-                std::io::Error::from_raw_os_error(libc::E2BIG),
-            )));
+            return Err(MapError::Full);
         }
         let k = &self.kernel;
         let exists = match op {
