@@ -1,9 +1,12 @@
 //! The node agent, as a library so the integration tests can drive its parts.
 //!
 //! Control plane: [`config`] (flannel network config), [`lease`] (subnet
-//! leases in etcd), [`subnet_env`], [`peers`] (watching every node's lease).
-//! Host plumbing: [`netlink`]. Data plane: [`bpf`] (loading, pinning,
-//! attaching, typed map access). [`agent`] wires them together.
+//! leases in etcd), [`subnet_env`], [`peers`] (watching every node's
+//! lease), [`services`] (Services and EndpointSlices in etcd).
+//! Host plumbing: [`netlink`]. Data plane: [`reconcile`] (desired state ->
+//! a planned, ordered list of map writes -> applied) over [`bpf`]
+//! (loading, pinning, attaching, typed map access). [`agent`] routes
+//! events to them.
 
 /// The BPF object built by build.rs from `dataplane-ebpf`, with BTF.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
@@ -15,5 +18,6 @@ pub mod etcd;
 pub mod lease;
 pub mod netlink;
 pub mod peers;
+pub mod reconcile;
 pub mod services;
 pub mod subnet_env;

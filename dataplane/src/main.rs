@@ -5,9 +5,9 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use dataplane::{
-    agent::{self, AgentConfig},
-    bpf::{DecapMode, fmt_mac},
+    agent::{self, AgentConfig, DecapMode},
     etcd::{EtcdOptions, Prefix},
+    lease::format_mac,
 };
 
 #[derive(Parser)]
@@ -174,6 +174,10 @@ struct AgentArgs {
     /// etcd prefix of Services, Endpoints and EndpointSlices.
     #[arg(long, default_value = dataplane::services::DEFAULT_PREFIX)]
     service_prefix: Prefix,
+    /// Log rare data-path events (aya-log records from the BPF programs)
+    /// through the agent's log, filtered by RUST_LOG like the rest.
+    #[arg(long)]
+    bpf_log: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -204,6 +208,7 @@ fn main() -> anyhow::Result<()> {
                     renew_margin: Duration::from_secs(a.renew_margin_secs),
                     ip_masq: a.ip_masq,
                     service_prefix: a.service_prefix.to_string(),
+                    bpf_log: a.bpf_log,
                 })
                 .await
             }
@@ -320,7 +325,7 @@ async fn leases_cmd(etcd: &EtcdArgs) -> anyhow::Result<()> {
                 "{:<20} {:<16} {:<18} {:>10}",
                 subnet.to_string(),
                 a.public_ip.to_string(),
-                fmt_mac(&a.vtep_mac),
+                format_mac(&a.vtep_mac),
                 ttl
             ),
             Err(e) => println!("{:<20} malformed: {e}", subnet.to_string()),

@@ -186,3 +186,40 @@ fn garbage_lease_changes_nothing_else() {
         "agent still running"
     );
 }
+
+/// The node config's flags as the agent of node `i` wrote them.
+fn node_flags(c: &Cluster, i: usize) -> u32 {
+    use aya::maps::{Array, Map, MapData};
+    let path = c.nodes[i]
+        .pin_path
+        .join(dataplane_common::map_names::NODE_CONFIG);
+    let data = MapData::from_pin(&path).unwrap();
+    let map: Array<_, dataplane_common::NodeConfig> = Array::try_from(Map::Array(data)).unwrap();
+    map.get(&0, 0).unwrap().flags
+}
+
+/// `--bpf-log` brings the agent up (whether or not the object has aya-log
+/// records yet) and tells the data path through the node config; without
+/// it the bit is clear again.
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn bpf_log_flag_reaches_the_node_config() {
+    use dataplane_common::{NODE_CFG_BPF_LOG, NODE_CFG_READY};
+    root_only!();
+    let mut c = Cluster::new(1).unwrap();
+    c.put_config(CONFIG).unwrap();
+    c.start_agent(0, &["--decap-mode", "tc", "--bpf-log"])
+        .unwrap();
+    c.wait_ready(0, READY).unwrap();
+    assert_eq!(
+        node_flags(&c, 0),
+        NODE_CFG_READY | NODE_CFG_BPF_LOG,
+        "{}",
+        c.nodes[0].log()
+    );
+    c.nodes[0].stop_agent();
+    std::fs::write(c.nodes[0].log_file(), "").unwrap();
+    c.start_agent(0, &["--decap-mode", "tc"]).unwrap();
+    c.wait_ready(0, READY).unwrap();
+    assert_eq!(node_flags(&c, 0), NODE_CFG_READY);
+}

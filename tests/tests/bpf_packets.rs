@@ -11,7 +11,11 @@ use aya::{
     maps::RingBuf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use dataplane::bpf::{Dataplane, Peer};
+use dataplane::{
+    bpf::Dataplane,
+    reconcile::{FrontendState, Frontends, Peer, Reconciler, Resync},
+    services::ServiceName,
+};
 use dataplane_common::{NODE_CFG_BPF_LOG, NODE_CFG_READY, NodeConfig, Stat, prog_names};
 use etherparse::{Ethernet2Header, Icmpv4Type, IpNumber, icmpv4::DestUnreachableHeader};
 use ipnet::Ipv4Net;
@@ -37,8 +41,11 @@ const CNI0_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 1];
 
 struct Env {
     dp: Dataplane,
+    rec: Reconciler,
     ul_mac: [u8; 6],
     cfg: NodeConfig,
+    /// The frontends of the one test Service.
+    fronts: Frontends,
 }
 
 fn link(name: &str) -> (u32, [u8; 6]) {
@@ -67,9 +74,9 @@ fn setup() -> Env {
          ip neigh replace 192.168.100.2 lladdr {} dev ul0 nud permanent && \
          ip link add cni0 type bridge && ip link set cni0 address {} && \
          ip addr add 10.244.1.1/24 dev cni0 && ip link set cni0 up",
-        dataplane::bpf::fmt_mac(&PEER_UL_MAC),
-        dataplane::bpf::fmt_mac(&PEER_UL_MAC),
-        dataplane::bpf::fmt_mac(&CNI0_MAC),
+        dataplane::lease::format_mac(&PEER_UL_MAC),
+        dataplane::lease::format_mac(&PEER_UL_MAC),
+        dataplane::lease::format_mac(&CNI0_MAC),
     ))
     .unwrap();
     let (ul_idx, ul_mac) = link("ul0");
@@ -92,9 +99,16 @@ fn setup() -> Env {
         bridge_mac: CNI0_MAC,
         _pad: [0; 2],
     };
-    dp.set_node_config(&cfg).unwrap();
-    dp.sync_peers(&peers(&[]), true).unwrap();
-    Env { dp, ul_mac, cfg }
+    let mut rec = Reconciler::new();
+    rec.set_node(dp.maps(), &cfg).unwrap();
+    rec.set_peers(dp.maps(), &peers(&[]), Resync::Full).unwrap();
+    Env {
+        dp,
+        rec,
+        ul_mac,
+        cfg,
+        fronts: Frontends::new(),
+    }
 }
 
 /// The peer of [`setup`] (10.244.2.0/24 at 192.168.100.2) and `more`.
@@ -322,8 +336,10 @@ root_test!(without_node_config_everything_passes_counted, || {
     // Loaded, but the agent has not written this node's configuration.
     let mut env = Env {
         dp: Dataplane::load_with(None).unwrap(),
+        rec: Reconciler::new(),
         ul_mac: [2, 0, 0, 0, 0, 1],
         cfg: NodeConfig::default(),
+        fronts: Frontends::new(),
     };
     let from_pod = pod_frame(
         CNI0_MAC,
@@ -359,10 +375,11 @@ root_test!(from_pod_drops_cluster_traffic_without_a_lease, || {
 root_test!(rare_events_are_logged_only_when_asked, || {
     let mut env = setup();
     // A peer whose PublicIP has no route: encapsulation fails at the FIB.
-    env.dp
-        .sync_peers(
+    env.rec
+        .set_peers(
+            env.dp.maps(),
             &peers(&[("10.244.3.0/24", Ipv4Addr::new(203, 0, 113, 9))]),
-            true,
+            Resync::Full,
         )
         .unwrap();
     let input = pod_frame(
@@ -390,7 +407,7 @@ root_test!(rare_events_are_logged_only_when_asked, || {
         flags: env.cfg.flags | NODE_CFG_BPF_LOG,
         ..env.cfg
     };
-    env.dp.set_node_config(&cfg).unwrap();
+    env.rec.set_node(env.dp.maps(), &cfg).unwrap();
     let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &input);
     assert_eq!(rc, TC_ACT_SHOT);
     assert_counters(&env, &[(Stat::DropFib, 2)], "no route, logged");
@@ -643,7 +660,9 @@ root_test!(xdp_decap_strips_vxlan_and_drops_bad, || {
 
 root_test!(peer_removal_stops_encap_and_decap, || {
     let mut env = setup();
-    env.dp.sync_peers(&Default::default(), false).unwrap();
+    env.rec
+        .set_peers(env.dp.maps(), &Default::default(), Resync::Incremental)
+        .unwrap();
     let input = pod_frame(
         CNI0_MAC,
         POD_MAC,
@@ -667,7 +686,6 @@ root_test!(peer_removal_stops_encap_and_decap, || {
 
 // ---- ClusterIP services ----
 
-use dataplane::bpf::FrontendState;
 use dataplane_common::{Backend, SvcKey};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -690,16 +708,18 @@ fn backend(ip: Ipv4Addr, port: u16) -> Backend {
     }
 }
 
+/// Programs one frontend of the test Service (its others stay).
 fn set_frontend(env: &mut Env, key: SvcKey, backends: Vec<Backend>) {
-    env.dp
-        .services()
-        .set_frontend(
-            key,
-            &FrontendState {
-                backends,
-                affinity_timeout_s: None,
-            },
-        )
+    env.fronts.insert(
+        key,
+        FrontendState {
+            backends,
+            affinity_timeout_s: None,
+        },
+    );
+    let name = ServiceName::new("default", "test");
+    env.rec
+        .set_service(env.dp.maps(), &name, &env.fronts)
         .unwrap();
 }
 

@@ -763,7 +763,11 @@ struct ProgCost {
 
 fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
     use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-    use dataplane::bpf::{Dataplane, FrontendState, Peer};
+    use dataplane::{
+        bpf::Dataplane,
+        reconcile::{FrontendState, Peer, Reconciler, Resync},
+        services::ServiceName,
+    };
     use dataplane_common::{Backend, NODE_CFG_READY, NodeConfig, prog_names};
     use tests::packets::*;
     let repeat = o.bpf_repeat;
@@ -797,22 +801,26 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
         let (ul_idx, ul_mac) = link("ul0")?;
         let (br_idx, _) = link("cni0")?;
         let mut dp = Dataplane::load_with(None)?;
-        dp.set_node_config(&NodeConfig {
-            flags: NODE_CFG_READY,
-            vni: 1,
-            underlay_ifindex: ul_idx,
-            bridge_ifindex: br_idx,
-            public_ip: OUR_IP.octets(),
-            network: [10, 244, 0, 0],
-            subnet: [10, 244, 1, 0],
-            gateway: [10, 244, 1, 1],
-            network_prefix_len: 16,
-            subnet_prefix_len: 24,
-            vxlan_port: 8472,
-            vtep_mac: OUR_VTEP,
-            underlay_mac: ul_mac,
-            ..Default::default()
-        })?;
+        let mut rec = Reconciler::new();
+        rec.set_node(
+            dp.maps(),
+            &NodeConfig {
+                flags: NODE_CFG_READY,
+                vni: 1,
+                underlay_ifindex: ul_idx,
+                bridge_ifindex: br_idx,
+                public_ip: OUR_IP.octets(),
+                network: [10, 244, 0, 0],
+                subnet: [10, 244, 1, 0],
+                gateway: [10, 244, 1, 1],
+                network_prefix_len: 16,
+                subnet_prefix_len: 24,
+                vxlan_port: 8472,
+                vtep_mac: OUR_VTEP,
+                underlay_mac: ul_mac,
+                ..Default::default()
+            },
+        )?;
         let mut peers = BTreeMap::new();
         peers.insert(
             net("10.244.2.0/24"),
@@ -821,7 +829,7 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
                 vtep_mac: PEER_VTEP,
             },
         );
-        dp.sync_peers(&peers, true)?;
+        rec.set_peers(dp.maps(), &peers, Resync::Full)?;
         let backends = (0..3)
             .map(|k| Backend {
                 ip: Ipv4Addr::new(10, 244, 2, 7 + k).octets(),
@@ -829,13 +837,15 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
                 _pad: [0; 2],
             })
             .collect();
-        dp.services().set_frontend(
+        let fronts = [(
             svc_key_port(vip, 80),
-            &FrontendState {
+            FrontendState {
                 backends,
                 affinity_timeout_s: None,
             },
-        )?;
+        )]
+        .into();
+        rec.set_service(dp.maps(), &ServiceName::new("default", "bench"), &fronts)?;
 
         let run = |dp: &mut Dataplane,
                    prog: &str,
@@ -1114,7 +1124,7 @@ fn main() -> anyhow::Result<()> {
     let mut sections = serde_json::Map::new();
     let mut md = String::new();
     let mut errors: Vec<String> = Vec::new();
-    let auto = dataplane::bpf::DecapMode::Auto.resolve(Some("veth"));
+    let auto = dataplane::agent::DecapMode::Auto.resolve(Some("veth"));
 
     // ---- BPF per-program cost (no cluster needed)
     eprintln!("[bpf] per-program cost via BPF_PROG_TEST_RUN");

@@ -1,0 +1,401 @@
+//! The node agent. Start-up gets this node a subnet lease, writes
+//! subnet.env, loads the BPF object, plumbs the pod bridge, programs the
+//! node config and every Service, then attaches. After that it is an event
+//! loop that hands each event to [`crate::reconcile`]:
+//!
+//! | event                         | reconciles                              |
+//! |-------------------------------|-----------------------------------------|
+//! | lease table (etcd watch)      | peer maps                               |
+//! | Services, EndpointSlices      | that Service's frontends                |
+//! | own lease re-acquired         | subnet.env, bridge, node config, peers, all Services |
+//! | link change, timer            | pod ports (attach, forget endpoints), retries |
+//!
+//! Inside the loop no error ends the agent: a failed write or netlink call
+//! is logged and counted, and retried at the next event or tick.
+//! [`startup`] is everything before the loop, [`node`] this node's host side.
+
+mod node;
+mod startup;
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::anyhow;
+use ipnet::Ipv4Net;
+use log::{error, info, warn};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    bpf::{Dataplane, Decap},
+    config::NetworkConfig,
+    etcd::EtcdOptions,
+    lease::{LeaseAttrs, LeaseEvent, format_mac},
+    netlink::{self, LinkInfo, Netlink},
+    peers::{PeerChange, PeerTable, PeerUpdate},
+    reconcile::{Reconciler, Resync, desired},
+    services::{ServiceName, ServiceStore, StoreUpdate},
+};
+
+/// Everything the agent needs to run; built from the CLI.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub etcd: EtcdOptions,
+    pub prefix: String,
+    pub iface: Option<String>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub subnet_file: PathBuf,
+    pub pin_path: PathBuf,
+    pub decap_mode: DecapMode,
+    pub bridge: String,
+    pub lease_ttl: Duration,
+    pub renew_margin: Duration,
+    pub ip_masq: bool,
+    /// etcd prefix of Services, Endpoints and EndpointSlices.
+    pub service_prefix: String,
+    /// Forward the data path's aya-log records to the log (`--bpf-log`).
+    pub bpf_log: bool,
+}
+
+/// `--decap-mode`: where decapsulation runs on the underlay interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapMode {
+    /// XDP on the underlay (native where the driver supports it).
+    Xdp,
+    /// TC ingress on the underlay.
+    Tc,
+    /// XDP on physical NICs, TC on virtual devices (veth, bridge, ...),
+    /// where attaching XDP turns off TSO on the peer and costs more than it saves.
+    Auto,
+}
+
+impl DecapMode {
+    /// Resolves `Auto` for an interface of the given rtnetlink kind
+    /// (`None` for a physical NIC).
+    pub fn resolve(self, link_kind: Option<&str>) -> Decap {
+        match self {
+            DecapMode::Xdp => Decap::Xdp,
+            DecapMode::Tc => Decap::Tc,
+            DecapMode::Auto if link_kind.is_none() => Decap::Xdp,
+            DecapMode::Auto => Decap::Tc,
+        }
+    }
+}
+
+/// Re-list bridge ports (in case a link notification was lost: netlink
+/// multicast can overflow) and retry failed writes this often.
+const TICK: Duration = Duration::from_secs(10);
+
+/// Runs the agent until SIGINT/SIGTERM. The lease is deliberately not
+/// revoked on exit: a restart must get the same subnet back.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let shutdown = startup::stop_on_signal();
+    let Some((mut agent, events)) = startup::start(cfg, shutdown.clone()).await? else {
+        return Ok(());
+    };
+    agent.event_loop(events, shutdown).await;
+    info!("stopped");
+    Ok(())
+}
+
+struct Events {
+    peers: mpsc::Receiver<PeerUpdate>,
+    services: mpsc::Receiver<StoreUpdate>,
+    leases: mpsc::Receiver<LeaseEvent>,
+    /// `None` while resubscribing (at the next tick).
+    links: Option<mpsc::Receiver<()>>,
+}
+
+/// What failed and is tried again at the next tick.
+#[derive(Default)]
+struct Retry {
+    node: bool,
+    peers: bool,
+    services: BTreeSet<ServiceName>,
+}
+
+/// What the event handlers share: the data plane, the reconciler and the
+/// desired-state sources (lease table, Service store, this node).
+struct Agent {
+    cfg: AgentConfig,
+    nl: Netlink,
+    dp: Dataplane,
+    rec: Reconciler,
+    net: NetworkConfig,
+    attrs: LeaseAttrs,
+    underlay: LinkInfo,
+    bridge: LinkInfo,
+    mtu: u32,
+    subnet: Ipv4Net,
+    subnet_env: node::SubnetEnvFile,
+    table: PeerTable,
+    store: ServiceStore,
+    retry: Retry,
+    transient_errors: u64,
+}
+
+async fn next_link_event(links: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match links {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Agent {
+    async fn event_loop(&mut self, mut ev: Events, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(update) = ev.peers.recv() => self.on_peers(update),
+                Some(update) = ev.services.recv() => self.on_services(update),
+                Some(event) = ev.leases.recv() => self.on_lease(event).await,
+                link = next_link_event(&mut ev.links) => {
+                    if link.is_none() {
+                        warn!("link notifications stopped; subscribing again at the next tick");
+                        ev.links = None;
+                    }
+                    self.sync_ports().await;
+                }
+                _ = tick.tick() => {
+                    if ev.links.is_none() {
+                        match netlink::link_events() {
+                            Ok(rx) => ev.links = Some(rx),
+                            Err(e) => self.failed(anyhow!("subscribing to link notifications: {e:#}")),
+                        }
+                    }
+                    self.on_tick().await;
+                }
+            }
+        }
+    }
+
+    /// Logs and counts an error the loop recovers from.
+    fn failed(&mut self, e: anyhow::Error) {
+        self.transient_errors += 1;
+        error!(
+            "{e:#} (retried at the next event or tick; {} transient errors so far)",
+            self.transient_errors
+        );
+    }
+
+    fn node_facts(&self) -> desired::NodeFacts {
+        desired::NodeFacts {
+            network: self.net.network,
+            subnet: self.subnet,
+            vni: self.net.backend.vni,
+            vxlan_port: self.net.backend.port,
+            public_ip: self.attrs.public_ip,
+            vtep_mac: self.attrs.vtep_mac,
+            underlay_ifindex: self.underlay.ifindex,
+            underlay_mac: self.underlay.mac,
+            bridge_ifindex: self.bridge.ifindex,
+            bridge_mac: self.bridge.mac,
+            bpf_log: self.cfg.bpf_log,
+        }
+    }
+
+    fn on_peers(&mut self, update: PeerUpdate) {
+        let resync = match update {
+            PeerUpdate::Snapshot(_) => Resync::Full,
+            _ => Resync::Incremental,
+        };
+        for change in self.table.apply(update) {
+            log_change(&change, self.subnet);
+        }
+        self.sync_peers(resync);
+    }
+
+    fn sync_peers(&mut self, resync: Resync) {
+        let want = desired::peers(&self.table, self.subnet);
+        match self.rec.set_peers(self.dp.maps(), &want, resync) {
+            Ok(()) => self.retry.peers = false,
+            Err(e) => {
+                self.retry.peers = true;
+                self.failed(anyhow!("writing peer maps: {e}"));
+            }
+        }
+    }
+
+    fn on_services(&mut self, update: StoreUpdate) {
+        let t0 = Instant::now();
+        let before = self.rec.writes();
+        let changed = self.store.apply(update);
+        for name in &changed {
+            self.program_service(name);
+        }
+        let after = self.rec.writes();
+        let level = if changed.len() <= 10 {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
+            "services: {} changed, {} map updates, {} deletes, {:?}",
+            changed.len(),
+            after.updates - before.updates,
+            after.deletes - before.deletes,
+            t0.elapsed()
+        );
+    }
+
+    /// Programs every known Service; returns how many there are.
+    fn program_all_services(&mut self) -> usize {
+        let names: Vec<ServiceName> = self.store.service_names().cloned().collect();
+        for name in &names {
+            self.program_service(name);
+        }
+        names.len()
+    }
+
+    /// Makes the maps hold exactly the frontends `name` has on this node.
+    fn program_service(&mut self, name: &ServiceName) {
+        let own = self.subnet;
+        let fronts = self.store.frontends_for(name, &|ip| own.contains(&ip));
+        let had = self.rec.owns_frontends(name);
+        let want = desired::frontends(&fronts);
+        match self.rec.set_service(self.dp.maps(), name, &want) {
+            Ok(()) => {
+                self.retry.services.remove(name);
+            }
+            Err(e) => {
+                self.retry.services.insert(name.clone());
+                self.failed(anyhow!("service {name}: {e}"));
+            }
+        }
+        if !fronts.is_empty() {
+            let list: Vec<String> = fronts
+                .iter()
+                .map(|(f, s)| {
+                    format!(
+                        "{}:{}/{} -> {} backends",
+                        f.ip,
+                        f.port,
+                        f.proto,
+                        s.backends.len()
+                    )
+                })
+                .collect();
+            info!("service {name}: {}", list.join(", "));
+        } else if had {
+            info!("service {name}: removed");
+        }
+    }
+
+    async fn on_lease(&mut self, event: LeaseEvent) {
+        match event {
+            LeaseEvent::Reacquired(new) => {
+                if new.subnet != self.subnet {
+                    error!(
+                        "node subnet changed from {} to {}: pods on the old subnet lose connectivity",
+                        self.subnet, new.subnet
+                    );
+                }
+                self.subnet = new.subnet;
+                self.refresh_node().await;
+                self.sync_peers(Resync::Incremental);
+                // internalTrafficPolicy Local depends on which pods are ours.
+                self.program_all_services();
+            }
+            other => info!("lease: {other:?}"),
+        }
+    }
+
+    /// subnet.env, the bridge and the node config for the current lease.
+    async fn refresh_node(&mut self) {
+        self.retry.node = true;
+        if let Err(e) = self.subnet_env.ensure(self.subnet, self.mtu) {
+            return self.failed(e);
+        }
+        let bridge = node::plumb_bridge(
+            &self.nl,
+            &self.cfg.bridge,
+            self.subnet,
+            self.net.network,
+            self.mtu,
+        )
+        .await;
+        match bridge {
+            Ok(b) => self.bridge = b,
+            Err(e) => return self.failed(e.context("plumbing the pod bridge")),
+        }
+        let cfg = desired::node_config(&self.node_facts());
+        if let Err(e) = self.rec.set_node(self.dp.maps(), &cfg) {
+            return self.failed(e.into());
+        }
+        self.retry.node = false;
+    }
+
+    async fn on_tick(&mut self) {
+        if self.retry.node {
+            self.refresh_node().await;
+        }
+        if self.retry.peers {
+            self.sync_peers(Resync::Incremental);
+        }
+        for name in std::mem::take(&mut self.retry.services) {
+            self.program_service(&name);
+        }
+        if let Err(e) = self.rec.remove_orphans(self.dp.maps()) {
+            self.failed(anyhow!("removing what failed service writes left: {e}"));
+        }
+        self.sync_ports().await;
+    }
+
+    /// `from_pod` on exactly the bridge's ports; endpoints learnt on
+    /// ports that are gone are forgotten first.
+    async fn sync_ports(&mut self) {
+        let ports = match self.nl.bridge_ports(self.bridge.ifindex).await {
+            Ok(p) => p,
+            Err(e) => return self.failed(e.context("listing bridge ports")),
+        };
+        let ifindexes: BTreeSet<u32> = ports.iter().map(|p| p.ifindex).collect();
+        if let Err(e) = self.rec.prune_endpoints(self.dp.maps(), &ifindexes) {
+            self.failed(anyhow!("forgetting endpoints of gone ports: {e}"));
+        }
+        let names: Vec<String> = ports.into_iter().map(|p| p.name).collect();
+        if let Err(e) = self.dp.sync_pod_ports(&names) {
+            self.failed(anyhow!("attaching to pod ports: {e}"));
+        }
+    }
+}
+
+fn log_change(c: &PeerChange, own: Ipv4Net) {
+    let subnet = match c {
+        PeerChange::Added(n, _) | PeerChange::Removed(n, _) => *n,
+        PeerChange::Changed { subnet, .. } => *subnet,
+    };
+    if subnet == own {
+        return;
+    }
+    match c {
+        PeerChange::Added(net, a) => info!(
+            "peer added: {net} at {} ({})",
+            a.public_ip,
+            format_mac(&a.vtep_mac)
+        ),
+        PeerChange::Changed { subnet, new, .. } => info!(
+            "peer changed: {subnet} at {} ({})",
+            new.public_ip,
+            format_mac(&new.vtep_mac)
+        ),
+        PeerChange::Removed(net, a) => info!("peer removed: {net} (was {})", a.public_ip),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_decap_is_xdp_on_physical_nics_and_tc_on_virtual_ones() {
+        assert_eq!(DecapMode::Auto.resolve(None), Decap::Xdp);
+        assert_eq!(DecapMode::Auto.resolve(Some("veth")), Decap::Tc);
+        assert_eq!(DecapMode::Xdp.resolve(Some("veth")), Decap::Xdp);
+        assert_eq!(DecapMode::Tc.resolve(None), Decap::Tc);
+    }
+}

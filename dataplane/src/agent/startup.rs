@@ -1,0 +1,288 @@
+//! Start-up: everything before the event loop ([`start`]), including the
+//! waits that must not end the agent (etcd unreachable, no valid network
+//! config yet, no subnet free yet: each retries until it succeeds or the
+//! agent is told to stop), and stopping itself on SIGINT/SIGTERM.
+
+use std::{sync::Arc, time::Duration};
+
+use dataplane_common::VXLAN_OVERHEAD;
+use ipnet::Ipv4Net;
+use log::{error, info};
+use tokio::sync::{mpsc, watch};
+
+use super::{Agent, AgentConfig, Events, Retry, node};
+use crate::{
+    bpf::{Dataplane, LoadOptions},
+    config::NetworkConfig,
+    etcd::EtcdOptions,
+    lease::{self, Lease, LeaseAttrs, LeaseEvent, format_mac},
+    netlink::{self, Netlink},
+    peers::{self, PeerTable, PeerUpdate, PeerWatchStats},
+    reconcile::{Reconciler, desired},
+    services::{self, ServiceStore, StoreUpdate},
+};
+
+/// How long to wait between attempts when etcd or the network config is
+/// not usable yet. The agent waits rather than exit-looping under a
+/// supervisor.
+const RETRY: Duration = Duration::from_secs(5);
+/// How long a clean shutdown may take before the agent exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A receiver that turns true at the first SIGINT/SIGTERM. A second
+/// signal, or a clean stop taking longer than [`SHUTDOWN_GRACE`], exits
+/// the process: a supervisor must never wait on a stopped agent forever.
+pub(super) fn stop_on_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("signal received, shutting down (the lease is kept for the restart)");
+        let _ = tx.send(true);
+        std::thread::spawn(|| {
+            std::thread::sleep(SHUTDOWN_GRACE);
+            error!("clean shutdown took more than {SHUTDOWN_GRACE:?}; exiting");
+            std::process::exit(1);
+        });
+        wait_for_signal().await;
+        error!("second signal: exiting now");
+        std::process::exit(1);
+    });
+    rx
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Sleeps [`RETRY`]; false when told to stop meanwhile.
+async fn wait_retry(shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(RETRY) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
+pub(super) async fn connect_etcd(
+    opts: &EtcdOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<etcd_client::Client> {
+    loop {
+        match crate::etcd::connect(opts).await {
+            Ok(c) => return Some(c),
+            Err(e) => error!(
+                "etcd {}: {e:#}; retrying in {RETRY:?}",
+                opts.endpoints.join(",")
+            ),
+        }
+        if !wait_retry(&mut shutdown).await {
+            return None;
+        }
+    }
+}
+
+/// Reads `<prefix>/config` until it holds a valid network config. A
+/// missing or invalid config is reported with the key and the field, and
+/// the agent keeps waiting for an operator to fix it.
+pub(super) async fn wait_for_config(
+    client: &mut etcd_client::Client,
+    prefix: &str,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<NetworkConfig> {
+    loop {
+        match crate::config::load(client, prefix).await {
+            Ok(cfg) => return Some(cfg),
+            Err(e) => error!("{e}; waiting for a valid config"),
+        }
+        if !wait_retry(&mut shutdown).await {
+            return None;
+        }
+    }
+}
+
+pub(super) async fn acquire_lease(
+    client: &mut etcd_client::Client,
+    cfg: &AgentConfig,
+    net: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    hint: Option<Ipv4Net>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<Lease> {
+    loop {
+        match lease::acquire(client, &cfg.prefix, net, attrs, hint, cfg.lease_ttl).await {
+            Ok(l) => {
+                info!(
+                    "leased {} (etcd lease {:x}, TTL {:?})",
+                    l.subnet, l.lease_id, l.ttl
+                );
+                return Some(l);
+            }
+            Err(e) => error!("acquiring a subnet lease: {e}; retrying in {RETRY:?}"),
+        }
+        if !wait_retry(&mut shutdown).await {
+            return None;
+        }
+    }
+}
+
+/// Start-up, in order: underlay, etcd, network config, lease,
+/// subnet.env, BPF load, bridge, node config, Services, attach, watches.
+/// `None` when told to stop while waiting.
+pub(super) async fn start(
+    cfg: AgentConfig,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Option<(Agent, Events)>> {
+    let nl = Netlink::new()?;
+    let underlay = node::underlay_iface(&nl, cfg.iface.as_deref()).await?;
+    let public_ip = node::public_ip(&nl, &underlay, cfg.public_ip).await?;
+    info!(
+        "underlay {} (ifindex {}, mtu {}), public IP {public_ip}",
+        underlay.name, underlay.ifindex, underlay.mtu
+    );
+
+    let Some(mut client) = connect_etcd(&cfg.etcd, shutdown.clone()).await else {
+        return Ok(None);
+    };
+    let Some(net) = wait_for_config(&mut client, &cfg.prefix, shutdown.clone()).await else {
+        return Ok(None);
+    };
+    info!(
+        "network {} subnets /{} from {} to {}, VXLAN VNI {} port {}",
+        net.network,
+        net.subnet_len,
+        net.subnet_min,
+        net.subnet_max,
+        net.backend.vni,
+        net.backend.port
+    );
+
+    let attrs = LeaseAttrs {
+        public_ip,
+        backend_type: "vxlan".into(),
+        vni: net.backend.vni,
+        vtep_mac: lease::vtep_mac_for(public_ip),
+    };
+    let hint = node::subnet_hint(&cfg.subnet_file);
+    let Some(lease) = acquire_lease(&mut client, &cfg, &net, &attrs, hint, shutdown.clone()).await
+    else {
+        return Ok(None);
+    };
+    let mtu = net
+        .backend
+        .mtu
+        .unwrap_or(underlay.mtu.saturating_sub(VXLAN_OVERHEAD));
+    let mut subnet_env =
+        node::SubnetEnvFile::new(cfg.subnet_file.clone(), net.network, cfg.ip_masq);
+    subnet_env.ensure(lease.subnet, mtu)?;
+
+    netlink::set_sysctl("net/ipv4/ip_forward", "1")?;
+    let mut dp = Dataplane::load(&LoadOptions {
+        pin_path: Some(&cfg.pin_path),
+        bpf_log: cfg.bpf_log,
+    })?;
+    if cfg.bpf_log
+        && let Some(log) = dp.take_log()?
+    {
+        tokio::spawn(log.forward());
+    }
+    let bridge = node::plumb_bridge(&nl, &cfg.bridge, lease.subnet, net.network, mtu).await?;
+    let mut agent = Agent {
+        nl,
+        dp,
+        rec: Reconciler::new(),
+        subnet: lease.subnet,
+        subnet_env,
+        mtu,
+        underlay,
+        bridge,
+        table: PeerTable::default(),
+        store: ServiceStore::new(),
+        retry: Retry::default(),
+        transient_errors: 0,
+        cfg,
+        net,
+        attrs,
+    };
+    let node_cfg = desired::node_config(&agent.node_facts());
+    agent.rec.set_node(agent.dp.maps(), &node_cfg)?;
+    // Services are in the maps before any program is attached, so a
+    // ClusterIP is never forwarded untranslated, not even at start-up.
+    // Entries an earlier run left are cleared first: their ids would
+    // collide with the ones allocated now.
+    agent.rec.clear_services(agent.dp.maps())?;
+    agent.store = match services::list(&mut client, &agent.cfg.service_prefix).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!(
+                "listing services under {}: {e:#}; the watch will deliver them",
+                agent.cfg.service_prefix
+            );
+            ServiceStore::new()
+        }
+    };
+    let names = agent.program_all_services();
+    info!(
+        "{names} services, {} frontends programmed",
+        agent.rec.frontends()
+    );
+
+    let mode = agent.cfg.decap_mode.resolve(agent.underlay.kind.as_deref());
+    agent.dp.attach_underlay(&agent.underlay.name, mode)?;
+    // Subscribe before the first listing so no new pod falls in between.
+    let links = Some(netlink::link_events()?);
+    let (svc_tx, services) = mpsc::channel::<StoreUpdate>(4096);
+    tokio::spawn(services::watch_services(
+        client.clone(),
+        agent.cfg.service_prefix.clone(),
+        svc_tx,
+        shutdown.clone(),
+    ));
+    agent.sync_ports().await;
+
+    // Peers: etcd watch -> table -> maps.
+    let (peer_tx, peers) = mpsc::channel::<PeerUpdate>(1024);
+    tokio::spawn(peers::watch_peers(
+        client.clone(),
+        agent.cfg.prefix.clone(),
+        peer_tx,
+        Arc::new(PeerWatchStats::default()),
+        shutdown.clone(),
+    ));
+    // Own lease: renewal and re-acquisition.
+    let (lease_tx, leases) = mpsc::channel::<LeaseEvent>(16);
+    tokio::spawn(lease::keep(
+        client.clone(),
+        agent.cfg.prefix.clone(),
+        agent.net.clone(),
+        agent.attrs.clone(),
+        lease,
+        agent.cfg.renew_margin,
+        lease_tx,
+        shutdown.clone(),
+    ));
+
+    info!(
+        "agent ready: subnet {}, VtepMAC {}",
+        agent.subnet,
+        format_mac(&agent.attrs.vtep_mac)
+    );
+    Ok(Some((
+        agent,
+        Events {
+            peers,
+            services,
+            leases,
+            links,
+        },
+    )))
+}

@@ -1,0 +1,78 @@
+//! The BPF filesystem the maps are pinned on: a fresh machine (or a
+//! container) may have none mounted at `/sys/fs/bpf`.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use log::info;
+
+/// Where bpffs is mounted when there is none.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpffsError {
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is not on a BPF filesystem", .0.display())]
+    NotBpffs(PathBuf),
+}
+
+/// Makes sure a BPF filesystem is mounted at `/sys/fs/bpf` and the pin
+/// directory exists on one.
+pub fn ensure_bpffs(pin_path: &Path) -> Result<(), BpffsError> {
+    let root = Path::new(BPFFS_ROOT);
+    let io = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| BpffsError::Io { what, path, source }
+    };
+    if !is_bpffs(root) {
+        fs::create_dir_all(root).map_err(io("creating", root))?;
+        mount_bpffs(root).map_err(io("mounting bpffs at", root))?;
+        info!("mounted bpffs at {BPFFS_ROOT}");
+    }
+    fs::create_dir_all(pin_path).map_err(io("creating", pin_path))?;
+    if !is_bpffs(pin_path) {
+        return Err(BpffsError::NotBpffs(pin_path.to_owned()));
+    }
+    Ok(())
+}
+
+fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let src = CString::new("bpf").expect("no NUL");
+    let target = CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: plain mount(2) with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs into a zeroed struct.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}

@@ -1,0 +1,109 @@
+//! Loading the embedded object: maps created pinned under the pin path (or
+//! reused from an earlier run), programs through the verifier, whose log
+//! is part of the error when it rejects one.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    programs::{ProgramError, SchedClassifier, Xdp},
+};
+use dataplane_common::prog_names;
+use log::info;
+
+use super::{
+    BpffsError,
+    maps::{MapError, Maps, PINNED},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Bpffs(#[from] BpffsError),
+    #[error("loading the BPF object: {0}")]
+    Object(#[source] EbpfError),
+    #[error("program {0} missing from the BPF object")]
+    MissingProgram(&'static str),
+    #[error("the verifier rejected {program} ({source}); its log:\n{log}")]
+    Verifier {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+        log: String,
+    },
+    #[error("loading {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(transparent)]
+    Map(#[from] MapError),
+}
+
+/// How to load.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions<'a> {
+    /// bpffs directory for the maps; `None` creates private, unpinned maps
+    /// (packet tests, benchmarks).
+    pub pin_path: Option<&'a Path>,
+    /// Let the data path's aya-log records through (`--bpf-log`); without
+    /// it the log level compiled into the object is "off", so the verifier
+    /// drops the logging code.
+    pub bpf_log: bool,
+}
+
+fn program_error(program: &'static str) -> impl FnOnce(ProgramError) -> LoadError {
+    move |e| match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => LoadError::Verifier {
+            program,
+            source: io_error,
+            log: verifier_log.to_string(),
+        },
+        source => LoadError::Program { program, source },
+    }
+}
+
+/// Loads the object and every program, and takes the maps out of it.
+pub(super) fn load(opts: &LoadOptions) -> Result<(Ebpf, Maps), LoadError> {
+    let mut loader = EbpfLoader::new();
+    if let Some(pin_path) = opts.pin_path {
+        super::ensure_bpffs(pin_path)?;
+        for name in PINNED {
+            loader.map_pin_path(name, pin_path.join(name));
+        }
+    }
+    // aya-log's level filter in the object (absent when it logs nothing):
+    // the agent's own maximum level, or off.
+    let level = if opts.bpf_log {
+        log::max_level() as u8
+    } else {
+        0
+    };
+    loader.override_global(aya_log::LEVEL, &level, false);
+    let mut ebpf = loader.load(crate::BPF_OBJECT).map_err(LoadError::Object)?;
+    for name in [prog_names::FROM_POD, prog_names::FROM_UNDERLAY] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(program_error(name))?;
+        prog.load().map_err(program_error(name))?;
+    }
+    let name = prog_names::DECAP_XDP;
+    let xdp: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name))?;
+    xdp.load().map_err(program_error(name))?;
+    let maps = Maps::take(&mut ebpf)?;
+    match opts.pin_path {
+        Some(p) => info!("BPF programs loaded, maps pinned under {}", p.display()),
+        None => info!("BPF programs loaded (maps not pinned)"),
+    }
+    Ok((ebpf, maps))
+}

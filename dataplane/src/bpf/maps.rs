@@ -1,0 +1,331 @@
+//! Typed handles to every map of the object, and [`MapOp`]: the one way
+//! the agent writes them. A write is a value, so the order of writes can
+//! be planned and tested without a kernel ([`crate::reconcile`]); applying
+//! it ([`Maps::apply`]) is a single `match`.
+//!
+//! The data path owns conntrack, reverse NAT and the counters, and learns
+//! endpoints; the agent only ever deletes from those.
+
+use std::{fmt, net::Ipv4Addr, path::PathBuf};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+};
+use dataplane_common::{
+    AffinityEntry, AffinityKey, Backend, BackendKey, Counter, EndpointInfo, EndpointKey, LiveInfo,
+    LiveKey, NodeConfig, PROTO_TCP, PeerInfo, PeerIpInfo, PeerIpKey, SvcCounters, SvcInfo, SvcKey,
+    VipInfo, VipKey, map_names,
+};
+use ipnet::Ipv4Net;
+
+/// Every map of the object: pinned under `--pin-path` when loading with
+/// one, so a restarted agent (and `dataplane stats`) finds them.
+pub(super) const PINNED: [&str; 13] = [
+    map_names::PEERS,
+    map_names::PEER_IPS,
+    map_names::NODE_CONFIG,
+    map_names::STATS,
+    map_names::SERVICES,
+    map_names::BACKENDS,
+    map_names::VIPS,
+    map_names::CT,
+    map_names::RNAT,
+    map_names::AFFINITY,
+    map_names::SVC_STATS,
+    map_names::ENDPOINTS,
+    map_names::LIVE,
+];
+
+/// A map access that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// The key was not in the map (a delete of something already gone).
+    #[error("no such key")]
+    NotFound,
+    /// The map holds `max_entries` already.
+    #[error("map full")]
+    Full,
+    #[error("map {0} missing from the BPF object")]
+    Missing(&'static str),
+    #[error("opening {}: {source}", path.display())]
+    Pinned {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(transparent)]
+    Kernel(aya::maps::MapError),
+}
+
+impl From<aya::maps::MapError> for MapError {
+    fn from(e: aya::maps::MapError) -> Self {
+        match e {
+            aya::maps::MapError::KeyNotFound => MapError::NotFound,
+            aya::maps::MapError::SyscallError(s)
+                if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                MapError::NotFound
+            }
+            aya::maps::MapError::SyscallError(s)
+                if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                MapError::Full
+            }
+            e => MapError::Kernel(e),
+        }
+    }
+}
+
+/// One write to one map, in wire types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    /// The single entry of the node config array.
+    NodeConfig(NodeConfig),
+    PutPeerIp(PeerIpKey, PeerIpInfo),
+    DelPeerIp(PeerIpKey),
+    /// A remote subnet (LPM trie key) and the node that holds it.
+    PutPeer(Ipv4Net, PeerInfo),
+    DelPeer(Ipv4Net),
+    PutService(SvcKey, SvcInfo),
+    DelService(SvcKey),
+    PutBackend(BackendKey, Backend),
+    DelBackend(BackendKey),
+    PutVip(VipKey, VipInfo),
+    DelVip(VipKey),
+    PutLive(LiveKey),
+    DelLive(LiveKey),
+    /// A frontend's counters, when the frontend goes.
+    DelSvcStats(SvcKey),
+    DelAffinity(AffinityKey),
+    /// A learnt pod whose port is gone.
+    DelEndpoint(EndpointKey),
+}
+
+impl MapOp {
+    /// Whether this removes an entry (counted as a delete, and a missing
+    /// key is then not an error).
+    pub fn is_delete(&self) -> bool {
+        !matches!(
+            self,
+            MapOp::NodeConfig(_)
+                | MapOp::PutPeerIp(..)
+                | MapOp::PutPeer(..)
+                | MapOp::PutService(..)
+                | MapOp::PutBackend(..)
+                | MapOp::PutVip(..)
+                | MapOp::PutLive(_)
+        )
+    }
+}
+
+/// Shows a frontend key as `10.96.0.10:80/TCP`.
+pub struct Frontend<'a>(pub &'a SvcKey);
+
+impl fmt::Display for Frontend<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let k = self.0;
+        let proto = if k.proto == PROTO_TCP { "TCP" } else { "UDP" };
+        write!(
+            f,
+            "{}:{}/{proto}",
+            Ipv4Addr::from(k.vip),
+            u16::from_be_bytes(k.port)
+        )
+    }
+}
+
+struct Addr<'a>(&'a Backend);
+
+impl fmt::Display for Addr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(f, "{}:{}", Ipv4Addr::from(b.ip), u16::from_be_bytes(b.port))
+    }
+}
+
+impl fmt::Display for MapOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MapOp::NodeConfig(_) => write!(f, "writing the node config"),
+            MapOp::PutPeerIp(k, v) => write!(
+                f,
+                "accepting VXLAN from {} ({} leases)",
+                Ipv4Addr::from(k.public_ip),
+                v.leases
+            ),
+            MapOp::DelPeerIp(k) => write!(f, "refusing VXLAN from {}", Ipv4Addr::from(k.public_ip)),
+            MapOp::PutPeer(net, v) => {
+                write!(f, "adding peer {net} at {}", Ipv4Addr::from(v.public_ip))
+            }
+            MapOp::DelPeer(net) => write!(f, "removing peer {net}"),
+            MapOp::PutService(k, v) => write!(
+                f,
+                "writing frontend {} (id {}, {} backends)",
+                Frontend(k),
+                v.id,
+                v.count
+            ),
+            MapOp::DelService(k) => write!(f, "removing frontend {}", Frontend(k)),
+            MapOp::PutBackend(k, b) => write!(
+                f,
+                "writing backend slot {} of service id {} ({})",
+                k.slot,
+                k.svc_id,
+                Addr(b)
+            ),
+            MapOp::DelBackend(k) => write!(
+                f,
+                "removing backend slot {} of service id {}",
+                k.slot, k.svc_id
+            ),
+            MapOp::PutVip(k, v) => write!(
+                f,
+                "writing ClusterIP {} ({} frontends)",
+                Ipv4Addr::from(k.vip),
+                v.frontends
+            ),
+            MapOp::DelVip(k) => write!(f, "removing ClusterIP {}", Ipv4Addr::from(k.vip)),
+            MapOp::PutLive(k) => write!(
+                f,
+                "marking {} live for service id {}",
+                Addr(&k.backend),
+                k.svc_id
+            ),
+            MapOp::DelLive(k) => write!(
+                f,
+                "ending flows to {} of service id {}",
+                Addr(&k.backend),
+                k.svc_id
+            ),
+            MapOp::DelSvcStats(k) => write!(f, "removing counters of {}", Frontend(k)),
+            MapOp::DelAffinity(k) => write!(
+                f,
+                "removing affinity of {} for service id {}",
+                Ipv4Addr::from(k.client),
+                k.svc_id
+            ),
+            MapOp::DelEndpoint(k) => write!(f, "forgetting endpoint {}", Ipv4Addr::from(k.ip)),
+        }
+    }
+}
+
+/// What the peer maps hold, read back for a full resync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerEntries {
+    pub peers: Vec<(Ipv4Net, PeerInfo)>,
+    pub peer_ips: Vec<(PeerIpKey, PeerIpInfo)>,
+}
+
+/// What the agent-owned service maps hold (and the affinity keys), read
+/// back to clear what an earlier run left.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntries {
+    pub services: Vec<(SvcKey, SvcInfo)>,
+    pub backends: Vec<(BackendKey, Backend)>,
+    pub vips: Vec<(VipKey, VipInfo)>,
+    pub live: Vec<LiveKey>,
+    pub affinity: Vec<AffinityKey>,
+}
+
+/// Typed handles to the maps.
+pub struct Maps {
+    peers: LpmTrie<MapData, [u8; 4], PeerInfo>,
+    peer_ips: HashMap<MapData, PeerIpKey, PeerIpInfo>,
+    node_cfg: Array<MapData, NodeConfig>,
+    pub(super) stats: PerCpuArray<MapData, Counter>,
+    endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    services: HashMap<MapData, SvcKey, SvcInfo>,
+    backends: HashMap<MapData, BackendKey, Backend>,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    svc_stats: PerCpuHashMap<MapData, SvcKey, SvcCounters>,
+    live: HashMap<MapData, LiveKey, LiveInfo>,
+}
+
+fn lpm_key(net: &Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix_len()), net.network().octets())
+}
+
+/// Collects an aya map iterator; entries that vanish while iterating are
+/// skipped by aya itself.
+fn collect<T>(
+    it: impl Iterator<Item = Result<T, aya::maps::MapError>>,
+) -> Result<Vec<T>, MapError> {
+    it.map(|r| r.map_err(MapError::from)).collect()
+}
+
+impl Maps {
+    /// Takes every map out of the loaded object.
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Maps, MapError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapError::Missing(name));
+        Ok(Maps {
+            peers: LpmTrie::try_from(take(map_names::PEERS)?)?,
+            peer_ips: HashMap::try_from(take(map_names::PEER_IPS)?)?,
+            node_cfg: Array::try_from(take(map_names::NODE_CONFIG)?)?,
+            stats: PerCpuArray::try_from(take(map_names::STATS)?)?,
+            endpoints: HashMap::try_from(take(map_names::ENDPOINTS)?)?,
+            services: HashMap::try_from(take(map_names::SERVICES)?)?,
+            backends: HashMap::try_from(take(map_names::BACKENDS)?)?,
+            vips: HashMap::try_from(take(map_names::VIPS)?)?,
+            affinity: HashMap::try_from(take(map_names::AFFINITY)?)?,
+            svc_stats: PerCpuHashMap::try_from(take(map_names::SVC_STATS)?)?,
+            live: HashMap::try_from(take(map_names::LIVE)?)?,
+        })
+    }
+
+    /// Performs one write. Deleting a missing key is
+    /// [`MapError::NotFound`]; the caller decides whether that matters.
+    pub fn apply(&mut self, op: &MapOp) -> Result<(), MapError> {
+        match op {
+            MapOp::NodeConfig(c) => self.node_cfg.set(0, c, 0)?,
+            MapOp::PutPeerIp(k, v) => self.peer_ips.insert(k, v, 0)?,
+            MapOp::DelPeerIp(k) => self.peer_ips.remove(k)?,
+            MapOp::PutPeer(net, v) => self.peers.insert(&lpm_key(net), v, 0)?,
+            MapOp::DelPeer(net) => self.peers.remove(&lpm_key(net))?,
+            MapOp::PutService(k, v) => self.services.insert(k, v, 0)?,
+            MapOp::DelService(k) => self.services.remove(k)?,
+            MapOp::PutBackend(k, v) => self.backends.insert(k, v, 0)?,
+            MapOp::DelBackend(k) => self.backends.remove(k)?,
+            MapOp::PutVip(k, v) => self.vips.insert(k, v, 0)?,
+            MapOp::DelVip(k) => self.vips.remove(k)?,
+            MapOp::PutLive(k) => self.live.insert(k, LiveInfo::default(), 0)?,
+            MapOp::DelLive(k) => self.live.remove(k)?,
+            MapOp::DelSvcStats(k) => self.svc_stats.remove(k)?,
+            MapOp::DelAffinity(k) => self.affinity.remove(k)?,
+            MapOp::DelEndpoint(k) => self.endpoints.remove(k)?,
+        }
+        Ok(())
+    }
+
+    /// The peer maps as the kernel has them.
+    pub fn peer_entries(&self) -> Result<PeerEntries, MapError> {
+        let peers = collect(self.peers.iter())?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let net = Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8).ok()?;
+                Some((net, v))
+            })
+            .collect();
+        Ok(PeerEntries {
+            peers,
+            peer_ips: collect(self.peer_ips.iter())?,
+        })
+    }
+
+    /// The service maps as the kernel has them.
+    pub fn service_entries(&self) -> Result<ServiceEntries, MapError> {
+        Ok(ServiceEntries {
+            services: collect(self.services.iter())?,
+            backends: collect(self.backends.iter())?,
+            vips: collect(self.vips.iter())?,
+            live: collect(self.live.keys())?,
+            affinity: collect(self.affinity.keys())?,
+        })
+    }
+
+    /// The endpoints the data path learnt.
+    pub fn endpoint_entries(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>, MapError> {
+        collect(self.endpoints.iter())
+    }
+}

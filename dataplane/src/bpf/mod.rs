@@ -1,0 +1,94 @@
+//! The data plane as the kernel holds it: the BPF object, its maps and its
+//! attachments. This is the only module that uses `aya::maps` and
+//! `aya::programs`. It speaks the wire types of `dataplane_common` only and
+//! knows nothing of leases or Services: [`crate::reconcile`] decides what
+//! to write, as [`MapOp`]s, and in which order.
+//!
+//! - [`bpffs`]: mounting the BPF filesystem the maps are pinned on.
+//! - [`load`]: loading the object, pinning its maps, the verifier's log
+//!   when it rejects a program.
+//! - [`attach`]: decapsulation on the underlay, `from_pod` on pod ports.
+//! - [`maps`]: typed handles to every map and [`Maps::apply`], the one
+//!   place a map is written.
+//! - [`stats`]: the counters, also read from a running agent's pins.
+//! - [`logs`]: forwarding the data path's aya-log records (`--bpf-log`).
+
+pub mod attach;
+pub mod bpffs;
+pub mod load;
+pub mod logs;
+pub mod maps;
+pub mod stats;
+
+use std::path::Path;
+
+use aya::Ebpf;
+use dataplane_common::{Counter, Stat};
+
+pub use attach::{AttachError, Decap};
+pub use bpffs::{BpffsError, ensure_bpffs};
+pub use load::{LoadError, LoadOptions};
+pub use logs::BpfLog;
+pub use maps::{MapError, MapOp, Maps, PeerEntries, ServiceEntries};
+pub use stats::{read_pinned_stats, read_pinned_svc_stats};
+
+/// The loaded object, its maps and what is attached.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    maps: Maps,
+    attached: attach::Attachments,
+}
+
+impl Dataplane {
+    /// Loads the embedded object, creating the maps pinned under the pin
+    /// path or reusing the ones an earlier run pinned there.
+    pub fn load(opts: &LoadOptions) -> Result<Self, LoadError> {
+        let (ebpf, maps) = load::load(opts)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            attached: Default::default(),
+        })
+    }
+
+    /// Like [`Dataplane::load`] without `--bpf-log`; `None` creates
+    /// private, unpinned maps (packet tests, benchmarks).
+    pub fn load_with(pin_path: Option<&Path>) -> Result<Self, LoadError> {
+        Self::load(&LoadOptions {
+            pin_path,
+            bpf_log: false,
+        })
+    }
+
+    /// The maps, to write through [`Maps::apply`] (the reconciler does).
+    pub fn maps(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// The loaded object, for running programs with BPF_PROG_TEST_RUN.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// The reader of the data path's aya-log records; `None` when the
+    /// object has none (or it was taken already).
+    pub fn take_log(&mut self) -> Result<Option<BpfLog>, aya_log::Error> {
+        logs::take(&mut self.ebpf)
+    }
+
+    /// See [`attach`]: decapsulation on `iface`.
+    pub fn attach_underlay(&mut self, iface: &str, mode: Decap) -> Result<(), AttachError> {
+        self.attached.attach_underlay(&mut self.ebpf, iface, mode)
+    }
+
+    /// Makes `from_pod` attached to exactly these pod ports (by name);
+    /// returns how many were newly attached.
+    pub fn sync_pod_ports(&mut self, ifaces: &[String]) -> Result<usize, AttachError> {
+        self.attached.sync_pod_ports(&mut self.ebpf, ifaces)
+    }
+
+    /// Per-outcome counters summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(Stat, Counter)>, MapError> {
+        stats::read_stats(&self.maps.stats)
+    }
+}

@@ -1,0 +1,156 @@
+//! Desired state, in the data path's terms, made from what the agent
+//! knows: the lease table (peers), the Service store (frontends), this
+//! node's links and lease (node config). Every wire type the agent writes
+//! is built here, once.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use dataplane_common::{
+    Backend, NODE_CFG_BPF_LOG, NODE_CFG_READY, NodeConfig, PROTO_TCP, PROTO_UDP, SvcKey,
+};
+use ipnet::Ipv4Net;
+use log::warn;
+
+use crate::{
+    peers::PeerTable,
+    services::{self, FrontendSpec},
+};
+
+/// A remote node as the data path needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: [u8; 6],
+}
+
+/// Remote subnet -> the node holding it.
+pub type Peers = BTreeMap<Ipv4Net, Peer>;
+
+/// What one frontend should look like in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendState {
+    /// In slot order; no duplicates.
+    pub backends: Vec<Backend>,
+    /// sessionAffinity ClientIP timeout, seconds.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+/// The frontends of one Service.
+pub type Frontends = BTreeMap<SvcKey, FrontendState>;
+
+/// Peers to program: every vxlan lease but our own.
+pub fn peers(table: &PeerTable, own: Ipv4Net) -> Peers {
+    table
+        .iter()
+        .filter(|(net, _)| **net != own)
+        .filter(|(net, a)| {
+            let ok = a.backend_type == "vxlan";
+            if !ok {
+                warn!(
+                    "peer {net}: backend {} is not vxlan, not reachable from here",
+                    a.backend_type
+                );
+            }
+            ok
+        })
+        .map(|(net, a)| {
+            (
+                *net,
+                Peer {
+                    public_ip: a.public_ip,
+                    vtep_mac: a.vtep_mac,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The wire key of a frontend.
+pub fn svc_key(f: &services::Frontend) -> SvcKey {
+    SvcKey {
+        vip: f.ip.octets(),
+        port: f.port.to_be_bytes(),
+        proto: match f.proto {
+            services::Proto::Tcp => PROTO_TCP,
+            services::Proto::Udp => PROTO_UDP,
+        },
+        _pad: 0,
+    }
+}
+
+/// One Service's frontends (from [`services::ServiceStore::frontends_for`])
+/// in wire form.
+pub fn frontends(fronts: &BTreeMap<services::Frontend, FrontendSpec>) -> Frontends {
+    fronts
+        .iter()
+        .map(|(f, spec)| (svc_key(f), frontend_state(spec)))
+        .collect()
+}
+
+fn frontend_state(spec: &FrontendSpec) -> FrontendState {
+    FrontendState {
+        backends: spec
+            .backends
+            .iter()
+            .map(|b| Backend {
+                ip: b.ip.octets(),
+                port: b.port.to_be_bytes(),
+                _pad: [0; 2],
+            })
+            .collect(),
+        affinity_timeout_s: spec.affinity_timeout.map(secs_u32),
+    }
+}
+
+fn secs_u32(d: Duration) -> u32 {
+    d.as_secs().min(u64::from(u32::MAX)) as u32
+}
+
+/// The pod bridge's address: the subnet's first address, as the CNI
+/// bridge plugin expects with flannel.
+pub fn gateway(subnet: Ipv4Net) -> Ipv4Net {
+    let first = Ipv4Addr::from(u32::from(subnet.network()).saturating_add(1));
+    Ipv4Net::new(first, subnet.prefix_len()).expect("prefix length from a valid subnet")
+}
+
+/// What the data path must know about this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// The cluster network.
+    pub network: Ipv4Net,
+    /// This node's leased subnet.
+    pub subnet: Ipv4Net,
+    pub vni: u32,
+    /// VXLAN UDP port, host byte order.
+    pub vxlan_port: u16,
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: [u8; 6],
+    pub underlay_ifindex: u32,
+    pub underlay_mac: [u8; 6],
+    pub bridge_ifindex: u32,
+    pub bridge_mac: [u8; 6],
+    /// `--bpf-log`.
+    pub bpf_log: bool,
+}
+
+/// The node config entry for these facts.
+pub fn node_config(n: &NodeFacts) -> NodeConfig {
+    let flags = NODE_CFG_READY | if n.bpf_log { NODE_CFG_BPF_LOG } else { 0 };
+    NodeConfig {
+        flags,
+        vni: n.vni,
+        underlay_ifindex: n.underlay_ifindex,
+        bridge_ifindex: n.bridge_ifindex,
+        public_ip: n.public_ip.octets(),
+        network: n.network.network().octets(),
+        subnet: n.subnet.network().octets(),
+        gateway: gateway(n.subnet).addr().octets(),
+        network_prefix_len: n.network.prefix_len(),
+        subnet_prefix_len: n.subnet.prefix_len(),
+        vxlan_port: n.vxlan_port,
+        vtep_mac: n.vtep_mac,
+        underlay_mac: n.underlay_mac,
+        bridge_mac: n.bridge_mac,
+        _pad: [0; 2],
+    }
+}

@@ -1,0 +1,248 @@
+//! Planning, as pure functions: desired state and the [`Shadow`] in, the
+//! map writes that take the kernel from one to the other out, in an order
+//! where every state in between is safe for packets in flight. The rules,
+//! each a unit test in `tests.rs`, follow from what the data path does
+//! (`dataplane-ebpf/src/lb.rs`, `decap.rs`):
+//!
+//! - A backend slot is written before the service entry's count exposes
+//!   it, and the count shrinks before slots beyond it are deleted: a
+//!   lookup never lands on an empty slot.
+//! - A `live` pair is written before any slot exposes its backend, and is
+//!   the first thing removed when the backend goes: conntrack and
+//!   affinity entries to it then die at their next packet.
+//! - A ClusterIP's `vips` entry is written after the service entry of its
+//!   first frontend and removed before the service entry of its last one.
+//!   The data path drops traffic to a ClusterIP in `vips` that has no
+//!   frontend for the port; these orders, and writing the frontends a
+//!   plan keeps or adds before removing the others, mean no state in
+//!   between has a ClusterIP in `vips` without any frontend, and a
+//!   frontend that stays is translated throughout.
+//! - A PublicIP is accepted (`peer_ips`) before a peer points at it, and
+//!   peers are removed before their PublicIP is refused.
+//! - Only what differs is written: an unchanged input plans nothing, and a
+//!   Service's plan touches that Service's frontends and ClusterIPs only.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use dataplane_common::{
+    AffinityKey, EndpointInfo, EndpointKey, NodeConfig, PeerInfo, SVC_F_AFFINITY, SvcInfo, SvcKey,
+};
+
+use super::{
+    desired::{FrontendState, Frontends, Peers},
+    state::{
+        BackendAddr, MapState, Shadow, addr, backend_key, live_key, peer_ip_info, peer_ip_key,
+        vip_info, vip_key,
+    },
+};
+use crate::{bpf::MapOp, services::ServiceName};
+
+/// The node config, if it differs.
+pub fn node(want: &NodeConfig, cur: &MapState) -> Vec<MapOp> {
+    if cur.node.as_ref() == Some(want) {
+        Vec::new()
+    } else {
+        vec![MapOp::NodeConfig(*want)]
+    }
+}
+
+/// The peer maps: `want` is every remote subnet.
+pub fn peers(want: &Peers, cur: &MapState) -> Vec<MapOp> {
+    let mut want_ips: BTreeMap<[u8; 4], u32> = BTreeMap::new();
+    for p in want.values() {
+        *want_ips.entry(p.public_ip.octets()).or_default() += 1;
+    }
+    let mut ops = Vec::new();
+    // Accept a new sender before sending to it...
+    for (ip, n) in &want_ips {
+        if cur.peer_ips.get(ip) != Some(n) {
+            ops.push(MapOp::PutPeerIp(peer_ip_key(*ip), peer_ip_info(*n)));
+        }
+    }
+    for (net, p) in want {
+        let info = PeerInfo {
+            public_ip: p.public_ip.octets(),
+            vtep_mac: p.vtep_mac,
+            _pad: [0; 2],
+        };
+        if cur.peers.get(net) != Some(&info) {
+            ops.push(MapOp::PutPeer(*net, info));
+        }
+    }
+    // ...and stop sending to a removed subnet before refusing its sender.
+    for net in cur.peers.keys().filter(|n| !want.contains_key(n)) {
+        ops.push(MapOp::DelPeer(*net));
+    }
+    for ip in cur.peer_ips.keys().filter(|ip| !want_ips.contains_key(*ip)) {
+        ops.push(MapOp::DelPeerIp(peer_ip_key(*ip)));
+    }
+    ops
+}
+
+/// One Service: `want` is all its frontends on this node (empty when it
+/// is gone). Frontends it owned and no longer has are removed; frontends
+/// of other Services are not looked at.
+pub fn service(owner: &ServiceName, want: &Frontends, cur: &Shadow) -> Vec<MapOp> {
+    let maps = &cur.maps;
+    let removed: Vec<(SvcKey, SvcInfo)> = cur
+        .owners
+        .of(owner)
+        .filter(|k| !want.contains_key(k))
+        .filter_map(|k| maps.services.get(k).map(|i| (*k, *i)))
+        .collect();
+
+    // ClusterIP refcounts once this plan is applied.
+    let mut delta: BTreeMap<[u8; 4], i64> = BTreeMap::new();
+    for (k, _) in &removed {
+        *delta.entry(k.vip).or_default() -= 1;
+    }
+    for k in want.keys() {
+        let d = delta.entry(k.vip).or_default();
+        if !maps.services.contains_key(k) {
+            *d += 1;
+        }
+    }
+    let (mut vips_first, mut vips_last) = (Vec::new(), Vec::new());
+    for (vip, d) in delta {
+        let after = (i64::from(maps.frontends_of_vip(&vip)) + d).max(0);
+        let after = u32::try_from(after).unwrap_or(u32::MAX);
+        match (after, maps.vips.get(&vip)) {
+            (0, Some(_)) => vips_first.push(MapOp::DelVip(vip_key(vip))),
+            (0, None) => {}
+            (n, now) if now != Some(&n) => vips_last.push(MapOp::PutVip(vip_key(vip), vip_info(n))),
+            _ => {}
+        }
+    }
+
+    let mut ops = vips_first;
+    // Frontends that stay or come first, then those that go: a ClusterIP
+    // that keeps frontends (a port renumbered) always has one.
+    let mut fresh = maps.fresh_ids();
+    for (k, st) in want {
+        let old = maps.services.get(k);
+        // Ids of the frontends removed below are in use until then, so
+        // `fresh` never hands one out here.
+        let Some(id) = old.map(|i| i.id).or_else(|| fresh.next()) else {
+            continue; // 2^32 frontends: cannot happen (the map holds 65,536)
+        };
+        set_frontend(&mut ops, maps, *k, old, id, st);
+    }
+    for (k, info) in &removed {
+        remove_frontend(&mut ops, maps, k, info);
+    }
+    ops.extend(vips_last);
+    ops
+}
+
+fn set_frontend(
+    ops: &mut Vec<MapOp>,
+    maps: &MapState,
+    key: SvcKey,
+    old: Option<&SvcInfo>,
+    id: u32,
+    want: &FrontendState,
+) {
+    let count = u32::try_from(want.backends.len()).unwrap_or(u32::MAX);
+    let want_live: BTreeSet<BackendAddr> = want.backends.iter().map(addr).collect();
+    let old_live: BTreeSet<BackendAddr> = maps.live_of(id).collect();
+    for a in old_live.difference(&want_live) {
+        ops.push(MapOp::DelLive(live_key(id, *a)));
+    }
+    for a in want_live.difference(&old_live) {
+        ops.push(MapOp::PutLive(live_key(id, *a)));
+    }
+    let old_slots = maps.slots.get(&id);
+    for (slot, b) in (0..count).zip(&want.backends) {
+        if old_slots.and_then(|s| s.get(&slot)) != Some(b) {
+            ops.push(MapOp::PutBackend(backend_key(id, slot), *b));
+        }
+    }
+    let info = SvcInfo {
+        id,
+        count,
+        flags: if want.affinity_timeout_s.is_some() {
+            SVC_F_AFFINITY
+        } else {
+            0
+        },
+        affinity_timeout_s: want.affinity_timeout_s.unwrap_or(0),
+    };
+    if old != Some(&info) {
+        ops.push(MapOp::PutService(key, info));
+    }
+    for slot in old_slots.into_iter().flat_map(|s| s.range(count..)) {
+        ops.push(MapOp::DelBackend(backend_key(id, *slot.0)));
+    }
+}
+
+fn remove_frontend(ops: &mut Vec<MapOp>, maps: &MapState, key: &SvcKey, info: &SvcInfo) {
+    let id = info.id;
+    for a in maps.live_of(id) {
+        ops.push(MapOp::DelLive(live_key(id, a)));
+    }
+    ops.push(MapOp::DelService(*key));
+    for slot in maps.slots.get(&id).into_iter().flat_map(|s| s.keys()) {
+        ops.push(MapOp::DelBackend(backend_key(id, *slot)));
+    }
+    ops.push(MapOp::DelSvcStats(*key));
+}
+
+/// Slots and `live` pairs of ids no service entry carries (a plan that
+/// failed half way left them). Nothing exposes them, so any order is safe.
+pub fn orphans(cur: &MapState) -> Vec<MapOp> {
+    let mut ops = Vec::new();
+    for &id in cur.orphans() {
+        for a in cur.live_of(id) {
+            ops.push(MapOp::DelLive(live_key(id, a)));
+        }
+        for slot in cur.slots.get(&id).into_iter().flat_map(|s| s.keys()) {
+            ops.push(MapOp::DelBackend(backend_key(id, *slot)));
+        }
+    }
+    ops
+}
+
+/// Everything in the service maps (as adopted from the kernel), and the
+/// affinity entries: what an earlier run left, cleared before this run
+/// allocates ids. Conntrack stays: it names backends by address, and its
+/// entries die at their next packet once their `live` pair is gone.
+pub fn clear_services(cur: &MapState, affinity: &[AffinityKey]) -> Vec<MapOp> {
+    let mut ops: Vec<MapOp> = cur
+        .vips
+        .keys()
+        .map(|v| MapOp::DelVip(vip_key(*v)))
+        .collect();
+    for (k, info) in &cur.services {
+        for a in cur.live_of(info.id) {
+            ops.push(MapOp::DelLive(live_key(info.id, a)));
+        }
+        ops.push(MapOp::DelService(*k));
+    }
+    let with_entry: BTreeSet<u32> = cur.services.values().map(|i| i.id).collect();
+    for (id, slots) in &cur.slots {
+        for slot in slots.keys() {
+            ops.push(MapOp::DelBackend(backend_key(*id, *slot)));
+        }
+    }
+    for (id, a) in &cur.live {
+        if !with_entry.contains(id) {
+            ops.push(MapOp::DelLive(live_key(*id, *a)));
+        }
+    }
+    ops.extend(affinity.iter().map(|k| MapOp::DelAffinity(*k)));
+    ops
+}
+
+/// Learnt endpoints whose port (host-side ifindex) is no longer on the
+/// bridge: delivering to a stale ifindex would drop the traffic of
+/// whichever pod gets the address next.
+pub fn stale_endpoints(
+    ports: &BTreeSet<u32>,
+    learnt: &[(EndpointKey, EndpointInfo)],
+) -> Vec<MapOp> {
+    learnt
+        .iter()
+        .filter(|(_, v)| !ports.contains(&v.ifindex))
+        .map(|(k, _)| MapOp::DelEndpoint(*k))
+        .collect()
+}

@@ -1,0 +1,341 @@
+//! The shadow: what the agent-owned maps hold, as the agent wrote them.
+//! It is updated one [`MapOp`] at a time as writes succeed, so after a
+//! failed write it still says exactly what the kernel has, and the next
+//! plan picks up where the failed one stopped.
+//!
+//! It also holds the one service-id allocator. An id is taken while a
+//! service entry carries it. Backend slots or `live` pairs left under a
+//! free id (a plan that failed half way) are tracked as orphans: removed
+//! at the agent's next tick ([`super::plan::orphans`]), or overwritten by
+//! the plan of the next frontend that gets the id, since plans diff slots
+//! and pairs by id.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use dataplane_common::{
+    Backend, BackendKey, LiveKey, NodeConfig, PeerInfo, PeerIpInfo, PeerIpKey, SvcInfo, SvcKey,
+    VipInfo, VipKey,
+};
+use ipnet::Ipv4Net;
+
+use crate::{
+    bpf::{MapOp, PeerEntries, ServiceEntries},
+    services::ServiceName,
+};
+
+/// A backend as an ordered key (the wire type has no order).
+pub type BackendAddr = ([u8; 4], [u8; 2]);
+
+pub fn addr(b: &Backend) -> BackendAddr {
+    (b.ip, b.port)
+}
+
+pub fn backend(a: BackendAddr) -> Backend {
+    Backend {
+        ip: a.0,
+        port: a.1,
+        _pad: [0; 2],
+    }
+}
+
+/// The agent-owned maps as last written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub node: Option<NodeConfig>,
+    pub peers: BTreeMap<Ipv4Net, PeerInfo>,
+    /// PublicIP -> number of leases.
+    pub peer_ips: BTreeMap<[u8; 4], u32>,
+    pub services: BTreeMap<SvcKey, SvcInfo>,
+    /// Service id -> slot -> backend.
+    pub slots: BTreeMap<u32, BTreeMap<u32, Backend>>,
+    /// (service id, backend) pairs in `live_v1`.
+    pub live: BTreeSet<(u32, BackendAddr)>,
+    /// ClusterIP -> the refcount written in `vips_v1`.
+    pub vips: BTreeMap<[u8; 4], u32>,
+    /// ClusterIP -> service entries that carry it (derived from `services`).
+    frontends_per_vip: BTreeMap<[u8; 4], u32>,
+    ids: IdAllocator,
+    /// Ids with slots or `live` pairs but no service entry: left by a
+    /// plan that failed half way (derived).
+    orphans: BTreeSet<u32>,
+}
+
+/// Service ids: taken while a service entry carries one; released ids are
+/// handed out again lowest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct IdAllocator {
+    /// Id -> service entries carrying it (1, unless adopted from a broken map).
+    used: BTreeMap<u32, u32>,
+    /// Released ids below `next`.
+    free: BTreeSet<u32>,
+    /// Every id from here up has never been handed out.
+    next: u32,
+}
+
+impl IdAllocator {
+    fn take(&mut self, id: u32) {
+        let n = self.used.entry(id).or_default();
+        *n += 1;
+        if *n == 1 {
+            self.free.remove(&id);
+            // Ids skipped over (adopted from the kernel) are simply never
+            // handed out: no gap is filled, so a stray large id costs nothing.
+            self.next = self.next.max(id.saturating_add(1));
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        if let Some(n) = self.used.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.used.remove(&id);
+                self.free.insert(id);
+            }
+        }
+    }
+
+    fn fresh(&self) -> impl Iterator<Item = u32> + '_ {
+        self.free.iter().copied().chain(self.next..)
+    }
+}
+
+impl MapState {
+    /// Ids a plan may give new frontends, in order; none is in use.
+    pub fn fresh_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ids.fresh()
+    }
+
+    /// Number of service entries carrying this ClusterIP.
+    pub fn frontends_of_vip(&self, vip: &[u8; 4]) -> u32 {
+        self.frontends_per_vip.get(vip).copied().unwrap_or(0)
+    }
+
+    /// The `live` backends of service id `id`.
+    pub fn live_of(&self, id: u32) -> impl Iterator<Item = BackendAddr> + '_ {
+        self.live
+            .range((id, ([0; 4], [0; 2]))..=(id, ([255; 4], [255; 2])))
+            .map(|(_, a)| *a)
+    }
+
+    /// Ids with slots or `live` pairs but no service entry.
+    pub fn orphans(&self) -> &BTreeSet<u32> {
+        &self.orphans
+    }
+
+    fn refresh_orphan(&mut self, id: u32) {
+        let unused = !self.ids.used.contains_key(&id);
+        if unused && (self.slots.contains_key(&id) || self.live_of(id).next().is_some()) {
+            self.orphans.insert(id);
+        } else {
+            self.orphans.remove(&id);
+        }
+    }
+
+    /// Records a write that took effect (or a delete of a key that was
+    /// already gone: the entry is absent either way).
+    pub fn record(&mut self, op: &MapOp) {
+        self.record_entry(op);
+        match *op {
+            MapOp::PutService(_, v) => self.refresh_orphan(v.id),
+            MapOp::PutBackend(k, _) | MapOp::DelBackend(k) => self.refresh_orphan(k.svc_id),
+            MapOp::PutLive(k) | MapOp::DelLive(k) => self.refresh_orphan(k.svc_id),
+            _ => {}
+        }
+    }
+
+    fn record_entry(&mut self, op: &MapOp) {
+        match *op {
+            MapOp::NodeConfig(c) => self.node = Some(c),
+            MapOp::PutPeerIp(k, v) => {
+                self.peer_ips.insert(k.public_ip, v.leases);
+            }
+            MapOp::DelPeerIp(k) => {
+                self.peer_ips.remove(&k.public_ip);
+            }
+            MapOp::PutPeer(net, v) => {
+                self.peers.insert(net, v);
+            }
+            MapOp::DelPeer(net) => {
+                self.peers.remove(&net);
+            }
+            MapOp::PutService(k, v) => {
+                if let Some(old) = self.services.insert(k, v) {
+                    self.ids.release(old.id);
+                    self.refresh_orphan(old.id);
+                } else {
+                    *self.frontends_per_vip.entry(k.vip).or_default() += 1;
+                }
+                self.ids.take(v.id);
+            }
+            MapOp::DelService(k) => {
+                if let Some(old) = self.services.remove(&k) {
+                    self.ids.release(old.id);
+                    self.refresh_orphan(old.id);
+                    if let Some(n) = self.frontends_per_vip.get_mut(&k.vip) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.frontends_per_vip.remove(&k.vip);
+                        }
+                    }
+                }
+            }
+            MapOp::PutBackend(k, b) => {
+                self.slots.entry(k.svc_id).or_default().insert(k.slot, b);
+            }
+            MapOp::DelBackend(k) => {
+                if let Some(s) = self.slots.get_mut(&k.svc_id) {
+                    s.remove(&k.slot);
+                    if s.is_empty() {
+                        self.slots.remove(&k.svc_id);
+                    }
+                }
+            }
+            MapOp::PutVip(k, v) => {
+                self.vips.insert(k.vip, v.frontends);
+            }
+            MapOp::DelVip(k) => {
+                self.vips.remove(&k.vip);
+            }
+            MapOp::PutLive(k) => {
+                self.live.insert((k.svc_id, addr(&k.backend)));
+            }
+            MapOp::DelLive(k) => {
+                self.live.remove(&(k.svc_id, addr(&k.backend)));
+            }
+            MapOp::DelSvcStats(_) | MapOp::DelAffinity(_) | MapOp::DelEndpoint(_) => {}
+        }
+    }
+
+    /// Replaces the peer maps' shadow with what the kernel has.
+    pub fn adopt_peers(&mut self, kernel: PeerEntries) {
+        self.peers = kernel.peers.into_iter().collect();
+        self.peer_ips = kernel
+            .peer_ips
+            .into_iter()
+            .map(|(k, v)| (k.public_ip, v.leases))
+            .collect();
+    }
+
+    /// Replaces the service maps' shadow with what the kernel has.
+    pub fn adopt_services(&mut self, kernel: &ServiceEntries) {
+        self.services.clear();
+        self.frontends_per_vip.clear();
+        self.ids = IdAllocator::default();
+        for (k, v) in &kernel.services {
+            self.record(&MapOp::PutService(*k, *v));
+        }
+        self.slots.clear();
+        for (k, b) in &kernel.backends {
+            self.record(&MapOp::PutBackend(*k, *b));
+        }
+        self.vips = kernel
+            .vips
+            .iter()
+            .map(|(k, v)| (k.vip, v.frontends))
+            .collect();
+        self.live = kernel
+            .live
+            .iter()
+            .map(|k| (k.svc_id, addr(&k.backend)))
+            .collect();
+        let ids: BTreeSet<u32> = self
+            .slots
+            .keys()
+            .copied()
+            .chain(self.live.iter().map(|(id, _)| *id))
+            .collect();
+        self.orphans.clear();
+        for id in ids {
+            self.refresh_orphan(id);
+        }
+    }
+}
+
+/// Keys of the wire types, for building ops.
+pub fn peer_ip_key(ip: [u8; 4]) -> PeerIpKey {
+    PeerIpKey { public_ip: ip }
+}
+
+pub fn peer_ip_info(leases: u32) -> PeerIpInfo {
+    PeerIpInfo { leases }
+}
+
+pub fn backend_key(svc_id: u32, slot: u32) -> BackendKey {
+    BackendKey { svc_id, slot }
+}
+
+pub fn live_key(svc_id: u32, a: BackendAddr) -> LiveKey {
+    LiveKey {
+        svc_id,
+        backend: backend(a),
+    }
+}
+
+pub fn vip_key(vip: [u8; 4]) -> VipKey {
+    VipKey { vip }
+}
+
+pub fn vip_info(frontends: u32) -> VipInfo {
+    VipInfo { frontends }
+}
+
+/// Which Service programmed which frontend: a frontend is removed when the
+/// Service that owns it no longer has it. Two Services claiming one
+/// frontend (same ClusterIP, port and protocol) is a conflict; the last
+/// one programmed owns it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owners {
+    by_service: BTreeMap<ServiceName, BTreeSet<SvcKey>>,
+    by_frontend: BTreeMap<SvcKey, ServiceName>,
+}
+
+impl Owners {
+    /// The frontends `name` owns.
+    pub fn of(&self, name: &ServiceName) -> impl Iterator<Item = &SvcKey> {
+        self.by_service.get(name).into_iter().flatten()
+    }
+
+    /// Who owns `key`.
+    pub fn owner(&self, key: &SvcKey) -> Option<&ServiceName> {
+        self.by_frontend.get(key)
+    }
+
+    /// `name` now owns exactly `keys`. Returns the frontends taken from
+    /// another Service, with that Service.
+    pub fn set(
+        &mut self,
+        name: &ServiceName,
+        keys: BTreeSet<SvcKey>,
+    ) -> Vec<(SvcKey, ServiceName)> {
+        for k in self.by_service.remove(name).unwrap_or_default() {
+            if self.by_frontend.get(&k) == Some(name) {
+                self.by_frontend.remove(&k);
+            }
+        }
+        let mut taken = Vec::new();
+        for k in &keys {
+            if let Some(prev) = self.by_frontend.insert(*k, name.clone())
+                && prev != *name
+            {
+                if let Some(set) = self.by_service.get_mut(&prev) {
+                    set.remove(k);
+                    if set.is_empty() {
+                        self.by_service.remove(&prev);
+                    }
+                }
+                taken.push((*k, prev));
+            }
+        }
+        if !keys.is_empty() {
+            self.by_service.insert(name.clone(), keys);
+        }
+        taken
+    }
+}
+
+/// The one current state plans are made against.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Shadow {
+    pub maps: MapState,
+    pub owners: Owners,
+}
