@@ -19,23 +19,10 @@ use dataplane_common::{
 };
 use ipnet::Ipv4Net;
 
-/// Every map of the object: pinned under `--pin-path` when loading with
-/// one, so a restarted agent (and `dataplane stats`) finds them.
-pub(super) const PINNED: [&str; 13] = [
-    map_names::PEERS,
-    map_names::PEER_IPS,
-    map_names::NODE_CONFIG,
-    map_names::STATS,
-    map_names::SERVICES,
-    map_names::BACKENDS,
-    map_names::VIPS,
-    map_names::CT,
-    map_names::RNAT,
-    map_names::AFFINITY,
-    map_names::SVC_STATS,
-    map_names::ENDPOINTS,
-    map_names::LIVE,
-];
+/// Every map of the object (`map_names::ALL`, which a test checks against
+/// the built object): pinned under `--pin-path` when loading with one, so a
+/// restarted agent (and `dataplane stats`) finds them.
+pub(super) const PINNED: &[&str] = map_names::ALL;
 
 /// A map access that failed.
 #[derive(Debug, thiserror::Error)]
