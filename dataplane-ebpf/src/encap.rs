@@ -6,7 +6,7 @@
 //! that happens. The original Ethernet header stays in front and becomes
 //! the outer one; the room is filled with outer IPv4, UDP, VXLAN and the
 //! inner Ethernet header, exactly as flannel's kernel vxlan device writes
-//! them (spec: shared/docs/flannel-compat.md).
+//! them (see docs/flannel-compat.md).
 
 use aya_ebpf::{
     bindings::{

@@ -1,4 +1,4 @@
-//! ClusterIP services end to end (shared/docs/service-semantics.md): real
+//! ClusterIP services end to end (docs/services.md): real
 //! etcd, agents in node namespaces, backends and clients in pods.
 //!
 //! Cluster used by most tests: node 1 has pods p1 (client) and p2
