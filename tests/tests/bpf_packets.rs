@@ -12,7 +12,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use dataplane::{
-    bpf::Dataplane,
+    bpf::{Dataplane, LoadOptions},
     reconcile::{FrontendState, Frontends, Peer, Reconciler, Resync},
     services::ServiceName,
 };
@@ -65,6 +65,12 @@ fn link(name: &str) -> (u32, [u8; 6]) {
 /// cni0 (10.244.1.1/24), and loads the programs with this node's config and
 /// one peer (10.244.2.0/24 at 192.168.100.2).
 fn setup() -> Env {
+    setup_with(false)
+}
+
+/// [`setup`], loading the object as `dataplane agent --bpf-log` does when
+/// `bpf_log` (its aya-log level then is this process's log level).
+fn setup_with(bpf_log: bool) -> Env {
     // The agent turns forwarding on (pods are routed); bpf_fib_lookup
     // needs it to answer.
     sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
@@ -81,7 +87,11 @@ fn setup() -> Env {
     .unwrap();
     let (ul_idx, ul_mac) = link("ul0");
     let (br_idx, _) = link("cni0");
-    let mut dp = Dataplane::load_with(None).unwrap();
+    let mut dp = Dataplane::load(&LoadOptions {
+        pin_path: None,
+        bpf_log,
+    })
+    .unwrap();
     let cfg = NodeConfig {
         flags: NODE_CFG_READY,
         vni: 1,
@@ -373,7 +383,10 @@ root_test!(from_pod_drops_cluster_traffic_without_a_lease, || {
 });
 
 root_test!(rare_events_are_logged_only_when_asked, || {
-    let mut env = setup();
+    // As `dataplane agent --bpf-log` loads it, at the agent's default
+    // level; records then flow only while the node config asks for them.
+    log::set_max_level(log::LevelFilter::Info);
+    let mut env = setup_with(true);
     // A peer whose PublicIP has no route: encapsulation fails at the FIB.
     env.rec
         .set_peers(

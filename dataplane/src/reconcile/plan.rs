@@ -8,8 +8,10 @@
 //!   it, and the count shrinks before slots beyond it are deleted: a
 //!   lookup never lands on an empty slot.
 //! - A `live` pair is written before any slot exposes its backend, and is
-//!   the first thing removed when the backend goes: conntrack and
-//!   affinity entries to it then die at their next packet.
+//!   removed once no slot of the frontend exposes it any more: a new
+//!   connection never picks a backend whose pair is gone (it would be
+//!   reset at its next packet), and conntrack and affinity entries to a
+//!   removed backend die at their next packet after the plan.
 //! - A ClusterIP's `vips` entry is written after the service entry of its
 //!   first frontend and removed before the service entry of its last one.
 //!   The data path drops traffic to a ClusterIP in `vips` that has no
@@ -145,9 +147,6 @@ fn set_frontend(
     let count = u32::try_from(want.backends.len()).unwrap_or(u32::MAX);
     let want_live: BTreeSet<BackendAddr> = want.backends.iter().map(addr).collect();
     let old_live: BTreeSet<BackendAddr> = maps.live_of(id).collect();
-    for a in old_live.difference(&want_live) {
-        ops.push(MapOp::DelLive(live_key(id, *a)));
-    }
     for a in want_live.difference(&old_live) {
         ops.push(MapOp::PutLive(live_key(id, *a)));
     }
@@ -173,14 +172,19 @@ fn set_frontend(
     for slot in old_slots.into_iter().flat_map(|s| s.range(count..)) {
         ops.push(MapOp::DelBackend(backend_key(id, *slot.0)));
     }
+    // Last: by now no slot below the count holds a removed backend.
+    for a in old_live.difference(&want_live) {
+        ops.push(MapOp::DelLive(live_key(id, *a)));
+    }
 }
 
 fn remove_frontend(ops: &mut Vec<MapOp>, maps: &MapState, key: &SvcKey, info: &SvcInfo) {
     let id = info.id;
+    // The entry first: nothing exposes the slots and pairs after it.
+    ops.push(MapOp::DelService(*key));
     for a in maps.live_of(id) {
         ops.push(MapOp::DelLive(live_key(id, a)));
     }
-    ops.push(MapOp::DelService(*key));
     for slot in maps.slots.get(&id).into_iter().flat_map(|s| s.keys()) {
         ops.push(MapOp::DelBackend(backend_key(id, *slot)));
     }
@@ -213,10 +217,10 @@ pub fn clear_services(cur: &MapState, affinity: &[AffinityKey]) -> Vec<MapOp> {
         .map(|v| MapOp::DelVip(vip_key(*v)))
         .collect();
     for (k, info) in &cur.services {
+        ops.push(MapOp::DelService(*k));
         for a in cur.live_of(info.id) {
             ops.push(MapOp::DelLive(live_key(info.id, a)));
         }
-        ops.push(MapOp::DelService(*k));
     }
     let with_entry: BTreeSet<u32> = cur.services.values().map(|i| i.id).collect();
     for (id, slots) in &cur.slots {
