@@ -43,7 +43,13 @@ pub mod map_names {
     pub const LIVE: &str = "live_v1";
     /// Hash: local pod IPv4 -> its host-side veth and MACs, for delivering
     /// decapsulated packets straight into the pod (bpf_redirect_peer).
+    /// Registered by the agent for CNI pods, learnt by `from_pod` for pods
+    /// on the bridge.
     pub const ENDPOINTS: &str = "endpoints_v1";
+    /// Hash: host-side ifindex of a pod registered through CNI -> the
+    /// pod's IP and MAC. `from_pod` drops what such a port sends from any
+    /// other address, and learns nothing there.
+    pub const POD_PORTS: &str = "pod_ports_v1";
 
     /// Every map the programs define, exactly (a test checks this list
     /// against the built object, where `dataplane-ebpf/src/maps.rs` has to
@@ -62,6 +68,7 @@ pub mod map_names {
         SVC_STATS,
         LIVE,
         ENDPOINTS,
+        POD_PORTS,
     ];
 }
 
@@ -418,6 +425,16 @@ stats! {
         "translated Service packet for a pod of this node, handed to the bridge";
     SvcRejectCtFailed = 31, "svc_reject_ct_failed",
         "new connection to a Service rejected (RST / ICMP) because its conntrack entry could not be stored";
+    /// Also a frame too short to carry an Ethernet header.
+    DropSpoofedMac = 32, "drop_spoofed_mac",
+        "frame from a CNI pod whose Ethernet source (or ARP sender MAC) is not the pod's MAC";
+    /// ARP with a sender address other than the pod's (or 0.0.0.0) counts here too.
+    DropSpoofedIp = 33, "drop_spoofed_ip",
+        "IPv4 packet or ARP from a CNI pod whose source address is not the pod's IP";
+    /// Straight into the pod (bpf_redirect_peer): a CNI pod is not behind
+    /// the bridge.
+    RedirectToPod = 34, "redirect_to_pod",
+        "translated Service packet for a CNI pod of this node, delivered straight into the pod";
 }
 
 impl Stat {
@@ -534,7 +551,8 @@ pub struct EndpointInfo {
     pub ifindex: u32,
     /// MAC of the pod's interface (Ethernet destination written).
     pub mac: [u8; 6],
-    /// MAC the pod knows its gateway by, the bridge's (Ethernet source written).
+    /// MAC the pod knows its gateway by (Ethernet source written): the
+    /// bridge's, or for a CNI pod its host-side device's.
     pub gw_mac: [u8; 6],
 }
 
@@ -547,4 +565,40 @@ mod endpoint_pod {
     // (see the size assertions).
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::EndpointInfo {}
+}
+
+/// Pods registered through CNI (`dataplane-cni`), one host-side port each.
+pub const POD_PORTS_MAX: u32 = ENDPOINTS_MAX;
+
+/// Key of [`map_names::POD_PORTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodPortKey {
+    /// The pod's host-side device (veth, or netkit primary), in the node
+    /// namespace.
+    pub ifindex: u32,
+}
+
+/// Value of [`map_names::POD_PORTS`]: the only addresses the pod may send
+/// from. Its endpoint entry ([`map_names::ENDPOINTS`], key `ip`) is the
+/// agent's, registered, never learnt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodPortInfo {
+    /// The pod's IPv4 address, network byte order.
+    pub ip: [u8; 4],
+    /// MAC of the pod's interface.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(size_of::<PodPortKey>() == 4);
+const _: () = assert!(size_of::<PodPortInfo>() == 12);
+
+#[cfg(feature = "user")]
+mod pod_port_pod {
+    // SAFETY: #[repr(C)], Copy, integers and byte arrays only, no padding
+    // (see the size assertions).
+    unsafe impl aya::Pod for super::PodPortKey {}
+    unsafe impl aya::Pod for super::PodPortInfo {}
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use dataplane_common::EndpointKey;
+use dataplane_common::{EndpointInfo, EndpointKey};
 use network_types::eth::EthHdr;
 
 use crate::{consts::AF_INET, maps::ENDPOINTS, parse::ptr_at};
@@ -94,7 +94,14 @@ pub fn redirect_to_bridge(bridge_ifindex: u32) -> i32 {
 #[inline(always)]
 pub fn redirect_to_pod(ctx: &TcContext, dst: [u8; 4]) -> Option<i32> {
     // SAFETY: read-only lookup of a plain value.
-    let ep = unsafe { ENDPOINTS.get(EndpointKey { ip: dst }) }?;
+    let ep = *unsafe { ENDPOINTS.get(EndpointKey { ip: dst }) }?;
+    redirect_to_endpoint(ctx, &ep)
+}
+
+/// [`redirect_to_pod`] with the endpoint entry in hand. `None` when the
+/// frame has no Ethernet header to readdress.
+#[inline(always)]
+pub fn redirect_to_endpoint(ctx: &TcContext, ep: &EndpointInfo) -> Option<i32> {
     let (ifindex, mac, gw_mac) = (ep.ifindex, ep.mac, ep.gw_mac);
     let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0)?;
     // SAFETY: bounds checked by ptr_at.

@@ -25,45 +25,70 @@ mod stats;
 mod vxlan;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::{NODE_CFG_READY, NodeConfig, Stat};
 
-use crate::{lb::Verdict, maps::NODE_CONFIG, parse::in_prefix, stats::count};
+use crate::{endpoints::Port, lb::Verdict, maps::NODE_CONFIG, parse::in_prefix, stats::count};
 
 #[inline(always)]
 fn node_config() -> Option<&'static NodeConfig> {
     NODE_CONFIG.get(0).filter(|c| c.flags & NODE_CFG_READY != 0)
 }
 
-/// TC ingress of every pod's host-side veth: packets leaving a pod.
+/// TC ingress of every pod's host-side device (bridge ports and CNI
+/// pods' ports): packets leaving a pod.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(cfg) = node_config() else {
         count(Stat::PassNoConfig, ctx.len());
         return TC_ACT_OK;
     };
-    let Some(pkt) = parse::ipv4(ctx.data(), ctx.data_end()) else {
+    let pkt = parse::ipv4(ctx.data(), ctx.data_end());
+    match endpoints::check_port(&ctx, pkt.as_ref()) {
+        Port::Spoofed(stat) => {
+            count(stat, ctx.len());
+            return TC_ACT_SHOT;
+        }
+        Port::Registered => {}
+        Port::Bridge => {
+            if let Some(pkt) = &pkt {
+                endpoints::learn(&ctx, cfg, pkt);
+            }
+        }
+    }
+    let Some(pkt) = pkt else {
         count(Stat::PassNotIpv4, ctx.len());
         return TC_ACT_OK;
     };
-    endpoints::learn(&ctx, cfg, &pkt);
     // Services first: a ClusterIP is never forwarded untranslated.
     let dst = match lb::from_pod(&ctx, &pkt) {
         Verdict::Pass => pkt.daddr,
         Verdict::Done(action) => return action,
-        // A pod of this node: hand it to the bridge directly, not through
-        // IP forwarding (which would also send the client an ICMP
-        // redirect, in and out being the same bridge).
         Verdict::Translated(to) if in_prefix(to, cfg.subnet, cfg.subnet_prefix_len) => {
-            count(Stat::RedirectToBridge, ctx.len());
-            return forward::redirect_to_bridge(cfg.bridge_ifindex);
+            return to_local_pod(&ctx, cfg, to);
         }
         Verdict::Translated(to) => to,
     };
     encap::encap_to_peer(&ctx, cfg, dst, pkt.tos)
+}
+
+/// A translated Service packet for a pod of this node: a CNI pod gets it
+/// straight (it is not behind the bridge); any other goes to the bridge
+/// directly, not through IP forwarding (which would also send the client
+/// an ICMP redirect, in and out being the same bridge).
+#[inline(always)]
+fn to_local_pod(ctx: &TcContext, cfg: &NodeConfig, to: [u8; 4]) -> i32 {
+    if let Some(ep) = endpoints::registered(to)
+        && let Some(action) = forward::redirect_to_endpoint(ctx, &ep)
+    {
+        count(Stat::RedirectToPod, ctx.len());
+        return action;
+    }
+    count(Stat::RedirectToBridge, ctx.len());
+    forward::redirect_to_bridge(cfg.bridge_ifindex)
 }
 
 /// TC ingress of the underlay interface: VXLAN in (decapsulation in TC

@@ -13,8 +13,8 @@ use aya_ebpf::{
 use dataplane_common::{
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
     CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LiveInfo, LiveKey, NodeConfig,
-    PEER_IPS_MAX, PEERS_MAX, PeerInfo, PeerIpInfo, PeerIpKey, RnatEntry, SERVICES_MAX, STATS_LEN,
-    SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
+    PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PeerInfo, PeerIpInfo, PeerIpKey, PodPortInfo,
+    PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
 };
 
 /// Remote pod subnet (LPM) -> remote node's PublicIP and VtepMAC. Filled by
@@ -64,9 +64,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { AFFINITY_MAX as us
 pub static SVC_STATS: PerCpuHashMap<SvcKey, SvcCounters, { SERVICES_MAX as usize }> =
     PerCpuHashMap::new();
 
-/// Local pod IPv4 -> host-side veth and MACs. Learnt by from_pod, pruned by
-/// the agent when a port goes; read by
-/// decapsulation to deliver straight into the pod (see `forward::redirect_to_pod`).
+/// Local pod IPv4 -> host-side veth and MACs. Registered by the agent for
+/// CNI pods; learnt by from_pod on bridge ports, pruned by the agent when a
+/// port goes (see `endpoints.rs`). Read by decapsulation to deliver straight
+/// into the pod (see `forward::redirect_to_pod`).
 #[btf_map(name = "endpoints_v1")]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { ENDPOINTS_MAX as usize }> =
     HashMap::new();
@@ -75,3 +76,8 @@ pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { ENDPOINTS_MAX as usiz
 /// checked against it, so stale ones die where they are found.
 #[btf_map(name = "live_v1")]
 pub static LIVE: HashMap<LiveKey, LiveInfo, { BACKENDS_MAX as usize }> = HashMap::new();
+
+/// Host-side ifindex of a CNI pod -> the pod's IP and MAC: from_pod's
+/// anti-spoofing check, and "do not learn here". Written by the agent.
+#[btf_map(name = "pod_ports_v1")]
+pub static POD_PORTS: HashMap<PodPortKey, PodPortInfo, { POD_PORTS_MAX as usize }> = HashMap::new();

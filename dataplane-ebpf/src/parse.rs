@@ -72,3 +72,48 @@ pub fn ipv4(data: usize, data_end: usize) -> Option<Ipv4Packet> {
         l4: l4::parse(ip, data, data_end),
     })
 }
+
+/// The addresses a frame that is not IPv4 claims as its sender: the
+/// Ethernet source, and for ARP the sender hardware and protocol
+/// addresses. Only `from_pod` on a CNI pod's port reads these (anti-
+/// spoofing); IPv4 frames are covered by [`Ipv4Packet`].
+#[derive(Clone, Copy)]
+pub struct NonIpSender {
+    pub src_mac: [u8; 6],
+    /// `(sender MAC, sender IPv4)` of an Ethernet/IPv4 ARP packet.
+    pub arp: Option<([u8; 6], [u8; 4])>,
+}
+
+/// ARP for Ethernet and IPv4 (RFC 826), as it follows the Ethernet header.
+#[repr(C)]
+struct ArpEthIpv4 {
+    htype: [u8; 2],
+    ptype: [u8; 2],
+    hlen: u8,
+    plen: u8,
+    oper: [u8; 2],
+    sha: [u8; 6],
+    spa: [u8; 4],
+}
+
+/// Reads [`NonIpSender`]; `None` when the frame is shorter than an
+/// Ethernet header. An ARP packet cut short is reported as ARP from
+/// 0.0.0.0 with no MAC, which the caller refuses.
+#[inline(always)]
+pub fn non_ip_sender(data: usize, data_end: usize) -> Option<NonIpSender> {
+    let eth = ptr_at::<EthHdr>(data, data_end, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (src_mac, ether_type) = unsafe { ((*eth).src_addr, (*eth).ether_type) };
+    if ether_type != EtherType::Arp as u16 {
+        return Some(NonIpSender { src_mac, arp: None });
+    }
+    let arp = match ptr_at::<ArpEthIpv4>(data, data_end, EthHdr::LEN) {
+        // SAFETY: as above.
+        Some(a) => unsafe { ((*a).sha, (*a).spa) },
+        None => ([0; 6], [0; 4]),
+    };
+    Some(NonIpSender {
+        src_mac,
+        arp: Some(arp),
+    })
+}

@@ -5,7 +5,10 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use dataplane::{
-    agent::{self, AgentConfig, DecapMode},
+    agent::{
+        self, AgentConfig, DecapMode,
+        cni::{CniOptions, PodDeviceArg},
+    },
     etcd::{EtcdOptions, Prefix},
     lease::format_mac,
 };
@@ -178,6 +181,20 @@ struct AgentArgs {
     /// through the agent's log, filtered by RUST_LOG like the rest.
     #[arg(long)]
     bpf_log: bool,
+    /// Where the agent writes its CNI conflist (10-dataplane.conflist),
+    /// once it holds a lease.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// The socket the CNI plugin (dataplane-cni) registers pods on.
+    #[arg(long, default_value = "/run/dataplane/cni.sock")]
+    cni_socket: PathBuf,
+    /// The record of CNI pods (for a restart) and host-local's dataDir.
+    #[arg(long, default_value = "/var/lib/dataplane/cni")]
+    cni_state_dir: PathBuf,
+    /// The device pods get: veth, netkit, or auto (netkit where the kernel
+    /// has it).
+    #[arg(long, value_enum, default_value = "auto")]
+    pod_device: PodDeviceArg,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -209,6 +226,12 @@ fn main() -> anyhow::Result<()> {
                     ip_masq: a.ip_masq,
                     service_prefix: a.service_prefix.to_string(),
                     bpf_log: a.bpf_log,
+                    cni: CniOptions {
+                        conf_dir: a.cni_conf_dir,
+                        socket: a.cni_socket,
+                        state_dir: a.cni_state_dir,
+                        pod_device: a.pod_device,
+                    },
                 })
                 .await
             }

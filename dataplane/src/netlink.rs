@@ -117,7 +117,7 @@ impl Netlink {
     /// Every link in the namespace. Messages that cannot be decoded are
     /// skipped with a warning rather than failing the listing: one odd link
     /// must not stop the agent from seeing the others.
-    async fn links(&self) -> Result<Vec<LinkInfo>> {
+    pub async fn links(&self) -> Result<Vec<LinkInfo>> {
         let msgs: Vec<LinkMessage> = self
             .handle
             .link()
@@ -504,7 +504,7 @@ fn plan_bridge_addrs(existing: &[Ipv4Net], want: Ipv4Net, network: Ipv4Net) -> A
 }
 
 /// The links enslaved to `bridge_ifindex`.
-fn ports_of(links: Vec<LinkInfo>, bridge_ifindex: u32) -> Vec<LinkInfo> {
+pub fn ports_of(links: Vec<LinkInfo>, bridge_ifindex: u32) -> Vec<LinkInfo> {
     links
         .into_iter()
         .filter(|l| l.master == Some(bridge_ifindex))

@@ -113,6 +113,13 @@ impl SubnetEnv {
 /// one, never a partial one. The parent directory is created if needed; the
 /// file is mode 0644 (readers such as the CNI plugin may not run as root).
 pub fn write(path: &Path, env: &SubnetEnv) -> anyhow::Result<()> {
+    write_atomic(path, env.render().as_bytes(), 0o644)
+}
+
+/// Writes `contents` to `path` atomically (a temporary file in the same
+/// directory, fsynced, renamed over `path`), with mode `mode`; creates the
+/// parent directory if needed.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -135,10 +142,10 @@ pub fn write(path: &Path, env: &SubnetEnv) -> anyhow::Result<()> {
             .create_new(true)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(env.render().as_bytes())
+        f.write_all(contents)
             .with_context(|| format!("writing {}", tmp.display()))?;
         // Explicit, so the umask does not decide.
-        f.set_permissions(fs::Permissions::from_mode(0o644))
+        f.set_permissions(fs::Permissions::from_mode(mode))
             .with_context(|| format!("chmod {}", tmp.display()))?;
         f.sync_all()
             .with_context(|| format!("fsync {}", tmp.display()))?;

@@ -1,6 +1,8 @@
 //! A cluster on one machine: an underlay namespace with a bridge and a real
 //! etcd, node namespaces attached to it by veth, agents running in the node
-//! namespaces, and pod namespaces plumbed as the CNI bridge plugin does.
+//! namespaces, and pod namespaces: plumbed as the CNI bridge plugin does
+//! ([`Cluster::add_pod`]), or created through `dataplane-cni` exactly as a
+//! container runtime runs it ([`Cluster::add_cni_pod`]).
 //!
 //! Everything is named after a per-cluster id and removed on drop (agents
 //! stopped by their own PID, namespaces deleted, pins and files removed),
@@ -12,6 +14,7 @@
 
 use std::{
     fs,
+    io::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -19,8 +22,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use dataplane::subnet_env::{self, SubnetEnv};
+use dataplane::{
+    cni::device::host_ifname,
+    subnet_env::{self, SubnetEnv},
+};
 use ipnet::Ipv4Net;
+use serde_json::Value;
 
 use crate::{
     etcd::Etcd,
@@ -40,11 +47,47 @@ pub fn agent_bin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/dataplane")
 }
 
+/// The CNI plugin, next to the agent binary.
+pub fn cni_plugin_bin() -> PathBuf {
+    agent_bin().with_file_name("dataplane-cni")
+}
+
+/// Where host-local (and the other reference plugins) are installed.
+pub const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
+
 pub struct Pod {
     pub ns: NetNs,
     pub ip: Ipv4Addr,
     /// Host-side veth name inside the node namespace.
     pub host_if: String,
+    /// Set for a pod made through the CNI plugin.
+    pub cni: Option<CniAttachment>,
+}
+
+/// A pod's attachment made through `dataplane-cni`.
+#[derive(Clone, Debug)]
+pub struct CniAttachment {
+    pub container_id: String,
+    /// ADD's result (the `prevResult` of CHECK and DEL).
+    pub result: Value,
+}
+
+/// A plugin invocation's outcome.
+#[derive(Debug)]
+pub struct CniRun {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniRun {
+    /// Success, or an error with the plugin's output.
+    pub fn check(self, what: &str) -> anyhow::Result<Self> {
+        if !self.ok {
+            bail!("{what} failed: {}\nstderr: {}", self.stdout, self.stderr);
+        }
+        Ok(self)
+    }
 }
 
 pub struct Node {
@@ -69,6 +112,158 @@ impl Node {
     /// The agent's log so far (for failure messages).
     pub fn log(&self) -> String {
         fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    /// `--cni-conf-dir` of this node's agent.
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.join("net.d")
+    }
+
+    /// `--cni-socket` of this node's agent.
+    pub fn cni_socket(&self) -> PathBuf {
+        self.dir.join("cni.sock")
+    }
+
+    /// `--cni-state-dir` of this node's agent.
+    pub fn cni_state_dir(&self) -> PathBuf {
+        self.dir.join("cni")
+    }
+
+    /// The conflist the agent wrote, if it did.
+    pub fn conflist(&self) -> Option<Value> {
+        let text = fs::read(self.cni_conf_dir().join("10-dataplane.conflist")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// The network config a runtime hands the plugin, made from the
+    /// conflist as libcni does: the plugin's entry of `plugins` with the
+    /// top-level `cniVersion` and `name` (and `prevResult`, if given).
+    pub fn cni_netconf(&self, prev: Option<&Value>) -> anyhow::Result<Value> {
+        let list = self
+            .conflist()
+            .context("the agent has not written its conflist")?;
+        let mut conf = list["plugins"]
+            .as_array()
+            .and_then(|p| p.first())
+            .cloned()
+            .context("conflist without plugins")?;
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        if let Some(prev) = prev {
+            conf["prevResult"] = prev.clone();
+        }
+        Ok(conf)
+    }
+
+    /// Runs `dataplane-cni` in this node's namespace as a runtime does:
+    /// `CNI_COMMAND`, `CNI_PATH` and `vars` (the other `CNI_*`), `conf` on
+    /// stdin, the result on stdout.
+    pub fn run_cni(
+        &self,
+        command: &str,
+        vars: &[(&str, &str)],
+        conf: &Value,
+    ) -> anyhow::Result<CniRun> {
+        let plugin = cni_plugin_bin();
+        anyhow::ensure!(
+            plugin.is_file(),
+            "{} is missing: build it with `cargo build -p dataplane --bins`",
+            plugin.display()
+        );
+        let cni_path = format!(
+            "{}:{CNI_PLUGIN_DIR}",
+            plugin.parent().context("plugin dir")?.display()
+        );
+        let mut cmd = self.ns.command(plugin.to_str().context("plugin path")?);
+        for var in [
+            "CNI_COMMAND",
+            "CNI_CONTAINERID",
+            "CNI_NETNS",
+            "CNI_IFNAME",
+            "CNI_ARGS",
+            "CNI_PATH",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_PATH", cni_path)
+            .envs(vars.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("running dataplane-cni")?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(&serde_json::to_vec(conf)?)?;
+        let out = child.wait_with_output()?;
+        Ok(CniRun {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Creates a pod namespace and attaches it through the plugin (ADD);
+    /// `cni_args` is `CNI_ARGS` (e.g. `IP=10.244.1.5` for host-local).
+    pub fn add_cni_pod(
+        &mut self,
+        cluster_id: &str,
+        container_id: &str,
+        cni_args: Option<&str>,
+    ) -> anyhow::Result<usize> {
+        let j = self.pods.len() + 1;
+        let ns = NetNs::new(&format!("dp{cluster_id}n{}p{j}", self.index + 1))?;
+        let conf = self.cni_netconf(None)?;
+        let netns = ns.path();
+        let mut vars = vec![
+            ("CNI_CONTAINERID", container_id),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", netns.as_str()),
+        ];
+        if let Some(args) = cni_args {
+            vars.push(("CNI_ARGS", args));
+        }
+        let run = self.run_cni("ADD", &vars, &conf)?.check("CNI ADD")?;
+        let result: Value = serde_json::from_str(&run.stdout)
+            .with_context(|| format!("ADD result is not JSON: {}", run.stdout))?;
+        let addr = result["ips"][0]["address"]
+            .as_str()
+            .context("ADD result without an address")?;
+        let ip: Ipv4Addr = addr
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("address {addr}"))?;
+        self.pods.push(Pod {
+            ns,
+            ip,
+            host_if: host_ifname(container_id, "eth0"),
+            cni: Some(CniAttachment {
+                container_id: container_id.into(),
+                result,
+            }),
+        });
+        Ok(self.pods.len() - 1)
+    }
+
+    /// CHECK or DEL of CNI pod `pod` (its ADD result as `prevResult`).
+    pub fn cni_command(&self, command: &str, pod: usize) -> anyhow::Result<CniRun> {
+        let p = &self.pods[pod];
+        let att = p.cni.as_ref().context("not a CNI pod")?;
+        let conf = self.cni_netconf(Some(&att.result))?;
+        let netns = p.ns.path();
+        self.run_cni(
+            command,
+            &[
+                ("CNI_CONTAINERID", att.container_id.as_str()),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", netns.as_str()),
+            ],
+            &conf,
+        )
     }
 
     /// subnet.env as the agent wrote it, if it did.
@@ -265,6 +460,12 @@ impl Cluster {
         .arg(node.subnet_file())
         .arg("--pin-path")
         .arg(&node.pin_path)
+        .arg("--cni-conf-dir")
+        .arg(node.cni_conf_dir())
+        .arg("--cni-socket")
+        .arg(node.cni_socket())
+        .arg("--cni-state-dir")
+        .arg(node.cni_state_dir())
         .args(extra)
         .env(
             "RUST_LOG",
@@ -314,6 +515,13 @@ impl Cluster {
         add_pod_to(&id, node, &env.subnet, env.mtu)
     }
 
+    /// A pod on node `i` through the CNI plugin, as a runtime makes one
+    /// (see [`Node::add_cni_pod`]); returns its index in the node's pods.
+    pub fn add_cni_pod(&mut self, i: usize, container_id: &str) -> anyhow::Result<usize> {
+        let id = self.id.clone();
+        self.nodes[i].add_cni_pod(&id, container_id, None)
+    }
+
     /// Runs `ping` from pod (node, pod index) to `dst`.
     pub fn ping(&self, node: usize, pod: usize, dst: Ipv4Addr, count: u32) -> anyhow::Result<()> {
         self.nodes[node].pods[pod]
@@ -361,7 +569,12 @@ pub fn add_pod_to(
         "ip addr add {ip}/{len} dev eth0 && ip link set eth0 up && ip route add default via {gw}",
         len = subnet.prefix_len()
     ))?;
-    node.pods.push(Pod { ns, ip, host_if });
+    node.pods.push(Pod {
+        ns,
+        ip,
+        host_if,
+        cni: None,
+    });
     Ok(ip)
 }
 

@@ -1017,3 +1017,172 @@ root_test!(removed_backend_flows_die_at_their_next_packet, || {
         "UDP re-balanced at once"
     );
 });
+
+// ---------------------------------------------------------------- CNI pods
+
+/// MAC of a CNI pod's host-side device (its gateway's MAC).
+const HOST_DEV_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 1];
+
+/// Registers CNI pods `(ip, mac, host ifindex)` as the agent does. The
+/// skb of BPF_PROG_TEST_RUN is on lo: ifindex 1 is "the port a frame
+/// comes in on".
+fn register_pods(env: &mut Env, pods: &[(Ipv4Addr, [u8; 6], u32)]) {
+    use dataplane::reconcile::{PodEntry, Pods};
+    use dataplane_common::{EndpointInfo, PodPortInfo};
+    let want: Pods = pods
+        .iter()
+        .map(|&(ip, mac, ifindex)| {
+            (
+                ip.octets(),
+                PodEntry {
+                    endpoint: EndpointInfo {
+                        ifindex,
+                        mac,
+                        gw_mac: HOST_DEV_MAC,
+                    },
+                    port: PodPortInfo {
+                        ip: ip.octets(),
+                        mac,
+                        _pad: [0; 2],
+                    },
+                },
+            )
+        })
+        .collect();
+    env.rec.set_pods(env.dp.maps(), &want).unwrap();
+}
+
+fn endpoint_of(env: &mut Env, ip: Ipv4Addr) -> Option<dataplane_common::EndpointInfo> {
+    env.dp
+        .maps()
+        .endpoint_entries()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.ip == ip.octets())
+        .map(|(_, v)| v)
+}
+
+/// An Ethernet/IPv4 ARP request from (`sha`, `spa`) for `tpa`.
+fn arp(sha: [u8; 6], spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![0, 1, 0x08, 0, 6, 4, 0, 1];
+    p.extend_from_slice(&sha);
+    p.extend_from_slice(&spa.octets());
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&tpa.octets());
+    eth([0xff; 6], sha, ETH_P_ARP, &p)
+}
+
+root_test!(cni_pod_port_drops_spoofed_frames_and_learns_nothing, || {
+    let mut env = setup();
+    register_pods(&mut env, &[(CLIENT, POD_MAC, 1)]);
+    let remote = Ipv4Addr::new(10, 244, 2, 7);
+    let gw = Ipv4Addr::new(10, 244, 1, 1);
+    // Its own addresses: encapsulated as usual; ARP passes.
+    let (rc, _) = run_tc(
+        &mut env,
+        prog_names::FROM_POD,
+        &pod_frame(HOST_DEV_MAC, POD_MAC, CLIENT, remote, b"ok"),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &arp(POD_MAC, CLIENT, gw));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_counters(
+        &env,
+        &[(Stat::Encapsulated, 1), (Stat::PassNotIpv4, 1)],
+        "a CNI pod's own traffic",
+    );
+    // Another source address, another MAC, ARP claiming either.
+    let forged_ip = Ipv4Addr::new(10, 244, 1, 99);
+    let forged_mac = [0x02, 0x66, 0, 0, 0, 6];
+    for (frame, what) in [
+        (
+            pod_frame(HOST_DEV_MAC, POD_MAC, forged_ip, remote, b"x"),
+            "forged IP",
+        ),
+        (
+            pod_frame(HOST_DEV_MAC, forged_mac, CLIENT, remote, b"x"),
+            "forged MAC",
+        ),
+        (arp(POD_MAC, forged_ip, gw), "ARP for a forged IP"),
+        (arp(forged_mac, CLIENT, gw), "ARP from a forged MAC"),
+        (
+            {
+                // Ethernet source right, ARP sender MAC forged.
+                let mut f = arp(POD_MAC, CLIENT, gw);
+                f[22..28].copy_from_slice(&forged_mac);
+                f
+            },
+            "ARP with a forged sender MAC",
+        ),
+    ] {
+        let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &frame);
+        assert_eq!(rc, TC_ACT_SHOT, "{what}");
+    }
+    assert_counters(
+        &env,
+        &[
+            (Stat::Encapsulated, 1),
+            (Stat::PassNotIpv4, 1),
+            (Stat::DropSpoofedMac, 3),
+            (Stat::DropSpoofedIp, 2),
+        ],
+        "spoofed frames",
+    );
+    assert!(endpoint_of(&mut env, forged_ip).is_none(), "nothing learnt");
+    assert_eq!(
+        endpoint_of(&mut env, CLIENT).map(|e| e.gw_mac),
+        Some(HOST_DEV_MAC),
+        "the registered entry is untouched"
+    );
+});
+
+root_test!(learning_never_repoints_an_entry_of_another_port, || {
+    let mut env = setup();
+    // 10.244.1.5 is registered on port 42; a bridge pod (on lo, ifindex
+    // 1) sending from that address does not take it.
+    register_pods(&mut env, &[(CLIENT, POD_MAC, 42)]);
+    let other_mac = [0x02, 0xaa, 0, 0, 0, 9];
+    let dst = Ipv4Addr::new(10, 244, 1, 9);
+    run_tc(
+        &mut env,
+        prog_names::FROM_POD,
+        &pod_frame(CNI0_MAC, other_mac, CLIENT, dst, b"x"),
+    );
+    let ep = endpoint_of(&mut env, CLIENT).unwrap();
+    assert_eq!((ep.ifindex, ep.mac), (42, POD_MAC));
+    // A new address is learnt on this port; the same port with a new MAC
+    // refreshes it.
+    let six = Ipv4Addr::new(10, 244, 1, 6);
+    run_tc(
+        &mut env,
+        prog_names::FROM_POD,
+        &pod_frame(CNI0_MAC, other_mac, six, dst, b"x"),
+    );
+    let ep = endpoint_of(&mut env, six).unwrap();
+    assert_eq!((ep.ifindex, ep.mac, ep.gw_mac), (1, other_mac, CNI0_MAC));
+    let newer = [0x02, 0xaa, 0, 0, 0, 10];
+    run_tc(
+        &mut env,
+        prog_names::FROM_POD,
+        &pod_frame(CNI0_MAC, newer, six, dst, b"x"),
+    );
+    assert_eq!(endpoint_of(&mut env, six).unwrap().mac, newer);
+});
+
+root_test!(service_to_a_local_cni_pod_goes_straight_into_it, || {
+    let mut env = setup();
+    let pod_ip = Ipv4Addr::new(10, 244, 1, 7);
+    let pod_mac = [0x02, 0xaa, 0, 0, 0, 7];
+    register_pods(&mut env, &[(pod_ip, pod_mac, 42)]);
+    set_frontend(&mut env, svc_key(80, 6), vec![backend(pod_ip, 8080)]);
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40020));
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let (e, ip) = parse_eth_ipv4(&out);
+    assert_eq!((e.destination, e.source), (pod_mac, HOST_DEV_MAC));
+    assert_eq!(ip.dst(), pod_ip);
+    assert_counters(
+        &env,
+        &[(Stat::SvcForward, 1), (Stat::RedirectToPod, 1)],
+        "to a local CNI pod",
+    );
+});

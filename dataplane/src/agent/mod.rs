@@ -8,12 +8,15 @@
 //! | lease table (etcd watch)      | peer maps                               |
 //! | Services, EndpointSlices      | that Service's frontends                |
 //! | own lease re-acquired         | subnet.env, bridge, node config, peers, all Services |
-//! | link change, timer            | pod ports (attach, forget endpoints), retries |
+//! | link change, timer            | pod ports (attach, forget endpoints), CNI pods whose device went, retries |
+//! | CNI socket request            | a CNI pod's entries, attachment and record ([`cni`]) |
 //!
 //! Inside the loop no error ends the agent: a failed write or netlink call
 //! is logged and counted, and retried at the next event or tick.
-//! [`startup`] is everything before the loop, [`node`] this node's host side.
+//! [`startup`] is everything before the loop, [`node`] this node's host side,
+//! [`cni`] pods registered through the CNI plugin.
 
+pub mod cni;
 mod node;
 mod startup;
 
@@ -58,6 +61,8 @@ pub struct AgentConfig {
     pub service_prefix: String,
     /// Forward the data path's aya-log records to the log (`--bpf-log`).
     pub bpf_log: bool,
+    /// Pods through CNI: socket, conflist, state, pod device.
+    pub cni: cni::CniOptions,
 }
 
 /// `--decap-mode`: where decapsulation runs on the underlay interface.
@@ -107,6 +112,8 @@ struct Events {
     leases: mpsc::Receiver<LeaseEvent>,
     /// `None` while resubscribing (at the next tick).
     links: Option<mpsc::Receiver<()>>,
+    /// Requests from the CNI socket.
+    cni: mpsc::Receiver<cni::Call>,
 }
 
 /// What failed and is tried again at the next tick.
@@ -135,6 +142,13 @@ struct Agent {
     store: ServiceStore,
     retry: Retry,
     transient_errors: u64,
+    /// CNI pods registered with this agent.
+    cni: cni::Registrations,
+    conflist: cni::ConflistFile,
+    /// What the conflist tells the plugin to create.
+    pod_device: crate::cni::proto::PodDevice,
+    /// The task serving the CNI socket (ended with the loop).
+    cni_server: Option<tokio::task::JoinHandle<()>>,
 }
 
 async fn next_link_event(links: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
@@ -153,6 +167,7 @@ impl Agent {
                 Some(update) = ev.peers.recv() => self.on_peers(update),
                 Some(update) = ev.services.recv() => self.on_services(update),
                 Some(event) = ev.leases.recv() => self.on_lease(event).await,
+                Some(call) = ev.cni.recv() => self.on_cni(call).await,
                 link = next_link_event(&mut ev.links) => {
                     if link.is_none() {
                         warn!("link notifications stopped; subscribing again at the next tick");
@@ -170,6 +185,12 @@ impl Agent {
                     self.on_tick().await;
                 }
             }
+        }
+        // The socket goes first: a plugin call now finds no agent rather
+        // than one that never answers.
+        if let Some(server) = self.cni_server.take() {
+            server.abort();
+            let _ = server.await;
         }
     }
 
@@ -327,6 +348,9 @@ impl Agent {
         if let Err(e) = self.rec.set_node(self.dp.maps(), &cfg) {
             return self.failed(e.into());
         }
+        if let Err(e) = self.write_conflist() {
+            return self.failed(e);
+        }
         self.retry.node = false;
     }
 
@@ -347,12 +371,16 @@ impl Agent {
     }
 
     /// `from_pod` on exactly the bridge's ports; endpoints learnt on
-    /// ports that are gone are forgotten first.
+    /// ports that are gone are forgotten first, and CNI pods whose device
+    /// is gone too. Runs at every link notification, so a removed port's
+    /// entries go at once, not at the next tick.
     async fn sync_ports(&mut self) {
-        let ports = match self.nl.bridge_ports(self.bridge.ifindex).await {
-            Ok(p) => p,
-            Err(e) => return self.failed(e.context("listing bridge ports")),
+        let links = match self.nl.links().await {
+            Ok(l) => l,
+            Err(e) => return self.failed(e.context("listing links")),
         };
+        self.forget_gone_cni_pods(&links);
+        let ports = netlink::ports_of(links, self.bridge.ifindex);
         let ifindexes: BTreeSet<u32> = ports.iter().map(|p| p.ifindex).collect();
         if let Err(e) = self.rec.prune_endpoints(self.dp.maps(), &ifindexes) {
             self.failed(anyhow!("forgetting endpoints of gone ports: {e}"));

@@ -9,7 +9,7 @@ use log::{info, warn};
 
 use crate::{
     lease::format_mac,
-    netlink::{LinkInfo, Netlink},
+    netlink::{self, LinkInfo, Netlink},
     reconcile::desired::gateway,
     subnet_env::{self, SubnetEnv},
 };
@@ -55,6 +55,11 @@ pub(super) async fn plumb_bridge(
 ) -> anyhow::Result<LinkInfo> {
     let gw = gateway(subnet);
     let mut br = nl.ensure_bridge(name, gw, network, mtu).await?;
+    // Pods on the bridge take the whole subnet as on-link and ARP for a
+    // CNI pod (which is routed, /32, on its own device): the bridge
+    // answers for addresses routed elsewhere, at once.
+    netlink::set_sysctl(&format!("net/ipv4/conf/{name}/proxy_arp"), "1")?;
+    netlink::set_sysctl(&format!("net/ipv4/neigh/{name}/proxy_delay"), "0")?;
     let o = gw.addr().octets();
     let mac = [0x02, 0xdc, o[0], o[1], o[2], o[3]];
     if br.mac != mac {

@@ -10,9 +10,12 @@ use ipnet::Ipv4Net;
 use log::{error, info};
 use tokio::sync::{mpsc, watch};
 
-use super::{Agent, AgentConfig, Events, Retry, node};
+use anyhow::Context as _;
+
+use super::{Agent, AgentConfig, Events, Retry, cni, node};
 use crate::{
     bpf::{Dataplane, LoadOptions},
+    cni::server::AgentSocket,
     config::NetworkConfig,
     etcd::EtcdOptions,
     lease::{self, Lease, LeaseAttrs, LeaseEvent, format_mac},
@@ -136,7 +139,8 @@ pub(super) async fn acquire_lease(
 }
 
 /// Start-up, in order: underlay, etcd, network config, lease,
-/// subnet.env, BPF load, bridge, node config, Services, attach, watches.
+/// subnet.env, BPF load, bridge, node config, Services, attach, CNI pods
+/// of an earlier run, CNI socket and conflist, watches.
 /// `None` when told to stop while waiting.
 pub(super) async fn start(
     cfg: AgentConfig,
@@ -196,7 +200,12 @@ pub(super) async fn start(
         tokio::spawn(log.forward());
     }
     let bridge = node::plumb_bridge(&nl, &cfg.bridge, lease.subnet, net.network, mtu).await?;
+    let pod_device = cni::resolve_pod_device(cfg.cni.pod_device).await;
     let mut agent = Agent {
+        cni: cni::Registrations::new(&cfg.cni.state_dir),
+        conflist: cni::ConflistFile::new(&cfg.cni.conf_dir),
+        pod_device,
+        cni_server: None,
         nl,
         dp,
         rec: Reconciler::new(),
@@ -240,6 +249,23 @@ pub(super) async fn start(
     agent.dp.attach_underlay(&agent.underlay.name, mode)?;
     // Subscribe before the first listing so no new pod falls in between.
     let links = Some(netlink::link_events()?);
+    // CNI pods of an earlier run first: pruning must know them.
+    agent.adopt_cni_pods().await?;
+    // The socket before the conflist: a runtime that reads the conflist
+    // finds the agent.
+    let socket = AgentSocket::bind(&agent.cfg.cni.socket)
+        .await
+        .with_context(|| format!("binding the CNI socket {}", agent.cfg.cni.socket.display()))?;
+    let (cni_tx, cni_calls) = mpsc::channel::<cni::Call>(64);
+    agent.cni_server = Some(tokio::spawn(
+        socket.serve(Arc::new(cni::LoopRegistry { tx: cni_tx })),
+    ));
+    agent.write_conflist()?;
+    info!(
+        "CNI: socket {}, pod device {}",
+        agent.cfg.cni.socket.display(),
+        agent.pod_device
+    );
     let (svc_tx, services) = mpsc::channel::<StoreUpdate>(4096);
     tokio::spawn(services::watch_services(
         client.clone(),
@@ -283,6 +309,7 @@ pub(super) async fn start(
             services,
             leases,
             links,
+            cni: cni_calls,
         },
     )))
 }

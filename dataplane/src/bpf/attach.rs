@@ -1,5 +1,8 @@
 //! Attaching the programs: decapsulation on the underlay (TC ingress, plus
-//! XDP in XDP mode) and `from_pod` on the ingress of every pod port.
+//! XDP in XDP mode) and `from_pod` on the ingress of every pod port: the
+//! bridge's ports (kept equal to the bridge's list) and CNI pods' devices
+//! (attached and detached one by one as pods are registered). On this
+//! kernel aya attaches TC programs as tcx links.
 
 use std::collections::HashMap;
 
@@ -46,6 +49,8 @@ pub enum AttachError {
 #[derive(Default)]
 pub(super) struct Attachments {
     pod_links: HashMap<String, SchedClassifierLinkId>,
+    /// CNI pods' host-side devices, by ifindex (with the name attached to).
+    cni_links: HashMap<u32, (String, SchedClassifierLinkId)>,
     underlay: Option<Underlay>,
 }
 
@@ -165,5 +170,54 @@ impl Attachments {
             }
         }
         Ok(attached)
+    }
+
+    /// Attaches `from_pod` to a CNI pod's host-side device `name`
+    /// (ifindex `ifindex`), replacing what an earlier call attached there.
+    pub(super) fn attach_cni_pod(
+        &mut self,
+        ebpf: &mut Ebpf,
+        ifindex: u32,
+        name: &str,
+    ) -> Result<(), AttachError> {
+        let prog = classifier(ebpf, prog_names::FROM_POD)?;
+        if let Some((old, id)) = self.cni_links.remove(&ifindex) {
+            let _ = prog.detach(id);
+            debug!("{} detached from {old}", prog_names::FROM_POD);
+        }
+        let id =
+            prog.attach(name, TcAttachType::Ingress)
+                .map_err(|source| AttachError::Attach {
+                    program: prog_names::FROM_POD,
+                    iface: name.to_owned(),
+                    source,
+                })?;
+        self.cni_links.insert(ifindex, (name.to_owned(), id));
+        info!("attached {} to CNI pod device {name}", prog_names::FROM_POD);
+        Ok(())
+    }
+
+    /// Detaches `from_pod` from a CNI pod's device, if attached; a device
+    /// that is gone took the attachment with it.
+    pub(super) fn detach_cni_pod(
+        &mut self,
+        ebpf: &mut Ebpf,
+        ifindex: u32,
+    ) -> Result<(), AttachError> {
+        let Some((name, id)) = self.cni_links.remove(&ifindex) else {
+            return Ok(());
+        };
+        let prog = classifier(ebpf, prog_names::FROM_POD)?;
+        match prog.detach(id) {
+            Ok(()) => info!(
+                "detached {} from CNI pod device {name}",
+                prog_names::FROM_POD
+            ),
+            Err(e) => debug!(
+                "detaching {} from {name} (gone?): {e}",
+                prog_names::FROM_POD
+            ),
+        }
+        Ok(())
     }
 }

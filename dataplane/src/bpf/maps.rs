@@ -4,7 +4,9 @@
 //! it ([`Maps::apply`]) is a single `match`.
 //!
 //! The data path owns conntrack, reverse NAT and the counters, and learns
-//! endpoints; the agent only ever deletes from those.
+//! endpoints of bridge ports; the agent only ever deletes from those. The
+//! endpoints of CNI pods are the agent's (registered), with their
+//! `pod_ports_v1` entries.
 
 use std::{fmt, net::Ipv4Addr, path::PathBuf};
 
@@ -14,8 +16,8 @@ use aya::{
 };
 use dataplane_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, Counter, EndpointInfo, EndpointKey, LiveInfo,
-    LiveKey, NodeConfig, PROTO_TCP, PeerInfo, PeerIpInfo, PeerIpKey, SvcCounters, SvcInfo, SvcKey,
-    VipInfo, VipKey, map_names,
+    LiveKey, NodeConfig, PROTO_TCP, PeerInfo, PeerIpInfo, PeerIpKey, PodPortInfo, PodPortKey,
+    SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey, map_names,
 };
 use ipnet::Ipv4Net;
 
@@ -85,8 +87,13 @@ pub enum MapOp {
     /// A frontend's counters, when the frontend goes.
     DelSvcStats(SvcKey),
     DelAffinity(AffinityKey),
-    /// A learnt pod whose port is gone.
+    /// A learnt pod whose port is gone, or a CNI pod deleted.
     DelEndpoint(EndpointKey),
+    /// A CNI pod's endpoint (registered, not learnt).
+    PutEndpoint(EndpointKey, EndpointInfo),
+    /// A CNI pod's port: the addresses it may send from.
+    PutPodPort(PodPortKey, PodPortInfo),
+    DelPodPort(PodPortKey),
 }
 
 impl MapOp {
@@ -102,6 +109,8 @@ impl MapOp {
                 | MapOp::PutBackend(..)
                 | MapOp::PutVip(..)
                 | MapOp::PutLive(_)
+                | MapOp::PutEndpoint(..)
+                | MapOp::PutPodPort(..)
         )
     }
 }
@@ -193,6 +202,19 @@ impl fmt::Display for MapOp {
                 k.svc_id
             ),
             MapOp::DelEndpoint(k) => write!(f, "forgetting endpoint {}", Ipv4Addr::from(k.ip)),
+            MapOp::PutEndpoint(k, v) => write!(
+                f,
+                "registering endpoint {} on ifindex {}",
+                Ipv4Addr::from(k.ip),
+                v.ifindex
+            ),
+            MapOp::PutPodPort(k, v) => write!(
+                f,
+                "guarding pod port ifindex {} for {}",
+                k.ifindex,
+                Ipv4Addr::from(v.ip)
+            ),
+            MapOp::DelPodPort(k) => write!(f, "removing pod port ifindex {}", k.ifindex),
         }
     }
 }
@@ -228,6 +250,7 @@ pub struct Maps {
     affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     svc_stats: PerCpuHashMap<MapData, SvcKey, SvcCounters>,
     live: HashMap<MapData, LiveKey, LiveInfo>,
+    pod_ports: HashMap<MapData, PodPortKey, PodPortInfo>,
 }
 
 fn lpm_key(net: &Ipv4Net) -> Key<[u8; 4]> {
@@ -258,6 +281,7 @@ impl Maps {
             affinity: HashMap::try_from(take(map_names::AFFINITY)?)?,
             svc_stats: PerCpuHashMap::try_from(take(map_names::SVC_STATS)?)?,
             live: HashMap::try_from(take(map_names::LIVE)?)?,
+            pod_ports: HashMap::try_from(take(map_names::POD_PORTS)?)?,
         })
     }
 
@@ -281,6 +305,9 @@ impl Maps {
             MapOp::DelSvcStats(k) => self.svc_stats.remove(k)?,
             MapOp::DelAffinity(k) => self.affinity.remove(k)?,
             MapOp::DelEndpoint(k) => self.endpoints.remove(k)?,
+            MapOp::PutEndpoint(k, v) => self.endpoints.insert(k, v, 0)?,
+            MapOp::PutPodPort(k, v) => self.pod_ports.insert(k, v, 0)?,
+            MapOp::DelPodPort(k) => self.pod_ports.remove(k)?,
         }
         Ok(())
     }
@@ -311,8 +338,13 @@ impl Maps {
         })
     }
 
-    /// The endpoints the data path learnt.
+    /// The endpoints: learnt by the data path, or registered.
     pub fn endpoint_entries(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>, MapError> {
         collect(self.endpoints.iter())
+    }
+
+    /// The CNI pods' ports.
+    pub fn pod_port_entries(&self) -> Result<Vec<(PodPortKey, PodPortInfo)>, MapError> {
+        collect(self.pod_ports.iter())
     }
 }

@@ -7,7 +7,8 @@
 //! - [`bpffs`]: mounting the BPF filesystem the maps are pinned on.
 //! - [`load`]: loading the object, pinning its maps, the verifier's log
 //!   when it rejects a program.
-//! - [`attach`]: decapsulation on the underlay, `from_pod` on pod ports.
+//! - [`attach`]: decapsulation on the underlay, `from_pod` on pod ports
+//!   (bridge ports and CNI pods' devices).
 //! - [`maps`]: typed handles to every map and [`Maps::apply`], the one
 //!   place a map is written.
 //! - [`stats`]: the counters, also read from a running agent's pins.
@@ -85,6 +86,16 @@ impl Dataplane {
     /// returns how many were newly attached.
     pub fn sync_pod_ports(&mut self, ifaces: &[String]) -> Result<usize, AttachError> {
         self.attached.sync_pod_ports(&mut self.ebpf, ifaces)
+    }
+
+    /// See [`attach`]: `from_pod` on a CNI pod's host-side device.
+    pub fn attach_cni_pod(&mut self, ifindex: u32, name: &str) -> Result<(), AttachError> {
+        self.attached.attach_cni_pod(&mut self.ebpf, ifindex, name)
+    }
+
+    /// See [`attach`]: the reverse of [`Dataplane::attach_cni_pod`].
+    pub fn detach_cni_pod(&mut self, ifindex: u32) -> Result<(), AttachError> {
+        self.attached.detach_cni_pod(&mut self.ebpf, ifindex)
     }
 
     /// Per-outcome counters summed over CPUs.

@@ -6,12 +6,14 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use dataplane_common::{
-    Backend, NODE_CFG_BPF_LOG, NODE_CFG_READY, NodeConfig, PROTO_TCP, PROTO_UDP, SvcKey,
+    Backend, EndpointInfo, NODE_CFG_BPF_LOG, NODE_CFG_READY, NodeConfig, PROTO_TCP, PROTO_UDP,
+    PodPortInfo, SvcKey,
 };
 use ipnet::Ipv4Net;
 use log::warn;
 
 use crate::{
+    cni::proto::Endpoint,
     peers::PeerTable,
     services::{self, FrontendSpec},
 };
@@ -153,4 +155,40 @@ pub fn node_config(n: &NodeFacts) -> NodeConfig {
         bridge_mac: n.bridge_mac,
         _pad: [0; 2],
     }
+}
+
+/// A pod registered through CNI, as the data path needs it: its endpoint
+/// entry and its port's entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    pub endpoint: EndpointInfo,
+    pub port: PodPortInfo,
+}
+
+/// CNI pods by IPv4 address (network byte order).
+pub type Pods = BTreeMap<[u8; 4], PodEntry>;
+
+/// The CNI pods of these registrations. Two with one address cannot both
+/// be served; the registry never holds such a pair (a new registration
+/// takes the address), and here the later one wins.
+pub fn pods<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>) -> Pods {
+    endpoints
+        .into_iter()
+        .map(|e| {
+            let ip = e.ip.octets();
+            let entry = PodEntry {
+                endpoint: EndpointInfo {
+                    ifindex: e.host_ifindex,
+                    mac: e.mac.0,
+                    gw_mac: e.host_mac.0,
+                },
+                port: PodPortInfo {
+                    ip,
+                    mac: e.mac.0,
+                    _pad: [0; 2],
+                },
+            };
+            (ip, entry)
+        })
+        .collect()
 }

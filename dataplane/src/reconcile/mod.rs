@@ -1,6 +1,6 @@
 //! From desired state to map writes. Events change what the agent wants
 //! (peers from the lease table, frontends from Services and
-//! EndpointSlices, pod ports, the node config); this module turns that
+//! EndpointSlices, CNI pods, pod ports, the node config); this module turns that
 //! into writes in three steps:
 //!
 //! 1. [`desired`] builds the wanted state in wire types.
@@ -24,10 +24,10 @@ mod tests;
 
 use std::collections::BTreeSet;
 
-use dataplane_common::{EndpointInfo, EndpointKey, NodeConfig, SvcKey};
+use dataplane_common::{EndpointInfo, EndpointKey, NodeConfig, PodPortInfo, PodPortKey, SvcKey};
 use log::{debug, warn};
 
-pub use desired::{FrontendState, Frontends, NodeFacts, Peer, Peers};
+pub use desired::{FrontendState, Frontends, NodeFacts, Peer, Peers, PodEntry, Pods};
 pub use state::{MapState, Owners, Shadow};
 
 use crate::{
@@ -43,8 +43,10 @@ pub trait Sink {
     fn peer_entries(&self) -> Result<PeerEntries, MapError>;
     /// The agent-owned service maps and the affinity keys.
     fn service_entries(&self) -> Result<ServiceEntries, MapError>;
-    /// Endpoints the data path learnt.
+    /// Endpoints, learnt by the data path or registered.
     fn endpoint_entries(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>, MapError>;
+    /// The CNI pods' ports.
+    fn pod_port_entries(&self) -> Result<Vec<(PodPortKey, PodPortInfo)>, MapError>;
 }
 
 impl Sink for Maps {
@@ -59,6 +61,9 @@ impl Sink for Maps {
     }
     fn endpoint_entries(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>, MapError> {
         Maps::endpoint_entries(self)
+    }
+    fn pod_port_entries(&self) -> Result<Vec<(PodPortKey, PodPortInfo)>, MapError> {
+        Maps::pod_port_entries(self)
     }
 }
 
@@ -251,20 +256,38 @@ impl Reconciler {
     }
 
     /// Forgets learnt endpoints whose port (host-side ifindex) is not in
-    /// `ports`. Returns how many went.
+    /// `ports` (the bridge's); registered ones stay. Returns how many went.
     pub fn prune_endpoints(
         &mut self,
         sink: &mut impl Sink,
         ports: &BTreeSet<u32>,
     ) -> Result<usize, ReconcileError> {
-        let learnt = sink
+        let entries = sink
             .endpoint_entries()
             .map_err(|source| ReconcileError::Read {
                 what: "endpoint",
                 source,
             })?;
-        let ops = plan::stale_endpoints(ports, &learnt);
+        let ops = plan::stale_endpoints(ports, &self.shadow.maps, &entries);
         self.apply(sink, &ops)?;
         Ok(ops.len())
+    }
+
+    /// Takes the CNI pods' entries the kernel holds (an earlier run's) as
+    /// the current state, so the next [`Reconciler::set_pods`] removes
+    /// those no registration wants. Called once at start-up.
+    pub fn adopt_pods(&mut self, sink: &mut impl Sink) -> Result<(), ReconcileError> {
+        let read = |what| move |source| ReconcileError::Read { what, source };
+        let ports = sink.pod_port_entries().map_err(read("pod port"))?;
+        let endpoints = sink.endpoint_entries().map_err(read("endpoint"))?;
+        self.shadow.maps.adopt_pods(&ports, &endpoints);
+        Ok(())
+    }
+
+    /// Makes the CNI pods' entries (registered endpoints and their ports)
+    /// exactly `want`.
+    pub fn set_pods(&mut self, sink: &mut impl Sink, want: &Pods) -> Result<(), ReconcileError> {
+        let ops = plan::pods(want, &self.shadow.maps);
+        self.apply(sink, &ops)
     }
 }

@@ -21,20 +21,23 @@
 //!   frontend that stays is translated throughout.
 //! - A PublicIP is accepted (`peer_ips`) before a peer points at it, and
 //!   peers are removed before their PublicIP is refused.
+//! - A CNI pod's port entry (`pod_ports_v1`) is written before its
+//!   endpoint entry and removed after it.
 //! - Only what differs is written: an unchanged input plans nothing, and a
 //!   Service's plan touches that Service's frontends and ClusterIPs only.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
-    AffinityKey, EndpointInfo, EndpointKey, NodeConfig, PeerInfo, SVC_F_AFFINITY, SvcInfo, SvcKey,
+    AffinityKey, EndpointInfo, EndpointKey, NodeConfig, PeerInfo, PodPortInfo, SVC_F_AFFINITY,
+    SvcInfo, SvcKey,
 };
 
 use super::{
-    desired::{FrontendState, Frontends, Peers},
+    desired::{FrontendState, Frontends, Peers, Pods},
     state::{
-        BackendAddr, MapState, Shadow, addr, backend_key, live_key, peer_ip_info, peer_ip_key,
-        vip_info, vip_key,
+        BackendAddr, MapState, Shadow, addr, backend_key, endpoint_key, live_key, peer_ip_info,
+        peer_ip_key, pod_port_key, vip_info, vip_key,
     },
 };
 use crate::{bpf::MapOp, services::ServiceName};
@@ -239,14 +242,54 @@ pub fn clear_services(cur: &MapState, affinity: &[AffinityKey]) -> Vec<MapOp> {
 
 /// Learnt endpoints whose port (host-side ifindex) is no longer on the
 /// bridge: delivering to a stale ifindex would drop the traffic of
-/// whichever pod gets the address next.
+/// whichever pod gets the address next. Registered entries (CNI pods, in
+/// `cur.pods`) are never taken for learnt ones.
 pub fn stale_endpoints(
     ports: &BTreeSet<u32>,
-    learnt: &[(EndpointKey, EndpointInfo)],
+    cur: &MapState,
+    entries: &[(EndpointKey, EndpointInfo)],
 ) -> Vec<MapOp> {
-    learnt
+    entries
         .iter()
+        .filter(|(k, _)| !cur.pods.contains_key(&k.ip))
         .filter(|(_, v)| !ports.contains(&v.ifindex))
         .map(|(k, _)| MapOp::DelEndpoint(*k))
         .collect()
+}
+
+/// The CNI pods' entries: `endpoints_v1` (registered) and `pod_ports_v1`
+/// made equal to `want`. Removals first: an endpoint entry before its
+/// port's, so nothing is delivered to a port that is no longer guarded.
+/// Then a port's entry before the endpoint entry that names it, so the data
+/// path never finds a registered endpoint on an unguarded port (it would
+/// take it for a learnt one). An address that moves to another port (DEL,
+/// then ADD of a new pod given the same address) is one overwrite of its
+/// endpoint entry.
+pub fn pods(want: &Pods, cur: &MapState) -> Vec<MapOp> {
+    let want_ports: BTreeMap<u32, PodPortInfo> = want
+        .values()
+        .map(|p| (p.endpoint.ifindex, p.port))
+        .collect();
+    let mut ops = Vec::new();
+    for ip in cur.pods.keys() {
+        if !want.contains_key(ip) {
+            ops.push(MapOp::DelEndpoint(endpoint_key(*ip)));
+        }
+    }
+    for ifindex in cur.pod_ports.keys() {
+        if !want_ports.contains_key(ifindex) {
+            ops.push(MapOp::DelPodPort(pod_port_key(*ifindex)));
+        }
+    }
+    for (ifindex, port) in &want_ports {
+        if cur.pod_ports.get(ifindex) != Some(port) {
+            ops.push(MapOp::PutPodPort(pod_port_key(*ifindex), *port));
+        }
+    }
+    for (ip, p) in want {
+        if cur.pods.get(ip) != Some(&p.endpoint) {
+            ops.push(MapOp::PutEndpoint(endpoint_key(*ip), p.endpoint));
+        }
+    }
+    ops
 }

@@ -13,8 +13,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
-    Backend, BackendKey, LiveKey, NodeConfig, PeerInfo, PeerIpInfo, PeerIpKey, SvcInfo, SvcKey,
-    VipInfo, VipKey,
+    Backend, BackendKey, EndpointInfo, EndpointKey, LiveKey, NodeConfig, PeerInfo, PeerIpInfo,
+    PeerIpKey, PodPortInfo, PodPortKey, SvcInfo, SvcKey, VipInfo, VipKey,
 };
 use ipnet::Ipv4Net;
 
@@ -52,6 +52,11 @@ pub struct MapState {
     pub live: BTreeSet<(u32, BackendAddr)>,
     /// ClusterIP -> the refcount written in `vips_v1`.
     pub vips: BTreeMap<[u8; 4], u32>,
+    /// CNI pods' (registered) entries of `endpoints_v1`, by IPv4 address.
+    /// Learnt entries are the data path's and not in here.
+    pub pods: BTreeMap<[u8; 4], EndpointInfo>,
+    /// `pod_ports_v1`: host-side ifindex -> the pod's addresses.
+    pub pod_ports: BTreeMap<u32, PodPortInfo>,
     /// ClusterIP -> service entries that carry it (derived from `services`).
     frontends_per_vip: BTreeMap<[u8; 4], u32>,
     ids: IdAllocator,
@@ -202,7 +207,19 @@ impl MapState {
             MapOp::DelLive(k) => {
                 self.live.remove(&(k.svc_id, addr(&k.backend)));
             }
-            MapOp::DelSvcStats(_) | MapOp::DelAffinity(_) | MapOp::DelEndpoint(_) => {}
+            MapOp::PutEndpoint(k, v) => {
+                self.pods.insert(k.ip, v);
+            }
+            MapOp::DelEndpoint(k) => {
+                self.pods.remove(&k.ip);
+            }
+            MapOp::PutPodPort(k, v) => {
+                self.pod_ports.insert(k.ifindex, v);
+            }
+            MapOp::DelPodPort(k) => {
+                self.pod_ports.remove(&k.ifindex);
+            }
+            MapOp::DelSvcStats(_) | MapOp::DelAffinity(_) => {}
         }
     }
 
@@ -213,6 +230,23 @@ impl MapState {
             .peer_ips
             .into_iter()
             .map(|(k, v)| (k.public_ip, v.leases))
+            .collect();
+    }
+
+    /// Replaces the CNI pods' shadow with what the kernel has: every
+    /// `pod_ports_v1` entry, and the `endpoints_v1` entries those ports
+    /// registered (address and port agree). Other endpoint entries are
+    /// learnt ones.
+    pub fn adopt_pods(
+        &mut self,
+        ports: &[(PodPortKey, PodPortInfo)],
+        endpoints: &[(EndpointKey, EndpointInfo)],
+    ) {
+        self.pod_ports = ports.iter().map(|(k, v)| (k.ifindex, *v)).collect();
+        self.pods = endpoints
+            .iter()
+            .filter(|(k, v)| self.pod_ports.get(&v.ifindex).is_some_and(|p| p.ip == k.ip))
+            .map(|(k, v)| (k.ip, *v))
             .collect();
     }
 
@@ -277,6 +311,14 @@ pub fn vip_key(vip: [u8; 4]) -> VipKey {
 
 pub fn vip_info(frontends: u32) -> VipInfo {
     VipInfo { frontends }
+}
+
+pub fn endpoint_key(ip: [u8; 4]) -> EndpointKey {
+    EndpointKey { ip }
+}
+
+pub fn pod_port_key(ifindex: u32) -> PodPortKey {
+    PodPortKey { ifindex }
 }
 
 /// Which Service programmed which frontend: a frontend is removed when the

@@ -12,13 +12,14 @@ use std::{
 
 use dataplane_common::{
     AffinityKey, Backend, EndpointInfo, EndpointKey, NODE_CFG_BPF_LOG, NODE_CFG_READY, NodeConfig,
-    PROTO_TCP, PROTO_UDP, PeerInfo, PeerIpInfo, PeerIpKey, SVC_F_AFFINITY, SvcKey,
+    PROTO_TCP, PROTO_UDP, PeerInfo, PeerIpInfo, PeerIpKey, PodPortInfo, PodPortKey, SVC_F_AFFINITY,
+    SvcKey,
 };
 use ipnet::Ipv4Net;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::{
-    FrontendState, Frontends, MapState, Peer, Peers, Reconciler, Resync, Sink,
+    FrontendState, Frontends, MapState, Peer, Peers, PodEntry, Pods, Reconciler, Resync, Sink,
     desired::{self, NodeFacts},
     plan,
     state::addr,
@@ -87,6 +88,11 @@ impl Sink for Fake {
             MapOp::DelSvcStats(_) => false,
             MapOp::DelAffinity(key) => self.affinity.remove(&(key.svc_id, key.client)),
             MapOp::DelEndpoint(key) => self.endpoints.remove(&key.ip).is_some(),
+            MapOp::DelPodPort(key) => k.pod_ports.contains_key(&key.ifindex),
+            MapOp::PutEndpoint(key, v) => {
+                self.endpoints.insert(key.ip, *v);
+                true
+            }
             _ => true,
         };
         // A delete of a missing key is seen by the reconciler as done.
@@ -154,6 +160,15 @@ impl Sink for Fake {
             .endpoints
             .iter()
             .map(|(ip, v)| (EndpointKey { ip: *ip }, *v))
+            .collect())
+    }
+
+    fn pod_port_entries(&self) -> Result<Vec<(PodPortKey, PodPortInfo)>, MapError> {
+        Ok(self
+            .kernel
+            .pod_ports
+            .iter()
+            .map(|(i, v)| (PodPortKey { ifindex: *i }, *v))
             .collect())
     }
 }
@@ -815,6 +830,148 @@ fn endpoints_on_ports_that_are_gone_are_forgotten() {
     assert_eq!(r.prune_endpoints(&mut f, &[7].into()).unwrap(), 1);
     assert_eq!(f.endpoints.keys().collect::<Vec<_>>(), [&[10, 244, 1, 5]]);
     assert_eq!(r.prune_endpoints(&mut f, &[7].into()).unwrap(), 0);
+}
+
+fn pod(ip: [u8; 4], ifindex: u32) -> ([u8; 4], PodEntry) {
+    let mac = [2, 0, 0, 0, 0, ip[3]];
+    (
+        ip,
+        PodEntry {
+            endpoint: EndpointInfo {
+                ifindex,
+                mac,
+                gw_mac: [2, 0xaa, 0, 0, 0, ifindex as u8],
+            },
+            port: PodPortInfo {
+                ip,
+                mac,
+                _pad: [0; 2],
+            },
+        },
+    )
+}
+
+#[test]
+fn cni_pods_guard_their_port_before_their_endpoint_exists() {
+    let mut f = Fake::new();
+    let mut r = Reconciler::new();
+    let want: Pods = [pod([10, 244, 1, 5], 20), pod([10, 244, 1, 6], 21)].into();
+    r.set_pods(&mut f, &want).unwrap();
+    for (ip, p) in &want {
+        let port_at = position(
+            &f.applied,
+            |o| matches!(o, MapOp::PutPodPort(k, _) if k.ifindex == p.endpoint.ifindex),
+        );
+        let ep_at = position(
+            &f.applied,
+            |o| matches!(o, MapOp::PutEndpoint(k, _) if k.ip == *ip),
+        );
+        assert!(port_at < ep_at, "{:#?}", f.applied);
+    }
+    assert_eq!(f.endpoints.len(), 2);
+    assert_eq!(f.kernel.pod_ports.len(), 2);
+    // Unchanged: nothing written.
+    let n = f.applied.len();
+    r.set_pods(&mut f, &want).unwrap();
+    assert_eq!(f.applied.len(), n);
+
+    // One goes: its endpoint entry before its port's.
+    let one: Pods = [pod([10, 244, 1, 6], 21)].into();
+    r.set_pods(&mut f, &one).unwrap();
+    let new = &f.applied[n..];
+    assert_eq!(
+        new,
+        [
+            MapOp::DelEndpoint(EndpointKey {
+                ip: [10, 244, 1, 5]
+            }),
+            MapOp::DelPodPort(PodPortKey { ifindex: 20 }),
+        ]
+    );
+
+    // Its address comes back on another port: one overwrite of the
+    // endpoint entry, the old port's guard gone.
+    let moved: Pods = [pod([10, 244, 1, 6], 30)].into();
+    let n = f.applied.len();
+    r.set_pods(&mut f, &moved).unwrap();
+    let new = &f.applied[n..];
+    assert!(
+        matches!(new[0], MapOp::DelPodPort(k) if k.ifindex == 21),
+        "{new:#?}"
+    );
+    assert!(
+        matches!(new[1], MapOp::PutPodPort(k, _) if k.ifindex == 30),
+        "{new:#?}"
+    );
+    assert!(
+        matches!(new[2], MapOp::PutEndpoint(k, v) if k.ip == [10, 244, 1, 6] && v.ifindex == 30)
+    );
+    assert_eq!(new.len(), 3);
+    assert_eq!(f.endpoints[&[10, 244, 1, 6]].ifindex, 30);
+}
+
+#[test]
+fn pruning_never_removes_registered_endpoints() {
+    let mut f = Fake::new();
+    let mut r = Reconciler::new();
+    // A learnt entry on bridge port 7, one on a port that is gone, and a
+    // CNI pod (its port is not a bridge port).
+    f.endpoints.insert(
+        [10, 244, 1, 9],
+        EndpointInfo {
+            ifindex: 7,
+            ..Default::default()
+        },
+    );
+    f.endpoints.insert(
+        [10, 244, 1, 10],
+        EndpointInfo {
+            ifindex: 8,
+            ..Default::default()
+        },
+    );
+    r.set_pods(&mut f, &[pod([10, 244, 1, 5], 20)].into())
+        .unwrap();
+    assert_eq!(r.prune_endpoints(&mut f, &[7].into()).unwrap(), 1);
+    let left: Vec<_> = f.endpoints.keys().copied().collect();
+    assert_eq!(left, [[10, 244, 1, 5], [10, 244, 1, 9]]);
+}
+
+#[test]
+fn a_restart_adopts_pod_entries_and_removes_the_unwanted() {
+    let mut f = Fake::new();
+    let mut old = Reconciler::new();
+    old.set_pods(
+        &mut f,
+        &[pod([10, 244, 1, 5], 20), pod([10, 244, 1, 6], 21)].into(),
+    )
+    .unwrap();
+    // A learnt entry stays out of it.
+    f.endpoints.insert(
+        [10, 244, 1, 9],
+        EndpointInfo {
+            ifindex: 7,
+            ..Default::default()
+        },
+    );
+    let mut r = Reconciler::new();
+    r.adopt_pods(&mut f).unwrap();
+    assert_eq!(r.shadow().maps.pods.len(), 2);
+    assert_eq!(r.shadow().maps.pod_ports.len(), 2);
+    // The restarted agent still has .5 (its device exists), not .6.
+    let n = f.applied.len();
+    r.set_pods(&mut f, &[pod([10, 244, 1, 5], 20)].into())
+        .unwrap();
+    assert_eq!(
+        &f.applied[n..],
+        [
+            MapOp::DelEndpoint(EndpointKey {
+                ip: [10, 244, 1, 6]
+            }),
+            MapOp::DelPodPort(PodPortKey { ifindex: 21 }),
+        ]
+    );
+    assert!(f.endpoints.contains_key(&[10, 244, 1, 9]));
 }
 
 // ---------------------------------------------------------------- failures

@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: a three-node cluster on this machine, in network
-//! namespaces. Shows the leases, subnet.env files, pods pinging each other
+//! namespaces. Shows the leases, subnet.env files, the CNI conflist the
+//! agents write, pods made through the CNI plugin pinging each other
 //! across nodes through the BPF overlay, a short bulk transfer, the peer
 //! map as bpftool prints it, and the data path counters. Cleans up on exit
 //! and on Ctrl-C.
@@ -71,28 +72,20 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
     step(&format!(
-        "{PODS} pods per node, plumbed like the CNI bridge plugin"
+        "CNI conflist of node 1 ({}/10-dataplane.conflist)",
+        c.nodes[0].cni_conf_dir().display()
+    ));
+    let list = c.nodes[0].conflist().context("node 1 wrote no conflist")?;
+    println!("{}", serde_json::to_string_pretty(&list)?);
+
+    step(&format!(
+        "{PODS} pods per node, each made by running dataplane-cni ADD as a container runtime does"
     ));
     for i in 0..NODES {
-        for _ in 0..PODS {
-            let ip = c.add_pod(i)?;
-            println!("node {} pod {ip}", i + 1);
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for i in 0..NODES {
-        while c.nodes[i]
-            .log()
-            .matches("attached from_pod to pod port")
-            .count()
-            < PODS
-        {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "node {}: pod ports not attached",
-                i + 1
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        for j in 0..PODS {
+            let p = c.add_cni_pod(i, &format!("demo-n{}-p{}", i + 1, j + 1))?;
+            let pod = &c.nodes[i].pods[p];
+            println!("node {} pod {} on {}", i + 1, pod.ip, pod.host_if);
         }
     }
 
