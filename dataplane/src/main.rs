@@ -65,6 +65,17 @@ enum Cmd {
         /// What to list (`services`).
         what: String,
     },
+    /// Remove what the agent leaves on a node when it stops: its pinned
+    /// links (detaching the programs), its pinned maps and the pod bridge.
+    /// Stop the agent first.
+    Uninstall {
+        /// Where the agent pinned its maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
+        pin_path: PathBuf,
+        /// The pod bridge the agent made.
+        #[arg(long, default_value = "cni0")]
+        bridge: String,
+    },
     /// Print the data path counters of the agent on this node.
     Stats {
         /// Where the agent pinned its maps.
@@ -240,6 +251,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Delete { svc, file, target } => delete_cmd(&svc, file.as_deref(), &target).await,
             Cmd::Get { svc, what } => get_cmd(&svc, &what).await,
             Cmd::Leases { etcd } => leases_cmd(&etcd).await,
+            Cmd::Uninstall { pin_path, bridge } => uninstall_cmd(&pin_path, &bridge).await,
             Cmd::Stats { pin_path } => {
                 for (stat, c) in dataplane::bpf::read_pinned_stats(&pin_path)? {
                     println!(
@@ -439,4 +451,27 @@ fn unblock_stop_signals() {
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
+}
+
+async fn uninstall_cmd(pin_path: &std::path::Path, bridge: &str) -> anyhow::Result<()> {
+    let removed = dataplane::bpf::uninstall(pin_path)?;
+    println!(
+        "removed {} pinned links and {} pinned maps under {}",
+        removed.links,
+        removed.maps,
+        pin_path.display()
+    );
+    let nl = dataplane::netlink::Netlink::new()?;
+    match nl.link_by_name(bridge).await? {
+        Some(l) if l.kind.as_deref() == Some("bridge") => {
+            nl.delete_link(l.ifindex).await?;
+            println!("deleted bridge {bridge}");
+        }
+        Some(l) => bail!(
+            "{bridge} is a {} device, not a bridge; left alone",
+            l.kind.as_deref().unwrap_or("unknown")
+        ),
+        None => println!("no bridge {bridge}"),
+    }
+    Ok(())
 }

@@ -305,6 +305,16 @@ impl Netlink {
         Ok(ports_of(links, bridge_ifindex))
     }
 
+    /// Deletes link `ifindex` (`ip link del`).
+    pub async fn delete_link(&self, ifindex: u32) -> Result<()> {
+        self.handle
+            .link()
+            .del(ifindex)
+            .execute()
+            .await
+            .with_context(|| format!("deleting link with ifindex {ifindex}"))
+    }
+
     /// Sets `IFF_UP` on link `ifindex` (`ip link set dev X up`).
     pub async fn set_link_up(&self, ifindex: u32) -> Result<()> {
         self.handle

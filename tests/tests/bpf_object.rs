@@ -55,3 +55,31 @@ fn prog_names_are_exactly_the_objects_programs() {
         sorted(prog_names::ALL.iter().copied()),
     );
 }
+
+/// The layouts the agent checks pinned maps against
+/// (`dataplane::bpf::LAYOUTS`) are the object's: type, key and value
+/// sizes, max_entries.
+#[test]
+fn map_layouts_are_the_objects() {
+    let obj = object();
+    let layouts = dataplane::bpf::LAYOUTS;
+    assert_eq!(
+        sorted(layouts.iter().map(|(n, _)| *n)),
+        sorted(map_names::ALL.iter().copied()),
+        "one layout per map"
+    );
+    for (name, want) in layouts {
+        let m = obj
+            .maps
+            .get(*name)
+            .unwrap_or_else(|| panic!("{name} not in the object"));
+        let have = (m.map_type(), m.key_size(), m.value_size(), m.max_entries());
+        let listed = (
+            want.kind as u32,
+            want.key_size,
+            want.value_size,
+            want.max_entries,
+        );
+        assert_eq!(have, listed, "{name}: object vs LAYOUTS ({want})");
+    }
+}

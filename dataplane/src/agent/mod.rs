@@ -385,8 +385,8 @@ impl Agent {
         if let Err(e) = self.rec.prune_endpoints(self.dp.maps(), &ifindexes) {
             self.failed(anyhow!("forgetting endpoints of gone ports: {e}"));
         }
-        let names: Vec<String> = ports.into_iter().map(|p| p.name).collect();
-        if let Err(e) = self.dp.sync_pod_ports(&names) {
+        let ports: Vec<(String, u32)> = ports.into_iter().map(|p| (p.name, p.ifindex)).collect();
+        if let Err(e) = self.dp.sync_pod_ports(&ports) {
             self.failed(anyhow!("attaching to pod ports: {e}"));
         }
     }

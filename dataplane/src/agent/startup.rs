@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use dataplane_common::VXLAN_OVERHEAD;
 use ipnet::Ipv4Net;
-use log::{error, info};
+use log::{error, info, warn};
 use tokio::sync::{mpsc, watch};
 
 use anyhow::Context as _;
@@ -226,20 +226,31 @@ pub(super) async fn start(
     agent.rec.set_node(agent.dp.maps(), &node_cfg)?;
     // Services are in the maps before any program is attached, so a
     // ClusterIP is never forwarded untranslated, not even at start-up.
-    // Entries an earlier run left are cleared first: their ids would
-    // collide with the ones allocated now.
-    agent.rec.clear_services(agent.dp.maps())?;
-    agent.store = match services::list(&mut client, &agent.cfg.service_prefix).await {
-        Ok(s) => s,
+    // What an earlier run wrote is the current state: frontends keep their
+    // ids, so established connections through them keep their backends.
+    let adopted = agent.rec.adopt_services(agent.dp.maps())?;
+    let listed = match services::list(&mut client, &agent.cfg.service_prefix).await {
+        Ok(s) => Some(s),
         Err(e) => {
             error!(
                 "listing services under {}: {e:#}; the watch will deliver them",
                 agent.cfg.service_prefix
             );
-            ServiceStore::new()
+            None
         }
     };
+    let complete = listed.is_some();
+    agent.store = listed.unwrap_or_else(ServiceStore::new);
     let names = agent.program_all_services();
+    if complete {
+        let removed = agent.rec.remove_unowned(agent.dp.maps())?;
+        agent.rec.remove_orphans(agent.dp.maps())?;
+        info!("{adopted} frontends adopted from the pinned maps, {removed} of them gone");
+    } else if adopted > 0 {
+        warn!(
+            "{adopted} frontends adopted from the pinned maps are kept: without a listing of the Services, which are gone is unknown"
+        );
+    }
     info!(
         "{names} services, {} frontends programmed",
         agent.rec.frontends()
@@ -274,6 +285,9 @@ pub(super) async fn start(
         shutdown.clone(),
     ));
     agent.sync_ports().await;
+    // Everything this run attaches is attached: links an earlier run
+    // pinned that nothing claimed (device gone, no longer wanted) go.
+    agent.dp.prune_links();
 
     // Peers: etcd watch -> table -> maps.
     let (peer_tx, peers) = mpsc::channel::<PeerUpdate>(1024);

@@ -1,20 +1,43 @@
 //! Attaching the programs: decapsulation on the underlay (TC ingress, plus
 //! XDP in XDP mode) and `from_pod` on the ingress of every pod port: the
 //! bridge's ports (kept equal to the bridge's list) and CNI pods' devices
-//! (attached and detached one by one as pods are registered). On this
-//! kernel aya attaches TC programs as tcx links.
+//! (attached and detached one by one as pods are registered). TC programs
+//! are attached as tcx links, XDP as an XDP link.
+//!
+//! With a pin path every link is pinned under `<pin-path>/links/`, named
+//! after its role and the device's ifindex ([`LinkRole::pin_name`]), so it
+//! stays attached while the agent is away (stopped, restarting, being
+//! upgraded): the data path keeps running on the pinned maps. A starting
+//! agent adopts the pins it finds: where it attaches a program and a pin
+//! of that role and device exists, the pinned link gets the new program
+//! atomically (`bpf_link_update`), so there is no moment without one. Pins
+//! nothing claimed by the end of start-up (their device is gone, or the
+//! agent no longer wants them) are removed ([`Attachments::prune`]), which
+//! detaches what is still attached.
+//!
+//! Detaching a pinned link is removing its pin and closing the agent's
+//! descriptor of it.
 
-use std::collections::HashMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs, io,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use dataplane_common::prog_names;
 use log::{debug, info, warn};
+
+/// The directory under the pin path that holds the pinned links.
+pub const LINKS_DIR: &str = "links";
 
 /// Where VXLAN is decapsulated on the underlay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,21 +66,122 @@ pub enum AttachError {
         #[source]
         source: ProgramError,
     },
+    #[error("{program} on {iface}: not a link that can be pinned ({source}); tcx needs Linux 6.6")]
+    NotPinnable {
+        program: &'static str,
+        iface: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning {program} on {iface} at {}: {source}", path.display())]
+    Pin {
+        program: &'static str,
+        iface: String,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("no device {0}")]
+    NoDevice(String),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// What is attached where; dropping it (with the object) detaches.
+/// What a link is for; with the device's ifindex, its pin's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkRole {
+    /// `from_underlay` on the underlay (tcx ingress).
+    UnderlayTc,
+    /// `decap_xdp` on the underlay.
+    UnderlayXdp,
+    /// `from_pod` on a bridge port (tcx ingress).
+    PodPort,
+    /// `from_pod` on a CNI pod's host-side device (tcx ingress).
+    CniPod,
+}
+
+impl LinkRole {
+    const ALL: [LinkRole; 4] = [
+        LinkRole::UnderlayTc,
+        LinkRole::UnderlayXdp,
+        LinkRole::PodPort,
+        LinkRole::CniPod,
+    ];
+
+    fn prefix(self) -> &'static str {
+        match self {
+            LinkRole::UnderlayTc => "underlay_tc",
+            LinkRole::UnderlayXdp => "underlay_xdp",
+            LinkRole::PodPort => "pod_port",
+            LinkRole::CniPod => "cni_pod",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            LinkRole::UnderlayTc => prog_names::FROM_UNDERLAY,
+            LinkRole::UnderlayXdp => prog_names::DECAP_XDP,
+            LinkRole::PodPort | LinkRole::CniPod => prog_names::FROM_POD,
+        }
+    }
+
+    /// `<role>_<ifindex>`, e.g. `pod_port_12`.
+    pub fn pin_name(self, ifindex: u32) -> String {
+        format!("{}_{ifindex}", self.prefix())
+    }
+
+    /// The role and ifindex a pin's name stands for.
+    pub fn parse(name: &str) -> Option<(LinkRole, u32)> {
+        LinkRole::ALL.into_iter().find_map(|r| {
+            let idx = name.strip_prefix(r.prefix())?.strip_prefix('_')?;
+            Some((r, idx.parse().ok()?))
+        })
+    }
+}
+
+/// A link the agent holds, pinned when there is a pin path. Dropping it
+/// closes the agent's descriptor only: a pinned link stays attached.
+struct Held {
+    link: FdLink,
+    pin: Option<PathBuf>,
+}
+
+impl Held {
+    /// Detaches: the pin goes, then the last descriptor.
+    fn detach(self) {
+        if let Some(p) = &self.pin
+            && let Err(e) = fs::remove_file(p)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            warn!("removing link pin {}: {e}", p.display());
+        }
+        drop(self.link);
+    }
+}
+
+/// What is attached where.
 #[derive(Default)]
 pub(super) struct Attachments {
-    pod_links: HashMap<String, SchedClassifierLinkId>,
+    /// `<pin-path>/links`, when pinning.
+    links_dir: Option<PathBuf>,
+    /// Pins found at load that no attachment has claimed yet.
+    found: BTreeMap<String, PathBuf>,
+    /// Bridge ports by name (with the ifindex attached to).
+    pod_links: HashMap<String, (u32, Held)>,
     /// CNI pods' host-side devices, by ifindex (with the name attached to).
-    cni_links: HashMap<u32, (String, SchedClassifierLinkId)>,
+    cni_links: HashMap<u32, (String, Held)>,
     underlay: Option<Underlay>,
 }
 
 struct Underlay {
     iface: String,
-    tc: SchedClassifierLinkId,
-    xdp: Option<XdpLinkId>,
+    tc: Held,
+    xdp: Option<Held>,
 }
 
 fn classifier<'a>(
@@ -84,7 +208,208 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, AttachError> {
         })
 }
 
+/// The ifindex of device `name`.
+fn ifindex(name: &str) -> Result<u32, AttachError> {
+    let c = std::ffi::CString::new(name).map_err(|_| AttachError::NoDevice(name.to_owned()))?;
+    // SAFETY: a valid C string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(AttachError::NoDevice(name.to_owned())),
+        i => Ok(i),
+    }
+}
+
+/// The link files in `dir` (none when it does not exist).
+pub(super) fn list_pins(dir: &Path) -> Result<BTreeMap<String, PathBuf>, AttachError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(source) => {
+            return Err(AttachError::Io {
+                what: "listing",
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut out = BTreeMap::new();
+    for e in entries.flatten() {
+        if let Some(name) = e.file_name().to_str() {
+            out.insert(name.to_owned(), e.path());
+        }
+    }
+    Ok(out)
+}
+
+/// A program's way of making and taking links, for [`attach`].
+trait LinkProgram {
+    type Link: TryFrom<FdLink, Error = LinkError> + TryInto<FdLink, Error = LinkError>;
+    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError>;
+    fn replace(&mut self, link: Self::Link) -> Result<Self::Link, ProgramError>;
+}
+
+impl LinkProgram for SchedClassifier {
+    type Link = SchedClassifierLink;
+    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError> {
+        let id = self.attach(iface, TcAttachType::Ingress)?;
+        self.take_link(id)
+    }
+    fn replace(&mut self, link: Self::Link) -> Result<Self::Link, ProgramError> {
+        let id = self.attach_to_link(link)?;
+        self.take_link(id)
+    }
+}
+
+impl LinkProgram for Xdp {
+    type Link = XdpLink;
+    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError> {
+        let id = self.attach(iface, XdpMode::Default)?;
+        self.take_link(id)
+    }
+    fn replace(&mut self, link: Self::Link) -> Result<Self::Link, ProgramError> {
+        let id = self.attach_to_link(link)?;
+        self.take_link(id)
+    }
+}
+
+/// Replaces the program of the link pinned at `pin` with `prog`, in one
+/// step (`bpf_link_update`). Fails when the link's device is gone (the
+/// kernel detached it) or the pin is not a link of this kind.
+fn adopt<P: LinkProgram>(prog: &mut P, pin: &Path) -> Result<FdLink, String> {
+    let fd: FdLink = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?.into();
+    let link = P::Link::try_from(fd).map_err(|e| e.to_string())?;
+    let link = prog.replace(link).map_err(|e| e.to_string())?;
+    link.try_into().map_err(|e: LinkError| e.to_string())
+}
+
 impl Attachments {
+    /// Attachments pinned under `<pin_path>/links` (created), adopting the
+    /// links pinned there by an earlier run; `None`: nothing is pinned and
+    /// everything is detached with the object.
+    pub(super) fn new(pin_path: Option<&Path>) -> Result<Self, AttachError> {
+        let Some(pin_path) = pin_path else {
+            return Ok(Self::default());
+        };
+        let dir = pin_path.join(LINKS_DIR);
+        fs::create_dir_all(&dir).map_err(|source| AttachError::Io {
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        let found = list_pins(&dir)?;
+        if !found.is_empty() {
+            info!(
+                "{} pinned links of an earlier run under {}",
+                found.len(),
+                dir.display()
+            );
+        }
+        Ok(Self {
+            links_dir: Some(dir),
+            found,
+            ..Self::default()
+        })
+    }
+
+    /// `prog` attached to `iface` for `role`: the pinned link of that role
+    /// and device gets the program if there is one, else a new link is
+    /// made (and pinned).
+    fn attach<P: LinkProgram>(
+        &mut self,
+        prog: &mut P,
+        role: LinkRole,
+        iface: &str,
+        ifindex: u32,
+    ) -> Result<Held, AttachError> {
+        let program = role.program();
+        let pin = self
+            .links_dir
+            .as_ref()
+            .map(|d| d.join(role.pin_name(ifindex)));
+        let mut stale = None;
+        if let Some(pin) = &pin
+            && (self.found.remove(&role.pin_name(ifindex)).is_some() || pin.exists())
+        {
+            match adopt(prog, pin) {
+                Ok(link) => {
+                    info!("{program} on {iface}: replaced the program of the pinned link");
+                    return Ok(Held {
+                        link,
+                        pin: Some(pin.clone()),
+                    });
+                }
+                Err(e) => {
+                    info!(
+                        "{program} on {iface}: the pinned link {} is not usable ({e}); attaching anew",
+                        pin.display()
+                    );
+                    stale = Some(pin.clone());
+                }
+            }
+        }
+        let unpin = |p: &Path| {
+            if let Err(e) = fs::remove_file(p)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                warn!("removing link pin {}: {e}", p.display());
+            }
+        };
+        // XDP takes one link per device: an old one still attached has to
+        // go first. A tcx link goes after the new one is attached.
+        if role == LinkRole::UnderlayXdp
+            && let Some(p) = stale.take()
+        {
+            unpin(&p);
+        }
+        let attach_err = |source| AttachError::Attach {
+            program,
+            iface: iface.to_owned(),
+            source,
+        };
+        let link = prog.attach_new(iface).map_err(attach_err)?;
+        let link: FdLink = link.try_into().map_err(|source| AttachError::NotPinnable {
+            program,
+            iface: iface.to_owned(),
+            source,
+        })?;
+        if let Some(p) = stale {
+            unpin(&p);
+        }
+        let Some(pin) = pin else {
+            return Ok(Held { link, pin: None });
+        };
+        let pinned = link.pin(&pin).map_err(|source| AttachError::Pin {
+            program,
+            iface: iface.to_owned(),
+            path: pin.clone(),
+            source,
+        })?;
+        Ok(Held {
+            link: pinned.into(),
+            pin: Some(pin),
+        })
+    }
+
+    /// Removes the pins found at load that nothing claimed since: links of
+    /// devices that are gone, or that this run does not attach to. Removing
+    /// the pin detaches a link still attached. Returns how many went.
+    pub(super) fn prune(&mut self) -> usize {
+        let found = std::mem::take(&mut self.found);
+        let mut n = 0;
+        for (name, path) in found {
+            if !path.exists() {
+                continue; // claimed and replaced meanwhile
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    n += 1;
+                    info!("removed the pinned link {name} (not wanted by this run)");
+                }
+                Err(e) => warn!("removing the pinned link {}: {e}", path.display()),
+            }
+        }
+        n
+    }
+
     /// Attaches decapsulation to the underlay interface: always the TC
     /// program (it decapsulates in TC mode and delivers XDP-decapsulated
     /// frames in XDP mode), plus the XDP program in XDP mode. Attaching
@@ -96,29 +421,23 @@ impl Attachments {
         mode: Decap,
     ) -> Result<(), AttachError> {
         if let Some(old) = self.underlay.take() {
-            let _ = classifier(ebpf, prog_names::FROM_UNDERLAY)?.detach(old.tc);
+            old.tc.detach();
             if let Some(x) = old.xdp {
-                let _ = xdp_program(ebpf)?.detach(x);
+                x.detach();
             }
             info!("decapsulation detached from {}", old.iface);
         }
-        let attach_err = |program| {
-            let iface = iface.to_owned();
-            move |source| AttachError::Attach {
-                program,
-                iface,
-                source,
-            }
-        };
-        let tc = classifier(ebpf, prog_names::FROM_UNDERLAY)?
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(attach_err(prog_names::FROM_UNDERLAY))?;
+        let idx = ifindex(iface)?;
+        let tc = self.attach(
+            classifier(ebpf, prog_names::FROM_UNDERLAY)?,
+            LinkRole::UnderlayTc,
+            iface,
+            idx,
+        )?;
         let xdp = match mode {
-            Decap::Xdp => Some(
-                xdp_program(ebpf)?
-                    .attach(iface, XdpMode::Default)
-                    .map_err(attach_err(prog_names::DECAP_XDP))?,
-            ),
+            Decap::Xdp => {
+                Some(self.attach(xdp_program(ebpf)?, LinkRole::UnderlayXdp, iface, idx)?)
+            }
             Decap::Tc => None,
         };
         info!("decapsulation attached to {iface} ({mode:?} mode)");
@@ -131,42 +450,41 @@ impl Attachments {
     }
 
     /// Makes the set of pod interfaces with `from_pod` attached equal
-    /// `ifaces` (the bridge's ports). New ports get the program; links of
-    /// vanished ports are forgotten (the kernel detached them with the
-    /// device). Returns how many were attached.
+    /// `ports` (the bridge's, by name and ifindex). New ports get the
+    /// program; links of vanished ports are dropped with their pins (the
+    /// kernel detached them with the device). Returns how many were
+    /// attached.
     pub(super) fn sync_pod_ports(
         &mut self,
         ebpf: &mut Ebpf,
-        ifaces: &[String],
+        ports: &[(String, u32)],
     ) -> Result<usize, AttachError> {
-        let prog = classifier(ebpf, prog_names::FROM_POD)?;
         let gone: Vec<String> = self
             .pod_links
-            .keys()
-            .filter(|n| !ifaces.contains(n))
-            .cloned()
+            .iter()
+            .filter(|(n, (idx, _))| !ports.iter().any(|(pn, pi)| pn == *n && pi == idx))
+            .map(|(n, _)| n.clone())
             .collect();
         for name in gone {
-            if let Some(id) = self.pod_links.remove(&name) {
-                // The device is gone and took the attachment with it;
-                // dropping the link object just releases our fd.
-                let _ = prog.take_link(id);
+            if let Some((_, held)) = self.pod_links.remove(&name) {
+                held.detach();
                 debug!("pod port {name} gone");
             }
         }
         let mut attached = 0;
-        for name in ifaces {
+        for (name, idx) in ports {
             if self.pod_links.contains_key(name) {
                 continue;
             }
-            match prog.attach(name, TcAttachType::Ingress) {
-                Ok(id) => {
-                    self.pod_links.insert(name.clone(), id);
+            let prog = classifier(ebpf, prog_names::FROM_POD)?;
+            match self.attach(prog, LinkRole::PodPort, name, *idx) {
+                Ok(held) => {
+                    self.pod_links.insert(name.clone(), (*idx, held));
                     attached += 1;
                     info!("attached {} to pod port {name}", prog_names::FROM_POD);
                 }
                 // The port may vanish between listing and attaching.
-                Err(e) => warn!("attaching {} to {name}: {e}", prog_names::FROM_POD),
+                Err(e) => warn!("{e}"),
             }
         }
         Ok(attached)
@@ -181,43 +499,32 @@ impl Attachments {
         name: &str,
     ) -> Result<(), AttachError> {
         let prog = classifier(ebpf, prog_names::FROM_POD)?;
-        if let Some((old, id)) = self.cni_links.remove(&ifindex) {
-            let _ = prog.detach(id);
-            debug!("{} detached from {old}", prog_names::FROM_POD);
+        // The same device again: its link gets the program in place.
+        let old = self.cni_links.remove(&ifindex);
+        if let Some((old_name, held)) = old {
+            if old_name == name {
+                // Keep the pin for `attach` to adopt.
+                drop(held.link);
+            } else {
+                held.detach();
+                debug!("{} detached from {old_name}", prog_names::FROM_POD);
+            }
         }
-        let id =
-            prog.attach(name, TcAttachType::Ingress)
-                .map_err(|source| AttachError::Attach {
-                    program: prog_names::FROM_POD,
-                    iface: name.to_owned(),
-                    source,
-                })?;
-        self.cni_links.insert(ifindex, (name.to_owned(), id));
+        let held = self.attach(prog, LinkRole::CniPod, name, ifindex)?;
+        self.cni_links.insert(ifindex, (name.to_owned(), held));
         info!("attached {} to CNI pod device {name}", prog_names::FROM_POD);
         Ok(())
     }
 
     /// Detaches `from_pod` from a CNI pod's device, if attached; a device
-    /// that is gone took the attachment with it.
-    pub(super) fn detach_cni_pod(
-        &mut self,
-        ebpf: &mut Ebpf,
-        ifindex: u32,
-    ) -> Result<(), AttachError> {
-        let Some((name, id)) = self.cni_links.remove(&ifindex) else {
-            return Ok(());
-        };
-        let prog = classifier(ebpf, prog_names::FROM_POD)?;
-        match prog.detach(id) {
-            Ok(()) => info!(
+    /// that is gone took the attachment with it (its pin goes here).
+    pub(super) fn detach_cni_pod(&mut self, ifindex: u32) {
+        if let Some((name, held)) = self.cni_links.remove(&ifindex) {
+            held.detach();
+            info!(
                 "detached {} from CNI pod device {name}",
                 prog_names::FROM_POD
-            ),
-            Err(e) => debug!(
-                "detaching {} from {name} (gone?): {e}",
-                prog_names::FROM_POD
-            ),
+            );
         }
-        Ok(())
     }
 }

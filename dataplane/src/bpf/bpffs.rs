@@ -76,3 +76,52 @@ fn is_bpffs(path: &Path) -> bool {
         libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
     }
 }
+
+/// What [`uninstall`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Link pins (each detaching its program, no process holding it).
+    pub links: usize,
+    /// Map pins and other files.
+    pub maps: usize,
+}
+
+/// Removes everything the agent pinned under `pin_path`: the links first
+/// (removing a link's pin detaches its program once no process holds the
+/// link, so the agent must be stopped), then the maps, then the
+/// directories. A pin path that does not exist is nothing to do.
+pub fn uninstall(pin_path: &Path) -> Result<Removed, BpffsError> {
+    let io = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| BpffsError::Io { what, path, source }
+    };
+    let mut removed = Removed::default();
+    if !pin_path.exists() {
+        return Ok(removed);
+    }
+    if !is_bpffs(pin_path) {
+        return Err(BpffsError::NotBpffs(pin_path.to_owned()));
+    }
+    let links = pin_path.join(super::attach::LINKS_DIR);
+    if links.exists() {
+        for e in fs::read_dir(&links).map_err(io("listing", &links))? {
+            let path = e.map_err(io("listing", &links))?.path();
+            fs::remove_file(&path).map_err(io("removing", &path))?;
+            removed.links += 1;
+        }
+        fs::remove_dir(&links).map_err(io("removing", &links))?;
+    }
+    for e in fs::read_dir(pin_path).map_err(io("listing", pin_path))? {
+        let path = e.map_err(io("listing", pin_path))?.path();
+        fs::remove_file(&path).map_err(io("removing", &path))?;
+        removed.maps += 1;
+    }
+    fs::remove_dir(pin_path).map_err(io("removing", pin_path))?;
+    info!(
+        "removed {} pinned links and {} pinned maps under {}",
+        removed.links,
+        removed.maps,
+        pin_path.display()
+    );
+    Ok(removed)
+}

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
+    maps::MapData,
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 use dataplane_common::prog_names;
@@ -13,7 +14,7 @@ use log::info;
 
 use super::{
     BpffsError,
-    maps::{MapError, Maps, PINNED},
+    maps::{LAYOUTS, Layout, MapError, Maps, PINNED},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,27 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Map(#[from] MapError),
+    #[error(transparent)]
+    Links(Box<super::AttachError>),
+    #[error(
+        "the map {map} pinned at {} has another layout than this binary's: pinned {pinned}; \
+         wanted {wanted}. Refusing to start rather than run programs against it. Its entries \
+         are not migrated: `dataplane uninstall` removes the pins (and the state in them), or \
+         run the binary that made them",
+        path.display()
+    )]
+    Layout {
+        map: &'static str,
+        path: std::path::PathBuf,
+        pinned: Layout,
+        wanted: Layout,
+    },
+}
+
+impl From<super::AttachError> for LoadError {
+    fn from(e: super::AttachError) -> Self {
+        LoadError::Links(Box::new(e))
+    }
 }
 
 /// How to load.
@@ -67,11 +89,41 @@ fn program_error(program: &'static str) -> impl FnOnce(ProgramError) -> LoadErro
     }
 }
 
+/// Checks that every map pinned under `pin_path` has the layout this
+/// binary's object declares ([`LAYOUTS`]): aya reuses a pinned map by name
+/// without looking, and a program must never run against a map of another
+/// shape. Maps not pinned yet are fine (they are created).
+pub fn check_pinned_layouts(pin_path: &Path) -> Result<(), LoadError> {
+    for (map, wanted) in LAYOUTS {
+        let path = pin_path.join(map);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(|source| MapError::Pinned {
+                path: path.clone(),
+                source,
+            })?;
+        let pinned = Layout::of(&pinned)?;
+        if pinned != *wanted {
+            return Err(LoadError::Layout {
+                map,
+                path,
+                pinned,
+                wanted: *wanted,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Loads the object and every program, and takes the maps out of it.
 pub(super) fn load(opts: &LoadOptions) -> Result<(Ebpf, Maps), LoadError> {
     let mut loader = EbpfLoader::new();
     if let Some(pin_path) = opts.pin_path {
         super::ensure_bpffs(pin_path)?;
+        check_pinned_layouts(pin_path)?;
         for name in PINNED {
             loader.map_pin_path(name, pin_path.join(name));
         }

@@ -12,12 +12,17 @@ use std::{fmt, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, PerCpuHashMap,
+        lpm_trie::Key,
+    },
 };
 use dataplane_common::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, Counter, EndpointInfo, EndpointKey, LiveInfo,
-    LiveKey, NodeConfig, PROTO_TCP, PeerInfo, PeerIpInfo, PeerIpKey, PodPortInfo, PodPortKey,
-    SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey, map_names,
+    AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
+    CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LiveInfo, LiveKey, NodeConfig,
+    PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PROTO_TCP, PeerInfo, PeerIpInfo, PeerIpKey,
+    PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey,
+    VipInfo, VipKey, map_names,
 };
 use ipnet::Ipv4Net;
 
@@ -25,6 +30,109 @@ use ipnet::Ipv4Net;
 /// the built object): pinned under `--pin-path` when loading with one, so a
 /// restarted agent (and `dataplane stats`) finds them.
 pub(super) const PINNED: &[&str] = map_names::ALL;
+
+/// What a map is, as the kernel checks it: a pinned map is reused only
+/// when its layout is the object's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Layout {
+    pub kind: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+impl Layout {
+    const fn new<K, V>(kind: MapType, max_entries: u32) -> Layout {
+        Layout {
+            kind,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+        }
+    }
+
+    /// The layout of a map as the kernel has it.
+    pub fn of(info: &MapInfo) -> Result<Layout, MapError> {
+        Ok(Layout {
+            kind: info.map_type()?,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+        })
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?}, key {} B, value {} B, {} entries",
+            self.kind, self.key_size, self.value_size, self.max_entries
+        )
+    }
+}
+
+/// The layout of every map of the object, as `dataplane-ebpf/src/maps.rs`
+/// declares it (a test checks this against the built object). An LPM
+/// trie's key carries the prefix length (4 bytes) before the address.
+pub const LAYOUTS: &[(&str, Layout)] = &[
+    (
+        map_names::PEERS,
+        Layout::new::<(u32, [u8; 4]), PeerInfo>(MapType::LpmTrie, PEERS_MAX),
+    ),
+    (
+        map_names::PEER_IPS,
+        Layout::new::<PeerIpKey, PeerIpInfo>(MapType::Hash, PEER_IPS_MAX),
+    ),
+    (
+        map_names::NODE_CONFIG,
+        Layout::new::<u32, NodeConfig>(MapType::Array, 1),
+    ),
+    (
+        map_names::STATS,
+        Layout::new::<u32, Counter>(MapType::PerCpuArray, STATS_LEN),
+    ),
+    (
+        map_names::SERVICES,
+        Layout::new::<SvcKey, SvcInfo>(MapType::Hash, SERVICES_MAX),
+    ),
+    (
+        map_names::BACKENDS,
+        Layout::new::<BackendKey, Backend>(MapType::Hash, BACKENDS_MAX),
+    ),
+    (
+        map_names::VIPS,
+        Layout::new::<VipKey, VipInfo>(MapType::Hash, SERVICES_MAX),
+    ),
+    (
+        map_names::CT,
+        Layout::new::<CtKey, CtEntry>(MapType::LruHash, CT_MAX),
+    ),
+    (
+        map_names::RNAT,
+        Layout::new::<CtKey, RnatEntry>(MapType::LruHash, CT_MAX),
+    ),
+    (
+        map_names::AFFINITY,
+        Layout::new::<AffinityKey, AffinityEntry>(MapType::LruHash, AFFINITY_MAX),
+    ),
+    (
+        map_names::SVC_STATS,
+        Layout::new::<SvcKey, SvcCounters>(MapType::PerCpuHash, SERVICES_MAX),
+    ),
+    (
+        map_names::ENDPOINTS,
+        Layout::new::<EndpointKey, EndpointInfo>(MapType::Hash, ENDPOINTS_MAX),
+    ),
+    (
+        map_names::LIVE,
+        Layout::new::<LiveKey, LiveInfo>(MapType::Hash, BACKENDS_MAX),
+    ),
+    (
+        map_names::POD_PORTS,
+        Layout::new::<PodPortKey, PodPortInfo>(MapType::Hash, POD_PORTS_MAX),
+    ),
+];
 
 /// A map access that failed.
 #[derive(Debug, thiserror::Error)]

@@ -4,11 +4,14 @@
 //! knows nothing of leases or Services: [`crate::reconcile`] decides what
 //! to write, as [`MapOp`]s, and in which order.
 //!
-//! - [`bpffs`]: mounting the BPF filesystem the maps are pinned on.
+//! - [`bpffs`]: mounting the BPF filesystem the maps are pinned on, and
+//!   removing every pin (`dataplane uninstall`).
 //! - [`load`]: loading the object, pinning its maps, the verifier's log
 //!   when it rejects a program.
 //! - [`attach`]: decapsulation on the underlay, `from_pod` on pod ports
-//!   (bridge ports and CNI pods' devices).
+//!   (bridge ports and CNI pods' devices), as links pinned under
+//!   `<pin-path>/links` that outlive the agent and are adopted by the
+//!   next one.
 //! - [`maps`]: typed handles to every map and [`Maps::apply`], the one
 //!   place a map is written.
 //! - [`stats`]: the counters, also read from a running agent's pins.
@@ -27,10 +30,10 @@ use aya::Ebpf;
 use dataplane_common::{Counter, Stat};
 
 pub use attach::{AttachError, Decap};
-pub use bpffs::{BpffsError, ensure_bpffs};
+pub use bpffs::{BpffsError, Removed, ensure_bpffs, uninstall};
 pub use load::{LoadError, LoadOptions};
 pub use logs::BpfLog;
-pub use maps::{MapError, MapOp, Maps, PeerEntries, ServiceEntries};
+pub use maps::{LAYOUTS, Layout, MapError, MapOp, Maps, PeerEntries, ServiceEntries};
 pub use stats::{read_pinned_stats, read_pinned_svc_stats};
 
 /// The loaded object, its maps and what is attached.
@@ -42,13 +45,15 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Loads the embedded object, creating the maps pinned under the pin
-    /// path or reusing the ones an earlier run pinned there.
+    /// path or reusing the ones an earlier run pinned there, and finds the
+    /// links an earlier run pinned (adopted as programs are attached).
     pub fn load(opts: &LoadOptions) -> Result<Self, LoadError> {
         let (ebpf, maps) = load::load(opts)?;
+        let attached = attach::Attachments::new(opts.pin_path)?;
         Ok(Self {
             ebpf,
             maps,
-            attached: Default::default(),
+            attached,
         })
     }
 
@@ -82,10 +87,17 @@ impl Dataplane {
         self.attached.attach_underlay(&mut self.ebpf, iface, mode)
     }
 
-    /// Makes `from_pod` attached to exactly these pod ports (by name);
-    /// returns how many were newly attached.
-    pub fn sync_pod_ports(&mut self, ifaces: &[String]) -> Result<usize, AttachError> {
-        self.attached.sync_pod_ports(&mut self.ebpf, ifaces)
+    /// Makes `from_pod` attached to exactly these pod ports (by name and
+    /// ifindex); returns how many were newly attached.
+    pub fn sync_pod_ports(&mut self, ports: &[(String, u32)]) -> Result<usize, AttachError> {
+        self.attached.sync_pod_ports(&mut self.ebpf, ports)
+    }
+
+    /// Removes the links an earlier run pinned that this run has not
+    /// claimed by attaching to their device (see [`attach`]); called once
+    /// start-up has attached everything. Returns how many went.
+    pub fn prune_links(&mut self) -> usize {
+        self.attached.prune()
     }
 
     /// See [`attach`]: `from_pod` on a CNI pod's host-side device.
@@ -95,7 +107,8 @@ impl Dataplane {
 
     /// See [`attach`]: the reverse of [`Dataplane::attach_cni_pod`].
     pub fn detach_cni_pod(&mut self, ifindex: u32) -> Result<(), AttachError> {
-        self.attached.detach_cni_pod(&mut self.ebpf, ifindex)
+        self.attached.detach_cni_pod(ifindex);
+        Ok(())
     }
 
     /// Per-outcome counters summed over CPUs.

@@ -228,11 +228,14 @@ impl Reconciler {
         result
     }
 
-    /// Empties the agent-owned service maps and the affinity map,
-    /// whatever an earlier run left there. Called at start-up, before
-    /// anything is attached: the earlier run's ids would collide with the
-    /// ones allocated now.
-    pub fn clear_services(&mut self, sink: &mut impl Sink) -> Result<(), ReconcileError> {
+    /// Takes the service maps as the kernel holds them (what an earlier
+    /// run wrote) as the current state, with no owners. Called once at
+    /// start-up, before the Services are programmed: a frontend a Service
+    /// still has keeps its id (its conntrack and affinity entries stay
+    /// valid) and gets only its differences written; new frontends get ids
+    /// none of the adopted ones carries. [`Reconciler::remove_unowned`]
+    /// then removes what no Service claimed. Returns the frontends adopted.
+    pub fn adopt_services(&mut self, sink: &mut impl Sink) -> Result<usize, ReconcileError> {
         let kernel = sink
             .service_entries()
             .map_err(|source| ReconcileError::Read {
@@ -240,10 +243,21 @@ impl Reconciler {
                 source,
             })?;
         self.shadow.maps.adopt_services(&kernel);
-        let ops = plan::clear_services(&self.shadow.maps, &kernel.affinity);
-        self.apply(sink, &ops)?;
         self.shadow.owners = Owners::default();
-        Ok(())
+        Ok(self.shadow.maps.services.len())
+    }
+
+    /// Removes the frontends no Service owns (adopted ones whose Service
+    /// is gone or changed while the agent was away), in the orders of
+    /// [`plan`]. Returns how many went.
+    pub fn remove_unowned(&mut self, sink: &mut impl Sink) -> Result<usize, ReconcileError> {
+        let ops = plan::unowned(&self.shadow);
+        let n = ops
+            .iter()
+            .filter(|o| matches!(o, MapOp::DelService(_)))
+            .count();
+        self.apply(sink, &ops)?;
+        Ok(n)
     }
 
     /// Removes slots and `live` pairs a failed plan left under ids no

@@ -29,8 +29,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
-    AffinityKey, EndpointInfo, EndpointKey, NodeConfig, PeerInfo, PodPortInfo, SVC_F_AFFINITY,
-    SvcInfo, SvcKey,
+    EndpointInfo, EndpointKey, NodeConfig, PeerInfo, PodPortInfo, SVC_F_AFFINITY, SvcInfo, SvcKey,
 };
 
 use super::{
@@ -209,34 +208,41 @@ pub fn orphans(cur: &MapState) -> Vec<MapOp> {
     ops
 }
 
-/// Everything in the service maps (as adopted from the kernel), and the
-/// affinity entries: what an earlier run left, cleared before this run
-/// allocates ids. Conntrack stays: it names backends by address, and its
-/// entries die at their next packet once their `live` pair is gone.
-pub fn clear_services(cur: &MapState, affinity: &[AffinityKey]) -> Vec<MapOp> {
-    let mut ops: Vec<MapOp> = cur
-        .vips
-        .keys()
-        .map(|v| MapOp::DelVip(vip_key(*v)))
+/// Frontends in the maps that no Service owns (adopted from an earlier
+/// run, their Service gone or changed meanwhile), with the ClusterIP
+/// refcounts made right: a ClusterIP left without frontends goes before
+/// its last service entry, refcounts that stay are written after.
+pub fn unowned(cur: &Shadow) -> Vec<MapOp> {
+    let maps = &cur.maps;
+    let removed: Vec<(SvcKey, SvcInfo)> = maps
+        .services
+        .iter()
+        .filter(|(k, _)| cur.owners.owner(k).is_none())
+        .map(|(k, i)| (*k, *i))
         .collect();
-    for (k, info) in &cur.services {
-        ops.push(MapOp::DelService(*k));
-        for a in cur.live_of(info.id) {
-            ops.push(MapOp::DelLive(live_key(info.id, a)));
+    let mut gone: BTreeMap<[u8; 4], u32> = BTreeMap::new();
+    for (k, _) in &removed {
+        *gone.entry(k.vip).or_default() += 1;
+    }
+    // Every ClusterIP in `vips` or losing a frontend: an adopted refcount
+    // may be wrong too.
+    let vips: BTreeSet<[u8; 4]> = maps.vips.keys().chain(gone.keys()).copied().collect();
+    let (mut ops, mut vips_last) = (Vec::new(), Vec::new());
+    for vip in vips {
+        let after = maps
+            .frontends_of_vip(&vip)
+            .saturating_sub(gone.get(&vip).copied().unwrap_or(0));
+        match (after, maps.vips.get(&vip)) {
+            (0, Some(_)) => ops.push(MapOp::DelVip(vip_key(vip))),
+            (0, None) => {}
+            (n, now) if now != Some(&n) => vips_last.push(MapOp::PutVip(vip_key(vip), vip_info(n))),
+            _ => {}
         }
     }
-    let with_entry: BTreeSet<u32> = cur.services.values().map(|i| i.id).collect();
-    for (id, slots) in &cur.slots {
-        for slot in slots.keys() {
-            ops.push(MapOp::DelBackend(backend_key(*id, *slot)));
-        }
+    for (k, info) in &removed {
+        remove_frontend(&mut ops, maps, k, info);
     }
-    for (id, a) in &cur.live {
-        if !with_entry.contains(id) {
-            ops.push(MapOp::DelLive(live_key(*id, *a)));
-        }
-    }
-    ops.extend(affinity.iter().map(|k| MapOp::DelAffinity(*k)));
+    ops.extend(vips_last);
     ops
 }
 

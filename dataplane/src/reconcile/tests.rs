@@ -771,13 +771,13 @@ fn a_full_resync_removes_what_the_kernel_has_and_the_shadow_does_not() {
 
 // ---------------------------------------------------------------- start-up, ports
 
-#[test]
-fn clearing_removes_an_earlier_runs_service_state_clusterips_first() {
-    let mut f = Fake::new();
+/// An earlier run's state: Services a (two frontends), b, c, an orphan
+/// slot and pair under id 77, an affinity entry. Returns the ids.
+fn earlier_run(f: &mut Fake) -> BTreeMap<SvcKey, u32> {
     let mut earlier = Reconciler::new();
     earlier
         .set_service(
-            &mut f,
+            f,
             &svc("a"),
             &fronts(&[
                 (key(VIP, 80, PROTO_TCP), fe(&[1, 2])),
@@ -785,36 +785,143 @@ fn clearing_removes_an_earlier_runs_service_state_clusterips_first() {
             ]),
         )
         .unwrap();
-    earlier
-        .set_service(
-            &mut f,
-            &svc("b"),
-            &fronts(&[(key([10, 96, 0, 11], 80, PROTO_TCP), fe(&[4]))]),
-        )
-        .unwrap();
-    // An orphan slot and pair (a failed write), and affinity entries.
+    for (name, last) in [("b", 11), ("c", 12)] {
+        earlier
+            .set_service(
+                f,
+                &svc(name),
+                &fronts(&[(key([10, 96, 0, last], 80, PROTO_TCP), fe(&[last]))]),
+            )
+            .unwrap();
+    }
     f.kernel
         .record(&MapOp::PutBackend(super::state::backend_key(77, 0), be(9)));
     f.kernel
         .record(&MapOp::PutLive(super::state::live_key(77, addr(&be(9)))));
     f.affinity.insert((0, [10, 244, 1, 5]));
+    f.take_ops();
+    f.kernel.services.iter().map(|(k, i)| (*k, i.id)).collect()
+}
 
+#[test]
+fn a_restart_adopts_service_state_and_keeps_every_id() {
+    let mut f = Fake::new();
+    let ids = earlier_run(&mut f);
     let mut r = Reconciler::new();
-    let ops = step(&mut f, |f| r.clear_services(f));
-    let last_vip = ops
-        .iter()
-        .rposition(|o| matches!(o, MapOp::DelVip(_)))
-        .unwrap();
-    let first_entry = position(&ops, |o| matches!(o, MapOp::DelService(_)));
-    assert!(last_vip < first_entry, "{ops:#?}");
-    assert!(is_empty(&f.kernel), "nothing left: {:#?}", f.kernel);
-    assert!(f.affinity.is_empty());
-    assert!(is_empty(&r.shadow().maps));
-    // Ids start over.
-    let k = key(VIP, 80, PROTO_TCP);
-    r.set_service(&mut f, &svc("a"), &fronts(&[(k, fe(&[1]))]))
-        .unwrap();
-    assert_eq!(f.kernel.services[&k].id, 0);
+    let ops = step(&mut f, |f| r.adopt_services(f).map(|n| assert_eq!(n, 4)));
+    assert!(ops.is_empty(), "adopting writes nothing: {ops:#?}");
+    assert_eq!(r.shadow().maps.orphans(), &BTreeSet::from([77]));
+
+    // While the agent was away: a gained a backend on port 80, c was
+    // deleted, d was created; b is unchanged.
+    let mut want: BTreeMap<ServiceName, Frontends> = BTreeMap::new();
+    want.insert(
+        svc("a"),
+        fronts(&[
+            (key(VIP, 80, PROTO_TCP), fe(&[1, 2, 6])),
+            (key(VIP, 53, PROTO_UDP), fe(&[3])),
+        ]),
+    );
+    want.insert(
+        svc("b"),
+        fronts(&[(key([10, 96, 0, 11], 80, PROTO_TCP), fe(&[11]))]),
+    );
+    want.insert(
+        svc("d"),
+        fronts(&[(key([10, 96, 0, 13], 80, PROTO_TCP), fe(&[13]))]),
+    );
+    let a = step(&mut f, |f| r.set_service(f, &svc("a"), &want[&svc("a")]));
+    // Only the difference: the new backend's pair and slot, the count.
+    assert_eq!(counts(&a), (3, 0), "{a:#?}");
+    let b = step(&mut f, |f| r.set_service(f, &svc("b"), &want[&svc("b")]));
+    assert!(b.is_empty(), "an unchanged Service writes nothing: {b:#?}");
+    step(&mut f, |f| r.set_service(f, &svc("d"), &want[&svc("d")]));
+    for (k, id) in &ids {
+        if k.vip != [10, 96, 0, 12] {
+            assert_eq!(f.kernel.services[k].id, *id, "{k:?} kept its id");
+        }
+    }
+    let d = f.kernel.services[&key([10, 96, 0, 13], 80, PROTO_TCP)].id;
+    assert!(
+        !ids.values().any(|i| *i == d) && d != 77,
+        "a new frontend gets an id no adopted entry carries ({d})"
+    );
+
+    // c goes, ClusterIP first.
+    let gone = step(&mut f, |f| r.remove_unowned(f).map(|n| assert_eq!(n, 1)));
+    let vip = position(
+        &gone,
+        |o| matches!(o, MapOp::DelVip(k) if k.vip == [10, 96, 0, 12]),
+    );
+    let entry = position(&gone, |o| matches!(o, MapOp::DelService(_)));
+    assert!(vip < entry, "{gone:#?}");
+    step(&mut f, |f| r.remove_orphans(f).map(|_| ()));
+    assert_services_match(&f.kernel, &want);
+    assert_eq!(
+        f.affinity.len(),
+        1,
+        "affinity stays: its ids are still valid"
+    );
+    // Nothing left to do.
+    assert!(step(&mut f, |f| r.remove_unowned(f).map(|_| ())).is_empty());
+}
+
+#[test]
+fn an_adopted_frontend_dropped_from_its_service_goes_and_its_clusterip_stays() {
+    let mut f = Fake::new();
+    let ids = earlier_run(&mut f);
+    let mut r = Reconciler::new();
+    r.adopt_services(&mut f).unwrap();
+    // a lost port 53 while the agent was away; b and c are unchanged.
+    let a = fronts(&[(key(VIP, 80, PROTO_TCP), fe(&[1, 2]))]);
+    assert!(step(&mut f, |f| r.set_service(f, &svc("a"), &a)).is_empty());
+    for (name, last) in [("b", 11), ("c", 12)] {
+        let want = fronts(&[(key([10, 96, 0, last], 80, PROTO_TCP), fe(&[last]))]);
+        assert!(step(&mut f, |f| r.set_service(f, &svc(name), &want)).is_empty());
+    }
+    let ops = step(&mut f, |f| r.remove_unowned(f).map(|n| assert_eq!(n, 1)));
+    assert!(
+        !ops.iter().any(|o| matches!(o, MapOp::DelVip(_))),
+        "{ops:#?}"
+    );
+    let entry = position(&ops, |o| matches!(o, MapOp::DelService(_)));
+    let refcount = position(
+        &ops,
+        |o| matches!(o, MapOp::PutVip(k, v) if k.vip == VIP && v.frontends == 1),
+    );
+    assert!(
+        entry < refcount,
+        "the refcount drops after the entry: {ops:#?}"
+    );
+    assert_eq!(f.kernel.vips[&VIP], 1);
+    assert_eq!(
+        f.kernel.services[&key(VIP, 80, PROTO_TCP)].id,
+        ids[&key(VIP, 80, PROTO_TCP)]
+    );
+}
+
+#[test]
+fn adopting_repairs_a_wrong_clusterip_refcount() {
+    let mut f = Fake::new();
+    earlier_run(&mut f);
+    // A ClusterIP without frontends, and a refcount off by one.
+    f.kernel.record(&MapOp::PutVip(
+        super::state::vip_key([10, 96, 0, 99]),
+        super::state::vip_info(1),
+    ));
+    f.kernel.record(&MapOp::PutVip(
+        super::state::vip_key([10, 96, 0, 11]),
+        super::state::vip_info(3),
+    ));
+    let mut r = Reconciler::new();
+    r.adopt_services(&mut f).unwrap();
+    for (name, last) in [("b", 11), ("c", 12)] {
+        let want = fronts(&[(key([10, 96, 0, last], 80, PROTO_TCP), fe(&[last]))]);
+        r.set_service(&mut f, &svc(name), &want).unwrap();
+    }
+    r.remove_unowned(&mut f).unwrap();
+    let vips: BTreeMap<[u8; 4], u32> = [([10, 96, 0, 11], 1), ([10, 96, 0, 12], 1)].into();
+    assert_eq!(f.kernel.vips, vips);
 }
 
 #[test]
