@@ -242,6 +242,19 @@ fn bpftool_ok(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether bpftool stops finding the object within 5 s: the kernel frees
+/// a released link and its program asynchronously (work queue, RCU).
+fn bpftool_gone(args: &[&str]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bpftool_ok(args) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 /// A stopped agent leaves its links attached (the data path runs on);
 /// `dataplane uninstall` removes them, the programs, the pins and the
 /// bridge.
@@ -277,11 +290,11 @@ fn uninstall_leaves_nothing() {
     assert!(!pin.exists(), "pin path {pin:?} removed");
     for (link, prog) in &links {
         assert!(
-            !bpftool_ok(&["link", "show", "id", &link.to_string()]),
+            bpftool_gone(&["link", "show", "id", &link.to_string()]),
             "link {link} gone"
         );
         assert!(
-            !bpftool_ok(&["prog", "show", "id", &prog.to_string()]),
+            bpftool_gone(&["prog", "show", "id", &prog.to_string()]),
             "program {prog} unloaded"
         );
     }
