@@ -104,7 +104,20 @@ fn ping_summary(out: &str) -> (u64, u64) {
 #[ignore = "needs root; `cargo xtask test` runs it"]
 fn restarts_under_pod_to_pod_traffic_lose_nothing() {
     root_only!();
-    let extra = ["--decap-mode", "tc"];
+    restarts_under_traffic("tc");
+}
+
+/// The same with decapsulation in XDP: the pinned XDP link gets the new
+/// program in place too.
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn restarts_in_xdp_mode_lose_nothing() {
+    root_only!();
+    restarts_under_traffic("xdp");
+}
+
+fn restarts_under_traffic(mode: &str) {
+    let extra = ["--decap-mode", mode];
     let mut c = cluster(1, &extra);
     let dst = c.nodes[1].pods[0].ip;
     c.ping(0, 0, dst, 2).unwrap();
@@ -146,6 +159,11 @@ fn restarts_under_pod_to_pod_traffic_lose_nothing() {
         assert!(
             !log.contains("attaching anew"),
             "no pinned link had to be replaced:\n{log}"
+        );
+        assert_eq!(
+            log.contains("decap_xdp on"),
+            mode == "xdp",
+            "the XDP link adopted in XDP mode only:\n{log}"
         );
     }
 }
