@@ -139,6 +139,9 @@ struct Agent {
     subnet: Ipv4Net,
     subnet_env: node::SubnetEnvFile,
     table: PeerTable,
+    /// This node's current subnet, for the peer watch's rule on leases
+    /// carrying our PublicIP.
+    own_subnet: tokio::sync::watch::Sender<Ipv4Net>,
     store: ServiceStore,
     retry: Retry,
     transient_errors: u64,
@@ -317,6 +320,7 @@ impl Agent {
                     );
                 }
                 self.subnet = new.subnet;
+                self.own_subnet.send_replace(new.subnet);
                 self.refresh_node().await;
                 self.sync_peers(Resync::Incremental);
                 // internalTrafficPolicy Local depends on which pods are ours.

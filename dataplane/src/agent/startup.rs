@@ -20,7 +20,7 @@ use crate::{
     etcd::EtcdOptions,
     lease::{self, Lease, LeaseAttrs, LeaseEvent, format_mac},
     netlink::{self, Netlink},
-    peers::{self, PeerTable, PeerUpdate, PeerWatchStats},
+    peers::{self, OwnNode, PeerPolicy, PeerTable, PeerUpdate, PeerWatchStats},
     reconcile::{Reconciler, desired},
     services::{self, ServiceStore, StoreUpdate},
 };
@@ -215,6 +215,7 @@ pub(super) async fn start(
         underlay,
         bridge,
         table: PeerTable::default(),
+        own_subnet: watch::channel(lease.subnet).0,
         store: ServiceStore::new(),
         retry: Retry::default(),
         transient_errors: 0,
@@ -277,9 +278,17 @@ pub(super) async fn start(
 
     // Peers: etcd watch -> table -> maps.
     let (peer_tx, peers) = mpsc::channel::<PeerUpdate>(1024);
+    let peer_policy = PeerPolicy {
+        own: Some(OwnNode {
+            public_ip: agent.attrs.public_ip,
+            subnet: agent.own_subnet.subscribe(),
+        }),
+        ..PeerPolicy::for_network(&agent.net)
+    };
     tokio::spawn(peers::watch_peers(
         client.clone(),
         agent.cfg.prefix.clone(),
+        peer_policy,
         peer_tx,
         Arc::new(PeerWatchStats::default()),
         shutdown.clone(),
