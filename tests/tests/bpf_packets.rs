@@ -754,7 +754,7 @@ root_test!(
                         assert_eq!(ip[1] & 0x03, ecn, "{path} {what}: inner ECN");
                         assert_eq!(ip[1] & !0x03, 0, "{path} {what}: DSCP kept");
                         assert_eq!(&ip[2..10], &inner[2..10], "{path} {what}: rest untouched");
-                    assert_eq!(&ip[12..], &inner[12..], "{path} {what}: rest untouched");
+                        assert_eq!(&ip[12..], &inner[12..], "{path} {what}: rest untouched");
                     }
                 }
             }

@@ -111,6 +111,14 @@ async fn config_defaults_and_rejections_from_etcd() {
             "field SubnetLen: 31 is greater than 30",
         ),
         (
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","GBP":true}}"#,
+            "field Backend.GBP: VXLAN group-based policy is not supported",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+            "field Backend.DirectRouting: direct routing is not supported",
+        ),
+        (
             r#"{"Network":"10.244.0.0/16","SubnetLen":17,"Backend":{"Type":"vxlan"}}"#,
             "field SubnetLen",
         ),

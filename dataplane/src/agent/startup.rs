@@ -293,6 +293,14 @@ pub(super) async fn start(
         Arc::new(PeerWatchStats::default()),
         shutdown.clone(),
     ));
+    // The network config: changes at run time are refused, logged as
+    // errors (never silently ignored).
+    tokio::spawn(crate::config::watch_config(
+        client.clone(),
+        agent.cfg.prefix.clone(),
+        agent.net.clone(),
+        shutdown.clone(),
+    ));
     // Own lease: renewal and re-acquisition.
     let (lease_tx, leases) = mpsc::channel::<LeaseEvent>(16);
     tokio::spawn(lease::keep(
