@@ -156,6 +156,41 @@ fn unsupported_and_runtime_config_changes_are_refused() {
     );
 }
 
+/// A second agent on the node with the same --pin-path refuses to start,
+/// naming the first; the first keeps running.
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn a_second_agent_with_the_same_pin_path_refuses_to_start() {
+    root_only!();
+    let mut c = Cluster::new(1).unwrap();
+    c.put_config(CONFIG).unwrap();
+    c.start_agent(0, &["--decap-mode", "tc"]).unwrap();
+    c.wait_ready(0, READY).unwrap();
+    let mut first = c.nodes[0].agent.take().unwrap();
+    c.start_agent(0, &["--decap-mode", "tc"]).unwrap();
+    let deadline = Instant::now() + READY;
+    let status = loop {
+        if let Some(st) = c.nodes[0].agent.as_mut().unwrap().try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the second agent did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = c.nodes[0].log();
+    assert!(!status.success(), "the second agent failed:\n{log}");
+    let want = format!(
+        "another agent (pid {}) already runs on this node with --pin-path {}",
+        first.id(),
+        c.nodes[0].pin_path.display()
+    );
+    assert!(log.contains(&want), "{want:?} in:\n{log}");
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first agent still runs"
+    );
+    c.nodes[0].agent = Some(first);
+}
+
 /// With a short TTL the agent's lease outlives several TTLs (renewal).
 #[test]
 #[ignore = "needs root; `cargo xtask test` runs it"]

@@ -17,6 +17,7 @@
 //! [`cni`] pods registered through the CNI plugin.
 
 pub mod cni;
+mod instance;
 mod node;
 mod startup;
 
@@ -152,6 +153,8 @@ struct Agent {
     pod_device: crate::cni::proto::PodDevice,
     /// The task serving the CNI socket (ended with the loop).
     cni_server: Option<tokio::task::JoinHandle<()>>,
+    /// This agent's claims on its pin path and PublicIP.
+    _instance: Vec<instance::InstanceLock>,
 }
 
 async fn next_link_event(links: &mut Option<mpsc::Receiver<()>>) -> Option<()> {

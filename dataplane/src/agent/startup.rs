@@ -153,6 +153,8 @@ pub(super) async fn start(
         "underlay {} (ifindex {}, mtu {}), public IP {public_ip}",
         underlay.name, underlay.ifindex, underlay.mtu
     );
+    // A second agent with our pin path or PublicIP stops here.
+    let instance = super::instance::claim_node(&cfg.pin_path, public_ip)?;
 
     let Some(mut client) = connect_etcd(&cfg.etcd, shutdown.clone()).await else {
         return Ok(None);
@@ -206,6 +208,7 @@ pub(super) async fn start(
         conflist: cni::ConflistFile::new(&cfg.cni.conf_dir),
         pod_device,
         cni_server: None,
+        _instance: instance,
         nl,
         dp,
         rec: Reconciler::new(),
