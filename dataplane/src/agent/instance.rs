@@ -19,10 +19,20 @@ use anyhow::{Context, bail};
 /// Where the lock files live.
 pub const LOCK_DIR: &str = "/run/dataplane";
 
-/// A held claim; released when dropped or when the process ends.
+/// A held claim; released when dropped (which also removes the file) or
+/// when the process ends (the file stays, unlocked, and is reused).
 #[derive(Debug)]
 pub struct InstanceLock {
     _file: File,
+    path: std::path::PathBuf,
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        // Unlinked while still locked: whoever opened it meanwhile finds
+        // it gone once locked (see `claim`) and starts over.
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// `s` as one file name: `/` and other bytes outside `[A-Za-z0-9._-]`
@@ -41,12 +51,32 @@ fn escape(s: &str) -> String {
 pub fn claim(dir: &Path, name: &str, what: &str) -> anyhow::Result<InstanceLock> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(name);
+    loop {
+        let mut file = try_lock(&path, what)?;
+        // The holder before us may have removed the file between our open
+        // and our lock: then the lock is on a file nobody else will see
+        // (closing it drops that lock); start over.
+        let same = match (std::fs::metadata(&path), file.metadata()) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        };
+        if same {
+            file.set_len(0)?;
+            file.seek(SeekFrom::Start(0))?;
+            writeln!(file, "{}", std::process::id())?;
+            return Ok(InstanceLock { _file: file, path });
+        }
+    }
+}
+
+/// Opens `path` and locks it, or says who holds it.
+fn try_lock(path: &Path, what: &str) -> anyhow::Result<File> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -67,10 +97,7 @@ pub fn claim(dir: &Path, name: &str, what: &str) -> anyhow::Result<InstanceLock>
             path.display()
         );
     }
-    file.set_len(0)?;
-    file.seek(SeekFrom::Start(0))?;
-    writeln!(file, "{}", std::process::id())?;
-    Ok(InstanceLock { _file: file })
+    Ok(file)
 }
 
 /// Claims the pin path and the PublicIP (in this network namespace) under
@@ -122,7 +149,12 @@ mod tests {
             )
         );
         drop(first);
+        assert!(!dir.join("x.lock").exists(), "removed when released");
         let again = claim(&dir, "x.lock", "--pin-path /p").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("x.lock")).unwrap(),
+            format!("{}\n", std::process::id())
+        );
         drop(again);
         std::fs::remove_dir_all(&dir).unwrap();
     }
