@@ -435,6 +435,15 @@ stats! {
     /// the bridge.
     RedirectToPod = 34, "redirect_to_pod",
         "translated Service packet for a CNI pod of this node, delivered straight into the pod";
+    /// Any lease holder could otherwise forge inner sources of another
+    /// node's pods. Traffic from the remote node itself carries its bridge
+    /// address, which lies in its subnet too.
+    DropInnerSrcNotSender = 35, "drop_inner_src_not_sender",
+        "decapsulated packet whose inner source is not in the subnet leased to the outer sender";
+    /// RFC 6040 section 4.2: the endpoints could not learn of the
+    /// congestion. Linux's vxlan drops these too.
+    DropCeNotEct = 36, "drop_ce_not_ect",
+        "VXLAN whose outer header says congestion experienced (CE) around an inner packet that is not ECN-capable";
 }
 
 impl Stat {

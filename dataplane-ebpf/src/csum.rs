@@ -43,3 +43,11 @@ pub fn finish(mut sum: u32) -> [u8; 2] {
 pub fn ipv4_header(ip: &Ipv4Hdr) -> [u8; 2] {
     finish(add(0, ip))
 }
+
+/// The checksum field `check` after a 16-bit word of the header changed
+/// from `old` to `new` (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+#[inline(always)]
+pub fn replace16(check: [u8; 2], old: u16, new: u16) -> [u8; 2] {
+    let sum = u32::from(!u16::from_be_bytes(check)) + u32::from(!old) + u32::from(new);
+    finish(sum)
+}

@@ -13,6 +13,7 @@ use dataplane_common::{NodeConfig, Stat, VXLAN_OVERHEAD, XDP_META_DECAPPED, XDP_
 use network_types::eth::EthHdr;
 
 use crate::{
+    ecn,
     forward::{redirect_to_bridge, redirect_to_pod},
     lb,
     parse::ptr_at,
@@ -59,7 +60,9 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
             return TC_ACT_SHOT;
         }
     }
-    let dest = match classify(ctx.data(), ctx.data_end(), cfg) {
+    let dest = match classify(ctx.data(), ctx.data_end(), cfg)
+        .and_then(|d| ecn::decapsulate(ctx.data(), ctx.data_end()).map(|()| d))
+    {
         Ok(d) => d,
         Err(stat) => {
             count(stat, len);
@@ -133,7 +136,9 @@ pub fn xdp_decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         // Counted once, by the TC program that sees it next.
         return xdp_action::XDP_PASS;
     }
-    let dest = match classify(data, data_end, cfg) {
+    let dest = match classify(data, data_end, cfg)
+        .and_then(|d| ecn::decapsulate(data, data_end).map(|()| d))
+    {
         Ok(d) => d,
         Err(stat) => {
             count(stat, len);

@@ -12,6 +12,7 @@ mod event;
 mod consts;
 mod csum;
 mod decap;
+mod ecn;
 mod encap;
 mod endpoints;
 mod forward;

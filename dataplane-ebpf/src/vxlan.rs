@@ -5,6 +5,7 @@
 //! outer Ethernet 0..14, outer IPv4 14..34 (no options), UDP 34..42,
 //! VXLAN 42..50, inner Ethernet 50..64, inner IPv4 64..84.
 
+use aya_ebpf::btf_maps::lpm_trie::Key;
 use dataplane_common::{NodeConfig, PeerIpKey, Stat, VXLAN_FLAGS_I};
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -15,7 +16,7 @@ use network_types::{
 
 use crate::{
     consts::{IP_MF_OFFSET, IPV4_MAX_HDR_LEN, IPV4_VIHL_NO_OPTIONS},
-    maps::PEER_IPS,
+    maps::{PEER_IPS, PEERS},
     parse::{in_prefix, ptr_at},
 };
 
@@ -102,7 +103,13 @@ pub fn classify(data: usize, data_end: usize, cfg: &NodeConfig) -> Result<Dest, 
         return Err(Stat::DropInnerNotIpv4);
     }
     let inner_ip = ptr_at::<Ipv4Hdr>(data, data_end, INNER_IP_OFF).ok_or(Stat::DropTruncated)?;
-    let inner_dst = unsafe { (*inner_ip).dst_addr };
+    let (inner_src, inner_dst) = unsafe { ((*inner_ip).src_addr, (*inner_ip).dst_addr) };
+    // The inner source must be in the subnet leased to the outer sender,
+    // or any lease holder could speak for another node's pods.
+    match PEERS.get(&Key::new(32, inner_src)) {
+        Some(p) if p.public_ip == ip.src_addr => {}
+        _ => return Err(Stat::DropInnerSrcNotSender),
+    }
     if inner_dst == cfg.gateway {
         return Ok(Dest::Host);
     }

@@ -52,10 +52,6 @@ pub struct BackendConfig {
     pub port: u16,
     /// Overlay MTU; `None` (absent or 0) means underlay MTU minus 50.
     pub mtu: Option<u32>,
-    /// VXLAN group-based policy extension.
-    pub gbp: bool,
-    /// Route directly (no encapsulation) to peers on the same L2 segment.
-    pub direct_routing: bool,
 }
 
 /// Why a network config was rejected. The message names the field; the
@@ -383,21 +379,31 @@ impl BackendConfig {
                 }
             },
         };
-        let gbp = match get_field(obj, "GBP", "Backend.GBP")? {
-            None => false,
-            Some(v) => as_bool(v, "Backend.GBP")?,
-        };
-        let direct_routing = match get_field(obj, "DirectRouting", "Backend.DirectRouting")? {
-            None => false,
-            Some(v) => as_bool(v, "Backend.DirectRouting")?,
-        };
+        // flannel options this dataplane does not implement: refused
+        // rather than silently ignored. `false` is what we do anyway.
+        for (name, display, what) in [
+            (
+                "GBP",
+                "Backend.GBP",
+                "VXLAN group-based policy is not supported by this dataplane; remove it or set false",
+            ),
+            (
+                "DirectRouting",
+                "Backend.DirectRouting",
+                "direct routing is not supported by this dataplane (every peer is reached over VXLAN); remove it or set false",
+            ),
+        ] {
+            if let Some(v) = get_field(obj, name, display)?
+                && as_bool(v, display)?
+            {
+                return Err(field_err(display, what));
+            }
+        }
         Ok(BackendConfig {
             backend_type,
             vni,
             port,
             mtu,
-            gbp,
-            direct_routing,
         })
     }
 }
@@ -405,6 +411,90 @@ impl BackendConfig {
 /// The etcd key holding the network config.
 pub fn config_key(prefix: impl Into<Prefix>) -> String {
     prefix.into().key("config")
+}
+
+/// What differs between the `running` config and a `new` one written at run
+/// time, one message per field. The agent applies none of these while it
+/// runs (the VNI and port are in every peer's frames, Network and
+/// SubnetLen in every lease): they are refused and logged as errors.
+pub fn unapplied_changes(running: &NetworkConfig, new: &NetworkConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut diff = |field: &str, old: String, new: String| {
+        if old != new {
+            out.push(format!(
+                "{field} changed from {old} to {new} at run time: not applied, this agent keeps {old} \
+                 (a change of {field} needs every agent restarted with it)"
+            ));
+        }
+    };
+    let (a, b) = (&running.backend, &new.backend);
+    diff("Backend.VNI", a.vni.to_string(), b.vni.to_string());
+    diff("Backend.Port", a.port.to_string(), b.port.to_string());
+    diff(
+        "Network",
+        running.network.to_string(),
+        new.network.to_string(),
+    );
+    diff(
+        "SubnetLen",
+        running.subnet_len.to_string(),
+        new.subnet_len.to_string(),
+    );
+    let mtu = |m: Option<u32>| m.map_or("automatic".to_string(), |m| m.to_string());
+    diff("Backend.MTU", mtu(a.mtu), mtu(b.mtu));
+    out
+}
+
+/// Follows `<prefix>/config` while the agent runs and logs, as errors, every
+/// change it does not apply ([`unapplied_changes`]) and every new value
+/// that is not a valid config. Each new value is judged once. Returns when
+/// `shutdown` turns true.
+pub async fn watch_config(
+    client: etcd_client::Client,
+    prefix: impl Into<Prefix>,
+    running: NetworkConfig,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let key = config_key(prefix);
+    let mut watch = crate::etcd::list_then_watch(
+        &client,
+        format!("the network config {key}"),
+        crate::etcd::KeyRange::key(key.as_bytes()),
+        |kv: &etcd_client::KeyValue| Some(kv.value().to_vec()),
+        shutdown,
+    );
+    let mut last: Option<Vec<u8>> = None;
+    let mut judge = |value: Option<Vec<u8>>| {
+        if value == last {
+            return;
+        }
+        match &value {
+            None => log::error!(
+                "{key} deleted at run time: this agent keeps the config it started with"
+            ),
+            Some(v) => match std::str::from_utf8(v)
+                .map_err(|e| e.to_string())
+                .and_then(|s| NetworkConfig::parse(s).map_err(|e| e.to_string()))
+            {
+                Err(e) => log::error!(
+                    "{key} rewritten with an invalid config ({e}): not applied, this agent keeps the config it started with"
+                ),
+                Ok(new) => {
+                    for msg in unapplied_changes(&running, &new) {
+                        log::error!("{key}: {msg}");
+                    }
+                }
+            },
+        }
+        last = value;
+    };
+    while let Some(update) = watch.next().await {
+        match update {
+            crate::etcd::Update::Snapshot(s) => judge(s.items.into_iter().next()),
+            crate::etcd::Update::Event(crate::etcd::Event::Put(v)) => judge(Some(v)),
+            crate::etcd::Update::Event(crate::etcd::Event::Delete(_)) => judge(None),
+        }
+    }
 }
 
 /// Why [`load`] could not produce a config.
@@ -498,8 +588,6 @@ mod tests {
                 vni: 1,
                 port: 8472,
                 mtu: None,
-                gbp: false,
-                direct_routing: false,
             }
         );
     }
@@ -509,7 +597,7 @@ mod tests {
         let c = parse(
             r#"{"network":"10.1.0.0/16","SUBNETLEN":26,"subnetmin":"10.1.0.64",
                 "subNetMax":"10.1.1.0","backend":{"type":"vxlan","vni":42,"port":4789,
-                "mtu":1400,"gbp":true,"directrouting":true}}"#,
+                "mtu":1400,"gbp":false,"directrouting":false}}"#,
         )
         .unwrap();
         assert_eq!(c.network, net("10.1.0.0/16"));
@@ -519,8 +607,6 @@ mod tests {
         assert_eq!(c.backend.vni, 42);
         assert_eq!(c.backend.port, 4789);
         assert_eq!(c.backend.mtu, Some(1400));
-        assert!(c.backend.gbp);
-        assert!(c.backend.direct_routing);
     }
 
     #[test]
@@ -848,6 +934,50 @@ mod tests {
         assert_eq!(
             config_key("/coreos.com/network/"),
             "/coreos.com/network/config"
+        );
+    }
+
+    #[test]
+    fn unsupported_backend_features_are_refused() {
+        for (json, field) in [
+            (
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","GBP":true}}"#,
+                "field Backend.GBP: VXLAN group-based policy is not supported",
+            ),
+            (
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","directRouting":true}}"#,
+                "field Backend.DirectRouting: direct routing is not supported",
+            ),
+        ] {
+            let e = err_of(json);
+            assert!(e.starts_with(field), "{json}: {e}");
+        }
+        // false is what the dataplane does: accepted.
+        parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","GBP":false,"DirectRouting":false}}"#)
+            .unwrap();
+    }
+
+    #[test]
+    fn runtime_changes_are_named_field_by_field() {
+        let running = parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert_eq!(
+            unapplied_changes(&running, &running.clone()),
+            Vec::<String>::new()
+        );
+        let new =
+            parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","VNI":7,"Port":4789}}"#)
+                .unwrap();
+        let msgs = unapplied_changes(&running, &new);
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(
+            msgs[0].starts_with("Backend.VNI changed from 1 to 7 at run time: not applied"),
+            "{}",
+            msgs[0]
+        );
+        assert!(
+            msgs[1].starts_with("Backend.Port changed from 8472 to 4789 at run time: not applied"),
+            "{}",
+            msgs[1]
         );
     }
 }

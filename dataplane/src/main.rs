@@ -150,6 +150,10 @@ struct ServiceArgs {
     /// etcd prefix of Services, Endpoints and EndpointSlices.
     #[arg(long, default_value = dataplane::services::DEFAULT_PREFIX)]
     service_prefix: Prefix,
+    /// The cluster's service CIDR: `apply` refuses a ClusterIP outside it
+    /// (kube-apiserver's --service-cluster-ip-range).
+    #[arg(long, default_value = dataplane::services::DEFAULT_SERVICE_CIDR)]
+    service_cidr: ipnet::Ipv4Net,
 }
 
 #[derive(Args)]
@@ -382,7 +386,22 @@ fn read_manifest(file: &std::path::Path) -> anyhow::Result<Vec<dataplane::servic
 async fn apply_cmd(svc: &ServiceArgs, file: &std::path::Path) -> anyhow::Result<()> {
     let objects = read_manifest(file)?;
     let mut client = dataplane::etcd::connect(&svc.etcd.options()).await?;
-    let summary = dataplane::services::apply(&mut client, &svc.service_prefix, &objects).await?;
+    // No ClusterIP in the pod network; without a network config yet, that
+    // check is left out (the CIDR and conflict checks still run).
+    let pod_network = match dataplane::config::load(&mut client, &svc.etcd.etcd_prefix).await {
+        Ok(net) => Some(net.network),
+        Err(e) => {
+            eprintln!("warning: {e}; ClusterIPs are not checked against the pod network");
+            None
+        }
+    };
+    let guard = dataplane::services::AddressGuard {
+        service_cidr: svc.service_cidr,
+        pod_network,
+    };
+    let summary =
+        dataplane::services::apply_guarded(&mut client, &svc.service_prefix, &objects, &guard)
+            .await?;
     for (r, outcome) in &summary.objects {
         println!("{} {}/{} {outcome}", r.kind.as_str(), r.namespace, r.name);
     }

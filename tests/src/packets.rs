@@ -359,3 +359,25 @@ pub fn parse_vxlan(f: &[u8]) -> ParsedVxlan {
         inner: rest[8..].to_vec(),
     }
 }
+
+/// Sets the ECN bits of the outer IPv4 header of a VXLAN frame built by
+/// [`VxlanFrame::build`] and recomputes that header's checksum.
+pub fn set_outer_ecn(frame: &mut [u8], ecn: u8) {
+    let ip = &mut frame[14..34];
+    ip[1] = (ip[1] & !0x03) | (ecn & 0x03);
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// ECN codepoints (RFC 3168).
+pub const ECN_NOT_ECT: u8 = 0;
+pub const ECN_ECT1: u8 = 1;
+pub const ECN_ECT0: u8 = 2;
+pub const ECN_CE: u8 = 3;

@@ -102,6 +102,95 @@ fn waits_for_a_valid_config() {
     assert_eq!(env.mtu, 1450, "underlay MTU 1500 - 50");
 }
 
+/// Writes `json` as the network config without the CLI's validation.
+fn put_raw_config(c: &Cluster, json: &'static str) {
+    c.with_etcd(move |mut cl| async move {
+        cl.put("/coreos.com/network/config", json, None).await?;
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// GBP or DirectRouting is refused (the agent waits for a config it can
+/// run); a VNI or port change at run time is refused and logged as an
+/// error, not applied.
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn unsupported_and_runtime_config_changes_are_refused() {
+    root_only!();
+    let mut c = Cluster::new(1).unwrap();
+    put_raw_config(
+        &c,
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","GBP":true}}"#,
+    );
+    c.start_agent(0, &["--decap-mode", "tc"]).unwrap();
+    wait_log(&c, 0, "group-based policy is not supported");
+    c.put_config(CONFIG).unwrap();
+    c.wait_ready(0, READY).unwrap();
+    c.put_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":7,"Port":4789}}"#)
+        .unwrap();
+    wait_log(
+        &c,
+        0,
+        "Backend.VNI changed from 1 to 7 at run time: not applied",
+    );
+    wait_log(
+        &c,
+        0,
+        "Backend.Port changed from 8472 to 4789 at run time: not applied",
+    );
+    put_raw_config(
+        &c,
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+    );
+    wait_log(&c, 0, "direct routing is not supported");
+    assert!(
+        c.nodes[0]
+            .agent
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "agent still running"
+    );
+}
+
+/// A second agent on the node with the same --pin-path refuses to start,
+/// naming the first; the first keeps running.
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn a_second_agent_with_the_same_pin_path_refuses_to_start() {
+    root_only!();
+    let mut c = Cluster::new(1).unwrap();
+    c.put_config(CONFIG).unwrap();
+    c.start_agent(0, &["--decap-mode", "tc"]).unwrap();
+    c.wait_ready(0, READY).unwrap();
+    let mut first = c.nodes[0].agent.take().unwrap();
+    c.start_agent(0, &["--decap-mode", "tc"]).unwrap();
+    let deadline = Instant::now() + READY;
+    let status = loop {
+        if let Some(st) = c.nodes[0].agent.as_mut().unwrap().try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the second agent did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = c.nodes[0].log();
+    assert!(!status.success(), "the second agent failed:\n{log}");
+    let want = format!(
+        "another agent (pid {}) already runs on this node with --pin-path {}",
+        first.id(),
+        c.nodes[0].pin_path.display()
+    );
+    assert!(log.contains(&want), "{want:?} in:\n{log}");
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first agent still runs"
+    );
+    c.nodes[0].agent = Some(first);
+}
+
 /// With a short TTL the agent's lease outlives several TTLs (renewal).
 #[test]
 #[ignore = "needs root; `cargo xtask test` runs it"]

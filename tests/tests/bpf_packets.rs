@@ -671,6 +671,102 @@ root_test!(xdp_decap_strips_vxlan_and_drops_bad, || {
     );
 });
 
+/// A UDP packet from `src` to a pod of this node, with ECN bits `ecn`.
+fn inner_from(src: Ipv4Addr, ecn: u8) -> Vec<u8> {
+    ipv4(
+        src,
+        Ipv4Addr::new(10, 244, 1, 5),
+        17,
+        ecn,
+        &udp(1234, 80, b"inner"),
+    )
+}
+
+root_test!(decap_drops_inner_sources_outside_the_senders_lease, || {
+    let mut env = setup();
+    // A second peer, 10.244.3.0/24 at STRANGER_IP.
+    let more = peers(&[("10.244.3.0/24", STRANGER_IP)]);
+    env.rec
+        .set_peers(env.dp.maps(), &more, Resync::Incremental)
+        .unwrap();
+    let ul = env.ul_mac;
+    let other_nodes_pod = inner_from(Ipv4Addr::new(10, 244, 3, 7), 0);
+    let nobodys = inner_from(Ipv4Addr::new(10, 250, 0, 1), 0);
+    // PEER_IP speaking for STRANGER_IP's pod, or for an address no lease
+    // covers: dropped, in TC and in XDP.
+    for inner in [&other_nodes_pod, &nobodys] {
+        let input = vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, inner, ul);
+        let (rc, _) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &input);
+        assert_eq!(rc, TC_ACT_SHOT, "TC: forged inner source");
+        let (rc, _) = run_xdp(&mut env, &input);
+        assert_eq!(rc, XDP_DROP, "XDP: forged inner source");
+    }
+    // The pod's own node may send it, and so may PEER_IP for its pods.
+    let input = vxlan_from(STRANGER_IP, 0x08, 1, OUR_VTEP, &other_nodes_pod, ul);
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &input);
+    assert_eq!(rc, TC_ACT_REDIRECT, "TC: the sender's own pod");
+    let input = vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &inner_pod_packet(), ul);
+    let (rc, _) = run_xdp(&mut env, &input);
+    assert_eq!(rc, XDP_PASS, "XDP: the sender's own pod");
+    assert_counters(
+        &env,
+        &[(Stat::Decapsulated, 2), (Stat::DropInnerSrcNotSender, 4)],
+        "inner source check",
+    );
+});
+
+root_test!(
+    decap_copies_congestion_experienced_to_the_inner_header,
+    || {
+        let mut env = setup();
+        let ul = env.ul_mac;
+        let src = Ipv4Addr::new(10, 244, 2, 7);
+        // (inner ECN, outer ECN) -> inner ECN after decapsulation (RFC 6040
+        // section 4.2); None: dropped.
+        let cases: [(u8, u8, Option<u8>); 6] = [
+            (ECN_ECT0, ECN_CE, Some(ECN_CE)),
+            (ECN_ECT1, ECN_CE, Some(ECN_CE)),
+            (ECN_CE, ECN_CE, Some(ECN_CE)),
+            (ECN_ECT0, ECN_ECT0, Some(ECN_ECT0)),
+            (ECN_NOT_ECT, ECN_ECT0, Some(ECN_NOT_ECT)),
+            (ECN_NOT_ECT, ECN_CE, None),
+        ];
+        let mut decapped = 0;
+        for (inner_ecn, outer_ecn, want) in cases {
+            let inner = inner_from(src, inner_ecn);
+            let mut input = vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &inner, ul);
+            set_outer_ecn(&mut input, outer_ecn);
+            let what = format!("inner {inner_ecn}, outer {outer_ecn}");
+            let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &input);
+            let (xrc, xout) = run_xdp(&mut env, &input);
+            match want {
+                None => {
+                    assert_eq!(rc, TC_ACT_SHOT, "TC {what}");
+                    assert_eq!(xrc, XDP_DROP, "XDP {what}");
+                }
+                Some(ecn) => {
+                    decapped += 2;
+                    assert_eq!(rc, TC_ACT_REDIRECT, "TC {what}");
+                    assert_eq!(xrc, XDP_PASS, "XDP {what}");
+                    // XDP: 4 bytes of metadata in front.
+                    for (path, ip) in [("TC", &out[14..]), ("XDP", &xout[4 + 14..])] {
+                        assert!(ipv4_checksums_ok(ip), "{path} {what}: inner checksum");
+                        assert_eq!(ip[1] & 0x03, ecn, "{path} {what}: inner ECN");
+                        assert_eq!(ip[1] & !0x03, 0, "{path} {what}: DSCP kept");
+                        assert_eq!(&ip[2..10], &inner[2..10], "{path} {what}: rest untouched");
+                        assert_eq!(&ip[12..], &inner[12..], "{path} {what}: rest untouched");
+                    }
+                }
+            }
+        }
+        assert_counters(
+            &env,
+            &[(Stat::Decapsulated, decapped), (Stat::DropCeNotEct, 2)],
+            "ECN",
+        );
+    }
+);
+
 root_test!(peer_removal_stops_encap_and_decap, || {
     let mut env = setup();
     env.rec

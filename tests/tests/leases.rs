@@ -13,7 +13,7 @@ use dataplane::etcd::{Event, ListWatch, Prefix, Update, list_then_watch};
 use dataplane::lease::{
     self, Lease, LeaseAttrs, LeaseError, LeaseEvent, acquire, subnet_key, vtep_mac_for,
 };
-use dataplane::peers::{PeerUpdate, PeerWatchStats, watch_peers};
+use dataplane::peers::{OwnNode, PeerPolicy, PeerUpdate, PeerWatchStats, watch_peers};
 use etcd_client::{Client, GetOptions, KeyValue, PutOptions};
 use ipnet::Ipv4Net;
 use tests::etcd::Etcd;
@@ -109,6 +109,14 @@ async fn config_defaults_and_rejections_from_etcd() {
         (
             r#"{"Network":"10.244.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}"#,
             "field SubnetLen: 31 is greater than 30",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","GBP":true}}"#,
+            "field Backend.GBP: VXLAN group-based policy is not supported",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+            "field Backend.DirectRouting: direct routing is not supported",
         ),
         (
             r#"{"Network":"10.244.0.0/16","SubnetLen":17,"Backend":{"Type":"vxlan"}}"#,
@@ -440,12 +448,30 @@ fn start_watch(
     watch::Sender<bool>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 ) {
+    let policy = PeerPolicy {
+        network: net("10.244.0.0/16"),
+        subnet_len: 24,
+        own: None,
+    };
+    start_watch_with(client, policy)
+}
+
+fn start_watch_with(
+    client: &Client,
+    policy: PeerPolicy,
+) -> (
+    mpsc::Receiver<PeerUpdate>,
+    Arc<PeerWatchStats>,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let (tx, rx) = mpsc::channel(64);
     let stats = Arc::new(PeerWatchStats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(watch_peers(
         client.clone(),
         PREFIX,
+        policy,
         tx,
         stats.clone(),
         stop_rx,
@@ -569,6 +595,157 @@ async fn garbage_is_skipped_counted_and_never_drops_good_peers() {
     flannel_put(&mut client, a, "192.168.64.1", "02:00:00:00:00:01", 60).await;
     assert!(matches!(recv(&mut rx).await, PeerUpdate::Upsert(s, _) if s == a));
     assert_eq!(stats.resyncs.load(Ordering::Relaxed), 0);
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// The skip counters: subnet, overlap, PublicIP, skipped now.
+fn skipped(stats: &PeerWatchStats) -> [u64; 4] {
+    [
+        stats.skipped_subnet.load(Ordering::Relaxed),
+        stats.skipped_overlap.load(Ordering::Relaxed),
+        stats.skipped_public_ip.load(Ordering::Relaxed),
+        stats.skipped_now.load(Ordering::Relaxed),
+    ]
+}
+
+#[tokio::test]
+async fn leases_that_cannot_be_right_are_skipped_counted_and_never_sent() {
+    let (mut etcd, mut client, cfg) = setup(CONFIG).await;
+    let ours = net("10.244.1.0/24");
+    let good = net("10.244.2.0/24");
+    flannel_put(&mut client, ours, "192.168.64.1", "02:00:00:00:00:01", 600).await;
+    flannel_put(&mut client, good, "192.168.64.2", "02:00:00:00:00:02", 600).await;
+    // Outside Network, wrong length, bad PublicIPs, our PublicIP elsewhere.
+    flannel_put(
+        &mut client,
+        net("10.99.1.0/24"),
+        "192.168.64.3",
+        "02:00:00:00:00:03",
+        600,
+    )
+    .await;
+    flannel_put(
+        &mut client,
+        net("10.244.4.0/26"),
+        "192.168.64.4",
+        "02:00:00:00:00:04",
+        600,
+    )
+    .await;
+    flannel_put(
+        &mut client,
+        net("10.244.5.0/24"),
+        "127.0.0.1",
+        "02:00:00:00:00:05",
+        600,
+    )
+    .await;
+    flannel_put(
+        &mut client,
+        net("10.244.6.0/24"),
+        "0.0.0.0",
+        "02:00:00:00:00:06",
+        600,
+    )
+    .await;
+    flannel_put(
+        &mut client,
+        net("10.244.7.0/24"),
+        "239.1.1.1",
+        "02:00:00:00:00:07",
+        600,
+    )
+    .await;
+    flannel_put(
+        &mut client,
+        net("10.244.8.0/24"),
+        "192.168.64.1",
+        "02:00:00:00:00:08",
+        600,
+    )
+    .await;
+    // The same subnet as `good` under a dual-stack key, written later.
+    let dual = format!("{PREFIX}/subnets/10.244.2.0-24&fd00:1::-64");
+    let dual_value = r#"{"PublicIP":"192.168.64.9","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:09"}}"#;
+    client.put(dual.clone(), dual_value, None).await.unwrap();
+
+    let (_own_tx, own_rx) = watch::channel(ours);
+    let policy = PeerPolicy {
+        own: Some(OwnNode {
+            public_ip: Ipv4Addr::new(192, 168, 64, 1),
+            subnet: own_rx,
+        }),
+        ..PeerPolicy::for_network(&cfg)
+    };
+    let (mut rx, stats, stop, task) = start_watch_with(&client, policy);
+    let PeerUpdate::Snapshot(snap) = recv(&mut rx).await else {
+        panic!("first update must be a snapshot")
+    };
+    assert_eq!(snap.keys().copied().collect::<Vec<_>>(), vec![ours, good]);
+    assert_eq!(
+        snap[&good].public_ip,
+        Ipv4Addr::new(192, 168, 64, 2),
+        "the older lease"
+    );
+    assert_eq!(skipped(&stats), [2, 1, 4, 7]);
+    assert_eq!(stats.malformed.load(Ordering::Relaxed), 0);
+
+    // A re-list finds the same: nothing counted again.
+    etcd.restart().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stats.resyncs.load(Ordering::Relaxed) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no re-list");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(skipped(&stats), [2, 1, 4, 7]);
+    let mut client = etcd.client().await.unwrap();
+
+    // The older lease goes: the newer one for the subnet takes over.
+    client.delete(subnet_key(PREFIX, good), None).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let u = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("the dual-stack lease never took over")
+            .unwrap();
+        let attrs = match u {
+            PeerUpdate::Upsert(s, a) if s == good => a,
+            PeerUpdate::Snapshot(m) if m.contains_key(&good) => m[&good].clone(),
+            _ => continue,
+        };
+        if attrs.public_ip == Ipv4Addr::new(192, 168, 64, 9) {
+            break;
+        }
+    }
+    assert_eq!(skipped(&stats), [2, 1, 4, 6]);
+    // A new bad one while watching: skipped, no update sent.
+    flannel_put(
+        &mut client,
+        net("10.244.10.0/23"),
+        "192.168.64.10",
+        "02:00:00:00:00:0a",
+        600,
+    )
+    .await;
+    flannel_put(
+        &mut client,
+        net("10.244.11.0/24"),
+        "192.168.64.11",
+        "02:00:00:00:00:0b",
+        600,
+    )
+    .await;
+    assert!(
+        matches!(recv(&mut rx).await, PeerUpdate::Upsert(s, _) if s == net("10.244.11.0/24")),
+        "the skipped lease sent nothing"
+    );
+    assert_eq!(skipped(&stats), [3, 1, 4, 7]);
 
     stop.send(true).unwrap();
     tokio::time::timeout(WAIT, task)

@@ -497,3 +497,98 @@ async fn one_new_service_among_ten_thousand_touches_one() {
     assert_eq!(store.len(), N as usize + 1);
     w.stop().await;
 }
+
+/// `service(i)` under another name and ClusterIP.
+fn service_at(name: &str, ip: &str) -> Object {
+    let Object::Service(mut s) = service(0) else {
+        unreachable!()
+    };
+    s.metadata.name = Some(name.into());
+    s.spec.as_mut().unwrap().cluster_ip = Some(ip.into());
+    Object::Service(s)
+}
+
+#[tokio::test]
+async fn apply_refuses_clusterips_outside_the_service_cidr_in_the_pod_network_or_taken() {
+    let (_etcd, mut client) = setup().await;
+    let guard = services::AddressGuard {
+        service_cidr: "10.96.0.0/12".parse().unwrap(),
+        pod_network: Some("10.244.0.0/16".parse().unwrap()),
+    };
+    let c0 = client.clone();
+    let apply = |objects: Vec<Object>| {
+        let mut c = c0.clone();
+        let guard = guard.clone();
+        async move { services::apply_guarded(&mut c, DEFAULT_PREFIX, &objects, &guard).await }
+    };
+    let e = apply(vec![service_at("out", "10.200.0.1")])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "service default/out is invalid: spec.clusterIP: 10.200.0.1 is outside the service CIDR 10.96.0.0/12 (--service-cidr)"
+    );
+    // A pod network inside the service CIDR (a misconfiguration, but it
+    // shows the pod-network rule on its own).
+    let overlapping = services::AddressGuard {
+        service_cidr: "10.0.0.0/8".parse().unwrap(),
+        ..guard.clone()
+    };
+    let e = services::apply_guarded(
+        &mut client,
+        DEFAULT_PREFIX,
+        &[service_at("pod", "10.244.1.1")],
+        &overlapping,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().starts_with(
+            "service default/pod is invalid: spec.clusterIP: 10.244.1.1 is inside the pod network 10.244.0.0/16"
+        ),
+        "{e}"
+    );
+    // Nothing was written by the refusals.
+    assert!(
+        services::list(&mut client, DEFAULT_PREFIX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    apply(vec![service_at("first", "10.96.1.1")]).await.unwrap();
+    // Same IP:port/protocol as one in etcd.
+    let e = apply(vec![service_at("second", "10.96.1.1")])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "service default/second conflicts with service default/first: both claim 10.96.1.1:80 TCP (ClusterIP, port, protocol)"
+    );
+    // Two in one file.
+    let e = apply(vec![
+        service_at("third", "10.96.1.3"),
+        service_at("fourth", "10.96.1.3"),
+    ])
+    .await
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("default/third")
+            && msg.contains("default/fourth")
+            && msg.contains("both claim 10.96.1.3:80 TCP"),
+        "{msg}"
+    );
+    // The owner itself may be re-applied, and may move: its old frontend
+    // is no conflict.
+    let s = apply(vec![service_at("first", "10.96.1.1")]).await.unwrap();
+    assert_eq!(s.count(ApplyOutcome::Unchanged), 1);
+    apply(vec![
+        service_at("first", "10.96.1.2"),
+        service_at("second", "10.96.1.1"),
+    ])
+    .await
+    .unwrap();
+    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
+    assert_eq!(store.len(), 2);
+}

@@ -17,6 +17,7 @@
 //! [`cni`] pods registered through the CNI plugin.
 
 pub mod cni;
+mod instance;
 mod node;
 mod startup;
 
@@ -139,6 +140,9 @@ struct Agent {
     subnet: Ipv4Net,
     subnet_env: node::SubnetEnvFile,
     table: PeerTable,
+    /// This node's current subnet, for the peer watch's rule on leases
+    /// carrying our PublicIP.
+    own_subnet: tokio::sync::watch::Sender<Ipv4Net>,
     store: ServiceStore,
     retry: Retry,
     transient_errors: u64,
@@ -149,6 +153,8 @@ struct Agent {
     pod_device: crate::cni::proto::PodDevice,
     /// The task serving the CNI socket (ended with the loop).
     cni_server: Option<tokio::task::JoinHandle<()>>,
+    /// This agent's claims on its pin path and PublicIP.
+    _instance: Vec<instance::InstanceLock>,
 }
 
 async fn next_link_event(links: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
@@ -317,6 +323,7 @@ impl Agent {
                     );
                 }
                 self.subnet = new.subnet;
+                self.own_subnet.send_replace(new.subnet);
                 self.refresh_node().await;
                 self.sync_peers(Resync::Incremental);
                 // internalTrafficPolicy Local depends on which pods are ours.

@@ -20,7 +20,7 @@ use crate::{
     etcd::EtcdOptions,
     lease::{self, Lease, LeaseAttrs, LeaseEvent, format_mac},
     netlink::{self, Netlink},
-    peers::{self, PeerTable, PeerUpdate, PeerWatchStats},
+    peers::{self, OwnNode, PeerPolicy, PeerTable, PeerUpdate, PeerWatchStats},
     reconcile::{Reconciler, desired},
     services::{self, ServiceStore, StoreUpdate},
 };
@@ -153,6 +153,8 @@ pub(super) async fn start(
         "underlay {} (ifindex {}, mtu {}), public IP {public_ip}",
         underlay.name, underlay.ifindex, underlay.mtu
     );
+    // A second agent with our pin path or PublicIP stops here.
+    let instance = super::instance::claim_node(&cfg.pin_path, public_ip)?;
 
     let Some(mut client) = connect_etcd(&cfg.etcd, shutdown.clone()).await else {
         return Ok(None);
@@ -206,6 +208,7 @@ pub(super) async fn start(
         conflist: cni::ConflistFile::new(&cfg.cni.conf_dir),
         pod_device,
         cni_server: None,
+        _instance: instance,
         nl,
         dp,
         rec: Reconciler::new(),
@@ -215,6 +218,7 @@ pub(super) async fn start(
         underlay,
         bridge,
         table: PeerTable::default(),
+        own_subnet: watch::channel(lease.subnet).0,
         store: ServiceStore::new(),
         retry: Retry::default(),
         transient_errors: 0,
@@ -291,11 +295,27 @@ pub(super) async fn start(
 
     // Peers: etcd watch -> table -> maps.
     let (peer_tx, peers) = mpsc::channel::<PeerUpdate>(1024);
+    let peer_policy = PeerPolicy {
+        own: Some(OwnNode {
+            public_ip: agent.attrs.public_ip,
+            subnet: agent.own_subnet.subscribe(),
+        }),
+        ..PeerPolicy::for_network(&agent.net)
+    };
     tokio::spawn(peers::watch_peers(
         client.clone(),
         agent.cfg.prefix.clone(),
+        peer_policy,
         peer_tx,
         Arc::new(PeerWatchStats::default()),
+        shutdown.clone(),
+    ));
+    // The network config: changes at run time are refused, logged as
+    // errors (never silently ignored).
+    tokio::spawn(crate::config::watch_config(
+        client.clone(),
+        agent.cfg.prefix.clone(),
+        agent.net.clone(),
         shutdown.clone(),
     ));
     // Own lease: renewal and re-acquisition.

@@ -27,6 +27,7 @@
 //! Namespaces and names are validated DNS names, so they never contain `/`
 //! and a key always splits back into kind, namespace and name.
 
+pub mod guard;
 pub mod manifest;
 pub mod model;
 mod object;
@@ -38,14 +39,15 @@ pub mod watch;
 /// and inspect objects with exactly the version this crate parses.
 pub use k8s_openapi;
 
+pub use guard::{AddressGuard, DEFAULT_SERVICE_CIDR, check_addresses, check_conflicts};
 pub use manifest::{DocumentError, ManifestError, Object, parse_manifests};
 pub use model::{
     BackendAddr, Frontend, FrontendSpec, ServiceName, ServiceStore, ServiceSummary, StoreUpdate,
 };
 pub use object::{Kind, ObjectRef, Proto, SERVICE_NAME_LABEL};
 pub use store::{
-    ApplyOutcome, ApplySummary, DeleteSummary, MAX_TXN_OPS, apply, delete_objects, delete_service,
-    list,
+    ApplyOutcome, ApplySummary, DeleteSummary, MAX_TXN_OPS, StoreError, apply, apply_guarded,
+    delete_objects, delete_service, list,
 };
 pub use watch::watch_services;
 

@@ -58,6 +58,19 @@ pub enum StoreError {
     /// The same object was given twice; nothing was written.
     #[error("{0} is given twice")]
     Duplicate(ObjectRef),
+    /// Two Services claim one frontend; nothing was written.
+    #[error(
+        "{object} conflicts with service {other}: both claim {}:{} {} (ClusterIP, port, protocol)",
+        frontend.ip, frontend.port, frontend.proto
+    )]
+    Conflict {
+        /// The Service being applied.
+        object: ObjectRef,
+        /// What both claim.
+        frontend: super::model::Frontend,
+        /// The Service that claims it too (in etcd, or in the same file).
+        other: super::model::ServiceName,
+    },
     /// The write is larger than etcd accepts in one request.
     #[error(
         "the {count} objects add up to {bytes} bytes, more than etcd accepts in one request \
@@ -270,6 +283,25 @@ pub async fn apply(
         log::info!("objects under {prefix} changed while applying; retrying");
     }
     Err(StoreError::Contention { prefix })
+}
+
+/// [`apply`], after the checks against the cluster: every ClusterIP in
+/// `guard`'s service CIDR and outside the pod network, and no frontend
+/// claimed by two Services (those in etcd under `prefix` and those given).
+/// The Services in etcd are read first, so a conflicting write that lands
+/// in between is not seen here; the agents then keep the older Service's
+/// frontend.
+pub async fn apply_guarded(
+    client: &mut Client,
+    prefix: impl Into<Prefix>,
+    objects: &[Object],
+    guard: &super::guard::AddressGuard,
+) -> Result<ApplySummary, StoreError> {
+    let prefix = prefix.into();
+    super::guard::check_addresses(objects, guard)?;
+    let existing = list(client, &prefix).await?;
+    super::guard::check_conflicts(objects, &existing)?;
+    apply(client, prefix, objects).await
 }
 
 /// etcd's size limit, spelled out for the operator.
