@@ -299,7 +299,12 @@ pub async fn apply_guarded(
 ) -> Result<ApplySummary, StoreError> {
     let prefix = prefix.into();
     super::guard::check_addresses(objects, guard)?;
-    let existing = list(client, &prefix).await?;
+    // Frontends come from Services alone (a Service without endpoints
+    // still claims its ports), so only `services/` is listed: a third of
+    // the keys of a large store, and no EndpointSlice decoding.
+    let services = prefix.join(Kind::Service.dir()).range();
+    let (kvs, _) = etcd::list(&mut kv_client(client), &services).await?;
+    let existing = store_from(kvs.iter().filter_map(|kv| decode(&prefix, kv)).collect());
     super::guard::check_conflicts(objects, &existing)?;
     apply(client, prefix, objects).await
 }
