@@ -90,6 +90,48 @@ impl CniRun {
     }
 }
 
+/// Runs the CNI plugin at `plugin` in `ns` exactly as a container runtime
+/// does: no inherited `CNI_*`, `CNI_COMMAND`, `CNI_PATH` (the plugin's own
+/// directory, then the reference plugins'), `vars` (later ones win),
+/// `stdin` as the netconf, the result on stdout.
+pub fn invoke_cni(
+    ns: &NetNs,
+    plugin: &Path,
+    command: &str,
+    vars: &[(&str, &str)],
+    stdin: &[u8],
+) -> anyhow::Result<CniRun> {
+    let cni_path = format!(
+        "{}:{CNI_PLUGIN_DIR}",
+        plugin.parent().context("plugin dir")?.display()
+    );
+    let mut cmd = ns.command(plugin.to_str().context("plugin path")?);
+    for var in [
+        "CNI_COMMAND",
+        "CNI_CONTAINERID",
+        "CNI_NETNS",
+        "CNI_IFNAME",
+        "CNI_ARGS",
+        "CNI_PATH",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_PATH", cni_path)
+        .envs(vars.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("running the CNI plugin")?;
+    child.stdin.take().context("stdin")?.write_all(stdin)?;
+    let out = child.wait_with_output()?;
+    Ok(CniRun {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
 pub struct Node {
     pub index: usize,
     pub ns: NetNs,
@@ -170,39 +212,7 @@ impl Node {
             "{} is missing: build it with `cargo build -p dataplane --bins`",
             plugin.display()
         );
-        let cni_path = format!(
-            "{}:{CNI_PLUGIN_DIR}",
-            plugin.parent().context("plugin dir")?.display()
-        );
-        let mut cmd = self.ns.command(plugin.to_str().context("plugin path")?);
-        for var in [
-            "CNI_COMMAND",
-            "CNI_CONTAINERID",
-            "CNI_NETNS",
-            "CNI_IFNAME",
-            "CNI_ARGS",
-            "CNI_PATH",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.env("CNI_COMMAND", command)
-            .env("CNI_PATH", cni_path)
-            .envs(vars.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("running dataplane-cni")?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(&serde_json::to_vec(conf)?)?;
-        let out = child.wait_with_output()?;
-        Ok(CniRun {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        invoke_cni(&self.ns, &plugin, command, vars, &serde_json::to_vec(conf)?)
     }
 
     /// Creates a pod namespace and attaches it through the plugin (ADD);

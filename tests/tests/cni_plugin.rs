@@ -11,10 +11,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{Arc, Mutex},
 };
 
@@ -26,7 +24,7 @@ use dataplane::cni::{
 use serde_json::{Value, json};
 use tests::{
     netns::{NetNs, in_netns, require_root, unique_id},
-    topo::agent_bin,
+    topo::{agent_bin, invoke_cni},
 };
 
 const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
@@ -268,32 +266,14 @@ impl Node {
 
     /// Runs the plugin in the node namespace.
     fn run(&self, command: &str, vars: &[(&str, &str)], stdin: &[u8]) -> Run {
-        let cni_path = format!("{}:/usr/lib/cni", self.plugin.parent().unwrap().display());
-        let mut cmd = self.host.command(self.plugin.to_str().unwrap());
-        for var in [
-            "CNI_COMMAND",
-            "CNI_CONTAINERID",
-            "CNI_NETNS",
-            "CNI_IFNAME",
-            "CNI_ARGS",
-            "CNI_PATH",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.env("CNI_COMMAND", command)
-            .env("CNI_PATH", cni_path)
-            .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=test")
-            .envs(vars.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("running the plugin");
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let mut all = vec![("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=test")];
+        all.extend_from_slice(vars);
+        let r =
+            invoke_cni(&self.host, &self.plugin, command, &all, stdin).expect("running the plugin");
         Run {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            ok: r.ok,
+            stdout: r.stdout,
+            stderr: r.stderr,
         }
     }
 
