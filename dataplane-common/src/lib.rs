@@ -323,7 +323,8 @@ macro_rules! stats {
         ///
         /// Every packet a program handles ends in exactly one outcome
         /// counter. `svc_forward` and `svc_reverse` count a translation on
-        /// the way and are followed by the packet's outcome.
+        /// the way, and `map_full` an entry that could not be stored; each
+        /// is followed by the packet's outcome.
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Stat {
@@ -444,6 +445,11 @@ stats! {
     /// congestion. Linux's vxlan drops these too.
     DropCeNotEct = 36, "drop_ce_not_ect",
         "VXLAN whose outer header says congestion experienced (CE) around an inner packet that is not ECN-capable";
+    /// Counted on the way, like `svc_forward`: the packet then ends in its
+    /// own outcome. With `--bpf-log` it is logged at the 1st, 2nd, 4th,
+    /// 8th, ... time on each CPU, never once per packet.
+    MapFull = 61, "map_full",
+        "an entry the data path had to store (a learnt endpoint, a frontend's counters) was refused: its map is full";
 }
 
 impl Stat {

@@ -22,6 +22,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
 use dataplane_common::{EndpointInfo, EndpointKey, NodeConfig, PodPortKey, Stat};
 
 use crate::{
+    event,
     maps::{ENDPOINTS, POD_PORTS},
     parse::{self, Ipv4Packet, in_prefix},
 };
@@ -104,10 +105,13 @@ pub fn learn(ctx: &TcContext, cfg: &NodeConfig, pkt: &Ipv4Packet) {
     };
     // Losing a race to another port's create (EEXIST) is fine: that entry
     // stands until its port goes.
-    if let Err(e) = ENDPOINTS.insert(key, info, flags)
-        && e != -EEXIST
-    {
-        log_event!(ctx, "endpoints_v1 full? {:i} not learnt ({})", src_ip, e);
+    match ENDPOINTS.insert(key, info, flags) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {}
+        Err(e) if event::is_full(i64::from(e)) => {
+            event::map_full(ctx, "endpoints_v1", i64::from(e))
+        }
+        Err(e) => log_event!(ctx, "endpoints_v1: {:i} not learnt ({})", src_ip, e),
     }
 }
 

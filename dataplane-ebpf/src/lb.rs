@@ -327,8 +327,13 @@ fn svc_counters(ctx: &TcContext, key: &SvcKey, f: impl FnOnce(&mut SvcCounters))
         Some(p) => p,
         None => {
             // The agent creates the entry with the service; this covers a race.
-            if SVC_STATS.insert(key, SvcCounters::default(), 0).is_err() {
-                log_event!(ctx, "svc_stats_v1 insert failed");
+            if let Err(e) = SVC_STATS.insert(key, SvcCounters::default(), 0) {
+                let e = i64::from(e);
+                if crate::event::is_full(e) {
+                    crate::event::map_full(ctx, "svc_stats_v1", e);
+                } else {
+                    log_event!(ctx, "svc_stats_v1 insert failed ({})", e);
+                }
                 return;
             }
             match SVC_STATS.get_ptr_mut(key) {

@@ -44,7 +44,7 @@ fn node_config() -> Option<&'static NodeConfig> {
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(cfg) = node_config() else {
-        count(Stat::PassNoConfig, ctx.len());
+        event::config_missing(&ctx, "from_pod");
         return TC_ACT_OK;
     };
     let pkt = parse::ipv4(ctx.data(), ctx.data_end());
@@ -97,7 +97,7 @@ fn to_local_pod(ctx: &TcContext, cfg: &NodeConfig, to: [u8; 4]) -> i32 {
 #[classifier]
 pub fn from_underlay(ctx: TcContext) -> i32 {
     let Some(cfg) = node_config() else {
-        count(Stat::PassNoConfig, ctx.len());
+        event::config_missing(&ctx, "from_underlay");
         return TC_ACT_OK;
     };
     decap::tc_from_underlay(&ctx, cfg)

@@ -6,12 +6,24 @@ use crate::maps::STATS;
 
 #[inline(always)]
 pub fn count(stat: Stat, bytes: u32) {
-    if let Some(c) = STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe {
-            let c: &mut Counter = &mut *c;
-            c.packets += 1;
-            c.bytes += u64::from(bytes);
+    count_seen(stat, bytes);
+}
+
+/// [`count`], returning how many packets this CPU has counted under `stat`
+/// so far (this one included; 0 if the slot is missing), so that a rare
+/// event can be logged at growing intervals rather than for every packet.
+#[inline(always)]
+pub fn count_seen(stat: Stat, bytes: u32) -> u64 {
+    match STATS.get_ptr_mut(stat as u32) {
+        Some(c) => {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+            unsafe {
+                let c: &mut Counter = &mut *c;
+                c.packets += 1;
+                c.bytes += u64::from(bytes);
+                c.packets
+            }
         }
+        None => 0,
     }
 }

@@ -462,7 +462,8 @@ pub async fn watch_config(
         crate::etcd::KeyRange::key(key.as_bytes()),
         |kv: &etcd_client::KeyValue| Some(kv.value().to_vec()),
         shutdown,
-    );
+    )
+    .counted_as("config");
     let mut last: Option<Vec<u8>> = None;
     let mut judge = |value: Option<Vec<u8>>| {
         if value == last {

@@ -629,12 +629,15 @@ impl LeaseKeeper {
                 _ = tokio::time::sleep_until(next_renew) => {
                     match renew_once(&mut self.client, lease.lease_id).await {
                         Ok(()) => {
+                            // A keep-alive restarts the granted TTL.
+                            crate::metrics::global().lease_renewed(std::time::SystemTime::now() + lease.ttl);
                             log::debug!("renewed etcd lease {:x} for {}", lease.lease_id, lease.subnet);
                             next_renew = Instant::now() + renew_delay(lease.ttl, self.renew_margin);
                             None
                         }
                         Err(RenewError::Gone) => Some(format!("etcd lease {:x} expired or was revoked", lease.lease_id)),
                         Err(RenewError::Transient(e)) => {
+                            crate::metrics::global().lease_renewal_failed();
                             let retry = retry_interval(lease.ttl);
                             log::warn!(
                                 "renewing lease for {}: {e}; retrying in {:.1}s",
@@ -676,9 +679,10 @@ impl LeaseKeeper {
             &self.client,
             format!("our lease {key}"),
             KeyRange::key(key),
-            |kv: &KeyValue| Some(kv.clone()),
+            (|kv: &KeyValue| Some(kv.clone())) as fn(&KeyValue) -> Option<KeyValue>,
             shutdown.clone(),
         )
+        .counted_as("lease")
     }
 
     /// Whether a value seen on our key is still our lease.

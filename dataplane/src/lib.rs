@@ -6,7 +6,8 @@
 //! Host plumbing: [`netlink`]. Data plane: [`reconcile`] (desired state ->
 //! a planned, ordered list of map writes -> applied) over [`bpf`]
 //! (loading, pinning, attaching, typed map access). [`agent`] routes
-//! events to them.
+//! events to them. [`metrics`] and [`status`] are what an operator
+//! sees of a node.
 
 /// The BPF object built by build.rs from `dataplane-ebpf`, with BTF.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
@@ -16,8 +17,10 @@ pub mod cni;
 pub mod config;
 pub mod etcd;
 pub mod lease;
+pub mod metrics;
 pub mod netlink;
 pub mod peers;
 pub mod reconcile;
 pub mod services;
+pub mod status;
 pub mod subnet_env;

@@ -76,6 +76,16 @@ enum Cmd {
         #[arg(long, default_value = "cni0")]
         bridge: String,
     },
+    /// This node's view: lease, etcd, peers, Services, conntrack, drops,
+    /// attached programs. Works while the agent is down (and says so).
+    Status {
+        /// Where the agent pinned its maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
+        pin_path: PathBuf,
+        /// `human` (a table) or `json`.
+        #[arg(long, short = 'o', value_enum, default_value = "human")]
+        output: dataplane::status::render::Output,
+    },
     /// Print the data path counters of the agent on this node.
     Stats {
         /// Where the agent pinned its maps.
@@ -210,6 +220,10 @@ struct AgentArgs {
     /// has it).
     #[arg(long, value_enum, default_value = "auto")]
     pod_device: PodDeviceArg,
+    /// Serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP
+    /// on this address, e.g. 127.0.0.1:9475 (off by default).
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -247,6 +261,7 @@ fn main() -> anyhow::Result<()> {
                         state_dir: a.cni_state_dir,
                         pod_device: a.pod_device,
                     },
+                    metrics_address: a.metrics_address,
                 })
                 .await
             }
@@ -256,6 +271,16 @@ fn main() -> anyhow::Result<()> {
             Cmd::Get { svc, what } => get_cmd(&svc, &what).await,
             Cmd::Leases { etcd } => leases_cmd(&etcd).await,
             Cmd::Uninstall { pin_path, bridge } => uninstall_cmd(&pin_path, &bridge).await,
+            Cmd::Status { pin_path, output } => {
+                use dataplane::status::{NodeStatus, render};
+                let now = std::time::SystemTime::now();
+                let st = NodeStatus::gather(&pin_path, now);
+                match output {
+                    render::Output::Human => print!("{}", render::human(&st, now)),
+                    render::Output::Json => println!("{}", render::json(&st)),
+                }
+                Ok(())
+            }
             Cmd::Stats { pin_path } => {
                 for (stat, c) in dataplane::bpf::read_pinned_stats(&pin_path)? {
                     println!(

@@ -530,7 +530,8 @@ pub async fn watch_peers(
         subnets.range(),
         |kv: &KeyValue| Some(Entry::decode(&subnets, kv)),
         shutdown,
-    );
+    )
+    .counted_as("peers");
     let mut own_subnet = policy.own.as_ref().map(|o| o.subnet.clone());
     let mut tracker = PeerTracker::new(subnets.clone(), policy, stats);
     loop {

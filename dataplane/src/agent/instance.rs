@@ -37,7 +37,7 @@ impl Drop for InstanceLock {
 
 /// `s` as one file name: `/` and other bytes outside `[A-Za-z0-9._-]`
 /// become `%XX`.
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => (b as char).to_string(),

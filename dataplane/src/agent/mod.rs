@@ -15,11 +15,17 @@
 //! is logged and counted, and retried at the next event or tick.
 //! [`startup`] is everything before the loop, [`node`] this node's host side,
 //! [`cni`] pods registered through the CNI plugin.
+//!
+//! What an operator sees of it: every event is reported into
+//! [`crate::metrics`] (apply latency, readiness, errors) and into the
+//! status record ([`status`], read by `dataplane status`), each through
+//! one named call.
 
 pub mod cni;
-mod instance;
+pub(crate) mod instance;
 mod node;
 mod startup;
+mod status;
 
 use std::{
     collections::BTreeSet,
@@ -38,6 +44,7 @@ use crate::{
     config::NetworkConfig,
     etcd::EtcdOptions,
     lease::{LeaseAttrs, LeaseEvent, format_mac},
+    metrics::{EventKind, ReadyPart},
     netlink::{self, LinkInfo, Netlink},
     peers::{PeerChange, PeerTable, PeerUpdate},
     reconcile::{Reconciler, Resync, desired},
@@ -64,6 +71,8 @@ pub struct AgentConfig {
     pub bpf_log: bool,
     /// Pods through CNI: socket, conflist, state, pod device.
     pub cni: cni::CniOptions,
+    /// Serve `/metrics`, `/healthz`, `/readyz` here (`--metrics-address`).
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// `--decap-mode`: where decapsulation runs on the underlay interface.
@@ -153,8 +162,12 @@ struct Agent {
     pod_device: crate::cni::proto::PodDevice,
     /// The task serving the CNI socket (ended with the loop).
     cni_server: Option<tokio::task::JoinHandle<()>>,
+    /// Where decapsulation runs, as resolved at start-up.
+    decap: Decap,
     /// This agent's claims on its pin path and PublicIP.
     _instance: Vec<instance::InstanceLock>,
+    /// The status record `dataplane status` reads.
+    status: status::StatusWriter,
 }
 
 async fn next_link_event(links: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
@@ -167,7 +180,9 @@ async fn next_link_event(links: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
 impl Agent {
     async fn event_loop(&mut self, mut ev: Events, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
+        let mut status_tick = tokio::time::interval(status::MIN_INTERVAL);
         loop {
+            crate::metrics::global().loop_turned();
             tokio::select! {
                 _ = shutdown.changed() => break,
                 Some(update) = ev.peers.recv() => self.on_peers(update),
@@ -189,7 +204,9 @@ impl Agent {
                         }
                     }
                     self.on_tick().await;
+                    self.write_status(true);
                 }
+                _ = status_tick.tick() => self.write_status(false),
             }
         }
         // The socket goes first: a plugin call now finds no agent rather
@@ -203,6 +220,7 @@ impl Agent {
     /// Logs and counts an error the loop recovers from.
     fn failed(&mut self, e: anyhow::Error) {
         self.transient_errors += 1;
+        crate::metrics::global().error();
         error!(
             "{e:#} (retried at the next event or tick; {} transient errors so far)",
             self.transient_errors
@@ -226,14 +244,22 @@ impl Agent {
     }
 
     fn on_peers(&mut self, update: PeerUpdate) {
+        let t0 = Instant::now();
         let resync = match update {
             PeerUpdate::Snapshot(_) => Resync::Full,
             _ => Resync::Incremental,
         };
         for change in self.table.apply(update) {
             log_change(&change, self.subnet);
+            self.status.peer_changed(&change, self.subnet);
         }
         self.sync_peers(resync);
+        let m = crate::metrics::global();
+        m.observe_apply(EventKind::Peers, t0.elapsed());
+        // A complete listing is in the maps.
+        if resync == Resync::Full && !self.retry.peers {
+            m.set_ready(ReadyPart::PeersSynced, true);
+        }
     }
 
     fn sync_peers(&mut self, resync: Resync) {
@@ -250,11 +276,17 @@ impl Agent {
     fn on_services(&mut self, update: StoreUpdate) {
         let t0 = Instant::now();
         let before = self.rec.writes();
+        let snapshot = matches!(update, StoreUpdate::Snapshot(_));
         let changed = self.store.apply(update);
         for name in &changed {
             self.program_service(name);
         }
         let after = self.rec.writes();
+        let m = crate::metrics::global();
+        m.observe_apply(EventKind::Services, t0.elapsed());
+        if snapshot {
+            m.set_ready(ReadyPart::ServicesSynced, true);
+        }
         let level = if changed.len() <= 10 {
             log::Level::Info
         } else {
@@ -284,6 +316,8 @@ impl Agent {
         let own = self.subnet;
         let fronts = self.store.frontends_for(name, &|ip| own.contains(&ip));
         let had = self.rec.owns_frontends(name);
+        let (ready, total) = self.store.endpoint_counts(name);
+        self.status.service(name, fronts.len(), ready, total);
         let want = desired::frontends(&fronts);
         match self.rec.set_service(self.dp.maps(), name, &want) {
             Ok(()) => {
@@ -324,12 +358,19 @@ impl Agent {
                 }
                 self.subnet = new.subnet;
                 self.own_subnet.send_replace(new.subnet);
+                self.status.own_subnet(new.subnet);
+                let m = crate::metrics::global();
+                m.lease_held_until(std::time::SystemTime::now() + new.ttl);
+                m.set_ready(ReadyPart::Lease, true);
                 self.refresh_node().await;
                 self.sync_peers(Resync::Incremental);
                 // internalTrafficPolicy Local depends on which pods are ours.
                 self.program_all_services();
             }
-            other => info!("lease: {other:?}"),
+            LeaseEvent::Lost { subnet, reason } => {
+                crate::metrics::global().lease_lost();
+                info!("lease: lost {subnet}: {reason}");
+            }
         }
     }
 
@@ -359,6 +400,29 @@ impl Agent {
             return self.failed(e);
         }
         self.retry.node = false;
+    }
+
+    /// Writes the status record when due (`force`: at every tick, so its
+    /// age tells a reader whether the agent still runs).
+    fn write_status(&mut self, force: bool) {
+        if !self.status.due(force) {
+            return;
+        }
+        let node = crate::status::record::NodeRecord {
+            subnet: self.subnet.to_string(),
+            network: self.net.network.to_string(),
+            public_ip: self.attrs.public_ip.to_string(),
+            vtep_mac: format_mac(&self.attrs.vtep_mac),
+            underlay: self.underlay.name.clone(),
+            bridge: self.cfg.bridge.clone(),
+            decap: format!("{:?}", self.decap).to_lowercase(),
+            mtu: self.mtu,
+        };
+        let held = !crate::metrics::global()
+            .missing()
+            .contains(&ReadyPart::Lease);
+        let rec = self.status.record(node, held, self.transient_errors);
+        self.status.write(&rec);
     }
 
     async fn on_tick(&mut self) {

@@ -19,6 +19,7 @@ use crate::{
     config::NetworkConfig,
     etcd::EtcdOptions,
     lease::{self, Lease, LeaseAttrs, LeaseEvent, format_mac},
+    metrics::ReadyPart,
     netlink::{self, Netlink},
     peers::{self, OwnNode, PeerPolicy, PeerTable, PeerUpdate, PeerWatchStats},
     reconcile::{Reconciler, desired},
@@ -155,6 +156,13 @@ pub(super) async fn start(
     );
     // A second agent with our pin path or PublicIP stops here.
     let instance = super::instance::claim_node(&cfg.pin_path, public_ip)?;
+    // Metrics from the start: /healthz answers and /readyz says what is
+    // still missing while the agent waits for etcd or a config.
+    let metrics = crate::metrics::global();
+    metrics.read_pins_at(cfg.pin_path.clone());
+    if let Some(addr) = cfg.metrics_address {
+        crate::metrics::http::serve(addr, shutdown.clone()).await?;
+    }
 
     let Some(mut client) = connect_etcd(&cfg.etcd, shutdown.clone()).await else {
         return Ok(None);
@@ -183,6 +191,8 @@ pub(super) async fn start(
     else {
         return Ok(None);
     };
+    metrics.lease_held_until(std::time::SystemTime::now() + lease.ttl);
+    metrics.set_ready(ReadyPart::Lease, true);
     let mtu = net
         .backend
         .mtu
@@ -209,6 +219,8 @@ pub(super) async fn start(
         pod_device,
         cni_server: None,
         _instance: instance,
+        status: super::status::StatusWriter::new(cfg.pin_path.clone(), cfg.etcd.endpoints.clone()),
+        decap: cfg.decap_mode.resolve(underlay.kind.as_deref()),
         nl,
         dp,
         rec: Reconciler::new(),
@@ -247,6 +259,7 @@ pub(super) async fn start(
     agent.store = listed.unwrap_or_else(ServiceStore::new);
     let names = agent.program_all_services();
     if complete {
+        metrics.set_ready(ReadyPart::ServicesSynced, true);
         let removed = agent.rec.remove_unowned(agent.dp.maps())?;
         agent.rec.remove_orphans(agent.dp.maps())?;
         info!("{adopted} frontends adopted from the pinned maps, {removed} of them gone");
@@ -260,8 +273,9 @@ pub(super) async fn start(
         agent.rec.frontends()
     );
 
-    let mode = agent.cfg.decap_mode.resolve(agent.underlay.kind.as_deref());
-    agent.dp.attach_underlay(&agent.underlay.name, mode)?;
+    agent
+        .dp
+        .attach_underlay(&agent.underlay.name, agent.decap)?;
     // Subscribe before the first listing so no new pod falls in between.
     let links = Some(netlink::link_events()?);
     // CNI pods of an earlier run first: pruning must know them.
@@ -292,6 +306,7 @@ pub(super) async fn start(
     // Everything this run attaches is attached: links an earlier run
     // pinned that nothing claimed (device gone, no longer wanted) go.
     agent.dp.prune_links();
+    metrics.set_ready(ReadyPart::Attached, true);
 
     // Peers: etcd watch -> table -> maps.
     let (peer_tx, peers) = mpsc::channel::<PeerUpdate>(1024);

@@ -122,7 +122,7 @@ impl LinkRole {
         }
     }
 
-    fn program(self) -> &'static str {
+    pub(super) fn program(self) -> &'static str {
         match self {
             LinkRole::UnderlayTc => prog_names::FROM_UNDERLAY,
             LinkRole::UnderlayXdp => prog_names::DECAP_XDP,

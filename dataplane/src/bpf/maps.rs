@@ -151,6 +151,12 @@ pub enum MapError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("reading {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Kernel(aya::maps::MapError),
 }

@@ -16,9 +16,12 @@
 //!   place a map is written.
 //! - [`stats`]: the counters, also read from a running agent's pins.
 //! - [`logs`]: forwarding the data path's aya-log records (`--bpf-log`).
+//! - [`inspect`]: map fill levels and pinned programs, read from the pins
+//!   (`dataplane status`, metrics).
 
 pub mod attach;
 pub mod bpffs;
+pub mod inspect;
 pub mod load;
 pub mod logs;
 pub mod maps;
@@ -31,6 +34,7 @@ use dataplane_common::{Counter, Stat};
 
 pub use attach::{AttachError, Decap};
 pub use bpffs::{BpffsError, Removed, ensure_bpffs, uninstall};
+pub use inspect::{MapFill, PinnedProgram, fill_levels, map_fill, pinned_programs};
 pub use load::{LoadError, LoadOptions};
 pub use logs::BpfLog;
 pub use maps::{LAYOUTS, Layout, MapError, MapOp, Maps, PeerEntries, ServiceEntries};

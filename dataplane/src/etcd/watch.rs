@@ -68,6 +68,12 @@ pub struct ListWatch<T, D> {
     shutdown: watch::Receiver<bool>,
     backoff: Duration,
     phase: Phase<T>,
+    /// The `watch` label of its metrics ([`ListWatch::counted_as`]).
+    label: &'static str,
+    /// Listed once already: the next listing is a re-list.
+    listed: bool,
+    /// A request failed since the watch last followed etcd.
+    failed: bool,
 }
 
 enum Phase<T> {
@@ -115,6 +121,9 @@ where
         shutdown,
         backoff: MIN_BACKOFF,
         phase: Phase::List { not_before: None },
+        label: "other",
+        listed: false,
+        failed: false,
     }
 }
 
@@ -122,6 +131,13 @@ impl<T, D> ListWatch<T, D>
 where
     D: FnMut(&KeyValue) -> Option<T>,
 {
+    /// Reports its re-lists, reconnects and state into
+    /// [`crate::metrics`] under the label `watch="label"`.
+    pub fn counted_as(mut self, label: &'static str) -> Self {
+        self.label = label;
+        self
+    }
+
     /// The next snapshot or event; `None` once shutdown is requested.
     pub async fn next(&mut self) -> Option<Update<T>> {
         loop {
@@ -143,6 +159,9 @@ where
                     };
                     match listed {
                         Ok((kvs, revision)) => {
+                            if std::mem::replace(&mut self.listed, true) {
+                                crate::metrics::global().watch_relisted(self.label);
+                            }
                             log::debug!(
                                 "{} keys for {} at revision {revision}",
                                 kvs.len(),
@@ -233,6 +252,11 @@ where
                     if resp.created() {
                         // The watch is up: etcd is healthy again.
                         self.backoff = MIN_BACKOFF;
+                        let m = crate::metrics::global();
+                        if std::mem::replace(&mut self.failed, false) {
+                            m.etcd_reconnected(self.label);
+                        }
+                        m.set_watch_up(self.label, true);
                     }
                     for ev in resp.events() {
                         let Some(item) = ev.kv().and_then(&mut self.decode) else {
@@ -251,6 +275,8 @@ where
     /// After a failed request: list again after the backoff, and back off
     /// further next time.
     fn retry_later(&mut self) {
+        self.failed = true;
+        crate::metrics::global().set_watch_up(self.label, false);
         self.phase = Phase::List {
             not_before: Some(Instant::now() + self.backoff),
         };
@@ -260,6 +286,7 @@ where
     /// After a watch that broke: list again after a short pause.
     fn relist(&mut self, why: std::fmt::Arguments<'_>) {
         log::warn!("watch on {} {why}; re-listing", self.what);
+        crate::metrics::global().set_watch_up(self.label, false);
         self.phase = Phase::List {
             not_before: Some(Instant::now() + MIN_BACKOFF),
         };

@@ -567,6 +567,17 @@ impl ServiceStore {
         out
     }
 
+    /// Distinct IPv4 endpoint addresses of a Service: (ready, total).
+    pub fn endpoint_counts(&self, name: &ServiceName) -> (usize, usize) {
+        let mut addrs: BTreeMap<Ipv4Addr, bool> = BTreeMap::new();
+        for set in self.endpoint_sets(name) {
+            for (ip, c) in set.endpoints {
+                *addrs.entry(ip).or_default() |= c.ready;
+            }
+        }
+        (addrs.values().filter(|r| **r).count(), addrs.len())
+    }
+
     /// One line per service for `dataplane get services`, in name order.
     pub fn summary(&self) -> Vec<ServiceSummary> {
         self.services
@@ -585,12 +596,7 @@ impl ServiceStore {
                         }
                     })
                     .collect();
-                let mut addrs: BTreeMap<Ipv4Addr, bool> = BTreeMap::new();
-                for set in self.endpoint_sets(name) {
-                    for (ip, c) in set.endpoints {
-                        *addrs.entry(ip).or_default() |= c.ready;
-                    }
-                }
+                let (ready_endpoints, total_endpoints) = self.endpoint_counts(name);
                 ServiceSummary {
                     service: name.clone(),
                     service_type: spec
@@ -600,8 +606,8 @@ impl ServiceStore {
                         .and_then(|s| s.cluster_ip.clone())
                         .unwrap_or_else(|| "<none>".into()),
                     ports,
-                    ready_endpoints: addrs.values().filter(|r| **r).count(),
-                    total_endpoints: addrs.len(),
+                    ready_endpoints,
+                    total_endpoints,
                 }
             })
             .collect()

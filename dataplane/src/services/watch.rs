@@ -35,7 +35,8 @@ pub async fn watch_services(
         key_range(&prefix),
         |kv: &KeyValue| decode(&prefix, kv),
         shutdown,
-    );
+    )
+    .counted_as("services");
     let mut listed_before = false;
     while let Some(update) = watch.next().await {
         let update = match update {
