@@ -198,3 +198,93 @@ impl StatusWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseAttrs;
+
+    fn attrs(last: u8) -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: Ipv4Addr::new(192, 168, 77, last),
+            backend_type: "vxlan".into(),
+            vni: 1,
+            vtep_mac: [2, 0, 0, 0, 0, last],
+        }
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn writer() -> StatusWriter {
+        StatusWriter::new(
+            "/tmp/dp-status-writer-test".into(),
+            vec!["http://e:2379".into()],
+        )
+    }
+
+    #[test]
+    fn peers_follow_the_changes_and_never_include_this_node() {
+        let own = net("10.244.1.0/24");
+        let mut w = writer();
+        w.peer_changed(&PeerChange::Added(own, attrs(1)), own);
+        w.peer_changed(&PeerChange::Added(net("10.244.2.0/24"), attrs(2)), own);
+        w.peer_changed(&PeerChange::Added(net("10.244.3.0/24"), attrs(3)), own);
+        w.peer_changed(
+            &PeerChange::Changed {
+                subnet: net("10.244.2.0/24"),
+                old: attrs(2),
+                new: attrs(9),
+            },
+            own,
+        );
+        w.peer_changed(&PeerChange::Removed(net("10.244.3.0/24"), attrs(3)), own);
+        let rec = w.record(NodeRecord::default(), true, 0);
+        assert_eq!(rec.peers.len(), 1, "{:?}", rec.peers);
+        assert_eq!(rec.peers[0].subnet, "10.244.2.0/24");
+        assert_eq!(rec.peers[0].public_ip, "192.168.77.9", "the new attributes");
+        assert_eq!(rec.peers[0].vtep_mac, "02:00:00:00:00:09");
+        assert_eq!(rec.pid, std::process::id());
+        assert_eq!(rec.etcd.endpoints, ["http://e:2379"]);
+        // Re-numbered onto a subnet that was a peer's.
+        w.own_subnet(net("10.244.2.0/24"));
+        assert!(w.record(NodeRecord::default(), true, 0).peers.is_empty());
+    }
+
+    #[test]
+    fn services_without_frontends_here_are_left_out() {
+        let mut w = writer();
+        let web = ServiceName::new("default", "web");
+        let db = ServiceName::new("prod", "db");
+        w.service(&web, 2, 1, 3);
+        w.service(&db, 1, 0, 0);
+        w.service(&web, 2, 3, 3);
+        w.service(&db, 0, 0, 0);
+        let rec = w.record(NodeRecord::default(), true, 7);
+        assert_eq!(
+            rec.services,
+            [ServiceRecord {
+                name: "default/web".into(),
+                frontends: 2,
+                ready: 3,
+                total: 3,
+            }]
+        );
+        assert_eq!(rec.errors, 7);
+    }
+
+    #[test]
+    fn changes_are_written_at_most_once_a_second_and_the_tick_always_writes() {
+        let mut w = writer();
+        assert!(w.due(false), "never written");
+        w.last_write = Some(Instant::now());
+        w.dirty = false;
+        assert!(!w.due(false), "nothing changed");
+        assert!(w.due(true), "the tick refreshes the record");
+        w.service(&ServiceName::new("a", "b"), 1, 1, 1);
+        assert!(!w.due(false), "changed, but written just now");
+        w.last_write = Some(Instant::now() - MIN_INTERVAL);
+        assert!(w.due(false));
+    }
+}
