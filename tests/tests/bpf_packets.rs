@@ -448,6 +448,135 @@ root_test!(rare_events_are_logged_only_when_asked, || {
     );
 });
 
+/// The aya-log records the programs wrote since the last call.
+fn take_log_records(env: &mut Env) -> Vec<String> {
+    let map = env.dp.ebpf_mut().map_mut("AYA_LOGS").expect("aya-log map");
+    let mut ring = RingBuf::try_from(map).unwrap();
+    let mut records = Vec::new();
+    while let Some(r) = ring.next() {
+        records.push(String::from_utf8_lossy(&r).into_owned());
+    }
+    records
+}
+
+/// Keeps this thread on one CPU: the counters that space out repeated
+/// records are per CPU.
+fn stay_on_one_cpu() {
+    // SAFETY: a zeroed CPU set with one bit set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+root_test!(a_missing_config_is_logged_at_growing_intervals, || {
+    stay_on_one_cpu();
+    log::set_max_level(log::LevelFilter::Info);
+    let mut env = setup_with(true);
+    // As before the agent has written it: no READY bit.
+    let cfg = NodeConfig {
+        flags: 0,
+        ..env.cfg
+    };
+    env.rec.set_node(env.dp.maps(), &cfg).unwrap();
+    let input = pod_frame(
+        CNI0_MAC,
+        POD_MAC,
+        Ipv4Addr::new(10, 244, 1, 5),
+        Ipv4Addr::new(10, 244, 2, 7),
+        b"x",
+    );
+    for _ in 0..5 {
+        let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &input);
+        assert_eq!(rc, TC_ACT_OK, "passed untouched");
+    }
+    assert_counters(&env, &[(Stat::PassNoConfig, 5)], "no config");
+    let records = take_log_records(&mut env);
+    // The 1st, 2nd and 4th time, not every packet.
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert!(
+        records.iter().all(|r| r.contains("no node config")),
+        "{records:?}"
+    );
+    let ul = env.ul_mac;
+    let (rc, _) = run_tc(
+        &mut env,
+        prog_names::FROM_UNDERLAY,
+        &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &inner_pod_packet(), ul),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    assert!(
+        take_log_records(&mut env).is_empty(),
+        "the 6th packet is not logged"
+    );
+    // Loaded without --bpf-log (in a namespace of its own), the same
+    // packet logs nothing.
+    in_private_netns(move || {
+        let mut quiet = setup_with(false);
+        quiet.rec.set_node(quiet.dp.maps(), &cfg).unwrap();
+        run_tc(&mut quiet, prog_names::FROM_POD, &input);
+        assert_counters(&quiet, &[(Stat::PassNoConfig, 1)], "no config, quiet");
+        assert!(take_log_records(&mut quiet).is_empty());
+    });
+});
+
+root_test!(
+    a_full_endpoint_map_is_counted_and_logged_not_per_packet,
+    || {
+        use dataplane::bpf::MapOp;
+        use dataplane_common::{ENDPOINTS_MAX, EndpointInfo, EndpointKey};
+        stay_on_one_cpu();
+        log::set_max_level(log::LevelFilter::Info);
+        let mut env = setup_with(true);
+        let cfg = NodeConfig {
+            flags: env.cfg.flags | NODE_CFG_BPF_LOG,
+            ..env.cfg
+        };
+        env.rec.set_node(env.dp.maps(), &cfg).unwrap();
+        for i in 0..ENDPOINTS_MAX {
+            let key = EndpointKey {
+                ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + i).octets(),
+            };
+            env.dp
+                .maps()
+                .apply(&MapOp::PutEndpoint(key, EndpointInfo::default()))
+                .unwrap();
+        }
+        // A bridge pod not learnt yet, sending to a pod of this node: the
+        // packet still goes its way (passed); the entry is not stored.
+        let input = pod_frame(
+            CNI0_MAC,
+            POD_MAC,
+            Ipv4Addr::new(10, 244, 1, 6),
+            Ipv4Addr::new(10, 244, 1, 9),
+            b"x",
+        );
+        for _ in 0..3 {
+            let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &input);
+            assert_eq!(rc, TC_ACT_OK);
+        }
+        assert_counters(
+            &env,
+            &[(Stat::PassLocal, 3), (Stat::MapFull, 3)],
+            "endpoints_v1 full",
+        );
+        let records = take_log_records(&mut env);
+        assert_eq!(records.len(), 2, "1st and 2nd, not the 3rd: {records:?}");
+        assert!(
+            records
+                .iter()
+                .all(|r| r.contains("map full") && r.contains("endpoints_v1")),
+            "{records:?}"
+        );
+    }
+);
+
 root_test!(tc_decap_delivers_vxlan_from_a_peer, || {
     let mut env = setup();
     let inner = inner_pod_packet();
