@@ -116,9 +116,22 @@ fn pods_up(c: &mut Cluster) {
 fn metrics_follow_the_traffic_and_ready_waits_for_the_sync() {
     root_only!();
     let mut c = Cluster::new(2).unwrap();
-    // No network config yet: the agent waits, serving, not ready.
-    c.start_agent(0, &["--decap-mode", "tc", "--metrics-address", METRICS])
-        .unwrap();
+    // No network config yet: the agent waits, serving, not ready. A short
+    // lease, so that renewals show within the test.
+    c.start_agent(
+        0,
+        &[
+            "--decap-mode",
+            "tc",
+            "--metrics-address",
+            METRICS,
+            "--lease-ttl-secs",
+            "6",
+            "--renew-margin-secs",
+            "4",
+        ],
+    )
+    .unwrap();
     eventually("/healthz answers", || {
         get(&c, 0, "/healthz").is_ok_and(|(code, _)| code == 200)
     });
@@ -151,8 +164,8 @@ fn metrics_follow_the_traffic_and_ready_waits_for_the_sync() {
         .unwrap()
         .as_secs_f64();
     assert!(
-        expiry > now + 3600.0,
-        "lease expiry {expiry} ahead of {now}"
+        expiry > now && expiry < now + 7.0,
+        "lease expiry {expiry} ahead of {now}, within the TTL"
     );
 
     pods_up(&mut c);
@@ -227,6 +240,31 @@ fn metrics_follow_the_traffic_and_ready_waits_for_the_sync() {
     assert!(after.value(r#"dataplane_map_capacity{map="ct_v1"}"#) > 0.0);
     assert!(after.value(r#"dataplane_map_entries{map="svc_v1"}"#) >= 4.0);
     drop(backend);
+
+    // The lease is renewed every 2 s.
+    eventually("lease renewals counted", || {
+        Scrape::of(&c, 0).value("dataplane_lease_renewals_total") >= 2.0
+    });
+    // etcd goes away and comes back: the watches reconnect and list again.
+    let before = Scrape::of(&c, 0);
+    c.etcd.restart().unwrap();
+    let peers = r#"{watch="peers"}"#;
+    eventually("the peer watch reconnected", || {
+        let now = Scrape::of(&c, 0);
+        delta(
+            &before,
+            &now,
+            &format!("dataplane_etcd_reconnects_total{peers}"),
+        ) >= 1.0
+            && delta(
+                &before,
+                &now,
+                &format!("dataplane_etcd_watch_relists_total{peers}"),
+            ) >= 1.0
+            && now.value(&format!("dataplane_etcd_watch_up{peers}")) == 1.0
+    });
+    let (code, body) = get(&c, 0, "/readyz").unwrap();
+    assert_eq!(code, 200, "still ready after etcd came back: {body}");
 }
 
 /// Runs `dataplane status ARGS` in node `i`'s namespace (as an operator

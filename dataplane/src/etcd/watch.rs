@@ -72,7 +72,7 @@ pub struct ListWatch<T, D> {
     label: &'static str,
     /// Listed once already: the next listing is a re-list.
     listed: bool,
-    /// A request failed since the watch last followed etcd.
+    /// A request failed, or the watch broke, since it last followed etcd.
     failed: bool,
 }
 
@@ -230,10 +230,12 @@ where
                     let resp = match msg {
                         Ok(Some(resp)) => resp,
                         Ok(None) => {
+                            self.failed = true;
                             self.relist(format_args!("ended"));
                             continue;
                         }
                         Err(e) => {
+                            self.failed = true;
                             self.relist(format_args!("failed: {e}"));
                             continue;
                         }
