@@ -505,6 +505,13 @@ async fn uninstall_cmd(pin_path: &std::path::Path, bridge: &str) -> anyhow::Resu
         removed.maps,
         pin_path.display()
     );
+    // The agent's status record describes what was just removed.
+    let record = dataplane::status::record_path(pin_path);
+    match std::fs::remove_file(&record) {
+        Ok(()) => println!("removed the status record {}", record.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("removing the status record {}: {e}", record.display()),
+    }
     let nl = dataplane::netlink::Netlink::new()?;
     match nl.link_by_name(bridge).await? {
         Some(l) if l.kind.as_deref() == Some("bridge") => {

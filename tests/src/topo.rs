@@ -596,6 +596,7 @@ impl Drop for Cluster {
         for node in &mut self.nodes {
             node.pods.clear();
             let _ = fs::remove_dir_all(&node.pin_path);
+            let _ = fs::remove_file(dataplane::status::record_path(&node.pin_path));
         }
         self.nodes.clear();
         if std::env::var_os("DATAPLANE_KEEP_LOGS").is_none() {

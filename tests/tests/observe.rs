@@ -414,6 +414,27 @@ fn status_shows_the_node_while_the_agent_runs_and_after_it_stopped() {
             .any(|p| p["program"] == "from_underlay"),
         "the pinned links stay attached: {v:#}"
     );
+
+    // Uninstalled: the record goes with the pins.
+    let node = &c.nodes[0];
+    let record = dataplane::status::record_path(&node.pin_path);
+    assert!(record.exists());
+    let out = node
+        .ns
+        .command(agent_bin().to_str().unwrap())
+        .arg("uninstall")
+        .arg("--pin-path")
+        .arg(&node.pin_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!record.exists(), "status record removed");
+    let human = status(&c, 0, false);
+    assert!(
+        human.contains("NOT RUNNING or never ran: no status record"),
+        "{human}"
+    );
+    assert!(human.contains("PROGRAMS (0 attached)"), "{human}");
     drop(backend);
 }
 
