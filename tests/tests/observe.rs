@@ -140,6 +140,13 @@ fn metrics_follow_the_traffic_and_ready_waits_for_the_sync() {
     assert!(body.contains("no subnet lease held"), "{body}");
     assert!(body.contains("programs not attached"), "{body}");
     assert!(body.contains("peer maps not synced"), "{body}");
+    let pid = c.nodes[0].agent.as_ref().unwrap().id();
+    let human = status(&c, 0, false);
+    assert!(
+        human.contains(&format!("Agent:      STARTING (pid {pid})")),
+        "{human}"
+    );
+    assert_eq!(status_json(&c, 0)["agent"]["starting_pid"], pid);
     let (code, body) = get(&c, 0, "/nope").unwrap();
     assert_eq!(code, 404, "{body}");
 

@@ -100,13 +100,25 @@ fn try_lock(path: &Path, what: &str) -> anyhow::Result<File> {
     Ok(file)
 }
 
+/// The name of the lock file of `--pin-path pin_path` in [`LOCK_DIR`].
+fn pin_lock_name(pin_path: &Path) -> String {
+    format!("pin{}.lock", escape(&pin_path.to_string_lossy()))
+}
+
+/// The PID of the agent that holds `--pin-path pin_path` (or held it:
+/// the file of a crashed agent stays, so check that the process runs).
+pub fn pin_holder(pin_path: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(Path::new(LOCK_DIR).join(pin_lock_name(pin_path))).ok()?;
+    text.trim().parse().ok()
+}
+
 /// Claims the pin path and the PublicIP (in this network namespace) under
 /// [`LOCK_DIR`].
 pub fn claim_node(pin_path: &Path, public_ip: Ipv4Addr) -> anyhow::Result<Vec<InstanceLock>> {
     let dir = Path::new(LOCK_DIR);
     let pins = claim(
         dir,
-        &format!("pin{}.lock", escape(&pin_path.to_string_lossy())),
+        &pin_lock_name(pin_path),
         &format!("--pin-path {}", pin_path.display()),
     )?;
     let netns = std::fs::metadata("/proc/self/ns/net")

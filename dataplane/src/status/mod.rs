@@ -30,6 +30,9 @@ pub struct AgentState {
     pub record_age_s: Option<f64>,
     /// Why there is no record, or what is wrong with it.
     pub record_error: Option<String>,
+    /// An agent that holds this pin path but has not written its record
+    /// (yet): it is starting, waiting for etcd, a config or a lease.
+    pub starting_pid: Option<u32>,
 }
 
 /// Packets dropped for one reason.
@@ -75,6 +78,10 @@ impl NodeStatus {
         let rec = StatusRecord::read(&path);
         let alive = rec.as_ref().is_ok_and(record::writer_alive);
         let mut st = NodeStatus::from_record(pin_path, &path, rec, alive, now);
+        if !alive {
+            st.agent.starting_pid = crate::agent::instance::pin_holder(pin_path)
+                .filter(|&pid| pid != std::process::id() && record::is_agent_process(pid));
+        }
         match bpf::read_pinned_stats(pin_path) {
             Ok(stats) => {
                 st.drops = stats
@@ -134,6 +141,7 @@ impl NodeStatus {
                 record_path: path.display().to_string(),
                 record_age_s: rec.as_ref().map(|r| age_s(now, r.written_at_ms)),
                 record_error,
+                starting_pid: None,
             },
             record: rec,
             lease_left_s,

@@ -219,3 +219,13 @@ pub fn parse_start_ticks(stat: &str) -> Option<u64> {
 pub fn writer_alive(rec: &StatusRecord) -> bool {
     rec.pid != 0 && process_start_ticks(rec.pid) == Some(rec.start_ticks)
 }
+
+/// Whether `pid` runs this program (the same executable as this
+/// process, or one named `dataplane`).
+pub fn is_agent_process(pid: u32) -> bool {
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+    if exe.is_some() && exe == std::env::current_exe().ok() {
+        return true;
+    }
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "dataplane")
+}

@@ -42,7 +42,20 @@ pub fn human(st: &NodeStatus, now: std::time::SystemTime) -> String {
         .record_age_s
         .map(|s| short_duration(Duration::from_secs_f64(s.max(0.0))));
     // The agent first: whether what follows is live.
+    if let (false, Some(pid)) = (st.agent.running, st.agent.starting_pid) {
+        let _ = writeln!(
+            o,
+            "Agent:      STARTING (pid {pid}): no status yet, it is waiting for etcd, a network \
+             config or a lease{}",
+            if st.record.is_some() {
+                "; below is the last status of an earlier run"
+            } else {
+                ""
+            }
+        );
+    }
     match (&st.record, st.agent.running) {
+        (_, false) if st.agent.starting_pid.is_some() => {}
         (Some(r), true) => {
             let _ = writeln!(
                 o,

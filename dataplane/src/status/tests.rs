@@ -251,3 +251,34 @@ fn durations_are_short() {
     assert_eq!(short_duration(Duration::from_secs(3 * 3600 + 120)), "3h2m");
     assert_eq!(short_duration(Duration::from_secs(86_400 + 3600)), "1d1h");
 }
+
+#[test]
+fn an_agent_that_holds_the_pins_but_wrote_nothing_yet_is_starting() {
+    let now = SystemTime::now();
+    let mut st = NodeStatus::from_record(
+        Path::new("/p"),
+        Path::new("/r"),
+        Err(RecordError::Missing("/r".into())),
+        false,
+        now,
+    );
+    st.agent.starting_pid = Some(4242);
+    let out = render::human(&st, now);
+    assert!(
+        out.starts_with("Agent:      STARTING (pid 4242): no status yet"),
+        "{out}"
+    );
+    assert!(!out.contains("NOT RUNNING"), "{out}");
+    assert!(!out.contains("earlier run"), "{out}");
+    // An earlier run's record is shown as such.
+    let mut old = record(now);
+    old.pid = 1;
+    let mut st = NodeStatus::from_record(Path::new("/p"), Path::new("/r"), Ok(old), false, now);
+    st.agent.starting_pid = Some(4242);
+    let out = render::human(&st, now);
+    assert!(
+        out.contains("below is the last status of an earlier run"),
+        "{out}"
+    );
+    assert!(!out.contains("NOT RUNNING"), "{out}");
+}
