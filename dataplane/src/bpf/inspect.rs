@@ -35,17 +35,6 @@ pub struct MapFill {
     pub max_entries: u32,
 }
 
-impl MapFill {
-    /// `entries / max_entries`, 0 for an empty-capacity map.
-    pub fn ratio(&self) -> f64 {
-        if self.max_entries == 0 {
-            0.0
-        } else {
-            self.entries as f64 / f64::from(self.max_entries)
-        }
-    }
-}
-
 /// `BPF_MAP_GET_NEXT_KEY` (include/uapi/linux/bpf.h).
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 
