@@ -42,6 +42,8 @@ pub enum LoadError {
     Map(#[from] MapError),
     #[error(transparent)]
     Links(Box<super::AttachError>),
+    #[error("migrating the maps of an older agent: {0}")]
+    Migrate(Box<super::MigrateError>),
     #[error(
         "the map {map} pinned at {} has another layout than this binary's: pinned {pinned}; \
          wanted {wanted}. Refusing to start rather than run programs against it. Its entries \
@@ -55,6 +57,12 @@ pub enum LoadError {
         pinned: Layout,
         wanted: Layout,
     },
+}
+
+impl From<super::MigrateError> for LoadError {
+    fn from(e: super::MigrateError) -> Self {
+        LoadError::Migrate(Box::new(e))
+    }
 }
 
 impl From<super::AttachError> for LoadError {
