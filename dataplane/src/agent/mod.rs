@@ -17,6 +17,7 @@
 //! [`cni`] pods registered through the CNI plugin.
 
 pub mod cni;
+pub mod forwarding;
 mod instance;
 mod node;
 mod startup;
