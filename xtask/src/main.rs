@@ -599,3 +599,27 @@ fn lint() -> anyhow::Result<()> {
         ]);
     status(c)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::runs_restart_tests;
+
+    fn runs(args: &str) -> bool {
+        let v: Vec<String> = args.split_whitespace().map(String::from).collect();
+        runs_restart_tests(&v)
+    }
+
+    #[test]
+    fn the_previous_release_is_built_only_when_the_restart_tests_may_run() {
+        assert!(runs(""));
+        assert!(runs("-p tests"));
+        assert!(runs("-p tests --test restart"));
+        assert!(runs("--package=tests --test=restart"));
+        assert!(runs("restarts_in_xdp"));
+        assert!(!runs("-p tests --test services"));
+        assert!(!runs("-p dataplane"));
+        assert!(!runs("-p dataplane --lib"));
+        assert!(!runs("--lib"));
+        assert!(runs("-p dataplane -p tests --test restart --test services"));
+    }
+}

@@ -46,9 +46,9 @@ pub enum LoadError {
     Migrate(Box<super::MigrateError>),
     #[error(
         "the map {map} pinned at {} has another layout than this binary's: pinned {pinned}; \
-         wanted {wanted}. Refusing to start rather than run programs against it. Its entries \
-         are not migrated: `dataplane uninstall` removes the pins (and the state in them), or \
-         run the binary that made them",
+         wanted {wanted}. Refusing to start rather than run programs against it (a layout \
+         change takes a new map name and a migration, see bpf::migrate): run the binary that \
+         made it, or `dataplane uninstall` to remove the pins (and the state in them)",
         path.display()
     )]
     Layout {
