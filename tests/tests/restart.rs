@@ -148,6 +148,13 @@ impl Pinger {
                     .output()
                     .expect("running ping");
                 let out = String::from_utf8_lossy(&out.stdout).into_owned();
+                // No summary: ping was killed (the namespace went with a
+                // failed test); counted as one round all lost.
+                if !out.contains("packets transmitted") {
+                    lossy.push_str(&format!("ping gave no summary: {out}\n"));
+                    sent += 1000;
+                    break;
+                }
                 let (s, r) = ping_summary(&out);
                 if s != r || s != 1000 {
                     lossy.push_str(&out);
@@ -174,6 +181,8 @@ impl Pinger {
 struct Chatter {
     what: &'static str,
     exchanges: Arc<AtomicU64>,
+    /// The failure that ended it, as soon as it happens.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     thread: JoinHandle<Result<(), String>>,
 }
@@ -194,7 +203,8 @@ impl Chatter {
     fn open(what: &'static str, client: &NetNs, addr: Ipv4Addr, port: u16) -> Chatter {
         let exchanges = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (n, halt) = (exchanges.clone(), stop.clone());
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let (n, halt, fail) = (exchanges.clone(), stop.clone(), failed.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = in_netns(client, move || {
             let opened =
@@ -216,12 +226,14 @@ impl Chatter {
             while !halt.load(Ordering::Relaxed) {
                 let got = s.write_all(b"?").and_then(|()| read_line(&mut s));
                 let done = n.load(Ordering::Relaxed);
-                match got {
-                    Ok(a) if a == first => {}
-                    Ok(a) => {
-                        return Err(format!("after {done} exchanges {a} answered, not {first}"));
-                    }
-                    Err(e) => return Err(format!("after {done} exchanges: {e}")),
+                let e = match got {
+                    Ok(a) if a == first => None,
+                    Ok(a) => Some(format!("after {done} exchanges {a} answered, not {first}")),
+                    Err(e) => Some(format!("after {done} exchanges: {e}")),
+                };
+                if let Some(e) = e {
+                    *fail.lock().unwrap() = Some(e.clone());
+                    return Err(e);
                 }
                 n.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(5));
@@ -235,6 +247,7 @@ impl Chatter {
         Chatter {
             what,
             exchanges,
+            failed,
             stop,
             thread,
         }
@@ -339,7 +352,10 @@ fn advanced(phase: &str, chatters: &[Chatter], before: &[u64]) -> Vec<u64> {
             .zip(before)
             .zip(&now)
             .filter(|((_, b), n)| n <= b)
-            .map(|((c, b), _)| format!("{} ({b} exchanges)", c.what))
+            .map(|((c, b), _)| {
+                let why = c.failed.lock().unwrap().clone().unwrap_or_default();
+                format!("{} ({b} exchanges; {why})", c.what)
+            })
             .collect();
         if stuck.is_empty() {
             return now;
