@@ -66,7 +66,9 @@ enum Cmd {
         what: String,
     },
     /// Remove what the agent leaves on a node when it stops: its pinned
-    /// links (detaching the programs), its pinned maps and the pod bridge.
+    /// links (detaching the programs), every pin under the pin path (older
+    /// releases' maps included), the pod bridge (with its settings), its
+    /// CNI conflist, and net.ipv4.ip_forward as it was before the agent.
     /// Stop the agent first.
     Uninstall {
         /// Where the agent pinned its maps and links.
@@ -75,6 +77,9 @@ enum Cmd {
         /// The pod bridge the agent made.
         #[arg(long, default_value = "cni0")]
         bridge: String,
+        /// Where the agent wrote its CNI conflist.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
     },
     /// This node's view: lease, etcd, peers, Services, conntrack, drops,
     /// attached programs. Works while the agent is down (and says so).
@@ -270,7 +275,11 @@ fn main() -> anyhow::Result<()> {
             Cmd::Delete { svc, file, target } => delete_cmd(&svc, file.as_deref(), &target).await,
             Cmd::Get { svc, what } => get_cmd(&svc, &what).await,
             Cmd::Leases { etcd } => leases_cmd(&etcd).await,
-            Cmd::Uninstall { pin_path, bridge } => uninstall_cmd(&pin_path, &bridge).await,
+            Cmd::Uninstall {
+                pin_path,
+                bridge,
+                cni_conf_dir,
+            } => uninstall_cmd(&pin_path, &bridge, &cni_conf_dir).await,
             Cmd::Status { pin_path, output } => {
                 use dataplane::status::{NodeStatus, render};
                 let now = std::time::SystemTime::now();
@@ -497,7 +506,11 @@ fn unblock_stop_signals() {
     }
 }
 
-async fn uninstall_cmd(pin_path: &std::path::Path, bridge: &str) -> anyhow::Result<()> {
+async fn uninstall_cmd(
+    pin_path: &std::path::Path,
+    bridge: &str,
+    cni_conf_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     let removed = dataplane::bpf::uninstall(pin_path)?;
     println!(
         "removed {} pinned links and {} pinned maps under {}",
@@ -523,6 +536,16 @@ async fn uninstall_cmd(pin_path: &std::path::Path, bridge: &str) -> anyhow::Resu
             l.kind.as_deref().unwrap_or("unknown")
         ),
         None => println!("no bridge {bridge}"),
+    }
+    let conflist = cni_conf_dir.join(dataplane::agent::cni::CONFLIST_NAME);
+    match std::fs::remove_file(&conflist) {
+        Ok(()) => println!("removed {}", conflist.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", conflist.display())),
+    }
+    match dataplane::agent::forwarding::restore()? {
+        Some(v) => println!("net.ipv4.ip_forward restored to {v}"),
+        None => println!("net.ipv4.ip_forward left as it is (the agent found it on)"),
     }
     Ok(())
 }

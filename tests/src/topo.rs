@@ -451,6 +451,12 @@ impl Cluster {
 
     /// Starts node `i`'s agent with extra CLI arguments.
     pub fn start_agent(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
+        self.start_agent_bin(i, &agent_bin(), extra)
+    }
+
+    /// Starts node `i`'s agent from the binary `bin` (another release's,
+    /// for the upgrade test) with extra CLI arguments.
+    pub fn start_agent_bin(&mut self, i: usize, bin: &Path, extra: &[&str]) -> anyhow::Result<()> {
         let endpoint = self.endpoint();
         let prefix = self.prefix.clone();
         let node = &mut self.nodes[i];
@@ -458,7 +464,7 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(node.log_file())?;
-        let mut cmd = node.ns.command(agent_bin().to_str().context("agent path")?);
+        let mut cmd = node.ns.command(bin.to_str().context("agent path")?);
         cmd.args([
             "agent",
             "--etcd-endpoints",
@@ -597,6 +603,12 @@ impl Drop for Cluster {
             node.pods.clear();
             let _ = fs::remove_dir_all(&node.pin_path);
             let _ = fs::remove_file(dataplane::status::record_path(&node.pin_path));
+            // The agent's record of ip_forward in this namespace (what
+            // `dataplane uninstall` restores).
+            if let Ok(m) = fs::metadata(node.ns.path()) {
+                use std::os::unix::fs::MetadataExt;
+                let _ = fs::remove_file(format!("/run/dataplane/ip_forward-{}.orig", m.ino()));
+            }
         }
         self.nodes.clear();
         if std::env::var_os("DATAPLANE_KEEP_LOGS").is_none() {

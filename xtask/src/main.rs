@@ -116,6 +116,10 @@ enum Task {
     /// rustfmt check and clippy with -D warnings: the host crates, then
     /// the BPF crate for its own target.
     Lint,
+    /// Build the previous release's agent (what the upgrade test upgrades
+    /// from) out of this repository's history, and print its path.
+    /// `cargo xtask test` does this when it runs the restart tests.
+    PrevRelease,
     /// The benchmark (issue #5): pod to pod per mode, ClusterIP against
     /// kube-proxy's iptables, control plane latency, agent RSS, BPF
     /// per-packet cost. Writes bench/results/latest.{md,json} and charts.
@@ -134,6 +138,10 @@ fn main() -> ExitCode {
         Task::Run { args } => setup().and_then(|()| run(&args)),
         Task::Demo => setup().and_then(|()| demo()),
         Task::Lint => setup().and_then(|()| lint()),
+        Task::PrevRelease => setup().and_then(|()| {
+            println!("{}", prev_release()?.display());
+            Ok(())
+        }),
         Task::Bench { quick } => setup().and_then(|()| bench(quick)),
     };
     match r {
@@ -283,8 +291,19 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         Some(i) => (&extra[..i], &extra[i + 1..]),
         None => (extra, &[][..]),
     };
+    // The upgrade test runs the previous release's agent: built from this
+    // repository's history (once; cached) unless the selection leaves the
+    // restart tests out.
+    let prev = if runs_restart_tests(cargo_args) {
+        Some(prev_release()?)
+    } else {
+        None
+    };
     let mut c = cargo();
     c.args(["test", "--locked", "--no-fail-fast"]);
+    if let Some(p) = &prev {
+        c.env("DATAPLANE_PREV_BIN", p);
+    }
     // `--workspace` would override a `-p` of the caller's.
     if !cargo_args
         .iter()
@@ -297,6 +316,134 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .args(["--", "--include-ignored", "--skip", "decap_perf"])
         .args(test_args);
     status(c)
+}
+
+/// The release the upgrade test upgrades from: the last commit before the
+/// versioned map layouts (`ct_v1` to `ct_v2`, ...) and their migrations.
+/// Move it forward when a release is cut.
+const PREV_RELEASE: &str = "dc3091b7aa6f216c9cc34297c9ac3b5018977c4b";
+
+/// Whether `cargo test` with these arguments may run `tests/tests/restart.rs`.
+fn runs_restart_tests(cargo_args: &[String]) -> bool {
+    let mut it = cargo_args.iter().peekable();
+    let (mut packages, mut tests, mut other_targets) = (Vec::new(), Vec::new(), false);
+    while let Some(a) = it.next() {
+        let mut value = |flag: &str| -> Option<String> {
+            if a == flag {
+                it.next().cloned()
+            } else {
+                a.strip_prefix(&format!("{flag}=")).map(str::to_owned)
+            }
+        };
+        if let Some(p) = value("-p").or_else(|| value("--package")) {
+            packages.push(p);
+        } else if let Some(t) = value("--test") {
+            tests.push(t);
+        } else if ["--lib", "--bins", "--doc", "--bin", "--example", "--bench"]
+            .contains(&a.as_str())
+        {
+            other_targets = true;
+        }
+    }
+    let package_ok = packages.is_empty() || packages.iter().any(|p| p == "tests");
+    let target_ok = if tests.is_empty() {
+        !other_targets
+    } else {
+        tests.iter().any(|t| t == "restart")
+    };
+    package_ok && target_ok
+}
+
+/// Builds the agent of [`PREV_RELEASE`] (once: the binary is kept as
+/// `target/upgrade-from/dataplane-<rev>`) and returns its path. The source
+/// comes from this repository's history (`git archive`, fetching the
+/// commit first in a shallow clone) and builds with its own lock file in a
+/// target directory of its own: sharing ours would let the two
+/// workspaces' identically named crates overwrite each other. That build
+/// directory is removed afterwards; only the binary is cached.
+fn prev_release() -> anyhow::Result<PathBuf> {
+    let dir = root().join("target/upgrade-from");
+    let bin = dir.join(format!("dataplane-{}", &PREV_RELEASE[..12]));
+    if bin.is_file() {
+        eprintln!("prev-release: {} (cached)", bin.display());
+        return Ok(bin);
+    }
+    let git = |args: &[&str]| {
+        let mut c = Command::new("git");
+        c.current_dir(root()).args(args);
+        c
+    };
+    let commit = format!("{PREV_RELEASE}^{{commit}}");
+    let present = || {
+        git(&["cat-file", "-e", &commit])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !present() {
+        eprintln!("prev-release: fetching {PREV_RELEASE} (shallow clone)");
+        let _ = status(git(&[
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--depth=1",
+            "origin",
+            PREV_RELEASE,
+        ]));
+        if !present() {
+            bail!(
+                "the previous release {PREV_RELEASE} is not in this clone and could not be \
+                 fetched from origin; the upgrade test needs it (in CI, check out with full \
+                 history, e.g. actions/checkout with fetch-depth: 0)"
+            );
+        }
+    }
+    let src = dir.join("src");
+    let build = dir.join("build");
+    for d in [&src, &build] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+        }
+    }
+    std::fs::create_dir_all(&src)?;
+    let tar = dir.join("src.tar");
+    status({
+        let mut c = git(&["archive", "--format=tar", "-o"]);
+        c.arg(&tar).arg(PREV_RELEASE);
+        c
+    })?;
+    status({
+        let mut c = Command::new("tar");
+        c.arg("-xf").arg(&tar).arg("-C").arg(&src);
+        c
+    })?;
+    std::fs::remove_file(&tar)?;
+    eprintln!(
+        "prev-release: building the agent of {} (its own target directory: a few minutes, once)",
+        &PREV_RELEASE[..12]
+    );
+    let t0 = std::time::Instant::now();
+    // `cargo` from PATH in the old tree: rustup picks its toolchain file.
+    let mut c = Command::new("cargo");
+    c.current_dir(&src)
+        .env_remove("CARGO_TARGET_DIR")
+        .env("CARGO_INCREMENTAL", "0")
+        .args(["build", "--locked", "-p", "dataplane", "--bin", "dataplane"])
+        .arg("--target-dir")
+        .arg(&build);
+    status(c)?;
+    let tmp = dir.join("dataplane.tmp");
+    std::fs::copy(build.join("debug/dataplane"), &tmp)?;
+    std::fs::rename(&tmp, &bin)?;
+    for d in [&src, &build] {
+        std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+    }
+    eprintln!(
+        "prev-release: {} built in {:.0?}",
+        bin.display(),
+        t0.elapsed()
+    );
+    Ok(bin)
 }
 
 fn run(args: &[String]) -> anyhow::Result<()> {
@@ -451,4 +598,28 @@ fn lint() -> anyhow::Result<()> {
             "warnings",
         ]);
     status(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_restart_tests;
+
+    fn runs(args: &str) -> bool {
+        let v: Vec<String> = args.split_whitespace().map(String::from).collect();
+        runs_restart_tests(&v)
+    }
+
+    #[test]
+    fn the_previous_release_is_built_only_when_the_restart_tests_may_run() {
+        assert!(runs(""));
+        assert!(runs("-p tests"));
+        assert!(runs("-p tests --test restart"));
+        assert!(runs("--package=tests --test=restart"));
+        assert!(runs("restarts_in_xdp"));
+        assert!(!runs("-p tests --test services"));
+        assert!(!runs("-p dataplane"));
+        assert!(!runs("-p dataplane --lib"));
+        assert!(!runs("--lib"));
+        assert!(runs("-p dataplane -p tests --test restart --test services"));
+    }
 }

@@ -22,6 +22,7 @@
 //! one named call.
 
 pub mod cni;
+pub mod forwarding;
 pub(crate) mod instance;
 mod node;
 mod startup;

@@ -201,7 +201,7 @@ pub(super) async fn start(
         node::SubnetEnvFile::new(cfg.subnet_file.clone(), net.network, cfg.ip_masq);
     subnet_env.ensure(lease.subnet, mtu)?;
 
-    netlink::set_sysctl("net/ipv4/ip_forward", "1")?;
+    super::forwarding::enable()?;
     let mut dp = Dataplane::load(&LoadOptions {
         pin_path: Some(&cfg.pin_path),
         bpf_log: cfg.bpf_log,
@@ -304,8 +304,10 @@ pub(super) async fn start(
     ));
     agent.sync_ports().await;
     // Everything this run attaches is attached: links an earlier run
-    // pinned that nothing claimed (device gone, no longer wanted) go.
+    // pinned that nothing claimed (device gone, no longer wanted) go, and
+    // no program reads the maps of an older layout any more.
     agent.dp.prune_links();
+    agent.dp.finish_migration();
     metrics.set_ready(ReadyPart::Attached, true);
 
     // Peers: etcd watch -> table -> maps.

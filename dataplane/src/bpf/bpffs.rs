@@ -86,10 +86,11 @@ pub struct Removed {
     pub maps: usize,
 }
 
-/// Removes everything the agent pinned under `pin_path`: the links first
-/// (removing a link's pin detaches its program once no process holds the
-/// link, so the agent must be stopped), then the maps, then the
-/// directories. A pin path that does not exist is nothing to do.
+/// Removes everything pinned under `pin_path`: the links first (removing
+/// a link's pin detaches its program once no process holds the link, so
+/// the agent must be stopped), then every other pin (maps, this release's
+/// and older ones), then the directories. A pin path that does not exist
+/// is nothing to do.
 pub fn uninstall(pin_path: &Path) -> Result<Removed, BpffsError> {
     let io = |what, path: &Path| {
         let path = path.to_owned();
@@ -111,12 +112,9 @@ pub fn uninstall(pin_path: &Path) -> Result<Removed, BpffsError> {
         }
         fs::remove_dir(&links).map_err(io("removing", &links))?;
     }
-    for e in fs::read_dir(pin_path).map_err(io("listing", pin_path))? {
-        let path = e.map_err(io("listing", pin_path))?.path();
-        fs::remove_file(&path).map_err(io("removing", &path))?;
-        removed.maps += 1;
-    }
-    fs::remove_dir(pin_path).map_err(io("removing", pin_path))?;
+    // Every other pin: this release's maps, and whatever an older (or
+    // newer) release pinned, in subdirectories too.
+    removed.maps += remove_tree(pin_path)?;
     info!(
         "removed {} pinned links and {} pinned maps under {}",
         removed.links,
@@ -124,4 +122,26 @@ pub fn uninstall(pin_path: &Path) -> Result<Removed, BpffsError> {
         pin_path.display()
     );
     Ok(removed)
+}
+
+/// Removes the pins under `dir`, its subdirectories and `dir` itself;
+/// returns how many pins went.
+fn remove_tree(dir: &Path) -> Result<usize, BpffsError> {
+    let io = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| BpffsError::Io { what, path, source }
+    };
+    let mut n = 0;
+    for e in fs::read_dir(dir).map_err(io("listing", dir))? {
+        let e = e.map_err(io("listing", dir))?;
+        let path = e.path();
+        if e.file_type().map_err(io("listing", &path))?.is_dir() {
+            n += remove_tree(&path)?;
+        } else {
+            fs::remove_file(&path).map_err(io("removing", &path))?;
+            n += 1;
+        }
+    }
+    fs::remove_dir(dir).map_err(io("removing", dir))?;
+    Ok(n)
 }

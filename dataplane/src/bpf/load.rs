@@ -42,11 +42,13 @@ pub enum LoadError {
     Map(#[from] MapError),
     #[error(transparent)]
     Links(Box<super::AttachError>),
+    #[error("migrating the maps of an older agent: {0}")]
+    Migrate(Box<super::MigrateError>),
     #[error(
         "the map {map} pinned at {} has another layout than this binary's: pinned {pinned}; \
-         wanted {wanted}. Refusing to start rather than run programs against it. Its entries \
-         are not migrated: `dataplane uninstall` removes the pins (and the state in them), or \
-         run the binary that made them",
+         wanted {wanted}. Refusing to start rather than run programs against it (a layout \
+         change takes a new map name and a migration, see bpf::migrate): run the binary that \
+         made it, or `dataplane uninstall` to remove the pins (and the state in them)",
         path.display()
     )]
     Layout {
@@ -55,6 +57,12 @@ pub enum LoadError {
         pinned: Layout,
         wanted: Layout,
     },
+}
+
+impl From<super::MigrateError> for LoadError {
+    fn from(e: super::MigrateError) -> Self {
+        LoadError::Migrate(Box::new(e))
+    }
 }
 
 impl From<super::AttachError> for LoadError {

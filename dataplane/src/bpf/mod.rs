@@ -14,6 +14,8 @@
 //!   next one.
 //! - [`maps`]: typed handles to every map and [`Maps::apply`], the one
 //!   place a map is written.
+//! - [`migrate`]: maps of an older agent under names this binary no
+//!   longer uses, converted into their successors across an upgrade.
 //! - [`stats`]: the counters, also read from a running agent's pins.
 //! - [`logs`]: forwarding the data path's aya-log records (`--bpf-log`).
 //! - [`inspect`]: map fill levels and pinned programs, read from the pins
@@ -25,6 +27,7 @@ pub mod inspect;
 pub mod load;
 pub mod logs;
 pub mod maps;
+pub mod migrate;
 pub mod stats;
 
 use std::path::Path;
@@ -38,6 +41,7 @@ pub use inspect::{MapFill, PinnedProgram, fill_levels, map_fill, pinned_programs
 pub use load::{LoadError, LoadOptions};
 pub use logs::BpfLog;
 pub use maps::{LAYOUTS, Layout, MapError, MapOp, Maps, PeerEntries, ServiceEntries};
+pub use migrate::{MigrateError, Migration, Migrator};
 pub use stats::{read_pinned_stats, read_pinned_svc_stats};
 
 /// The loaded object, its maps and what is attached.
@@ -45,20 +49,37 @@ pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
     attached: attach::Attachments,
+    /// Stale pins being migrated, until [`Dataplane::finish_migration`].
+    migration: Option<Migrator>,
 }
 
 impl Dataplane {
     /// Loads the embedded object, creating the maps pinned under the pin
     /// path or reusing the ones an earlier run pinned there, and finds the
     /// links an earlier run pinned (adopted as programs are attached).
+    /// The entries of an older agent's maps that this binary replaced by
+    /// new versions are migrated into them here, before anything is
+    /// attached (see [`migrate`]).
     pub fn load(opts: &LoadOptions) -> Result<Self, LoadError> {
         let (ebpf, maps) = load::load(opts)?;
+        let migration = match opts.pin_path {
+            Some(p) => Some(Migrator::start(p, migrate::MIGRATIONS)?),
+            None => None,
+        };
         let attached = attach::Attachments::new(opts.pin_path)?;
         Ok(Self {
             ebpf,
             maps,
             attached,
+            migration,
         })
+    }
+
+    /// Once every program is attached (the pinned links run this binary's
+    /// programs): copies what the old programs added to migrated maps
+    /// meanwhile, and removes those maps' pins. Returns how many went.
+    pub fn finish_migration(&mut self) -> usize {
+        self.migration.take().map_or(0, Migrator::finish)
     }
 
     /// Like [`Dataplane::load`] without `--bpf-log`; `None` creates
