@@ -64,6 +64,31 @@ pub struct AgentConfig {
     pub bpf_log: bool,
     /// Pods through CNI: socket, conflist, state, pod device.
     pub cni: cni::CniOptions,
+    /// ClusterIP conntrack: table size, timeouts, sweeps.
+    pub ct: CtOptions,
+}
+
+/// `--ct-*`: the conntrack table's size and timeouts, and how often the
+/// agent sweeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtOptions {
+    /// Flows the table holds (`--ct-max`), set when the maps are made.
+    pub max: u32,
+    /// Per-state timeouts, handed to the data path (`ct_cfg_v1`).
+    pub timeouts: dataplane_common::ct::CtTimeouts,
+    /// Sweep at least this often (and within a second of the table
+    /// filling up).
+    pub sweep_interval: Duration,
+}
+
+impl Default for CtOptions {
+    fn default() -> Self {
+        CtOptions {
+            max: dataplane_common::CT_MAX,
+            timeouts: dataplane_common::ct::CtTimeouts::DEFAULT,
+            sweep_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `--decap-mode`: where decapsulation runs on the underlay interface.
@@ -153,6 +178,8 @@ struct Agent {
     pod_device: crate::cni::proto::PodDevice,
     /// The task serving the CNI socket (ended with the loop).
     cni_server: Option<tokio::task::JoinHandle<()>>,
+    /// The conntrack sweeper's thread (stops at the shutdown signal).
+    ct_sweeper: Option<std::thread::JoinHandle<()>>,
     /// This agent's claims on its pin path and PublicIP.
     _instance: Vec<instance::InstanceLock>,
 }
@@ -197,6 +224,10 @@ impl Agent {
         if let Some(server) = self.cni_server.take() {
             server.abort();
             let _ = server.await;
+        }
+        // The sweeper sees the same signal and ends after its sweep.
+        if let Some(sweeper) = self.ct_sweeper.take() {
+            let _ = tokio::task::spawn_blocking(move || sweeper.join()).await;
         }
     }
 

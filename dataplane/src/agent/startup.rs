@@ -14,9 +14,10 @@ use anyhow::Context as _;
 
 use super::{Agent, AgentConfig, Events, Retry, cni, node};
 use crate::{
-    bpf::{Dataplane, LoadOptions},
+    bpf::{Dataplane, LoadOptions, MapOp, ct},
     cni::server::AgentSocket,
     config::NetworkConfig,
+    conntrack::{Sweeper, sweep},
     etcd::EtcdOptions,
     lease::{self, Lease, LeaseAttrs, LeaseEvent, format_mac},
     netlink::{self, Netlink},
@@ -138,6 +139,31 @@ pub(super) async fn acquire_lease(
     }
 }
 
+/// One pass of the upgrade from `ct_v1` ([`ct::migrate_ct_v1`]);
+/// whether there was one to migrate.
+fn migrate_ct_v1(
+    pin_path: &std::path::Path,
+    table: &mut crate::bpf::CtTable,
+    when: &str,
+) -> anyhow::Result<bool> {
+    let m = ct::migrate_ct_v1(pin_path, table, ct::monotonic_ns())
+        .context("copying the previous release's conntrack (ct_v1)")?;
+    let Some(m) = m else {
+        return Ok(false);
+    };
+    info!(
+        "conntrack: {} flows of the previous release's ct_v1 copied {when} ({} there already)",
+        m.copied, m.present
+    );
+    if m.lost > 0 {
+        error!(
+            "conntrack: {} flows of ct_v1 not copied: the table (--ct-max) is full; their next segments are picked up anew",
+            m.lost
+        );
+    }
+    Ok(true)
+}
+
 /// Start-up, in order: underlay, etcd, network config, lease,
 /// subnet.env, BPF load, bridge, node config, Services, attach, CNI pods
 /// of an earlier run, CNI socket and conflist, watches.
@@ -195,6 +221,7 @@ pub(super) async fn start(
     let mut dp = Dataplane::load(&LoadOptions {
         pin_path: Some(&cfg.pin_path),
         bpf_log: cfg.bpf_log,
+        ct_max: Some(cfg.ct.max),
     })?;
     if cfg.bpf_log
         && let Some(log) = dp.take_log()?
@@ -208,6 +235,7 @@ pub(super) async fn start(
         conflist: cni::ConflistFile::new(&cfg.cni.conf_dir),
         pod_device,
         cni_server: None,
+        ct_sweeper: None,
         _instance: instance,
         nl,
         dp,
@@ -228,6 +256,12 @@ pub(super) async fn start(
     };
     let node_cfg = desired::node_config(&agent.node_facts());
     agent.rec.set_node(agent.dp.maps(), &node_cfg)?;
+    agent
+        .dp
+        .maps()
+        .apply(&MapOp::CtConfig(agent.cfg.ct.timeouts))
+        .context("writing the conntrack timeouts")?;
+    let mut ct_table = agent.dp.maps().conntrack()?;
     // Services are in the maps before any program is attached, so a
     // ClusterIP is never forwarded untranslated, not even at start-up.
     // What an earlier run wrote is the current state: frontends keep their
@@ -259,6 +293,10 @@ pub(super) async fn start(
         "{names} services, {} frontends programmed",
         agent.rec.frontends()
     );
+
+    // An upgrade from a release with ct_v1: its flows are copied before
+    // the new programs attach, so they find them at once.
+    migrate_ct_v1(&agent.cfg.pin_path, &mut ct_table, "before attaching")?;
 
     let mode = agent.cfg.decap_mode.resolve(agent.underlay.kind.as_deref());
     agent.dp.attach_underlay(&agent.underlay.name, mode)?;
@@ -292,6 +330,23 @@ pub(super) async fn start(
     // Everything this run attaches is attached: links an earlier run
     // pinned that nothing claimed (device gone, no longer wanted) go.
     agent.dp.prune_links();
+    // No old program is left: copy what they added since the first pass,
+    // then drop their conntrack maps.
+    if migrate_ct_v1(&agent.cfg.pin_path, &mut ct_table, "after attaching")? {
+        let n = ct::remove_v1_pins(&agent.cfg.pin_path)
+            .context("removing the previous release's conntrack pins")?;
+        info!("conntrack: removed {n} pins of the previous release (ct_v1, rnat_v1)");
+    }
+    agent.ct_sweeper = Some(sweep::spawn(
+        Sweeper::new(ct_table, agent.cfg.ct.timeouts),
+        agent.cfg.ct.sweep_interval,
+        agent.cfg.pin_path.clone(),
+        shutdown.clone(),
+    ));
+    info!(
+        "conntrack: {} flows at most, swept every {:?}",
+        agent.cfg.ct.max, agent.cfg.ct.sweep_interval
+    );
 
     // Peers: etcd watch -> table -> maps.
     let (peer_tx, peers) = mpsc::channel::<PeerUpdate>(1024);

@@ -14,11 +14,15 @@
 //!   next one.
 //! - [`maps`]: typed handles to every map and [`Maps::apply`], the one
 //!   place a map is written.
+//! - [`ct`]: the conntrack tables (list, sweep, flush, and the migration
+//!   of the previous release's `ct_v1`), also from the pins while the
+//!   agent is down.
 //! - [`stats`]: the counters, also read from a running agent's pins.
 //! - [`logs`]: forwarding the data path's aya-log records (`--bpf-log`).
 
 pub mod attach;
 pub mod bpffs;
+pub mod ct;
 pub mod load;
 pub mod logs;
 pub mod maps;
@@ -31,9 +35,12 @@ use dataplane_common::{Counter, Stat};
 
 pub use attach::{AttachError, Decap};
 pub use bpffs::{BpffsError, Removed, ensure_bpffs, uninstall};
+pub use ct::{CtTable, Flow};
 pub use load::{LoadError, LoadOptions};
 pub use logs::BpfLog;
-pub use maps::{LAYOUTS, Layout, MapError, MapOp, Maps, PeerEntries, ServiceEntries};
+pub use maps::{
+    LAYOUTS, Layout, MapError, MapOp, Maps, PeerEntries, SIZED_BY_CT_MAX, ServiceEntries, layouts,
+};
 pub use stats::{read_pinned_stats, read_pinned_svc_stats};
 
 /// The loaded object, its maps and what is attached.
@@ -63,6 +70,7 @@ impl Dataplane {
         Self::load(&LoadOptions {
             pin_path,
             bpf_log: false,
+            ct_max: None,
         })
     }
 
