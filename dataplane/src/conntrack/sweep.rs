@@ -213,7 +213,9 @@ pub fn spawn(
             }
             last_full = full;
             last_sweep = Instant::now();
-            match sweeper.sweep(crate::bpf::ct::monotonic_ns()) {
+            let result = sweeper.sweep(crate::bpf::ct::monotonic_ns());
+            let last_report = result.as_ref().ok().copied();
+            match result {
                 Ok(r) if r.early_dropped > 0 => warn!(
                     "conntrack: table over {}% full: {} unestablished or closing flows dropped early ({} expired, {} flows before)",
                     ct::EARLY_DROP_ABOVE_PCT,
@@ -230,6 +232,12 @@ pub fn spawn(
             }
             if pressed {
                 info!("conntrack: new flows were dropped for a full table; swept");
+            }
+            if pressed && last_report.is_some_and(|r: SweepReport| r.early_dropped + r.expired == 0)
+            {
+                warn!(
+                    "conntrack: the table is full of established flows, nothing may go early: new flows are dropped (raise --ct-max)"
+                );
             }
         }
     })
