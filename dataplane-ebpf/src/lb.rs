@@ -210,16 +210,14 @@ fn new_flow(
     ct_key: &CtKey,
     now: u64,
 ) -> Result<CtEntry, Verdict> {
-    // Never answer a RST, whatever the Service.
-    if flow.proto == PROTO_TCP && flow.tcp_flags & TCP_RST != 0 {
-        return Err(drop_counted(ctx, Stat::DropCtInvalid));
-    }
-    if svc.count == 0 {
-        return Err(reject(ctx, flow, key, Stat::SvcRejectNoBackend));
-    }
+    // INVALID first (a RST is never answered): kube-proxy drops those
+    // before its REJECT, which only sees new connections.
     let Some((state, flags)) = ct_rules::initial(flow.proto, flow.tcp_flags) else {
         return Err(drop_counted(ctx, Stat::DropCtInvalid));
     };
+    if svc.count == 0 {
+        return Err(reject(ctx, flow, key, Stat::SvcRejectNoBackend));
+    }
     let Some(backend) = pick_backend(ctx, flow, svc, now) else {
         log_event!(ctx, "svc {}: backend slot missing", svc.id);
         return Err(reject(ctx, flow, key, Stat::SvcRejectNoBackend));

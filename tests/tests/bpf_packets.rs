@@ -1377,6 +1377,34 @@ root_test!(
 );
 
 root_test!(
+    without_endpoints_new_segments_are_rejected_invalid_ones_dropped,
+    || {
+        let mut env = setup();
+        set_frontend(&mut env, svc_key(80, 6), vec![]);
+        // kube-proxy: INVALID is dropped, REJECT answers what conntrack calls
+        // NEW (a SYN, or an ACK it would pick up).
+        for flags in [TCP_SYN, TCP_ACK] {
+            let (rc, out) = client_seg(&mut env, 44000, flags);
+            assert_eq!(rc, TC_ACT_REDIRECT, "{flags:#x} rejected");
+            assert!(parse_eth_ipv4(&out).1.tcp().rst);
+        }
+        for flags in [TCP_RST, TCP_FIN | TCP_ACK, TCP_SYN | TCP_ACK] {
+            assert_eq!(
+                client_seg(&mut env, 44000, flags).0,
+                TC_ACT_SHOT,
+                "{flags:#x}"
+            );
+        }
+        assert_counters(
+            &env,
+            &[(Stat::SvcRejectNoBackend, 2), (Stat::DropCtInvalid, 3)],
+            "no endpoints",
+        );
+        assert!(table(&mut env).flows().unwrap().is_empty());
+    }
+);
+
+root_test!(
     flows_of_the_previous_release_are_migrated_as_established,
     || {
         let mut env = setup();
