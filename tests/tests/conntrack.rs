@@ -381,3 +381,75 @@ fn conntrack_list_and_flush() {
     let stats = e.cli(&["stats"]);
     assert!(stats.contains("ct_flushed"), "{stats}");
 }
+
+/// An agent starting where the previous release pinned `ct_v1`/`rnat_v1`
+/// copies the flows into `ct_v2` as established and removes the old
+/// pins once its programs are attached.
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn the_previous_releases_conntrack_is_migrated_at_start() {
+    require_root();
+    let mut c = Cluster::new(1).unwrap();
+    c.put_config(CONFIG).unwrap();
+    let pin = c.nodes[0].pin_path.clone();
+    std::fs::create_dir_all(&pin).unwrap();
+    let hex = |b: &[u8]| {
+        b.iter()
+            .map(|x| format!("0x{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // One TCP flow 10.244.9.5:40000 -> VIP_A:80 sent to 10.244.9.7:8080.
+    let key = [
+        &[10, 244, 9, 5][..],
+        &VIP_A.octets(),
+        &40000u16.to_be_bytes(),
+        &80u16.to_be_bytes(),
+        &[6, 0, 0, 0],
+    ]
+    .concat();
+    let val = [
+        &[10, 244, 9, 7][..],
+        &8080u16.to_be_bytes(),
+        &[0; 2],
+        &[0; 4],
+        &7u32.to_ne_bytes(),
+    ]
+    .concat();
+    tests::netns::sh(&format!(
+        "bpftool map create {ct} type lru_hash key 16 value 16 entries 1024 name ct_v1 && \
+         bpftool map update pinned {ct} key {} value {} && \
+         bpftool map create {rnat} type lru_hash key 16 value 12 entries 1024 name rnat_v1",
+        hex(&key),
+        hex(&val),
+        ct = pin.join("ct_v1").display(),
+        rnat = pin.join("rnat_v1").display(),
+    ))
+    .unwrap();
+    c.start_agent(0, &["--decap-mode", "tc"]).unwrap();
+    c.wait_ready(0, Duration::from_secs(30)).unwrap();
+    let log = c.nodes[0].log();
+    assert!(
+        log.contains("1 flows of the previous release's ct_v1 copied before attaching"),
+        "{log}"
+    );
+    assert!(
+        log.contains("removed 2 pins of the previous release"),
+        "{log}"
+    );
+    assert!(!pin.join("ct_v1").exists() && !pin.join("rnat_v1").exists());
+    let t = CtTable::open_pinned(&pin).unwrap();
+    let flows = t.flows().unwrap();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    let f = flows[0];
+    assert_eq!(f.key.daddr, VIP_A.octets());
+    assert_eq!(f.entry.backend.ip, [10, 244, 9, 7]);
+    assert_eq!(f.entry.svc_id, 7);
+    assert_eq!(CtState::from_u8(f.entry.state), Some(CtState::Established));
+    assert_ne!(f.entry.flags & dataplane_common::ct::CT_F_MIGRATED, 0);
+    assert_eq!(t.reverse_entries().unwrap().len(), 1, "its reverse entry");
+    assert!(
+        t.gc_counters().unwrap().contains(&(CtGc::Migrated, 1)),
+        "counted"
+    );
+}
