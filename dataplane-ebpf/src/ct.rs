@@ -67,21 +67,26 @@ pub fn lookup_forward(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
     Some(p)
 }
 
-/// A reply's flow: what to restore, and the flow's entry.
+/// A reply's flow: what to restore, the flow's entry, and the time it
+/// was looked up at (for [`observe`]).
 pub struct Reply {
     pub rnat: RnatEntry,
     pub entry: *mut CtEntry,
+    pub now: u64,
 }
 
 /// The flow a packet from a backend (`key`: backend -> client) is a
 /// reply of: its reverse-NAT entry, provided the forward entry it names
 /// is live and was sent to exactly this backend and client. Otherwise
 /// `None`: the packet is not a Service reply (a stale entry is left for
-/// the sweeper).
+/// the sweeper). Every packet from a pod asks this first, so it costs one
+/// hash lookup when the answer is no.
 #[inline(always)]
-pub fn lookup_reply(key: &CtKey, now: u64) -> Option<Reply> {
+pub fn lookup_reply(key: &CtKey) -> Option<Reply> {
     // SAFETY: plain data, copied out.
     let rnat = unsafe { RNAT.get(key) }.copied()?;
+    // Only now: most packets that get here are no Service reply.
+    let now = now();
     let fwd = ct::forward_key(&rnat, key.proto);
     let p = CT.get_ptr_mut(fwd)?;
     // SAFETY: a map value pointer, valid for this program run.
@@ -89,7 +94,11 @@ pub fn lookup_reply(key: &CtKey, now: u64) -> Option<Reply> {
     if ct::is_expired(e.state, e.last_seen_ns, now, &timeouts()) || reply_key(&fwd, &e) != *key {
         return None;
     }
-    Some(Reply { rnat, entry: p })
+    Some(Reply {
+        rnat,
+        entry: p,
+        now,
+    })
 }
 
 /// What a packet did to its flow.

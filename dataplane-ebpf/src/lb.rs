@@ -114,11 +114,16 @@ fn from_pod_flow(ctx: &TcContext, flow: &Flow) -> Verdict {
 #[inline(always)]
 fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
     let key = ct::key(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    let now = ct::now();
-    let reply = ct::lookup_reply(&key, now)?;
+    let reply = ct::lookup_reply(&key)?;
     // A SYN from the backend cannot reopen the flow (only the client's
     // can), so the result is always "tracked".
-    let _ = ct::observe(reply.entry, flow.proto, Dir::Reply, flow.tcp_flags, now);
+    let _ = ct::observe(
+        reply.entry,
+        flow.proto,
+        Dir::Reply,
+        flow.tcp_flags,
+        reply.now,
+    );
     let r: RnatEntry = reply.rnat;
     let ok = set_addr(ctx, flow, Addr::Src, flow.saddr, r.vip).is_ok()
         && set_port(ctx, flow, Port::Src, flow.sport, r.vport).is_ok()
