@@ -12,6 +12,8 @@
 
 use core::mem::size_of;
 
+pub mod ct;
+
 /// Names of the pinned maps (the file names under `--pin-path`).
 pub mod map_names {
     /// LPM trie: remote pod subnet -> remote node (PublicIP, VtepMAC).
@@ -29,10 +31,19 @@ pub mod map_names {
     /// Hash: ClusterIP -> number of frontends; traffic to a ClusterIP on a
     /// port/protocol no frontend defines is dropped, never forwarded raw.
     pub const VIPS: &str = "vips_v1";
-    /// LRU: original flow (client -> ClusterIP) -> chosen backend.
-    pub const CT: &str = "ct_v1";
-    /// LRU: reply flow (backend -> client) -> ClusterIP to restore.
-    pub const RNAT: &str = "rnat_v1";
+    /// Hash (not LRU: the kernel never evicts a flow): original flow
+    /// (client -> ClusterIP) -> backend, state, last seen. Sized by the
+    /// agent's `--ct-max`.
+    pub const CT: &str = "ct_v2";
+    /// Hash: reply flow (backend -> client) -> ClusterIP to restore. Used
+    /// only while the forward entry it names is live and points back at it.
+    pub const RNAT: &str = "rnat_v2";
+    /// Array[1]: conntrack timeouts per state ([`crate::ct::CtTimeouts`]).
+    pub const CT_CONFIG: &str = "ct_cfg_v1";
+    /// Array of u64 indexed by [`crate::ct::CtGc`]: the agent's sweeper
+    /// counters, kept pinned so `dataplane stats` reads them while the
+    /// agent is down.
+    pub const CT_GC: &str = "ct_gc_v1";
     /// LRU: (service id, client IP) -> backend, for sessionAffinity ClientIP.
     pub const AFFINITY: &str = "affinity_v1";
     /// Per-CPU hash: service frontend -> flows, packets, bytes, rejections.
@@ -51,6 +62,15 @@ pub mod map_names {
     /// other address, and learns nothing there.
     pub const POD_PORTS: &str = "pod_ports_v1";
 
+    /// Maps of earlier releases that a starting agent migrates and then
+    /// removes (never created by this one).
+    pub mod previous {
+        /// LRU: `CtKey` -> `ct::CtEntryV1` (backend, snat, svc_id).
+        pub const CT_V1: &str = "ct_v1";
+        /// LRU: `CtKey` -> `RnatEntry`.
+        pub const RNAT_V1: &str = "rnat_v1";
+    }
+
     /// Every map the programs define, exactly (a test checks this list
     /// against the built object, where `dataplane-ebpf/src/maps.rs` has to
     /// spell the names as literals).
@@ -64,6 +84,8 @@ pub mod map_names {
         VIPS,
         CT,
         RNAT,
+        CT_CONFIG,
+        CT_GC,
         AFFINITY,
         SVC_STATS,
         LIVE,
@@ -85,7 +107,10 @@ pub mod prog_names {
 pub const PEERS_MAX: u32 = 16_384;
 pub const SERVICES_MAX: u32 = 65_536;
 pub const BACKENDS_MAX: u32 = 262_144;
-pub const CT_MAX: u32 = 262_144;
+/// Default size of the conntrack tables (`--ct-max`): kube-proxy's
+/// `nf_conntrack_max` on a 16-core node (32,768 per core), Cilium's
+/// default TCP table. See the README for the memory it takes.
+pub const CT_MAX: u32 = 524_288;
 pub const AFFINITY_MAX: u32 = 65_536;
 
 /// Source address given to hairpin flows (a pod reaching itself through a
@@ -169,7 +194,8 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of [`map_names::CT`]: where this flow was sent.
+/// Value of [`map_names::CT`]: where this flow was sent, and where it is
+/// in its lifecycle ([`ct`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
@@ -178,6 +204,16 @@ pub struct CtEntry {
     pub snat: [u8; 4],
     /// The service (frontend) id the backend was chosen for.
     pub svc_id: u32,
+    /// bpf_ktime_get_ns() when the entry was made.
+    pub created_ns: u64,
+    /// bpf_ktime_get_ns() of the last packet, written at most once a
+    /// second ([`ct::REFRESH_NS`]) unless the state changes.
+    pub last_seen_ns: u64,
+    /// A [`ct::CtState`].
+    pub state: u8,
+    /// `ct::CT_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Key of [`map_names::LIVE`].
@@ -406,8 +442,6 @@ stats! {
         "new connection to a Service with no usable backend, answered with TCP RST / ICMP port unreachable";
     DropSvcUndefinedPort = 23, "drop_svc_undefined_port",
         "to a ClusterIP on a port or protocol the Service does not define";
-    SvcRejectNoConntrack = 24, "svc_reject_no_conntrack",
-        "TCP segment (not SYN) to a ClusterIP without a conntrack entry (its backend went), answered with RST";
     DropRejectFailed = 25, "drop_reject_failed",
         "a Service rejection (RST / ICMP) could not be built, e.g. IPv4 options: dropped instead";
     DropSvcMalformed = 26, "drop_svc_malformed",
@@ -425,7 +459,7 @@ stats! {
     RedirectToBridge = 30, "redirect_to_bridge",
         "translated Service packet for a pod of this node, handed to the bridge";
     SvcRejectCtFailed = 31, "svc_reject_ct_failed",
-        "new connection to a Service rejected (RST / ICMP) because its conntrack entry could not be stored";
+        "new connection to a Service rejected (RST / ICMP) because its conntrack entry could not be stored (other than a full table)";
     /// Also a frame too short to carry an Ethernet header.
     DropSpoofedMac = 32, "drop_spoofed_mac",
         "frame from a CNI pod whose Ethernet source (or ARP sender MAC) is not the pod's MAC";
@@ -445,6 +479,20 @@ stats! {
     /// congestion. Linux's vxlan drops these too.
     DropCeNotEct = 36, "drop_ce_not_ect",
         "VXLAN whose outer header says congestion experienced (CE) around an inner packet that is not ECN-capable";
+    /// netfilter with `nf_conntrack_tcp_loose=1` (the default, which
+    /// kube-proxy keeps) does the same: a flow whose entry expired, was
+    /// flushed, or began before the table existed carries on.
+    SvcCtPickup = 37, "svc_ct_pickup",
+        "TCP segment (ACK, no SYN/FIN/RST) to a ClusterIP with no conntrack entry, picked up as an established flow (then counted by its outcome)";
+    /// Also a RST for a flow whose backend was removed.
+    DropCtInvalid = 38, "drop_ct_invalid",
+        "TCP RST, FIN or SYN-ACK to a ClusterIP with no conntrack entry: netfilter's ctstate INVALID, which kube-proxy drops";
+    /// As netfilter does ("table full, dropping packet"): the client
+    /// retransmits its SYN, by when the sweeper may have made room.
+    DropCtFull = 39, "drop_ct_full",
+        "new flow to a ClusterIP dropped: the conntrack table (--ct-max) is full";
+    SvcResetBackendGone = 40, "svc_reset_backend_gone",
+        "TCP segment (not SYN) of a flow whose backend was removed, answered with RST so the client fails fast";
     /// Counted on the way, like `svc_forward`: the packet then ends in its
     /// own outcome. With `--bpf-log` it is logged at the 1st, 2nd, 4th,
     /// 8th, ... time on each CPU, never once per packet.
@@ -455,8 +503,11 @@ stats! {
 impl Stat {
     /// Numbers of removed codes, never to be used again: 19 was
     /// `drop_no_config`, which nothing emitted (the packet is passed, now
-    /// counted as [`Stat::PassNoConfig`]).
-    pub const RETIRED: &'static [u32] = &[19];
+    /// counted as [`Stat::PassNoConfig`]); 24 was
+    /// `svc_reject_no_conntrack` (a non-SYN segment without an entry got a
+    /// RST), split into [`Stat::SvcCtPickup`], [`Stat::DropCtInvalid`] and
+    /// [`Stat::SvcResetBackendGone`].
+    pub const RETIRED: &'static [u32] = &[19, 24];
 }
 
 /// Size of the stats array; leaves room for later reasons.
@@ -506,7 +557,8 @@ const _: () = assert!(size_of::<BackendKey>() == 8);
 const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<VipKey>() == 4);
 const _: () = assert!(size_of::<CtKey>() == 16);
-const _: () = assert!(size_of::<CtEntry>() == 16);
+const _: () = assert!(size_of::<CtEntry>() == 40);
+const _: () = assert!(size_of::<ct::CtTimeouts>() == 40);
 const _: () = assert!(size_of::<LiveKey>() == 12);
 const _: () = assert!(size_of::<LiveInfo>() == 4);
 const _: () = assert!(size_of::<RnatEntry>() == 12);
@@ -531,6 +583,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::ct::CtTimeouts {}
     unsafe impl aya::Pod for super::RnatEntry {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}

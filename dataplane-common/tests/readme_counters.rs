@@ -2,16 +2,22 @@
 //! emit, with the numbers, names and meanings of [`Stat`]; retired numbers
 //! stay out of it.
 
-use dataplane_common::Stat;
+use dataplane_common::{Stat, ct::CtGc};
 
 const HEADING: &str = "Counters (`stats_v1` index";
+/// The sweeper's counters (`ct_gc_v1`) follow this line.
+const GC_HEADING: &str = "Its counters are kept pinned";
 
 /// The `| # | name | meaning |` rows of the table after [`HEADING`].
 fn readme_rows() -> Vec<(u32, String, String)> {
+    table_after(HEADING)
+}
+
+fn table_after(heading: &str) -> Vec<(u32, String, String)> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
     let readme = std::fs::read_to_string(path).expect("README.md readable");
     let start = readme
-        .find(HEADING)
+        .find(heading)
         .expect("counter table heading in README");
     readme[start..]
         .lines()
@@ -43,4 +49,13 @@ fn retired_numbers_are_not_listed() {
     for (n, name, _) in readme_rows() {
         assert!(!Stat::RETIRED.contains(&n), "{n} ({name}) is retired");
     }
+}
+
+#[test]
+fn readme_sweeper_counter_table_matches_ct_gc() {
+    let want: Vec<(u32, String, String)> = CtGc::ALL
+        .iter()
+        .map(|&c| (c as u32, c.name().to_owned(), c.meaning().to_owned()))
+        .collect();
+    assert_eq!(table_after(GC_HEADING), want);
 }

@@ -1,28 +1,34 @@
 //! ClusterIP load balancing in place of kube-proxy's iptables chains: one
 //! hash lookup finds the service whatever their number, connection
-//! tracking keeps a flow on its backend, reverse NAT restores the
-//! ClusterIP on replies.
+//! tracking (`ct.rs`) keeps a flow on its backend, reverse NAT restores
+//! the ClusterIP on replies.
 //!
 //! Flow of a new connection from a pod (at its veth, `from_pod`):
-//! `SERVICES` hit -> no `CT` entry -> pick a backend (affinity or uniform
-//! random) -> record `CT` (forward) and `RNAT` (reply) -> DNAT. Later
-//! packets follow `CT`. Replies from the backend hit `RNAT` wherever they
-//! enter this node (its veth if the backend is local, the underlay after
-//! decapsulation if it is remote).
+//! `SERVICES` hit -> no live `CT` entry -> pick a backend (affinity or
+//! uniform random) -> record the flow (`CT` forward, `RNAT` reply) ->
+//! DNAT. Later packets follow `CT` and move its state. Replies from the
+//! backend hit `RNAT` wherever they enter this node (its veth if the
+//! backend is local, the underlay after decapsulation if it is remote).
+//!
+//! A TCP segment that finds no entry is treated as netfilter with
+//! kube-proxy's settings treats it: an ACK is picked up as an established
+//! flow (`nf_conntrack_tcp_loose=1`), a RST, FIN or SYN-ACK is INVALID and
+//! dropped; only a Service with no endpoints answers with a RST
+//! (kube-proxy's REJECT).
 
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
-    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    programs::TcContext,
+    bindings::TC_ACT_SHOT, helpers::generated::bpf_get_prandom_u32, programs::TcContext,
 };
 use dataplane_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, HAIRPIN_SNAT_IP, LiveKey,
     PROTO_TCP, RnatEntry, SVC_F_AFFINITY, Stat, SvcCounters, SvcInfo, SvcKey, VipKey,
+    ct::{self as ct_rules, Dir, TCP_RST},
 };
 
 use crate::{
+    ct::{self, CreateError, Seen},
     l4::{Flow, L4},
-    maps::{AFFINITY, BACKENDS, CT, LIVE, RNAT, SERVICES, SVC_STATS, VIPS},
+    maps::{AFFINITY, BACKENDS, LIVE, SERVICES, SVC_STATS, VIPS},
     nat::{Addr, Port, set_addr, set_port},
     parse::{self, Ipv4Packet},
     reject,
@@ -77,29 +83,15 @@ fn from_pod_flow(ctx: &TcContext, flow: &Flow) -> Verdict {
         }
         return Verdict::Pass;
     };
-    let ct_key = CtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
-    // SAFETY: as above.
-    let entry = match unsafe { CT.get(ct_key) }.copied() {
-        Some(e) if e.svc_id == svc.id && is_live(svc.id, &e.backend) => e,
-        stale => {
-            if let Some(e) = stale {
-                // Its backend was removed: forget the flow here and now.
-                // UDP then picks a live backend; TCP is reset below.
-                let _ = CT.remove(ct_key);
-                let _ = RNAT.remove(reply_key(flow, &e.backend, e.snat));
-            }
-            match new_flow(ctx, flow, &key, &svc, &ct_key) {
-                Ok(e) => e,
-                Err(stat) => return reject(ctx, flow, &key, stat),
-            }
-        }
+    let now = ct::now();
+    let ct_key = ct::key(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    let entry = match tracked(ctx, flow, &key, &svc, &ct_key, now) {
+        Ok(Some(e)) => e,
+        Ok(None) => match new_flow(ctx, flow, &key, &svc, &ct_key, now) {
+            Ok(e) => e,
+            Err(v) => return v,
+        },
+        Err(v) => return v,
     };
     svc_counters(ctx, &key, |c| {
         c.packets += 1;
@@ -121,16 +113,18 @@ fn from_pod_flow(ctx: &TcContext, flow: &Flow) -> Verdict {
 /// (and the client as its destination for hairpin flows).
 #[inline(always)]
 fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
-    let key = CtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
-    // SAFETY: plain data, copied out.
-    let r: RnatEntry = unsafe { RNAT.get(key) }.copied()?;
+    let key = ct::key(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    let reply = ct::lookup_reply(&key)?;
+    // A SYN from the backend cannot reopen the flow (only the client's
+    // can), so the result is always "tracked".
+    let _ = ct::observe(
+        reply.entry,
+        flow.proto,
+        Dir::Reply,
+        flow.tcp_flags,
+        reply.now,
+    );
+    let r: RnatEntry = reply.rnat;
     let ok = set_addr(ctx, flow, Addr::Src, flow.saddr, r.vip).is_ok()
         && set_port(ctx, flow, Port::Src, flow.sport, r.vport).is_ok()
         && set_addr(ctx, flow, Addr::Dst, flow.daddr, r.client).is_ok()
@@ -168,8 +162,50 @@ pub fn is_vip(addr: [u8; 4]) -> bool {
     unsafe { VIPS.get(VipKey { vip: addr }) }.is_some()
 }
 
-/// Picks a backend for a new flow and records it. `Err` is why the flow
-/// is rejected.
+/// The live entry of this flow, if it has one it may keep using.
+/// `Ok(None)`: none (or it just ended), a new flow is to be made. `Err`:
+/// the packet is finished (its backend is gone).
+#[inline(always)]
+fn tracked(
+    ctx: &TcContext,
+    flow: &Flow,
+    key: &SvcKey,
+    svc: &SvcInfo,
+    ct_key: &CtKey,
+    now: u64,
+) -> Result<Option<CtEntry>, Verdict> {
+    let Some(p) = ct::lookup_forward(ct_key, now) else {
+        return Ok(None);
+    };
+    // SAFETY: a map value pointer, valid for this program run.
+    let e = unsafe { *p };
+    if e.svc_id != svc.id || !is_live(svc.id, &e.backend) {
+        // Its backend was removed: forget the flow here and now. UDP
+        // then picks a live backend; TCP is reset so the client fails
+        // fast instead of hanging (a RST is dropped, never answered).
+        ct::forget(ct_key, &ct::reply_key(ct_key, &e));
+        if flow.proto == PROTO_TCP && !flow.is_tcp_open() {
+            if flow.tcp_flags & TCP_RST != 0 {
+                return Err(drop_counted(ctx, Stat::DropCtInvalid));
+            }
+            return Err(reject(ctx, flow, key, Stat::SvcResetBackendGone));
+        }
+        return Ok(None);
+    }
+    match ct::observe(p, flow.proto, Dir::Orig, flow.tcp_flags, now) {
+        Seen::Tracked => Ok(Some(e)),
+        Seen::Reopen => {
+            // A new connection reusing a closed flow's tuple.
+            ct::forget(ct_key, &ct::reply_key(ct_key, &e));
+            Ok(None)
+        }
+    }
+}
+
+/// A packet without a live entry: rejected when the Service has no
+/// endpoints, dropped when it is a TCP segment netfilter calls INVALID,
+/// else a backend is picked and the flow recorded. `Err` is the
+/// packet's end (counted).
 #[inline(always)]
 fn new_flow(
     ctx: &TcContext,
@@ -177,19 +213,19 @@ fn new_flow(
     key: &SvcKey,
     svc: &SvcInfo,
     ct_key: &CtKey,
-) -> Result<CtEntry, Stat> {
-    // A TCP segment that does not open a connection and has no entry
-    // belongs to a flow whose backend went away (its entry was purged):
-    // refuse it so the client fails fast instead of hanging.
-    if flow.proto == PROTO_TCP && !flow.is_tcp_open() {
-        return Err(Stat::SvcRejectNoConntrack);
-    }
+    now: u64,
+) -> Result<CtEntry, Verdict> {
+    // INVALID first (a RST is never answered): kube-proxy drops those
+    // before its REJECT, which only sees new connections.
+    let Some((state, flags)) = ct_rules::initial(flow.proto, flow.tcp_flags) else {
+        return Err(drop_counted(ctx, Stat::DropCtInvalid));
+    };
     if svc.count == 0 {
-        return Err(Stat::SvcRejectNoBackend);
+        return Err(reject(ctx, flow, key, Stat::SvcRejectNoBackend));
     }
-    let Some(backend) = pick_backend(ctx, flow, svc) else {
+    let Some(backend) = pick_backend(ctx, flow, svc, now) else {
         log_event!(ctx, "svc {}: backend slot missing", svc.id);
-        return Err(Stat::SvcRejectNoBackend);
+        return Err(reject(ctx, flow, key, Stat::SvcRejectNoBackend));
     };
     // Hairpin: the client is its own backend. Give the flow another source
     // so the pod does not see a packet from itself.
@@ -202,34 +238,31 @@ fn new_flow(
         backend,
         snat,
         svc_id: svc.id,
+        created_ns: now,
+        last_seen_ns: now,
+        state: state as u8,
+        flags,
+        _pad: [0; 6],
     };
-    let reply = reply_key(flow, &backend, snat);
     let rnat = RnatEntry {
         vip: key.vip,
         vport: key.port,
         client_port: flow.sport,
         client: flow.saddr,
     };
-    // Reply state first: a fast reply must find it.
-    if RNAT.insert(reply, rnat, 0).is_err() || CT.insert(ct_key, entry, 0).is_err() {
-        log_event!(ctx, "svc {}: conntrack insert failed", svc.id);
-        return Err(Stat::SvcRejectCtFailed);
+    match ct::create(ct_key, &entry, &rnat) {
+        Ok(()) => {}
+        Err(CreateError::Full) => return Err(drop_counted(ctx, Stat::DropCtFull)),
+        Err(CreateError::Failed) => {
+            log_event!(ctx, "svc {}: conntrack insert failed", svc.id);
+            return Err(reject(ctx, flow, key, Stat::SvcRejectCtFailed));
+        }
+    }
+    if flags & ct_rules::CT_F_PICKED_UP != 0 {
+        count(Stat::SvcCtPickup, ctx.len());
     }
     svc_counters(ctx, key, |c| c.new_flows += 1);
     Ok(entry)
-}
-
-/// The reverse-NAT key of a flow's replies.
-#[inline(always)]
-fn reply_key(flow: &Flow, backend: &Backend, snat: [u8; 4]) -> CtKey {
-    CtKey {
-        saddr: backend.ip,
-        daddr: if snat == [0; 4] { flow.saddr } else { snat },
-        sport: backend.port,
-        dport: flow.sport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    }
 }
 
 #[inline(always)]
@@ -245,13 +278,11 @@ fn is_live(svc_id: u32, backend: &Backend) -> bool {
 }
 
 #[inline(always)]
-fn pick_backend(ctx: &TcContext, flow: &Flow, svc: &SvcInfo) -> Option<Backend> {
+fn pick_backend(ctx: &TcContext, flow: &Flow, svc: &SvcInfo, now: u64) -> Option<Backend> {
     let aff_key = AffinityKey {
         svc_id: svc.id,
         client: flow.saddr,
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     if svc.flags & SVC_F_AFFINITY != 0 {
         // SAFETY: plain data, copied out.
         if let Some(a) = unsafe { AFFINITY.get(aff_key) }.copied()

@@ -11,6 +11,7 @@ mod event;
 
 mod consts;
 mod csum;
+mod ct;
 mod decap;
 mod ecn;
 mod encap;

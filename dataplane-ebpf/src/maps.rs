@@ -15,6 +15,7 @@ use dataplane_common::{
     CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LiveInfo, LiveKey, NodeConfig,
     PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PeerInfo, PeerIpInfo, PeerIpKey, PodPortInfo,
     PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
+    ct::{CT_GC_LEN, CtTimeouts},
 };
 
 /// Remote pod subnet (LPM) -> remote node's PublicIP and VtepMAC. Filled by
@@ -46,13 +47,27 @@ pub static BACKENDS: HashMap<BackendKey, Backend, { BACKENDS_MAX as usize }> = H
 #[btf_map(name = "vips_v1")]
 pub static VIPS: HashMap<VipKey, VipInfo, { SERVICES_MAX as usize }> = HashMap::new();
 
-/// Connection tracking: client -> ClusterIP flow to its backend.
-#[btf_map(name = "ct_v1")]
-pub static CT: LruHashMap<CtKey, CtEntry, { CT_MAX as usize }> = LruHashMap::new();
+/// Connection tracking: client -> ClusterIP flow to its backend, state
+/// and last seen (see `ct.rs`). A plain hash, not LRU: the kernel never
+/// evicts a flow; expired ones are absent to the data path and removed by
+/// the agent's sweeper. The agent sizes it (`--ct-max`) at load time.
+#[btf_map(name = "ct_v2")]
+pub static CT: HashMap<CtKey, CtEntry, { CT_MAX as usize }> = HashMap::new();
 
 /// Reverse NAT: backend -> client flow to the ClusterIP it came in on.
-#[btf_map(name = "rnat_v1")]
-pub static RNAT: LruHashMap<CtKey, RnatEntry, { CT_MAX as usize }> = LruHashMap::new();
+/// Valid only while the `CT` entry it names is live and points back.
+#[btf_map(name = "rnat_v2")]
+pub static RNAT: HashMap<CtKey, RnatEntry, { CT_MAX as usize }> = HashMap::new();
+
+/// Conntrack timeouts per state, index 0, written by the agent.
+#[btf_map(name = "ct_cfg_v1")]
+pub static CT_CONFIG: Array<CtTimeouts, 1> = Array::new();
+
+/// The agent's sweeper counters (`dataplane_common::ct::CtGc`); the
+/// programs do not use it, the object declares it so it is pinned with
+/// the others.
+#[btf_map(name = "ct_gc_v1")]
+pub static CT_GC: Array<u64, { CT_GC_LEN as usize }> = Array::new();
 
 /// sessionAffinity ClientIP: (service, client) -> backend and last use.
 #[btf_map(name = "affinity_v1")]

@@ -5,7 +5,8 @@
 //! lease), [`services`] (Services and EndpointSlices in etcd).
 //! Host plumbing: [`netlink`]. Data plane: [`reconcile`] (desired state ->
 //! a planned, ordered list of map writes -> applied) over [`bpf`]
-//! (loading, pinning, attaching, typed map access). [`agent`] routes
+//! (loading, pinning, attaching, typed map access); [`conntrack`] (the
+//! sweeper, and what `dataplane conntrack` shows). [`agent`] routes
 //! events to them. [`metrics`] and [`status`] are what an operator
 //! sees of a node.
 
@@ -15,6 +16,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cni;
 pub mod config;
+pub mod conntrack;
 pub mod etcd;
 pub mod lease;
 pub mod metrics;

@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use dataplane::{
     agent::{
-        self, AgentConfig, DecapMode,
+        self, AgentConfig, CtOptions, DecapMode,
         cni::{CniOptions, PodDeviceArg},
     },
     etcd::{EtcdOptions, Prefix},
@@ -97,6 +97,120 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
         pin_path: PathBuf,
     },
+    /// The ClusterIP flows of this node (from the pinned maps, so also
+    /// while the agent is down).
+    Conntrack {
+        #[command(subcommand)]
+        op: ConntrackOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConntrackOp {
+    /// List flows: client, frontend, backend, state, age, idle, Service.
+    List {
+        #[command(flatten)]
+        ct: ConntrackArgs,
+        /// `table` or `json`.
+        #[arg(long, short = 'o', default_value = "table")]
+        output: OutputFormat,
+    },
+    /// Remove flows (both directions): all, or one Service's. Their next
+    /// packets start over (an ACK is picked up, a UDP datagram picks a
+    /// backend again).
+    Flush {
+        #[command(flatten)]
+        ct: ConntrackArgs,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+struct ConntrackArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// etcd prefix of Services (to name them; without etcd, flows show
+    /// their frontend and service id).
+    #[arg(long, default_value = dataplane::services::DEFAULT_PREFIX)]
+    service_prefix: Prefix,
+    /// Only the flows of this Service (`NAMESPACE/NAME`, or `NAME` in
+    /// `default`); needs etcd.
+    #[arg(long)]
+    service: Option<String>,
+    /// Where the agent pinned its maps.
+    #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
+    pin_path: PathBuf,
+}
+
+/// Conntrack timeouts in seconds; the defaults are netfilter's, with the
+/// two kube-proxy sets (established 24 h, close_wait 1 h).
+#[derive(Args, Clone, Copy)]
+struct CtTimeoutArgs {
+    /// A SYN not answered yet (netfilter's nf_conntrack_tcp_timeout_syn_sent).
+    #[arg(long, default_value_t = 120)]
+    ct_tcp_timeout_syn_sent: u32,
+    /// SYN-ACK seen, handshake not completed.
+    #[arg(long, default_value_t = 60)]
+    ct_tcp_timeout_syn_recv: u32,
+    /// An established connection (kube-proxy: 86400).
+    #[arg(long, default_value_t = 86_400)]
+    ct_tcp_timeout_established: u32,
+    /// One side sent a FIN.
+    #[arg(long, default_value_t = 120)]
+    ct_tcp_timeout_fin_wait: u32,
+    /// Half-closed: a FIN acknowledged, the other side still open (kube-proxy: 3600).
+    #[arg(long, default_value_t = 3_600)]
+    ct_tcp_timeout_close_wait: u32,
+    /// Both sides sent a FIN.
+    #[arg(long, default_value_t = 120)]
+    ct_tcp_timeout_time_wait: u32,
+    /// After a RST.
+    #[arg(long, default_value_t = 10)]
+    ct_tcp_timeout_close: u32,
+    /// UDP, nothing came back yet.
+    #[arg(long, default_value_t = 30)]
+    ct_udp_timeout: u32,
+    /// UDP, both directions seen.
+    #[arg(long, default_value_t = 120)]
+    ct_udp_timeout_stream: u32,
+}
+
+impl CtTimeoutArgs {
+    fn timeouts(&self) -> anyhow::Result<dataplane_common::ct::CtTimeouts> {
+        let t = dataplane_common::ct::CtTimeouts {
+            tcp_syn_sent: self.ct_tcp_timeout_syn_sent,
+            tcp_syn_recv: self.ct_tcp_timeout_syn_recv,
+            tcp_established: self.ct_tcp_timeout_established,
+            tcp_fin_wait: self.ct_tcp_timeout_fin_wait,
+            tcp_close_wait: self.ct_tcp_timeout_close_wait,
+            tcp_time_wait: self.ct_tcp_timeout_time_wait,
+            tcp_close: self.ct_tcp_timeout_close,
+            udp_unreplied: self.ct_udp_timeout,
+            udp_replied: self.ct_udp_timeout_stream,
+            _pad: 0,
+        };
+        for (flag, v) in [
+            ("--ct-tcp-timeout-syn-sent", t.tcp_syn_sent),
+            ("--ct-tcp-timeout-syn-recv", t.tcp_syn_recv),
+            ("--ct-tcp-timeout-established", t.tcp_established),
+            ("--ct-tcp-timeout-fin-wait", t.tcp_fin_wait),
+            ("--ct-tcp-timeout-close-wait", t.tcp_close_wait),
+            ("--ct-tcp-timeout-time-wait", t.tcp_time_wait),
+            ("--ct-tcp-timeout-close", t.tcp_close),
+            ("--ct-udp-timeout", t.udp_unreplied),
+            ("--ct-udp-timeout-stream", t.udp_replied),
+        ] {
+            if v == 0 {
+                bail!("{flag} must be at least 1 second");
+            }
+        }
+        Ok(t)
+    }
 }
 
 #[derive(Subcommand)]
@@ -229,6 +343,17 @@ struct AgentArgs {
     /// on this address, e.g. 127.0.0.1:9475 (off by default).
     #[arg(long)]
     metrics_address: Option<std::net::SocketAddr>,
+    /// ClusterIP flows the conntrack table holds (each takes ~216 bytes
+    /// of kernel memory, allocated at start: see the README). Changing it
+    /// needs the pinned table removed (`dataplane uninstall`).
+    #[arg(long, default_value_t = dataplane_common::CT_MAX)]
+    ct_max: u32,
+    /// Sweep the conntrack table (remove expired flows) this often, in
+    /// seconds; a full table is swept within a second anyway.
+    #[arg(long, default_value_t = 30)]
+    ct_sweep_interval_secs: u64,
+    #[command(flatten)]
+    ct_timeouts: CtTimeoutArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -246,6 +371,17 @@ fn main() -> anyhow::Result<()> {
                 if a.lease_ttl_secs == 0 {
                     bail!("--lease-ttl-secs must be positive");
                 }
+                if a.ct_max < 16 {
+                    bail!("--ct-max must be at least 16");
+                }
+                if a.ct_sweep_interval_secs == 0 {
+                    bail!("--ct-sweep-interval-secs must be positive");
+                }
+                let ct = CtOptions {
+                    max: a.ct_max,
+                    timeouts: a.ct_timeouts.timeouts()?,
+                    sweep_interval: Duration::from_secs(a.ct_sweep_interval_secs),
+                };
                 agent::run(AgentConfig {
                     etcd: a.etcd.options(),
                     prefix: a.etcd.etcd_prefix.to_string(),
@@ -267,6 +403,7 @@ fn main() -> anyhow::Result<()> {
                         pod_device: a.pod_device,
                     },
                     metrics_address: a.metrics_address,
+                    ct,
                 })
                 .await
             }
@@ -290,6 +427,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Cmd::Conntrack { op } => conntrack_cmd(op).await,
             Cmd::Stats { pin_path } => {
                 for (stat, c) in dataplane::bpf::read_pinned_stats(&pin_path)? {
                     println!(
@@ -322,10 +460,84 @@ fn main() -> anyhow::Result<()> {
                         );
                     }
                 }
+                if let Some(gc) = dataplane::bpf::ct::read_pinned_gc(&pin_path)? {
+                    println!();
+                    for (c, v) in gc {
+                        println!("{:<24} {v:>12}", c.name());
+                    }
+                }
                 Ok(())
             }
         }
     })
+}
+
+/// The Services in etcd, to name flows by; `None` (with a warning) when
+/// etcd cannot be reached in a few seconds.
+async fn service_index(ct: &ConntrackArgs) -> Option<dataplane::conntrack::ServiceIndex> {
+    let list = async {
+        let mut client = dataplane::etcd::connect(&ct.etcd.options()).await?;
+        anyhow::Ok(dataplane::services::list(&mut client, &ct.service_prefix).await?)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), list).await {
+        Ok(Ok(store)) => Some(dataplane::conntrack::ServiceIndex::new(&store)),
+        Ok(Err(e)) => {
+            eprintln!("warning: Services not listed from etcd ({e:#}): flows show service ids");
+            None
+        }
+        Err(_) => {
+            eprintln!("warning: etcd did not answer within 5 s: flows show service ids");
+            None
+        }
+    }
+}
+
+async fn conntrack_cmd(op: ConntrackOp) -> anyhow::Result<()> {
+    let ct = match &op {
+        ConntrackOp::List { ct, .. } | ConntrackOp::Flush { ct } => ct,
+    };
+    let services = service_index(ct).await;
+    let only = match &ct.service {
+        None => None,
+        Some(s) => {
+            let (ns, name) = s.split_once('/').unwrap_or(("default", s.as_str()));
+            let name = dataplane::services::ServiceName::new(ns, name);
+            match &services {
+                None => {
+                    bail!("--service {name}: the Services in etcd are needed to find its flows")
+                }
+                Some(idx) if !idx.knows(&name) => {
+                    bail!("--service {name}: no such Service in etcd")
+                }
+                Some(_) => Some(name),
+            }
+        }
+    };
+    let mut table = dataplane::bpf::CtTable::open_pinned(&ct.pin_path)
+        .with_context(|| format!("is an agent's pin path {}?", ct.pin_path.display()))?;
+    match op {
+        ConntrackOp::List { output, .. } => {
+            let rows = dataplane::conntrack::rows(
+                &table,
+                dataplane::bpf::ct::monotonic_ns(),
+                &table.timeouts()?,
+                services.as_ref(),
+                only.as_ref(),
+            )?;
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                OutputFormat::Table => print!("{}", dataplane::conntrack::render(&rows)),
+            }
+        }
+        ConntrackOp::Flush { .. } => {
+            let n = dataplane::conntrack::flush(&mut table, services.as_ref(), only.as_ref())?;
+            match &only {
+                Some(name) => println!("flushed {n} flows of {name}"),
+                None => println!("flushed {n} flows"),
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn config_cmd(op: ConfigOp) -> anyhow::Result<()> {

@@ -16,7 +16,11 @@ use dataplane::{
     reconcile::{FrontendState, Frontends, Peer, Reconciler, Resync},
     services::ServiceName,
 };
-use dataplane_common::{NODE_CFG_BPF_LOG, NODE_CFG_READY, NodeConfig, Stat, prog_names};
+use dataplane_common::{
+    NODE_CFG_BPF_LOG, NODE_CFG_READY, NodeConfig, Stat,
+    ct::{CT_F_PICKED_UP, CT_F_SEEN_REPLY, CtState, CtTimeouts},
+    prog_names,
+};
 use etherparse::{Ethernet2Header, Icmpv4Type, IpNumber, icmpv4::DestUnreachableHeader};
 use ipnet::Ipv4Net;
 use tests::{
@@ -68,9 +72,18 @@ fn setup() -> Env {
     setup_with(false)
 }
 
+/// [`setup`] with a conntrack table of `ct_max` flows.
+fn setup_ct(ct_max: u32) -> Env {
+    setup_opts(false, Some(ct_max))
+}
+
 /// [`setup`], loading the object as `dataplane agent --bpf-log` does when
 /// `bpf_log` (its aya-log level then is this process's log level).
 fn setup_with(bpf_log: bool) -> Env {
+    setup_opts(bpf_log, None)
+}
+
+fn setup_opts(bpf_log: bool, ct_max: Option<u32>) -> Env {
     // The agent turns forwarding on (pods are routed); bpf_fib_lookup
     // needs it to answer.
     sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
@@ -90,6 +103,7 @@ fn setup_with(bpf_log: bool) -> Env {
     let mut dp = Dataplane::load(&LoadOptions {
         pin_path: None,
         bpf_log,
+        ct_max,
     })
     .unwrap();
     let cfg = NodeConfig {
@@ -1106,7 +1120,8 @@ root_test!(service_undefined_port_and_midflow_without_conntrack, || {
     );
     assert_eq!(rc, TC_ACT_SHOT, "fragment");
     assert_eq!(stat(&env, Stat::DropSvcMalformed), 1);
-    // An ACK with no tracked connection is reset.
+    // Without a tracked flow, an ACK is picked up (nf_conntrack_tcp_loose)
+    // and translated; a RST or FIN is INVALID and dropped, never answered.
     let seg = tcp(CLIENT, VIP, 40004, 80, 1, 77, TCP_ACK, b"data");
     let (rc, out) = run_tc(
         &mut env,
@@ -1114,18 +1129,42 @@ root_test!(service_undefined_port_and_midflow_without_conntrack, || {
         &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg)),
     );
     assert_eq!(rc, TC_ACT_REDIRECT);
-    let t = parse_eth_ipv4(&out).1.tcp().clone();
-    assert!(t.rst && !t.ack, "bare RST");
-    assert_eq!(t.sequence_number, 77, "sequence = the segment's ACK");
+    let inner = parse_vxlan(&out).inner_ipv4();
+    assert_eq!(
+        inner.dst(),
+        Ipv4Addr::new(10, 244, 2, 7),
+        "picked up, DNATed"
+    );
+    assert!(!inner.tcp().rst);
+    for (sport, flags) in [
+        (40005, TCP_RST),
+        (40006, TCP_RST | TCP_ACK),
+        (40007, TCP_FIN | TCP_ACK),
+    ] {
+        let seg = tcp(CLIENT, VIP, sport, 80, 1, 77, flags, b"");
+        let (rc, _) = run_tc(
+            &mut env,
+            prog_names::FROM_POD,
+            &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg)),
+        );
+        assert_eq!(rc, TC_ACT_SHOT, "flags {flags:#x} without a flow");
+    }
     assert_counters(
         &env,
         &[
+            (Stat::Encapsulated, 1),
+            (Stat::SvcForward, 1),
             (Stat::DropSvcUndefinedPort, 3),
-            (Stat::SvcRejectNoConntrack, 1),
             (Stat::DropSvcMalformed, 1),
+            (Stat::SvcCtPickup, 1),
+            (Stat::DropCtInvalid, 3),
         ],
         "ClusterIP without a matching frontend or flow",
     );
+    let flows = env.dp.maps().conntrack().unwrap().flows().unwrap();
+    assert_eq!(flows.len(), 1, "only the picked-up flow is tracked");
+    assert_eq!(flows[0].entry.state, CtState::Established as u8);
+    assert_ne!(flows[0].entry.flags & CT_F_PICKED_UP, 0);
 });
 
 root_test!(service_local_backend_and_hairpin, || {
@@ -1242,6 +1281,257 @@ root_test!(removed_backend_flows_die_at_their_next_packet, || {
         "UDP re-balanced at once"
     );
 });
+
+// ---------------------------------------------------- conntrack lifecycle
+
+use dataplane::{
+    bpf::{CtTable, MapOp, ct::monotonic_ns},
+    conntrack::Sweeper,
+};
+use dataplane_common::ct::CtGc;
+
+/// A backend on this node's bridge.
+const LOCAL_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 9);
+const BACKEND_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 9];
+
+/// A TCP segment from the client to the ClusterIP, through from_pod.
+fn client_seg(env: &mut Env, sport: u16, flags: u8) -> (u32, Vec<u8>) {
+    let seg = tcp(CLIENT, VIP, sport, 80, 1000, 1, flags, b"");
+    let f = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 6, 0, &seg));
+    run_tc(env, prog_names::FROM_POD, &f)
+}
+
+/// A TCP segment from the local backend to the client, through from_pod.
+fn backend_seg(env: &mut Env, sport: u16, flags: u8) -> (u32, Vec<u8>) {
+    let seg = tcp(LOCAL_BACKEND, CLIENT, 8080, sport, 5000, 1001, flags, b"");
+    let f = eth(
+        CNI0_MAC,
+        BACKEND_MAC,
+        ETH_P_IP,
+        &ipv4(LOCAL_BACKEND, CLIENT, 6, 0, &seg),
+    );
+    run_tc(env, prog_names::FROM_POD, &f)
+}
+
+fn table(env: &mut Env) -> CtTable {
+    env.dp.maps().conntrack().unwrap()
+}
+
+/// The entry of the client's flow from `sport`, if any.
+fn flow_of(env: &mut Env, sport: u16) -> Option<dataplane_common::CtEntry> {
+    table(env)
+        .flows()
+        .unwrap()
+        .into_iter()
+        .find(|f| f.key.sport == sport.to_be_bytes())
+        .map(|f| f.entry)
+}
+
+fn state_of(env: &mut Env, sport: u16) -> Option<CtState> {
+    flow_of(env, sport).and_then(|e| CtState::from_u8(e.state))
+}
+
+fn set_timeouts(env: &mut Env, t: CtTimeouts) {
+    env.dp.maps().apply(&MapOp::CtConfig(t)).unwrap();
+}
+
+root_test!(tcp_flow_walks_its_states_and_a_syn_reopens_it, || {
+    let mut env = setup();
+    set_frontend(&mut env, svc_key(80, 6), vec![backend(LOCAL_BACKEND, 8080)]);
+    let p = 41000;
+    let steps: &[(bool, u8, CtState)] = &[
+        (true, TCP_SYN, CtState::SynSent),
+        (false, TCP_SYN | TCP_ACK, CtState::SynRecv),
+        (true, TCP_ACK, CtState::Established),
+        (true, TCP_FIN | TCP_ACK, CtState::FinWait),
+        (false, TCP_ACK, CtState::CloseWait),
+        (false, TCP_FIN | TCP_ACK, CtState::TimeWait),
+        (true, TCP_ACK, CtState::TimeWait),
+    ];
+    for &(from_client, flags, want) in steps {
+        let (rc, out) = if from_client {
+            client_seg(&mut env, p, flags)
+        } else {
+            backend_seg(&mut env, p, flags)
+        };
+        assert_eq!(rc, TC_ACT_REDIRECT, "{flags:#x} handed to the bridge");
+        let (_, ip) = parse_eth_ipv4(&out);
+        if from_client {
+            assert_eq!(ip.dst(), LOCAL_BACKEND);
+        } else {
+            assert_eq!((ip.src(), ip.tcp().source_port), (VIP, 80), "reverse NAT");
+        }
+        assert_eq!(state_of(&mut env, p), Some(want), "after {flags:#x}");
+    }
+    let closed = flow_of(&mut env, p).unwrap();
+    assert_eq!(
+        closed.flags & CT_F_SEEN_REPLY,
+        CT_F_SEEN_REPLY,
+        "the backend was seen"
+    );
+    // The tuple reused by a new connection: a new flow, not the old one.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let (rc, _) = client_seg(&mut env, p, TCP_SYN);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let reopened = flow_of(&mut env, p).unwrap();
+    assert_eq!(CtState::from_u8(reopened.state), Some(CtState::SynSent));
+    assert!(reopened.created_ns > closed.created_ns, "a new entry");
+    // A RST from either side closes.
+    backend_seg(&mut env, p, TCP_RST | TCP_ACK);
+    assert_eq!(state_of(&mut env, p), Some(CtState::Close));
+    // One flow, one reverse entry: nothing left of the first one.
+    assert_eq!(table(&mut env).reverse_entries().unwrap().len(), 1);
+});
+
+root_test!(
+    expired_flows_are_absent_and_their_replies_untranslated,
+    || {
+        let mut env = setup();
+        set_frontend(&mut env, svc_key(80, 6), vec![backend(LOCAL_BACKEND, 8080)]);
+        set_timeouts(
+            &mut env,
+            CtTimeouts {
+                tcp_syn_sent: 1,
+                ..CtTimeouts::DEFAULT
+            },
+        );
+        let p = 41100;
+        client_seg(&mut env, p, TCP_SYN);
+        assert_eq!(state_of(&mut env, p), Some(CtState::SynSent));
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        // Still in the map (nobody swept), but expired: the backend's late
+        // SYN-ACK is not a Service reply any more and goes as it is.
+        assert!(flow_of(&mut env, p).is_some());
+        let (rc, _) = backend_seg(&mut env, p, TCP_SYN | TCP_ACK);
+        assert_eq!(rc, TC_ACT_OK, "passed untranslated");
+        assert_eq!(stat(&env, Stat::SvcReverse), 0);
+        // The client's next segment finds no live flow: picked up anew.
+        let (rc, _) = client_seg(&mut env, p, TCP_ACK);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_eq!(stat(&env, Stat::SvcCtPickup), 1);
+        assert_eq!(state_of(&mut env, p), Some(CtState::Established));
+        // The sweeper takes what expired, both directions.
+        set_timeouts(
+            &mut env,
+            CtTimeouts {
+                tcp_established: 1,
+                ..CtTimeouts::DEFAULT
+            },
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let t = table(&mut env);
+        let timeouts = t.timeouts().unwrap();
+        let mut sweeper = Sweeper::new(t, timeouts);
+        let r = sweeper.sweep(monotonic_ns()).unwrap();
+        assert_eq!((r.flows, r.expired), (1, 1));
+        assert_eq!(table(&mut env).flows().unwrap().len(), 0);
+        assert_eq!(table(&mut env).reverse_entries().unwrap().len(), 0);
+        let gc = table(&mut env).gc_counters().unwrap();
+        assert!(gc.contains(&(CtGc::Expired, 1)), "{gc:?}");
+    }
+);
+
+root_test!(udp_is_unreplied_until_the_backend_answers, || {
+    let mut env = setup();
+    set_frontend(
+        &mut env,
+        svc_key(53, 17),
+        vec![backend(LOCAL_BACKEND, 5353)],
+    );
+    let q = udp_csum(CLIENT, VIP, 41200, 53, b"q");
+    let f = eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4(CLIENT, VIP, 17, 0, &q));
+    assert_eq!(
+        run_tc(&mut env, prog_names::FROM_POD, &f).0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(state_of(&mut env, 41200), Some(CtState::UdpUnreplied));
+    let a = udp_csum(LOCAL_BACKEND, CLIENT, 5353, 41200, b"a");
+    let f = eth(
+        CNI0_MAC,
+        BACKEND_MAC,
+        ETH_P_IP,
+        &ipv4(LOCAL_BACKEND, CLIENT, 17, 0, &a),
+    );
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &f);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(parse_eth_ipv4(&out).1.src(), VIP);
+    assert_eq!(state_of(&mut env, 41200), Some(CtState::UdpReplied));
+});
+
+root_test!(
+    a_full_table_drops_new_flows_and_early_drop_spares_established_ones,
+    || {
+        let mut env = setup_ct(16);
+        set_frontend(&mut env, svc_key(80, 6), vec![backend(LOCAL_BACKEND, 8080)]);
+        // 4 established flows, 12 unanswered SYNs: full.
+        for p in 42000..42004 {
+            client_seg(&mut env, p, TCP_SYN);
+            backend_seg(&mut env, p, TCP_SYN | TCP_ACK);
+            client_seg(&mut env, p, TCP_ACK);
+            assert_eq!(state_of(&mut env, p), Some(CtState::Established));
+        }
+        for p in 42100..42112 {
+            assert_eq!(client_seg(&mut env, p, TCP_SYN).0, TC_ACT_REDIRECT);
+        }
+        // The 17th flow loses (dropped, as netfilter does); nothing of it is
+        // left behind, and the established flows go on.
+        assert_eq!(client_seg(&mut env, 42200, TCP_SYN).0, TC_ACT_SHOT);
+        assert_eq!(stat(&env, Stat::DropCtFull), 1);
+        assert_eq!(flow_of(&mut env, 42200), None);
+        assert_eq!(table(&mut env).reverse_entries().unwrap().len(), 16);
+        assert_eq!(client_seg(&mut env, 42000, TCP_ACK).0, TC_ACT_REDIRECT);
+        // The sweeper makes room (16 of 16 > 90%: down to 13), taking
+        // unanswered flows, never established ones.
+        let t = table(&mut env);
+        let mut sweeper = Sweeper::new(t, CtTimeouts::DEFAULT);
+        let r = sweeper.sweep(monotonic_ns()).unwrap();
+        assert_eq!((r.expired, r.early_dropped), (0, 3));
+        for p in 42000..42004 {
+            assert_eq!(
+                state_of(&mut env, p),
+                Some(CtState::Established),
+                "{p} kept"
+            );
+        }
+        assert_eq!(table(&mut env).flows().unwrap().len(), 13);
+        assert_eq!(table(&mut env).reverse_entries().unwrap().len(), 13);
+        assert_eq!(
+            client_seg(&mut env, 42200, TCP_SYN).0,
+            TC_ACT_REDIRECT,
+            "room again"
+        );
+        let gc = table(&mut env).gc_counters().unwrap();
+        assert!(gc.contains(&(CtGc::EarlyDrop, 3)), "{gc:?}");
+    }
+);
+
+root_test!(
+    without_endpoints_new_segments_are_rejected_invalid_ones_dropped,
+    || {
+        let mut env = setup();
+        set_frontend(&mut env, svc_key(80, 6), vec![]);
+        // kube-proxy: INVALID is dropped, REJECT answers what conntrack calls
+        // NEW (a SYN, or an ACK it would pick up).
+        for flags in [TCP_SYN, TCP_ACK] {
+            let (rc, out) = client_seg(&mut env, 44000, flags);
+            assert_eq!(rc, TC_ACT_REDIRECT, "{flags:#x} rejected");
+            assert!(parse_eth_ipv4(&out).1.tcp().rst);
+        }
+        for flags in [TCP_RST, TCP_FIN | TCP_ACK, TCP_SYN | TCP_ACK] {
+            assert_eq!(
+                client_seg(&mut env, 44000, flags).0,
+                TC_ACT_SHOT,
+                "{flags:#x}"
+            );
+        }
+        assert_counters(
+            &env,
+            &[(Stat::SvcRejectNoBackend, 2), (Stat::DropCtInvalid, 3)],
+            "no endpoints",
+        );
+        assert!(table(&mut env).flows().unwrap().is_empty());
+    }
+);
 
 // ---------------------------------------------------------------- CNI pods
 

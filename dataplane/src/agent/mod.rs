@@ -74,6 +74,31 @@ pub struct AgentConfig {
     pub cni: cni::CniOptions,
     /// Serve `/metrics`, `/healthz`, `/readyz` here (`--metrics-address`).
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// ClusterIP conntrack: table size, timeouts, sweeps.
+    pub ct: CtOptions,
+}
+
+/// `--ct-*`: the conntrack table's size and timeouts, and how often the
+/// agent sweeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtOptions {
+    /// Flows the table holds (`--ct-max`), set when the maps are made.
+    pub max: u32,
+    /// Per-state timeouts, handed to the data path (`ct_cfg_v1`).
+    pub timeouts: dataplane_common::ct::CtTimeouts,
+    /// Sweep at least this often (and within a second of the table
+    /// filling up).
+    pub sweep_interval: Duration,
+}
+
+impl Default for CtOptions {
+    fn default() -> Self {
+        CtOptions {
+            max: dataplane_common::CT_MAX,
+            timeouts: dataplane_common::ct::CtTimeouts::DEFAULT,
+            sweep_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `--decap-mode`: where decapsulation runs on the underlay interface.
@@ -165,6 +190,8 @@ struct Agent {
     cni_server: Option<tokio::task::JoinHandle<()>>,
     /// Where decapsulation runs, as resolved at start-up.
     decap: Decap,
+    /// The conntrack sweeper's thread (stops at the shutdown signal).
+    ct_sweeper: Option<std::thread::JoinHandle<()>>,
     /// This agent's claims on its pin path and PublicIP.
     _instance: Vec<instance::InstanceLock>,
     /// The status record `dataplane status` reads.
@@ -215,6 +242,10 @@ impl Agent {
         if let Some(server) = self.cni_server.take() {
             server.abort();
             let _ = server.await;
+        }
+        // The sweeper sees the same signal and ends after its sweep.
+        if let Some(sweeper) = self.ct_sweeper.take() {
+            let _ = tokio::task::spawn_blocking(move || sweeper.join()).await;
         }
     }
 

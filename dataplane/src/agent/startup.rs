@@ -14,9 +14,10 @@ use anyhow::Context as _;
 
 use super::{Agent, AgentConfig, Events, Retry, cni, node};
 use crate::{
-    bpf::{Dataplane, LoadOptions},
+    bpf::{Dataplane, LoadOptions, MapOp},
     cni::server::AgentSocket,
     config::NetworkConfig,
+    conntrack::{Sweeper, sweep},
     etcd::EtcdOptions,
     lease::{self, Lease, LeaseAttrs, LeaseEvent, format_mac},
     metrics::ReadyPart,
@@ -205,6 +206,7 @@ pub(super) async fn start(
     let mut dp = Dataplane::load(&LoadOptions {
         pin_path: Some(&cfg.pin_path),
         bpf_log: cfg.bpf_log,
+        ct_max: Some(cfg.ct.max),
     })?;
     if cfg.bpf_log
         && let Some(log) = dp.take_log()?
@@ -218,6 +220,7 @@ pub(super) async fn start(
         conflist: cni::ConflistFile::new(&cfg.cni.conf_dir),
         pod_device,
         cni_server: None,
+        ct_sweeper: None,
         _instance: instance,
         status: super::status::StatusWriter::new(cfg.pin_path.clone(), cfg.etcd.endpoints.clone()),
         decap: cfg.decap_mode.resolve(underlay.kind.as_deref()),
@@ -240,6 +243,12 @@ pub(super) async fn start(
     };
     let node_cfg = desired::node_config(&agent.node_facts());
     agent.rec.set_node(agent.dp.maps(), &node_cfg)?;
+    agent
+        .dp
+        .maps()
+        .apply(&MapOp::CtConfig(agent.cfg.ct.timeouts))
+        .context("writing the conntrack timeouts")?;
+    let ct_table = agent.dp.maps().conntrack()?;
     // Services are in the maps before any program is attached, so a
     // ClusterIP is never forwarded untranslated, not even at start-up.
     // What an earlier run wrote is the current state: frontends keep their
@@ -309,6 +318,16 @@ pub(super) async fn start(
     agent.dp.prune_links();
     agent.dp.finish_migration();
     metrics.set_ready(ReadyPart::Attached, true);
+    agent.ct_sweeper = Some(sweep::spawn(
+        Sweeper::new(ct_table, agent.cfg.ct.timeouts),
+        agent.cfg.ct.sweep_interval,
+        agent.cfg.pin_path.clone(),
+        shutdown.clone(),
+    ));
+    info!(
+        "conntrack: {} flows at most, swept every {:?}",
+        agent.cfg.ct.max, agent.cfg.ct.sweep_interval
+    );
 
     // Peers: etcd watch -> table -> maps.
     let (peer_tx, peers) = mpsc::channel::<PeerUpdate>(1024);

@@ -14,7 +14,7 @@ use log::info;
 
 use super::{
     BpffsError,
-    maps::{LAYOUTS, Layout, MapError, Maps, PINNED},
+    maps::{Layout, MapError, Maps, PINNED, SIZED_BY_CT_MAX, layouts},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +81,16 @@ pub struct LoadOptions<'a> {
     /// it the log level compiled into the object is "off", so the verifier
     /// drops the logging code.
     pub bpf_log: bool,
+    /// Size of the conntrack tables (`--ct-max`); `None`: the object's
+    /// default, [`dataplane_common::CT_MAX`].
+    pub ct_max: Option<u32>,
+}
+
+impl LoadOptions<'_> {
+    /// The conntrack table size this load creates.
+    pub fn ct_max(&self) -> u32 {
+        self.ct_max.unwrap_or(dataplane_common::CT_MAX)
+    }
 }
 
 fn program_error(program: &'static str) -> impl FnOnce(ProgramError) -> LoadError {
@@ -98,11 +108,12 @@ fn program_error(program: &'static str) -> impl FnOnce(ProgramError) -> LoadErro
 }
 
 /// Checks that every map pinned under `pin_path` has the layout this
-/// binary's object declares ([`LAYOUTS`]): aya reuses a pinned map by name
-/// without looking, and a program must never run against a map of another
-/// shape. Maps not pinned yet are fine (they are created).
-pub fn check_pinned_layouts(pin_path: &Path) -> Result<(), LoadError> {
-    for (map, wanted) in LAYOUTS {
+/// binary's object declares ([`super::LAYOUTS`], the conntrack maps sized
+/// `ct_max`): aya reuses a pinned map by name without looking, and a
+/// program must never run against a map of another shape. Maps not
+/// pinned yet are fine (they are created).
+pub fn check_pinned_layouts(pin_path: &Path, ct_max: u32) -> Result<(), LoadError> {
+    for (map, wanted) in layouts(ct_max) {
         let path = pin_path.join(map);
         if !path.exists() {
             continue;
@@ -114,12 +125,12 @@ pub fn check_pinned_layouts(pin_path: &Path) -> Result<(), LoadError> {
                 source,
             })?;
         let pinned = Layout::of(&pinned)?;
-        if pinned != *wanted {
+        if pinned != wanted {
             return Err(LoadError::Layout {
                 map,
                 path,
                 pinned,
-                wanted: *wanted,
+                wanted,
             });
         }
     }
@@ -131,10 +142,13 @@ pub(super) fn load(opts: &LoadOptions) -> Result<(Ebpf, Maps), LoadError> {
     let mut loader = EbpfLoader::new();
     if let Some(pin_path) = opts.pin_path {
         super::ensure_bpffs(pin_path)?;
-        check_pinned_layouts(pin_path)?;
+        check_pinned_layouts(pin_path, opts.ct_max())?;
         for name in PINNED {
             loader.map_pin_path(name, pin_path.join(name));
         }
+    }
+    for name in SIZED_BY_CT_MAX {
+        loader.map_max_entries(name, opts.ct_max());
     }
     // aya-log's level filter in the object (absent when it logs nothing):
     // the agent's own maximum level, or off.

@@ -22,7 +22,9 @@ use dataplane_common::{
     CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LiveInfo, LiveKey, NodeConfig,
     PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PROTO_TCP, PeerInfo, PeerIpInfo, PeerIpKey,
     PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey,
-    VipInfo, VipKey, map_names,
+    VipInfo, VipKey,
+    ct::{CT_GC_LEN, CtTimeouts},
+    map_names,
 };
 use ipnet::Ipv4Net;
 
@@ -59,6 +61,15 @@ impl Layout {
             value_size: info.value_size(),
             max_entries: info.max_entries(),
         })
+    }
+}
+
+impl Layout {
+    /// Same type, key and value size (whatever `max_entries`).
+    pub fn same_shape(&self, other: &Layout) -> bool {
+        self.kind == other.kind
+            && self.key_size == other.key_size
+            && self.value_size == other.value_size
     }
 }
 
@@ -106,11 +117,19 @@ pub const LAYOUTS: &[(&str, Layout)] = &[
     ),
     (
         map_names::CT,
-        Layout::new::<CtKey, CtEntry>(MapType::LruHash, CT_MAX),
+        Layout::new::<CtKey, CtEntry>(MapType::Hash, CT_MAX),
     ),
     (
         map_names::RNAT,
-        Layout::new::<CtKey, RnatEntry>(MapType::LruHash, CT_MAX),
+        Layout::new::<CtKey, RnatEntry>(MapType::Hash, CT_MAX),
+    ),
+    (
+        map_names::CT_CONFIG,
+        Layout::new::<u32, CtTimeouts>(MapType::Array, 1),
+    ),
+    (
+        map_names::CT_GC,
+        Layout::new::<u32, u64>(MapType::Array, CT_GC_LEN),
     ),
     (
         map_names::AFFINITY,
@@ -134,6 +153,30 @@ pub const LAYOUTS: &[(&str, Layout)] = &[
     ),
 ];
 
+/// The conntrack maps, whose size is the agent's `--ct-max`, not the
+/// object's default.
+pub const SIZED_BY_CT_MAX: &[&str] = &[map_names::CT, map_names::RNAT];
+
+/// [`LAYOUTS`] as a load with `--ct-max` `ct_max` creates the maps.
+pub fn layouts(ct_max: u32) -> Vec<(&'static str, Layout)> {
+    LAYOUTS
+        .iter()
+        .map(|&(name, l)| {
+            if SIZED_BY_CT_MAX.contains(&name) {
+                (
+                    name,
+                    Layout {
+                        max_entries: ct_max,
+                        ..l
+                    },
+                )
+            } else {
+                (name, l)
+            }
+        })
+        .collect()
+}
+
 /// A map access that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
@@ -145,6 +188,10 @@ pub enum MapError {
     Full,
     #[error("map {0} missing from the BPF object")]
     Missing(&'static str),
+    #[error("map {0} has another type than expected")]
+    WrongType(&'static str),
+    #[error("duplicating a map handle: {0}")]
+    Dup(#[source] std::io::Error),
     #[error("opening {}: {source}", path.display())]
     Pinned {
         path: PathBuf,
@@ -208,6 +255,8 @@ pub enum MapOp {
     /// A CNI pod's port: the addresses it may send from.
     PutPodPort(PodPortKey, PodPortInfo),
     DelPodPort(PodPortKey),
+    /// The conntrack timeouts (the agent's `--ct-*-timeout` flags).
+    CtConfig(CtTimeouts),
 }
 
 impl MapOp {
@@ -217,6 +266,7 @@ impl MapOp {
         !matches!(
             self,
             MapOp::NodeConfig(_)
+                | MapOp::CtConfig(_)
                 | MapOp::PutPeerIp(..)
                 | MapOp::PutPeer(..)
                 | MapOp::PutService(..)
@@ -329,6 +379,7 @@ impl fmt::Display for MapOp {
                 Ipv4Addr::from(v.ip)
             ),
             MapOp::DelPodPort(k) => write!(f, "removing pod port ifindex {}", k.ifindex),
+            MapOp::CtConfig(_) => write!(f, "writing the conntrack timeouts"),
         }
     }
 }
@@ -365,6 +416,12 @@ pub struct Maps {
     svc_stats: PerCpuHashMap<MapData, SvcKey, SvcCounters>,
     live: HashMap<MapData, LiveKey, LiveInfo>,
     pod_ports: HashMap<MapData, PodPortKey, PodPortInfo>,
+    ct_cfg: Array<MapData, CtTimeouts>,
+    /// Conntrack, handed out as separate handles ([`Maps::conntrack`]).
+    ct: MapData,
+    rnat: MapData,
+    ct_gc: MapData,
+    ct_cfg_read: MapData,
 }
 
 fn lpm_key(net: &Ipv4Net) -> Key<[u8; 4]> {
@@ -379,10 +436,29 @@ fn collect<T>(
     it.map(|r| r.map_err(MapError::from)).collect()
 }
 
+/// The map inside one taken out of the object, for the conntrack maps
+/// (hash or array), which are handed out as [`super::ct::CtTable`].
+fn map_data(name: &'static str, m: aya::maps::Map) -> Result<MapData, MapError> {
+    use aya::maps::Map;
+    match m {
+        Map::HashMap(d) | Map::Array(d) => Ok(d),
+        _ => Err(MapError::WrongType(name)),
+    }
+}
+
+/// A second handle on the same map.
+fn dup(m: &MapData) -> Result<MapData, MapError> {
+    use std::os::fd::AsFd as _;
+    let fd = m.fd().as_fd().try_clone_to_owned().map_err(MapError::Dup)?;
+    Ok(MapData::from_fd(fd)?)
+}
+
 impl Maps {
     /// Takes every map out of the loaded object.
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<Maps, MapError> {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapError::Missing(name));
+        let ct_cfg = map_data(map_names::CT_CONFIG, take(map_names::CT_CONFIG)?)?;
+        let ct_cfg_read = dup(&ct_cfg)?;
         Ok(Maps {
             peers: LpmTrie::try_from(take(map_names::PEERS)?)?,
             peer_ips: HashMap::try_from(take(map_names::PEER_IPS)?)?,
@@ -396,6 +472,11 @@ impl Maps {
             svc_stats: PerCpuHashMap::try_from(take(map_names::SVC_STATS)?)?,
             live: HashMap::try_from(take(map_names::LIVE)?)?,
             pod_ports: HashMap::try_from(take(map_names::POD_PORTS)?)?,
+            ct_cfg: Array::try_from(aya::maps::Map::Array(ct_cfg))?,
+            ct_cfg_read,
+            ct: map_data(map_names::CT, take(map_names::CT)?)?,
+            rnat: map_data(map_names::RNAT, take(map_names::RNAT)?)?,
+            ct_gc: map_data(map_names::CT_GC, take(map_names::CT_GC)?)?,
         })
     }
 
@@ -422,6 +503,7 @@ impl Maps {
             MapOp::PutEndpoint(k, v) => self.endpoints.insert(k, v, 0)?,
             MapOp::PutPodPort(k, v) => self.pod_ports.insert(k, v, 0)?,
             MapOp::DelPodPort(k) => self.pod_ports.remove(k)?,
+            MapOp::CtConfig(t) => self.ct_cfg.set(0, t, 0)?,
         }
         Ok(())
     }
@@ -455,6 +537,17 @@ impl Maps {
     /// The endpoints: learnt by the data path, or registered.
     pub fn endpoint_entries(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>, MapError> {
         collect(self.endpoints.iter())
+    }
+
+    /// The conntrack tables, on handles of their own (file descriptors
+    /// duplicated): the agent's sweeper runs on them beside the maps.
+    pub fn conntrack(&self) -> Result<super::ct::CtTable, MapError> {
+        super::ct::CtTable::from_maps(
+            dup(&self.ct)?,
+            dup(&self.rnat)?,
+            dup(&self.ct_gc)?,
+            dup(&self.ct_cfg_read)?,
+        )
     }
 
     /// The CNI pods' ports.

@@ -50,8 +50,10 @@ pub struct Entry {
 pub struct Migration {
     /// The old map's pin name, e.g. `ct_v1`.
     pub from: &'static str,
-    /// The layout the old map has; a pin of that name with another layout
-    /// is not converted (left in place, with a warning).
+    /// The layout the old map has; a pin of that name with another type,
+    /// key or value size is not converted (left in place, with a
+    /// warning). Its size (`max_entries`, which may have been a flag)
+    /// does not matter.
     pub layout: Layout,
     /// The maps of this binary the conversion writes.
     pub into: &'static [&'static str],
@@ -62,7 +64,7 @@ pub struct Migration {
 
 /// The migrations this binary knows, by old map name. A map whose layout
 /// changes registers its conversion here when it gets its new name.
-pub const MIGRATIONS: &[Migration] = &[];
+pub const MIGRATIONS: &[Migration] = &[super::ct::CT_V1_MIGRATION, super::ct::RNAT_V1_MIGRATION];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -380,7 +382,7 @@ impl Migrator {
                 ),
                 PinKind::Migrate(m) => {
                     let old = Pinned::open(&path)?;
-                    if old.layout != m.layout {
+                    if !old.layout.same_shape(&m.layout) {
                         warn!(
                             "{} has layout {}, not the {} its migration converts: left in place, \
                              not migrated; `dataplane uninstall` removes it",

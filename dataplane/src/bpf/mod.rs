@@ -16,6 +16,9 @@
 //!   place a map is written.
 //! - [`migrate`]: maps of an older agent under names this binary no
 //!   longer uses, converted into their successors across an upgrade.
+//! - [`ct`]: the conntrack tables (list, sweep, flush, and the migration
+//!   of the previous release's `ct_v1`, registered with [`migrate`]), also
+//!   from the pins while the agent is down.
 //! - [`stats`]: the counters, also read from a running agent's pins.
 //! - [`logs`]: forwarding the data path's aya-log records (`--bpf-log`).
 //! - [`inspect`]: map fill levels and pinned programs, read from the pins
@@ -23,6 +26,7 @@
 
 pub mod attach;
 pub mod bpffs;
+pub mod ct;
 pub mod inspect;
 pub mod load;
 pub mod logs;
@@ -37,10 +41,13 @@ use dataplane_common::{Counter, Stat};
 
 pub use attach::{AttachError, Decap};
 pub use bpffs::{BpffsError, Removed, ensure_bpffs, uninstall};
+pub use ct::{CtTable, Flow};
 pub use inspect::{MapFill, PinnedProgram, fill_levels, map_fill, pinned_programs};
 pub use load::{LoadError, LoadOptions};
 pub use logs::BpfLog;
-pub use maps::{LAYOUTS, Layout, MapError, MapOp, Maps, PeerEntries, ServiceEntries};
+pub use maps::{
+    LAYOUTS, Layout, MapError, MapOp, Maps, PeerEntries, SIZED_BY_CT_MAX, ServiceEntries, layouts,
+};
 pub use migrate::{MigrateError, Migration, Migrator};
 pub use stats::{read_pinned_stats, read_pinned_svc_stats};
 
@@ -88,6 +95,7 @@ impl Dataplane {
         Self::load(&LoadOptions {
             pin_path,
             bpf_log: false,
+            ct_max: None,
         })
     }
 

@@ -151,6 +151,8 @@ impl MapState {
     fn record_entry(&mut self, op: &MapOp) {
         match *op {
             MapOp::NodeConfig(c) => self.node = Some(c),
+            // Written once at start-up, outside the reconciler.
+            MapOp::CtConfig(_) => {}
             MapOp::PutPeerIp(k, v) => {
                 self.peer_ips.insert(k.public_ip, v.leases);
             }

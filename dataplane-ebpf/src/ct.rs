@@ -1,0 +1,174 @@
+//! Connection tracking of ClusterIP flows: the typed access to `CT` and
+//! `RNAT` and the lifecycle rules of `dataplane_common::ct` applied to
+//! them. One flow is one `CT` entry (client -> ClusterIP, holding the
+//! backend, state and last-seen time) and one `RNAT` entry (backend ->
+//! client, the reply's index back to it). A reply is translated only
+//! while the `CT` entry it names is live and points back at it, so a
+//! closed or expired flow's reverse NAT can never rewrite a later flow
+//! that reuses the tuple.
+//!
+//! The calls other modules make: [`lookup_forward`], [`lookup_reply`],
+//! [`observe`], [`create`], [`forget`].
+
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+use dataplane_common::{
+    CtEntry, CtKey, RnatEntry,
+    ct::{self, CtState, CtTimeouts, Dir, Observe},
+};
+
+use crate::maps::{CT, CT_CONFIG, RNAT};
+
+/// `bpf_map_update_elem` on a full (non-LRU) hash map.
+const E2BIG: i32 = 7;
+
+/// The clock of `last_seen_ns` (CLOCK_MONOTONIC, as the agent reads it).
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn timeouts() -> CtTimeouts {
+    CT_CONFIG.get(0).copied().unwrap_or(CtTimeouts::DEFAULT)
+}
+
+/// The forward key of a packet (client -> ClusterIP, as it arrives).
+#[inline(always)]
+pub fn key(saddr: [u8; 4], daddr: [u8; 4], sport: [u8; 2], dport: [u8; 2], proto: u8) -> CtKey {
+    CtKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The reverse-NAT key of a flow.
+#[inline(always)]
+pub fn reply_key(fwd: &CtKey, e: &CtEntry) -> CtKey {
+    ct::reply_key(fwd, &e.backend, e.snat)
+}
+
+/// The live entry of the flow `key` (client -> ClusterIP). An expired
+/// entry is absent: it is removed with its reverse-NAT entry here, so the
+/// caller can make a new flow in its place.
+#[inline(always)]
+pub fn lookup_forward(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
+    let p = CT.get_ptr_mut(key)?;
+    // SAFETY: a map value pointer, valid for this program run.
+    let e = unsafe { *p };
+    if ct::is_expired(e.state, e.last_seen_ns, now, &timeouts()) {
+        forget(key, &reply_key(key, &e));
+        return None;
+    }
+    Some(p)
+}
+
+/// A reply's flow: what to restore, the flow's entry, and the time it
+/// was looked up at (for [`observe`]).
+pub struct Reply {
+    pub rnat: RnatEntry,
+    pub entry: *mut CtEntry,
+    pub now: u64,
+}
+
+/// The flow a packet from a backend (`key`: backend -> client) is a
+/// reply of: its reverse-NAT entry, provided the forward entry it names
+/// is live and was sent to exactly this backend and client. Otherwise
+/// `None`: the packet is not a Service reply (a stale entry is left for
+/// the sweeper). Every packet from a pod asks this first, so it costs one
+/// hash lookup when the answer is no.
+#[inline(always)]
+pub fn lookup_reply(key: &CtKey) -> Option<Reply> {
+    // SAFETY: plain data, copied out.
+    let rnat = unsafe { RNAT.get(key) }.copied()?;
+    // Only now: most packets that get here are no Service reply.
+    let now = now();
+    let fwd = ct::forward_key(&rnat, key.proto);
+    let p = CT.get_ptr_mut(fwd)?;
+    // SAFETY: a map value pointer, valid for this program run.
+    let e = unsafe { *p };
+    if ct::is_expired(e.state, e.last_seen_ns, now, &timeouts()) || reply_key(&fwd, &e) != *key {
+        return None;
+    }
+    Some(Reply {
+        rnat,
+        entry: p,
+        now,
+    })
+}
+
+/// What a packet did to its flow.
+pub enum Seen {
+    /// The entry is updated (or needed no write).
+    Tracked,
+    /// A SYN on a closed flow: the caller forgets it and opens a new one.
+    Reopen,
+}
+
+/// Applies a packet (`proto`, TCP flags `tcp`, going `dir`) to its live
+/// entry: state transition, and last-seen written at most once a second.
+#[inline(always)]
+pub fn observe(entry: *mut CtEntry, proto: u8, dir: Dir, tcp: u8, now: u64) -> Seen {
+    // SAFETY: a map value pointer, valid for this program run; the fields
+    // are written racily with other CPUs, as every conntrack does (the
+    // last writer wins, and either value is right).
+    let e = unsafe { &mut *entry };
+    let state = match CtState::from_u8(e.state) {
+        Some(s) => s,
+        None => return Seen::Reopen,
+    };
+    match ct::observe(state, e.flags, e.last_seen_ns, proto, dir, tcp, now) {
+        Observe::Keep => Seen::Tracked,
+        Observe::Write {
+            state,
+            flags,
+            last_seen_ns,
+        } => {
+            e.state = state as u8;
+            e.flags = flags;
+            e.last_seen_ns = last_seen_ns;
+            Seen::Tracked
+        }
+        Observe::Reopen => Seen::Reopen,
+    }
+}
+
+/// Why [`create`] failed.
+pub enum CreateError {
+    /// The table holds `--ct-max` flows: the packet is dropped, as
+    /// netfilter does.
+    Full,
+    /// Any other failure of the map update.
+    Failed,
+}
+
+/// Stores a new flow: its reverse-NAT entry first (a fast reply must find
+/// it), then the forward entry. Nothing is left behind on failure.
+#[inline(always)]
+pub fn create(fwd: &CtKey, entry: &CtEntry, rnat: &RnatEntry) -> Result<(), CreateError> {
+    let reply = reply_key(fwd, entry);
+    let err = |e: i32| {
+        if e == -E2BIG {
+            CreateError::Full
+        } else {
+            CreateError::Failed
+        }
+    };
+    RNAT.insert(reply, *rnat, 0).map_err(err)?;
+    if let Err(e) = CT.insert(fwd, *entry, 0) {
+        let _ = RNAT.remove(reply);
+        return Err(err(e));
+    }
+    Ok(())
+}
+
+/// Removes a flow: both its entries.
+#[inline(always)]
+pub fn forget(fwd: &CtKey, reply: &CtKey) {
+    let _ = CT.remove(fwd);
+    let _ = RNAT.remove(reply);
+}
