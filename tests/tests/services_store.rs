@@ -123,7 +123,12 @@ async fn apply_then_list_gives_the_same_objects() {
     // Listed in etcd key order: Endpoints, EndpointSlices, Services.
     let mut want = objs.clone();
     want.sort_by_key(|o| o.object_ref());
-    assert_eq!(store.to_objects(), want);
+    assert_eq!(
+        services::list_objects(&mut client, DEFAULT_PREFIX)
+            .await
+            .unwrap(),
+        want
+    );
     assert_eq!(store.malformed(), 0);
 
     // The frontend as a node would program it.
@@ -244,8 +249,10 @@ async fn a_file_with_one_invalid_document_writes_nothing() {
         .to_string();
     assert!(e.contains("129 objects"), "{e}");
 
-    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
-    assert!(store.to_objects().is_empty(), "{:?}", store.to_objects());
+    let objects = services::list_objects(&mut client, DEFAULT_PREFIX)
+        .await
+        .unwrap();
+    assert!(objects.is_empty(), "{objects:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,9 +295,9 @@ async fn delete_service_removes_its_endpoints_and_slices() {
 
     // Slices of other services, and of the same name in another
     // namespace, stay.
-    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
-    let left: Vec<String> = store
-        .to_objects()
+    let left: Vec<String> = services::list_objects(&mut client, DEFAULT_PREFIX)
+        .await
+        .unwrap()
         .iter()
         .map(|o| o.object_ref().to_string())
         .collect();
@@ -347,9 +354,7 @@ async fn watch_sees_new_services_changes_and_deletions() {
         .unwrap();
     // One transaction, two events (slice, service), both about my-service.
     let mut touched = BTreeSet::new();
-    while store.endpoint_slices_of(&sn("my-service")).count() == 0
-        || store.service(&sn("my-service")).is_none()
-    {
+    while store.endpoint_slice_count(&sn("my-service")) == 0 || !store.contains(&sn("my-service")) {
         touched.extend(store.apply(recv(&mut w.rx).await));
     }
     assert_eq!(touched, BTreeSet::from([sn("my-service")]));
@@ -394,16 +399,14 @@ async fn watch_sees_new_services_changes_and_deletions() {
     let update = recv(&mut w.rx).await;
     assert!(store.apply(update).is_empty());
     assert_eq!(store.malformed(), 1);
-    assert!(store.service(&sn("my-service")).is_some());
+    assert!(store.contains(&sn("my-service")));
 
     // Deletion.
     services::delete_service(&mut client, DEFAULT_PREFIX, "default", "my-service")
         .await
         .unwrap();
     let mut touched = BTreeSet::new();
-    while store.service(&sn("my-service")).is_some()
-        || store.endpoint_slices_of(&sn("my-service")).count() > 0
-    {
+    while store.contains(&sn("my-service")) || store.endpoint_slice_count(&sn("my-service")) > 0 {
         touched.extend(store.apply(recv(&mut w.rx).await));
     }
     assert_eq!(touched, BTreeSet::from([sn("my-service")]));

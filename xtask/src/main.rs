@@ -123,6 +123,11 @@ enum Task {
         /// A short run (under 2 minutes) instead of the full one.
         #[arg(long)]
         quick: bool,
+        /// Only the agent memory figures (RSS after the initial sync, with
+        /// 1,000 peers, through an hour of churn), to
+        /// bench/results/memory.md.
+        #[arg(long, conflicts_with = "quick")]
+        memory: bool,
     },
 }
 
@@ -134,7 +139,7 @@ fn main() -> ExitCode {
         Task::Run { args } => setup().and_then(|()| run(&args)),
         Task::Demo => setup().and_then(|()| demo()),
         Task::Lint => setup().and_then(|()| lint()),
-        Task::Bench { quick } => setup().and_then(|()| bench(quick)),
+        Task::Bench { quick, memory } => setup().and_then(|()| bench(quick, memory)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -378,7 +383,7 @@ fn demo() -> anyhow::Result<()> {
     status(c)
 }
 
-fn bench(quick: bool) -> anyhow::Result<()> {
+fn bench(quick: bool, memory: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark creates network namespaces and loads BPF programs: run as root");
     }
@@ -408,6 +413,9 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     .env("DATAPLANE_BIN", root().join("target/release/dataplane"));
     if quick {
         c.arg("--quick");
+    }
+    if memory {
+        c.arg("--memory");
     }
     status(c)
 }

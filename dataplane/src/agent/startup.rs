@@ -245,6 +245,9 @@ pub(super) async fn start(
     };
     let complete = listed.is_some();
     agent.store = listed.unwrap_or_else(ServiceStore::new);
+    // The watch follows on from this listing instead of listing again:
+    // two full listings are never held at once.
+    let listed_at = complete.then(|| agent.store.revision());
     let names = agent.program_all_services();
     if complete {
         let removed = agent.rec.remove_unowned(agent.dp.maps())?;
@@ -282,9 +285,10 @@ pub(super) async fn start(
         agent.pod_device
     );
     let (svc_tx, services) = mpsc::channel::<StoreUpdate>(4096);
-    tokio::spawn(services::watch_services(
+    tokio::spawn(services::watch_services_after(
         client.clone(),
         agent.cfg.service_prefix.clone(),
+        listed_at,
         svc_tx,
         shutdown.clone(),
     ));

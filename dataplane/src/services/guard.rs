@@ -67,7 +67,7 @@ pub fn check_conflicts(objects: &[Object], existing: &ServiceStore) -> Result<()
     let none = |_| false;
     let mut owner: BTreeMap<Frontend, ServiceName> = BTreeMap::new();
     for name in existing.service_names() {
-        if new.service(name).is_some() {
+        if new.contains(name) {
             continue;
         }
         for f in existing.frontends_for(name, &none).into_keys() {
