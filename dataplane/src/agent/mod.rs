@@ -19,6 +19,7 @@
 pub mod cni;
 mod instance;
 mod node;
+mod service_guard;
 mod startup;
 
 use std::{
@@ -60,6 +61,8 @@ pub struct AgentConfig {
     pub ip_masq: bool,
     /// etcd prefix of Services, Endpoints and EndpointSlices.
     pub service_prefix: String,
+    /// `--service-cidr` (else the network config's, else the default).
+    pub service_cidr: Option<Ipv4Net>,
     /// Forward the data path's aya-log records to the log (`--bpf-log`).
     pub bpf_log: bool,
     /// Pods through CNI: socket, conflist, state, pod device.
@@ -144,6 +147,8 @@ struct Agent {
     /// carrying our PublicIP.
     own_subnet: tokio::sync::watch::Sender<Ipv4Net>,
     store: ServiceStore,
+    /// Services skipped for their ClusterIP or a frontend another owns.
+    svc_guard: service_guard::ServiceGuard,
     retry: Retry,
     transient_errors: u64,
     /// CNI pods registered with this agent.
@@ -230,10 +235,15 @@ impl Agent {
             PeerUpdate::Snapshot(_) => Resync::Full,
             _ => Resync::Incremental,
         };
-        for change in self.table.apply(update) {
-            log_change(&change, self.subnet);
+        let changes = self.table.apply(update);
+        for change in &changes {
+            log_change(change, self.subnet);
         }
         self.sync_peers(resync);
+        // A ClusterIP on a node or gateway address that came or went.
+        for name in self.svc_guard.peers_changed(&self.store, &changes) {
+            self.program_service(&name);
+        }
     }
 
     fn sync_peers(&mut self, resync: Resync) {
@@ -282,7 +292,11 @@ impl Agent {
     /// Makes the maps hold exactly the frontends `name` has on this node.
     fn program_service(&mut self, name: &ServiceName) {
         let own = self.subnet;
-        let fronts = self.store.frontends_for(name, &|ip| own.contains(&ip));
+        let mut fronts = self.store.frontends_for(name, &|ip| own.contains(&ip));
+        if self.svc_guard.judge(&self.store, name, &mut fronts) == service_guard::Verdict::Keep {
+            self.retry.services.remove(name);
+            return;
+        }
         let had = self.rec.owns_frontends(name);
         let want = desired::frontends(&fronts);
         match self.rec.set_service(self.dp.maps(), name, &want) {
@@ -324,6 +338,7 @@ impl Agent {
                 }
                 self.subnet = new.subnet;
                 self.own_subnet.send_replace(new.subnet);
+                self.svc_guard.own_lease(new.subnet, self.attrs.public_ip);
                 self.refresh_node().await;
                 self.sync_peers(Resync::Incremental);
                 // internalTrafficPolicy Local depends on which pods are ours.

@@ -220,6 +220,15 @@ pub(super) async fn start(
         table: PeerTable::default(),
         own_subnet: watch::channel(lease.subnet).0,
         store: ServiceStore::new(),
+        svc_guard: {
+            let mut g = super::service_guard::ServiceGuard::new(services::AddressGuard::new(
+                services::AddressGuard::service_cidr_of(cfg.service_cidr, net.service_cidr),
+                Some(net.network),
+            ));
+            g.own_lease(lease.subnet, public_ip);
+            info!("service CIDR {}", g.addresses.service_cidr);
+            g
+        },
         retry: Retry::default(),
         transient_errors: 0,
         cfg,

@@ -62,7 +62,7 @@ use super::object::{Kind, ObjectRef, Proto, SERVICE_NAME_LABEL};
 use super::validate::{self, ClusterIp, FieldError};
 
 /// A service: namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceName {
     /// The namespace.
     pub namespace: String,
@@ -490,10 +490,13 @@ pub struct ServiceStore {
     services: BTreeMap<ServiceName, SvcEntry>,
     endpoints: BTreeMap<ServiceName, Box<[EpSet]>>,
     slices: BTreeMap<SliceId, SliceEntry>,
-    /// Slice names of each service, by their service-name label.
-    slices_by_service: BTreeMap<ServiceName, BTreeSet<Box<str>>>,
-    /// Who claims each frontend, oldest first.
-    claims: BTreeMap<Frontend, BTreeSet<(i64, ServiceName)>>,
+    /// (service, slice name) for each slice, by its service-name label.
+    /// One tree rather than a set per service: a set's first node alone
+    /// takes a few hundred bytes.
+    slices_by_service: BTreeSet<(ServiceName, Box<str>)>,
+    /// (frontend, create revision, service) for each claim: the claimants
+    /// of one frontend are adjacent, oldest first.
+    claims: BTreeSet<(Frontend, i64, ServiceName)>,
     /// The etcd revision the store was listed at (0 when not listed).
     revision: i64,
     malformed: u64,
@@ -582,7 +585,7 @@ impl ServiceStore {
         self.services
             .keys()
             .chain(self.endpoints.keys())
-            .chain(self.slices_by_service.keys())
+            .chain(self.slices_by_service.iter().map(|(n, _)| n))
             .cloned()
             .collect()
     }
@@ -601,12 +604,11 @@ impl ServiceStore {
                 }
                 let mut touched = self.unclaim(&sn);
                 for f in entry.frontends() {
-                    self.claims
-                        .entry(f)
-                        .or_default()
-                        .insert((entry.create_revision, sn.clone()));
+                    self.claims.insert((f, entry.create_revision, sn.clone()));
                 }
-                touched.extend(self.claimants(&entry));
+                for f in entry.frontends() {
+                    touched.extend(self.claimants_of(f).cloned());
+                }
                 touched.insert(sn.clone());
                 self.services.insert(sn, entry);
                 touched
@@ -625,10 +627,7 @@ impl ServiceStore {
                 let mut touched = self.remove_slice(&id);
                 if let Some(svc) = &entry.service {
                     let svc = ServiceName::new(&*id.0, &**svc);
-                    self.slices_by_service
-                        .entry(svc.clone())
-                        .or_default()
-                        .insert(id.1.clone());
+                    self.slices_by_service.insert((svc.clone(), id.1.clone()));
                     touched.insert(svc);
                 }
                 self.slices.insert(id, entry);
@@ -643,27 +642,31 @@ impl ServiceStore {
         let Some(old) = self.services.get(sn) else {
             return BTreeSet::new();
         };
+        let rev = old.create_revision;
+        let fronts: Vec<Frontend> = old.frontends().collect();
         let mut touched = BTreeSet::new();
-        for f in old.frontends() {
-            if let Some(set) = self.claims.get_mut(&f) {
-                set.remove(&(old.create_revision, sn.clone()));
-                touched.extend(set.iter().map(|(_, n)| n.clone()));
-                if set.is_empty() {
-                    self.claims.remove(&f);
-                }
-            }
+        for f in fronts {
+            self.claims.remove(&(f, rev, sn.clone()));
+            touched.extend(self.claimants_of(f).cloned());
         }
         touched
     }
 
-    /// Every claimant of `entry`'s frontends.
-    fn claimants(&self, entry: &SvcEntry) -> BTreeSet<ServiceName> {
-        entry
-            .frontends()
-            .filter_map(|f| self.claims.get(&f))
-            .flatten()
-            .map(|(_, n)| n.clone())
-            .collect()
+    /// The services claiming `f`, oldest first.
+    fn claimants_of(&self, f: Frontend) -> impl Iterator<Item = &ServiceName> {
+        self.claims
+            .range((f, i64::MIN, ServiceName::default())..)
+            .take_while(move |(g, _, _)| *g == f)
+            .map(|(_, _, n)| n)
+    }
+
+    /// The slice names labelled for `name`.
+    fn slice_names<'a>(&'a self, name: &ServiceName) -> impl Iterator<Item = &'a str> + 'a {
+        let name = name.clone();
+        self.slices_by_service
+            .range((name.clone(), Box::<str>::from(""))..)
+            .take_while(move |(n, _)| *n == name)
+            .map(|(_, s)| &**s)
     }
 
     /// Removes a slice and its index entry; returns its old service.
@@ -675,12 +678,7 @@ impl ServiceStore {
             return BTreeSet::new();
         };
         let svc = ServiceName::new(&*id.0, &*svc);
-        if let Some(set) = self.slices_by_service.get_mut(&svc) {
-            set.remove(&id.1);
-            if set.is_empty() {
-                self.slices_by_service.remove(&svc);
-            }
-        }
+        self.slices_by_service.remove(&(svc.clone(), id.1.clone()));
         BTreeSet::from([svc])
     }
 
@@ -737,7 +735,7 @@ impl ServiceStore {
 
     /// How many EndpointSlices are labelled for a service.
     pub fn endpoint_slice_count(&self, name: &ServiceName) -> usize {
-        self.slices_by_service.get(name).map_or(0, BTreeSet::len)
+        self.slice_names(name).count()
     }
 
     /// The IPv4 ClusterIP of a service with frontends.
@@ -753,7 +751,7 @@ impl ServiceStore {
     /// The service that owns frontend `f`: of those claiming it, the one
     /// created first.
     pub fn owner(&self, f: &Frontend) -> Option<&ServiceName> {
-        self.claims.get(f)?.first().map(|(_, n)| n)
+        self.claimants_of(*f).next()
     }
 
     /// The services with a frontend on `ip`.
@@ -763,29 +761,20 @@ impl ServiceStore {
             port: 0,
             proto: Proto::Tcp,
         };
-        let hi = Frontend {
-            ip,
-            port: u16::MAX,
-            proto: Proto::Udp,
-        };
         self.claims
-            .range(lo..=hi)
-            .flat_map(|(_, set)| set.iter().map(|(_, n)| n.clone()))
+            .range((lo, i64::MIN, ServiceName::default())..)
+            .take_while(|(f, _, _)| f.ip == ip)
+            .map(|(_, _, n)| n.clone())
             .collect()
     }
 
     /// The endpoint source of a service: its IPv4 slices if it has any,
     /// else its Endpoints subsets.
     fn endpoint_sets<'a>(&'a self, name: &ServiceName) -> Vec<&'a EpSet> {
+        let ns: Box<str> = name.namespace.as_str().into();
         let slices: Vec<&EpSet> = self
-            .slices_by_service
-            .get(name)
-            .into_iter()
-            .flatten()
-            .filter_map(|slice| {
-                self.slices
-                    .get(&(name.namespace.as_str().into(), slice.clone()))
-            })
+            .slice_names(name)
+            .filter_map(|slice| self.slices.get(&(ns.clone(), slice.into())))
             .filter(|s| s.ipv4)
             .map(|s| &s.set)
             .collect();

@@ -701,7 +701,9 @@ fn control_plane(ours: &ModeCluster, o: &Opts) -> anyhow::Result<Vec<CpResult>> 
     .map_err(|_| anyhow::anyhow!("control plane thread panicked"))?
 }
 
-fn rss_kb(pid: u32) -> (u64, u64) {
+/// VmRSS, VmHWM (the peak) and RssAnon (heap and stacks; the rest of
+/// VmRSS is the binary's and libraries' pages) of a process, in kB.
+fn rss_kb(pid: u32) -> (u64, u64, u64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let get = |k: &str| {
         s.lines()
@@ -710,7 +712,7 @@ fn rss_kb(pid: u32) -> (u64, u64) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    (get("VmRSS:"), get("VmHWM:"))
+    (get("VmRSS:"), get("VmHWM:"), get("RssAnon:"))
 }
 
 /// `n` fake peers (flannel-format leases with distinct PublicIPs); returns
@@ -768,10 +770,11 @@ const CHURN_ROUNDS: u32 = 60;
 const CHURN_SLICE_UPDATES: u32 = 100;
 const CHURN_SERVICES: u32 = 10;
 
-/// One measurement of both agents: (VmRSS, VmHWM) in kB per agent.
+/// One measurement of the agents: (VmRSS, VmHWM, RssAnon) in kB per
+/// agent; zeros where not measured.
 struct MemPoint {
     phase: String,
-    agents: Vec<(u64, u64)>,
+    agents: Vec<(u64, u64, u64)>,
 }
 
 struct MemResult {
@@ -782,7 +785,7 @@ struct MemResult {
     churn_writes: u64,
 }
 
-fn rss_all(c: &Cluster) -> Vec<(u64, u64)> {
+fn rss_all(c: &Cluster) -> Vec<(u64, u64, u64)> {
     c.nodes
         .iter()
         .filter_map(|n| n.agent.as_ref().map(|a| rss_kb(a.id())))
@@ -805,9 +808,19 @@ fn churned(i: u32, round: u32) -> BenchService {
 /// etcd; RSS after the initial sync, with [`MEM_PEERS`] peers, then after
 /// half and all of an hour's churn.
 fn agent_memory() -> anyhow::Result<MemResult> {
-    let mut c = Cluster::new(2)?;
+    let mut c = Cluster::new(3)?;
     tests::interrupt::register(&c);
     c.put_config(OURS_CONFIG)?;
+    // Node 3 starts before any Service exists (its idle figure is the
+    // baseline) and receives them as watch events; nodes 1 and 2 start
+    // with them all in etcd (the start-up listing).
+    c.start_agent(2, &["--decap-mode", "tc"])?;
+    c.wait_ready(2, Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = c.nodes[2]
+        .agent
+        .as_ref()
+        .map_or((0, 0, 0), |a| rss_kb(a.id()));
     let svcs: Vec<BenchService> = (0..MEM_SERVICES).map(kube::filler).collect();
     apply_services(&c, &svcs)?;
     let t0 = Instant::now();
@@ -829,10 +842,16 @@ fn agent_memory() -> anyhow::Result<MemResult> {
     .context("services not in svc_v1 after start-up")?;
     let sync_s = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(1));
-    let mut points = vec![MemPoint {
-        phase: format!("after the initial sync ({MEM_SERVICES} services, no peers)"),
-        agents: rss_all(&c),
-    }];
+    let mut points = vec![
+        MemPoint {
+            phase: "node 3 idle: started before any Service existed, no peers".into(),
+            agents: vec![(0, 0, 0), (0, 0, 0), idle],
+        },
+        MemPoint {
+            phase: format!("after the initial sync ({MEM_SERVICES} services, no peers)"),
+            agents: rss_all(&c),
+        },
+    ];
     let peers_s = add_fake_peers(&c, MEM_PEERS)?.as_secs_f64();
     std::thread::sleep(Duration::from_secs(1));
     points.push(MemPoint {
@@ -899,12 +918,13 @@ fn memory_section(res: &MemResult, md: &mut String, r: &mut Report) -> Value {
     let _ = writeln!(md, "## Agent memory\n");
     let _ = writeln!(
         md,
-        "Two agents (TC decap) started with {MEM_SERVICES} Services and their EndpointSlices (3 endpoints each) already in etcd, \
-         so the figures include the start-up listing; all frontends in svc_v1 on both nodes {:.2} s after the start. \
+        "Three agents (TC decap). Node 3's starts first, before any Service exists (its idle figure is the baseline), and receives the Services as watch events; \
+         nodes 1 and 2 start with {MEM_SERVICES} Services and their EndpointSlices (3 endpoints each) already in etcd, \
+         so their figures include the start-up listing; all frontends in svc_v1 on every node {:.2} s after their start. \
          Then {MEM_PEERS} fake peer leases (flannel JSON, distinct PublicIPs; in peers_v1 on both nodes after {:.2} s). \
          Then an hour of churn compressed into {:.1} s: {CHURN_ROUNDS} rounds, each creating {CHURN_SERVICES} Services, deleting the {CHURN_SERVICES} oldest \
          and rewriting the EndpointSlices of {CHURN_SLICE_UPDATES} others with new endpoints ({} object writes and deletes in all). \
-         VmRSS and VmHWM (the peak) from /proc, 1 s after each phase.\n",
+         VmRSS (of it RssAnon: heap and stacks; the rest is pages of the binary and libraries) and VmHWM (the peak) from /proc, 1 s after each phase.\n",
         res.sync_s, res.peers_s, res.churn_s, res.churn_writes
     );
     let n = res.points.first().map_or(0, |p| p.agents.len());
@@ -912,24 +932,30 @@ fn memory_section(res: &MemResult, md: &mut String, r: &mut Report) -> Value {
         md,
         "| phase | {} |",
         (1..=n)
-            .map(|i| format!("node {i} RSS MB | node {i} peak MB"))
+            .map(|i| format!("node {i} RSS (anon) MB | node {i} peak MB"))
             .collect::<Vec<_>>()
             .join(" | ")
     );
     let _ = writeln!(md, "|---|{}", "---|---|".repeat(n));
+    let mb = |kb: u64| {
+        if kb == 0 {
+            "".to_string()
+        } else {
+            f1(kb as f64 / 1024.0)
+        }
+    };
     let mut js = Vec::new();
     for p in &res.points {
         let mut row = format!("| {} |", p.phase);
-        for (rss, hwm) in &p.agents {
-            let _ = write!(
-                row,
-                " {} | {} |",
-                f1(*rss as f64 / 1024.0),
-                f1(*hwm as f64 / 1024.0)
-            );
+        for (rss, hwm, anon) in &p.agents {
+            if *rss == 0 {
+                let _ = write!(row, " | |");
+            } else {
+                let _ = write!(row, " {} ({}) | {} |", mb(*rss), mb(*anon), mb(*hwm));
+            }
         }
         let _ = writeln!(md, "{row}");
-        js.push(json!({"phase": p.phase, "agents": p.agents.iter().map(|(rss, hwm)| json!({"rss_mb": num(*rss as f64 / 1024.0), "vmhwm_mb": num(*hwm as f64 / 1024.0)})).collect::<Vec<_>>()}));
+        js.push(json!({"phase": p.phase, "agents": p.agents.iter().map(|(rss, hwm, anon)| json!({"rss_mb": num(*rss as f64 / 1024.0), "rss_anon_mb": num(*anon as f64 / 1024.0), "vmhwm_mb": num(*hwm as f64 / 1024.0)})).collect::<Vec<_>>()}));
     }
     let _ = writeln!(md);
     let worst = |i: usize| {
@@ -946,7 +972,7 @@ fn memory_section(res: &MemResult, md: &mut String, r: &mut Report) -> Value {
         / 1024.0;
     r.target(
         "agent RSS at 1,000 peers / 10,000 services",
-        worst(1),
+        worst(2),
         30.0,
         "MB",
         false,
@@ -955,11 +981,11 @@ fn memory_section(res: &MemResult, md: &mut String, r: &mut Report) -> Value {
     let after = worst(res.points.len() - 1);
     r.target(
         "agent RSS after an hour of churn / before it",
-        after / worst(1),
+        after / worst(2),
         1.10,
         "x",
         false,
-        &format!("{} vs {} MB, worst agent", f1(after), f1(worst(1))),
+        &format!("{} vs {} MB, worst agent", f1(after), f1(worst(2))),
     );
     json!({"services": MEM_SERVICES, "peers": MEM_PEERS, "sync_s": num(res.sync_s), "churn_s": num(res.churn_s), "churn_writes": res.churn_writes, "points": js})
 }
