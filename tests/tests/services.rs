@@ -588,7 +588,7 @@ fn older_service_keeps_a_contested_frontend() {
     let skipped = |c: &Cluster| {
         c.nodes[0]
             .log()
-            .matches("service default/newer skipped: a frontend is claimed")
+            .matches("service default/newer skipped: frontends are claimed")
             .count()
     };
     eventually("newer skipped", || skipped(&c) == 1);
