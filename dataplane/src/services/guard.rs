@@ -278,10 +278,10 @@ mod tests {
 
     #[test]
     fn flag_then_config_then_default() {
-        let f = Some("10.100.0.0/16".parse().unwrap());
-        let c = Some("10.200.0.0/16".parse().unwrap());
-        assert_eq!(AddressGuard::service_cidr_of(f, c), f.unwrap());
-        assert_eq!(AddressGuard::service_cidr_of(None, c), c.unwrap());
+        let f: Ipv4Net = "10.100.0.0/16".parse().unwrap();
+        let c: Ipv4Net = "10.200.0.0/16".parse().unwrap();
+        assert_eq!(AddressGuard::service_cidr_of(Some(f), Some(c)), f);
+        assert_eq!(AddressGuard::service_cidr_of(None, Some(c)), c);
         assert_eq!(
             AddressGuard::service_cidr_of(None, None),
             DEFAULT_SERVICE_CIDR.parse::<Ipv4Net>().unwrap()
