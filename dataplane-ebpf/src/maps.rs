@@ -74,10 +74,20 @@ pub static CT_GC: Array<u64, { CT_GC_LEN as usize }> = Array::new();
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { AFFINITY_MAX as usize }> =
     LruHashMap::new();
 
-/// Per-frontend counters.
+/// Per-frontend counters. Allocated per entry (`BPF_F_NO_PREALLOC`), not
+/// up front: preallocated, 65,536 entries of per-CPU counters take 32 B ×
+/// 65,536 × CPUs (128 MiB on 64 CPUs) however few frontends there are.
 #[btf_map(name = "svc_stats_v1")]
-pub static SVC_STATS: PerCpuHashMap<SvcKey, SvcCounters, { SERVICES_MAX as usize }> =
-    PerCpuHashMap::new();
+pub static SVC_STATS: PerCpuHashMap<
+    SvcKey,
+    SvcCounters,
+    { SERVICES_MAX as usize },
+    { BPF_F_NO_PREALLOC },
+> = PerCpuHashMap::new();
+
+/// `BPF_F_NO_PREALLOC` (include/uapi/linux/bpf.h): hash map elements are
+/// allocated as they are inserted.
+const BPF_F_NO_PREALLOC: usize = 1;
 
 /// Local pod IPv4 -> host-side veth and MACs. Registered by the agent for
 /// CNI pods; learnt by from_pod on bridge ports, pruned by the agent when a

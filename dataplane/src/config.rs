@@ -39,6 +39,10 @@ pub struct NetworkConfig {
     pub subnet_max: Ipv4Addr,
     /// The `Backend` block.
     pub backend: BackendConfig,
+    /// `ServiceCIDR`: where ClusterIPs lie. Our extension (flannel ignores
+    /// the field); `--service-cidr` overrides it, and without either
+    /// [`crate::services::DEFAULT_SERVICE_CIDR`] applies.
+    pub service_cidr: Option<Ipv4Net>,
 }
 
 /// The `Backend` block of the network config (vxlan only).
@@ -288,12 +292,36 @@ impl NetworkConfig {
             Some(v) => BackendConfig::parse(v)?,
         };
 
+        let service_cidr = match get_field(obj, "ServiceCIDR", "ServiceCIDR")? {
+            None => None,
+            Some(v) => {
+                let s = as_str(v, "ServiceCIDR")?;
+                let net: Ipv4Net = s.parse().map_err(|_| {
+                    field_err(
+                        "ServiceCIDR",
+                        format!("{s:?} is not an IPv4 CIDR such as \"10.96.0.0/12\""),
+                    )
+                })?;
+                let net = net.trunc();
+                if net.contains(&network.network()) || network.contains(&net.network()) {
+                    return Err(field_err(
+                        "ServiceCIDR",
+                        format!(
+                            "{net} overlaps Network {network}: ClusterIPs cannot be pod addresses"
+                        ),
+                    ));
+                }
+                Some(net)
+            }
+        };
+
         Ok(NetworkConfig {
             network,
             subnet_len,
             subnet_min,
             subnet_max,
             backend,
+            service_cidr,
         })
     }
 
@@ -442,6 +470,12 @@ pub fn unapplied_changes(running: &NetworkConfig, new: &NetworkConfig) -> Vec<St
     );
     let mtu = |m: Option<u32>| m.map_or("automatic".to_string(), |m| m.to_string());
     diff("Backend.MTU", mtu(a.mtu), mtu(b.mtu));
+    let cidr = |c: Option<Ipv4Net>| c.map_or("unset".to_string(), |c| c.to_string());
+    diff(
+        "ServiceCIDR",
+        cidr(running.service_cidr),
+        cidr(new.service_cidr),
+    );
     out
 }
 
@@ -956,6 +990,50 @@ mod tests {
         // false is what the dataplane does: accepted.
         parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","GBP":false,"DirectRouting":false}}"#)
             .unwrap();
+    }
+
+    #[test]
+    fn service_cidr_is_our_extension() {
+        let c = parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert_eq!(c.service_cidr, None);
+        let c = parse(
+            r#"{"Network":"10.244.0.0/16","ServiceCIDR":"10.100.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.service_cidr, Some("10.100.0.0/16".parse().unwrap()));
+        // Case-insensitive like flannel's fields; host bits dropped.
+        let c = parse(
+            r#"{"Network":"10.244.0.0/16","serviceCidr":"10.100.3.4/16","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.service_cidr, Some("10.100.0.0/16".parse().unwrap()));
+        let e = err_of(
+            r#"{"Network":"10.244.0.0/16","ServiceCIDR":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert_eq!(
+            e,
+            "field ServiceCIDR: 10.0.0.0/8 overlaps Network 10.244.0.0/16: ClusterIPs cannot be pod addresses"
+        );
+        let e = err_of(
+            r#"{"Network":"10.244.0.0/16","ServiceCIDR":"10.96.0.1","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(
+            e.starts_with("field ServiceCIDR: \"10.96.0.1\" is not an IPv4 CIDR"),
+            "{e}"
+        );
+        // Changing it at run time needs a restart, like the other fields.
+        let running = parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let new = parse(
+            r#"{"Network":"10.1.0.0/16","ServiceCIDR":"10.96.0.0/12","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let msgs = unapplied_changes(&running, &new);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(
+            msgs[0].starts_with("ServiceCIDR changed from unset to 10.96.0.0/12 at run time"),
+            "{}",
+            msgs[0]
+        );
     }
 
     #[test]

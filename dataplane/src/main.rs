@@ -280,9 +280,10 @@ struct ServiceArgs {
     #[arg(long, default_value = dataplane::services::DEFAULT_PREFIX)]
     service_prefix: Prefix,
     /// The cluster's service CIDR: `apply` refuses a ClusterIP outside it
-    /// (kube-apiserver's --service-cluster-ip-range).
-    #[arg(long, default_value = dataplane::services::DEFAULT_SERVICE_CIDR)]
-    service_cidr: ipnet::Ipv4Net,
+    /// (kube-apiserver's --service-cluster-ip-range). Default: ServiceCIDR
+    /// of the network config, else 10.96.0.0/12.
+    #[arg(long)]
+    service_cidr: Option<ipnet::Ipv4Net>,
 }
 
 #[derive(Args)]
@@ -321,6 +322,11 @@ struct AgentArgs {
     /// etcd prefix of Services, Endpoints and EndpointSlices.
     #[arg(long, default_value = dataplane::services::DEFAULT_PREFIX)]
     service_prefix: Prefix,
+    /// The cluster's service CIDR: a Service whose ClusterIP lies outside
+    /// it is skipped. Default: ServiceCIDR of the network config, else
+    /// 10.96.0.0/12.
+    #[arg(long)]
+    service_cidr: Option<ipnet::Ipv4Net>,
     /// Log rare data-path events (aya-log records from the BPF programs)
     /// through the agent's log, filtered by RUST_LOG like the rest.
     #[arg(long)]
@@ -359,6 +365,7 @@ struct AgentArgs {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     unblock_stop_signals();
+    tune_malloc();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -395,6 +402,7 @@ fn main() -> anyhow::Result<()> {
                     renew_margin: Duration::from_secs(a.renew_margin_secs),
                     ip_masq: a.ip_masq,
                     service_prefix: a.service_prefix.to_string(),
+                    service_cidr: a.service_cidr,
                     bpf_log: a.bpf_log,
                     cni: CniOptions {
                         conf_dir: a.cni_conf_dir,
@@ -632,19 +640,18 @@ fn read_manifest(file: &std::path::Path) -> anyhow::Result<Vec<dataplane::servic
 async fn apply_cmd(svc: &ServiceArgs, file: &std::path::Path) -> anyhow::Result<()> {
     let objects = read_manifest(file)?;
     let mut client = dataplane::etcd::connect(&svc.etcd.options()).await?;
-    // No ClusterIP in the pod network; without a network config yet, that
-    // check is left out (the CIDR and conflict checks still run).
-    let pod_network = match dataplane::config::load(&mut client, &svc.etcd.etcd_prefix).await {
-        Ok(net) => Some(net.network),
-        Err(e) => {
-            eprintln!("warning: {e}; ClusterIPs are not checked against the pod network");
-            None
-        }
-    };
-    let guard = dataplane::services::AddressGuard {
-        service_cidr: svc.service_cidr,
-        pod_network,
-    };
+    // No ClusterIP on a pod, node or gateway address; without a network
+    // config yet, those checks are left out (the CIDR and conflict checks
+    // still run).
+    let (guard, warning) = dataplane::services::AddressGuard::for_cluster(
+        &mut client,
+        &svc.etcd.etcd_prefix,
+        svc.service_cidr,
+    )
+    .await?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
     let summary =
         dataplane::services::apply_guarded(&mut client, &svc.service_prefix, &objects, &guard)
             .await?;
@@ -701,6 +708,23 @@ async fn get_cmd(svc: &ServiceArgs, what: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// glibc's allocator, set for a long-running process that holds little:
+/// one arena per thread (its default, up to 8 per CPU) keeps each thread's
+/// freed memory apart, and its mmap threshold rises to the largest block
+/// ever freed (so the big buffers of a start-up listing end up in the heap,
+/// where their holes stay in RSS). Two arenas, and blocks from 128 KiB up
+/// in their own mappings (returned to the kernel when freed), keep RSS
+/// near what is in use.
+fn tune_malloc() {
+    // SAFETY: mallopt only sets allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024);
+    }
 }
 
 /// A parent that blocked SIGTERM/SIGINT (many supervisors and test

@@ -83,3 +83,26 @@ fn map_layouts_are_the_objects() {
         assert_eq!(have, listed, "{name}: object vs LAYOUTS ({want})");
     }
 }
+
+/// Per-CPU hash maps are allocated per entry (`BPF_F_NO_PREALLOC`): their
+/// memory follows what they hold, not max_entries × CPUs.
+#[test]
+fn per_cpu_hash_maps_are_not_preallocated() {
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+    let obj = object();
+    let mut per_cpu_hashes = 0;
+    for name in map_names::ALL {
+        let m = &obj.maps[*name];
+        let no_prealloc = m.map_flags() & BPF_F_NO_PREALLOC != 0;
+        if m.map_type() == BPF_MAP_TYPE_PERCPU_HASH {
+            per_cpu_hashes += 1;
+            assert!(no_prealloc, "{name} is a per-CPU hash, preallocated");
+        }
+    }
+    assert!(per_cpu_hashes > 0, "svc_stats_v1 is a per-CPU hash");
+    assert_ne!(
+        obj.maps[map_names::SVC_STATS].map_flags() & BPF_F_NO_PREALLOC,
+        0
+    );
+}

@@ -519,3 +519,161 @@ fn ten_thousand_services_then_one_more() {
         );
     }
 }
+
+// ---------------------------------------------------------------- guards
+
+/// Frontend count of `vip:port/TCP` in node `i`'s svc_v1 (its backends),
+/// `None` when absent.
+fn svc_backends(c: &Cluster, i: usize, vip: Ipv4Addr, port: u16) -> Option<u32> {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use dataplane_common::{PROTO_TCP, SvcInfo, SvcKey, map_names};
+    let data = MapData::from_pin(c.nodes[i].pin_path.join(map_names::SERVICES)).ok()?;
+    let m: BpfHashMap<MapData, SvcKey, SvcInfo> = BpfHashMap::try_from(Map::HashMap(data)).ok()?;
+    let key = SvcKey {
+        vip: vip.octets(),
+        port: port.to_be_bytes(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    m.get(&key, 0).ok().map(|i| i.count)
+}
+
+/// One node, no pods: enough to see what the agent programs.
+fn bare_node(config: &str, extra: &[&str]) -> Cluster {
+    let mut c = Cluster::new(1).unwrap();
+    c.put_config(config).unwrap();
+    c.start_agent(0, extra).unwrap();
+    c.wait_ready(0, Duration::from_secs(30)).unwrap();
+    c
+}
+
+/// Writes objects straight to etcd (no `apply` checks), as a controller
+/// racing `apply` or bypassing it would.
+fn write_unchecked(c: &Cluster, yaml: &str) {
+    let objs = dataplane::services::parse_manifests(yaml).unwrap();
+    c.with_etcd(move |mut client| async move {
+        dataplane::services::apply(&mut client, dataplane::services::DEFAULT_PREFIX, &objs).await?;
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn eps(n: u8) -> Vec<Ep> {
+    (1..=n)
+        .map(|k| Ep::ready(Ipv4Addr::new(10, 244, 200, k)))
+        .collect()
+}
+
+fn svc_yaml(name: &str, vip: Ipv4Addr, n_eps: u8) -> String {
+    format!(
+        "{}---\n{}",
+        service(name, vip, ""),
+        endpoint_slice(name, &eps(n_eps))
+    )
+}
+
+/// Two Services claiming one IP:port/protocol in etcd: the older keeps it,
+/// the newer is skipped (counted, logged once) and takes over when the
+/// older goes.
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn older_service_keeps_a_contested_frontend() {
+    root_only!();
+    let c = bare_node(CONFIG, &["--decap-mode", "tc"]);
+    write_unchecked(&c, &svc_yaml("older", VIP, 1));
+    eventually("older programmed", || {
+        svc_backends(&c, 0, VIP, 80) == Some(1)
+    });
+    write_unchecked(&c, &svc_yaml("newer", VIP, 2));
+    let skipped = |c: &Cluster| {
+        c.nodes[0]
+            .log()
+            .matches("service default/newer skipped: frontends are claimed")
+            .count()
+    };
+    eventually("newer skipped", || skipped(&c) == 1);
+    // Its endpoints change: still skipped, not logged again.
+    write_unchecked(&c, &endpoint_slice("newer", &eps(3)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        svc_backends(&c, 0, VIP, 80),
+        Some(1),
+        "{}",
+        c.nodes[0].log()
+    );
+    assert_eq!(skipped(&c), 1, "{}", c.nodes[0].log());
+    assert!(
+        c.nodes[0]
+            .log()
+            .contains("owned by the older service default/older")
+    );
+    // The older goes: the newer takes over, with its own backends.
+    c.cli(&["delete", "service", "default/older"]).unwrap();
+    eventually("newer took over", || {
+        svc_backends(&c, 0, VIP, 80) == Some(3)
+    });
+    assert!(
+        c.nodes[0]
+            .log()
+            .contains("service default/newer: no longer skipped")
+    );
+}
+
+/// ClusterIPs the agent refuses: outside the service CIDR (the flag
+/// overriding the network config's ServiceCIDR), a node's PublicIP, a
+/// lease's gateway. Skipped and logged; a Service that moves onto one keeps
+/// what it had.
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn refused_clusterips_are_skipped_and_the_last_good_state_stays() {
+    root_only!();
+    let config =
+        r#"{"Network":"10.244.0.0/16","ServiceCIDR":"10.96.0.0/12","Backend":{"Type":"vxlan"}}"#;
+    let mut c = bare_node(
+        config,
+        &["--decap-mode", "tc", "--service-cidr", "192.168.0.0/16"],
+    );
+    let node_ip = c.nodes[0].ip;
+    let env = c.wait_ready(0, Duration::from_secs(5)).unwrap();
+    let gateway = Ipv4Addr::from(u32::from(env.subnet.network()) + 1);
+    let fine = Ipv4Addr::new(192, 168, 50, 1);
+    let mut yaml = String::new();
+    for (name, ip) in [
+        ("in-config-cidr", VIP),
+        ("node", node_ip),
+        ("gateway", gateway),
+        ("fine", fine),
+    ] {
+        yaml.push_str(&svc_yaml(name, ip, 1));
+        yaml.push_str("---\n");
+    }
+    write_unchecked(&c, &yaml);
+    eventually("the good one programmed", || {
+        svc_backends(&c, 0, fine, 80) == Some(1)
+    });
+    let log = c.nodes[0].log();
+    for (name, why) in [
+        (
+            "in-config-cidr",
+            format!("{VIP} is outside the service CIDR 192.168.0.0/16"),
+        ),
+        ("node", format!("{node_ip} is a node address")),
+        ("gateway", format!("{gateway} is the gateway of the lease")),
+    ] {
+        assert_eq!(
+            log.matches(&format!("service default/{name} skipped: {why}"))
+                .count(),
+            1,
+            "{name}:\n{log}"
+        );
+    }
+    for ip in [VIP, node_ip, gateway] {
+        assert_eq!(svc_backends(&c, 0, ip, 80), None, "{ip} programmed");
+    }
+    // The good one moves onto a refused address: what it had stays.
+    write_unchecked(&c, &service("fine", Ipv4Addr::new(10, 200, 0, 1), ""));
+    eventually("move refused", || {
+        c.nodes[0].log().contains("service default/fine skipped")
+    });
+    assert_eq!(svc_backends(&c, 0, fine, 80), Some(1));
+}

@@ -123,7 +123,12 @@ async fn apply_then_list_gives_the_same_objects() {
     // Listed in etcd key order: Endpoints, EndpointSlices, Services.
     let mut want = objs.clone();
     want.sort_by_key(|o| o.object_ref());
-    assert_eq!(store.to_objects(), want);
+    assert_eq!(
+        services::list_objects(&mut client, DEFAULT_PREFIX)
+            .await
+            .unwrap(),
+        want
+    );
     assert_eq!(store.malformed(), 0);
 
     // The frontend as a node would program it.
@@ -244,8 +249,10 @@ async fn a_file_with_one_invalid_document_writes_nothing() {
         .to_string();
     assert!(e.contains("129 objects"), "{e}");
 
-    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
-    assert!(store.to_objects().is_empty(), "{:?}", store.to_objects());
+    let objects = services::list_objects(&mut client, DEFAULT_PREFIX)
+        .await
+        .unwrap();
+    assert!(objects.is_empty(), "{objects:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,9 +295,9 @@ async fn delete_service_removes_its_endpoints_and_slices() {
 
     // Slices of other services, and of the same name in another
     // namespace, stay.
-    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
-    let left: Vec<String> = store
-        .to_objects()
+    let left: Vec<String> = services::list_objects(&mut client, DEFAULT_PREFIX)
+        .await
+        .unwrap()
         .iter()
         .map(|o| o.object_ref().to_string())
         .collect();
@@ -347,9 +354,7 @@ async fn watch_sees_new_services_changes_and_deletions() {
         .unwrap();
     // One transaction, two events (slice, service), both about my-service.
     let mut touched = BTreeSet::new();
-    while store.endpoint_slices_of(&sn("my-service")).count() == 0
-        || store.service(&sn("my-service")).is_none()
-    {
+    while store.endpoint_slice_count(&sn("my-service")) == 0 || !store.contains(&sn("my-service")) {
         touched.extend(store.apply(recv(&mut w.rx).await));
     }
     assert_eq!(touched, BTreeSet::from([sn("my-service")]));
@@ -394,16 +399,14 @@ async fn watch_sees_new_services_changes_and_deletions() {
     let update = recv(&mut w.rx).await;
     assert!(store.apply(update).is_empty());
     assert_eq!(store.malformed(), 1);
-    assert!(store.service(&sn("my-service")).is_some());
+    assert!(store.contains(&sn("my-service")));
 
     // Deletion.
     services::delete_service(&mut client, DEFAULT_PREFIX, "default", "my-service")
         .await
         .unwrap();
     let mut touched = BTreeSet::new();
-    while store.service(&sn("my-service")).is_some()
-        || store.endpoint_slices_of(&sn("my-service")).count() > 0
-    {
+    while store.contains(&sn("my-service")) || store.endpoint_slice_count(&sn("my-service")) > 0 {
         touched.extend(store.apply(recv(&mut w.rx).await));
     }
     assert_eq!(touched, BTreeSet::from([sn("my-service")]));
@@ -511,10 +514,10 @@ fn service_at(name: &str, ip: &str) -> Object {
 #[tokio::test]
 async fn apply_refuses_clusterips_outside_the_service_cidr_in_the_pod_network_or_taken() {
     let (_etcd, mut client) = setup().await;
-    let guard = services::AddressGuard {
-        service_cidr: "10.96.0.0/12".parse().unwrap(),
-        pod_network: Some("10.244.0.0/16".parse().unwrap()),
-    };
+    let guard = services::AddressGuard::new(
+        "10.96.0.0/12".parse().unwrap(),
+        Some("10.244.0.0/16".parse().unwrap()),
+    );
     let c0 = client.clone();
     let apply = |objects: Vec<Object>| {
         let mut c = c0.clone();
@@ -526,7 +529,7 @@ async fn apply_refuses_clusterips_outside_the_service_cidr_in_the_pod_network_or
         .unwrap_err();
     assert_eq!(
         e.to_string(),
-        "service default/out is invalid: spec.clusterIP: 10.200.0.1 is outside the service CIDR 10.96.0.0/12 (--service-cidr)"
+        "service default/out is invalid: spec.clusterIP: 10.200.0.1 is outside the service CIDR 10.96.0.0/12 (--service-cidr, or ServiceCIDR in the network config)"
     );
     // A pod network inside the service CIDR (a misconfiguration, but it
     // shows the pod-network rule on its own).
@@ -591,4 +594,101 @@ async fn apply_refuses_clusterips_outside_the_service_cidr_in_the_pod_network_or
     .unwrap();
     let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
     assert_eq!(store.len(), 2);
+}
+
+/// The guard `apply` builds from the cluster: `ServiceCIDR` of the network
+/// config unless the flag overrides it, and the leases' PublicIPs and
+/// gateways.
+#[tokio::test]
+async fn apply_guard_from_the_network_config_and_leases() {
+    let (_etcd, mut client) = setup().await;
+    let flannel = "/coreos.com/network";
+    // No config yet: the CIDR check alone, with a warning.
+    let (g, warning) = services::AddressGuard::for_cluster(&mut client, flannel, None)
+        .await
+        .unwrap();
+    assert_eq!(g.service_cidr, "10.96.0.0/12".parse().unwrap());
+    assert!(warning.is_some());
+    client
+        .put(
+            format!("{flannel}/config"),
+            r#"{"Network":"10.244.0.0/16","ServiceCIDR":"10.100.0.0/16","Backend":{"Type":"vxlan"}}"#,
+            None,
+        )
+        .await
+        .unwrap();
+    let attrs = dataplane::lease::LeaseAttrs {
+        public_ip: Ipv4Addr::new(10, 100, 0, 7),
+        backend_type: "vxlan".into(),
+        vni: 1,
+        vtep_mac: [2, 0, 0, 0, 0, 7],
+    };
+    client
+        .put(
+            dataplane::lease::subnet_key(flannel, "10.244.3.0/24".parse().unwrap()),
+            attrs.to_json(),
+            None,
+        )
+        .await
+        .unwrap();
+    let (g, warning) = services::AddressGuard::for_cluster(&mut client, flannel, None)
+        .await
+        .unwrap();
+    assert_eq!(warning, None);
+    assert_eq!(g.service_cidr, "10.100.0.0/16".parse().unwrap());
+    let refused = |ip: &str| {
+        let mut c = client.clone();
+        let g = g.clone();
+        let ip = ip.to_string();
+        async move {
+            services::apply_guarded(&mut c, DEFAULT_PREFIX, &[service_at("web", &ip)], &g)
+                .await
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    let e = refused("10.96.0.10").await;
+    assert!(e.contains("outside the service CIDR 10.100.0.0/16"), "{e}");
+    let e = refused("10.100.0.7").await;
+    assert!(
+        e.contains("10.100.0.7 is a node address (the PublicIP of the lease 10.244.3.0/24)"),
+        "{e}"
+    );
+    // With the flag, the config's CIDR no longer applies.
+    let (g, _) = services::AddressGuard::for_cluster(
+        &mut client,
+        flannel,
+        Some("10.0.0.0/8".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(g.service_cidr, "10.0.0.0/8".parse().unwrap());
+    let e = services::apply_guarded(
+        &mut client,
+        DEFAULT_PREFIX,
+        &[service_at("gw", "10.244.3.1")],
+        &g,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("10.244.3.1 is the gateway of the lease 10.244.3.0/24"),
+        "{e}"
+    );
+    services::apply_guarded(
+        &mut client,
+        DEFAULT_PREFIX,
+        &[service_at("ok", "10.96.0.10")],
+        &g,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        services::list(&mut client, DEFAULT_PREFIX)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }

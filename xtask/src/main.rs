@@ -127,6 +127,11 @@ enum Task {
         /// A short run (under 2 minutes) instead of the full one.
         #[arg(long)]
         quick: bool,
+        /// Only the agent memory figures (RSS after the initial sync, with
+        /// 1,000 peers, through an hour of churn), to
+        /// bench/results/memory.md.
+        #[arg(long, conflicts_with = "quick")]
+        memory: bool,
     },
 }
 
@@ -142,7 +147,7 @@ fn main() -> ExitCode {
             println!("{}", prev_release()?.display());
             Ok(())
         }),
-        Task::Bench { quick } => setup().and_then(|()| bench(quick)),
+        Task::Bench { quick, memory } => setup().and_then(|()| bench(quick, memory)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -525,7 +530,7 @@ fn demo() -> anyhow::Result<()> {
     status(c)
 }
 
-fn bench(quick: bool) -> anyhow::Result<()> {
+fn bench(quick: bool, memory: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark creates network namespaces and loads BPF programs: run as root");
     }
@@ -555,6 +560,9 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     .env("DATAPLANE_BIN", root().join("target/release/dataplane"));
     if quick {
         c.arg("--quick");
+    }
+    if memory {
+        c.arg("--memory");
     }
     status(c)
 }

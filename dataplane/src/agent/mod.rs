@@ -25,6 +25,7 @@ pub mod cni;
 pub mod forwarding;
 pub(crate) mod instance;
 mod node;
+mod service_guard;
 mod startup;
 mod status;
 
@@ -68,6 +69,8 @@ pub struct AgentConfig {
     pub ip_masq: bool,
     /// etcd prefix of Services, Endpoints and EndpointSlices.
     pub service_prefix: String,
+    /// `--service-cidr` (else the network config's, else the default).
+    pub service_cidr: Option<Ipv4Net>,
     /// Forward the data path's aya-log records to the log (`--bpf-log`).
     pub bpf_log: bool,
     /// Pods through CNI: socket, conflist, state, pod device.
@@ -179,6 +182,8 @@ struct Agent {
     /// carrying our PublicIP.
     own_subnet: tokio::sync::watch::Sender<Ipv4Net>,
     store: ServiceStore,
+    /// Services skipped for their ClusterIP or a frontend another owns.
+    svc_guard: service_guard::ServiceGuard,
     retry: Retry,
     transient_errors: u64,
     /// CNI pods registered with this agent.
@@ -281,11 +286,16 @@ impl Agent {
             PeerUpdate::Snapshot(_) => Resync::Full,
             _ => Resync::Incremental,
         };
-        for change in self.table.apply(update) {
-            log_change(&change, self.subnet);
-            self.status.peer_changed(&change, self.subnet);
+        let changes = self.table.apply(update);
+        for change in &changes {
+            log_change(change, self.subnet);
+            self.status.peer_changed(change, self.subnet);
         }
         self.sync_peers(resync);
+        // A ClusterIP on a node or gateway address that came or went.
+        for name in self.svc_guard.peers_changed(&self.store, &changes) {
+            self.program_service(&name);
+        }
         let m = crate::metrics::global();
         m.observe_apply(EventKind::Peers, t0.elapsed());
         // A complete listing is in the maps.
@@ -346,7 +356,11 @@ impl Agent {
     /// Makes the maps hold exactly the frontends `name` has on this node.
     fn program_service(&mut self, name: &ServiceName) {
         let own = self.subnet;
-        let fronts = self.store.frontends_for(name, &|ip| own.contains(&ip));
+        let mut fronts = self.store.frontends_for(name, &|ip| own.contains(&ip));
+        if self.svc_guard.judge(&self.store, name, &mut fronts) == service_guard::Verdict::Keep {
+            self.retry.services.remove(name);
+            return;
+        }
         let had = self.rec.owns_frontends(name);
         let (ready, total) = self.store.endpoint_counts(name);
         self.status.service(name, fronts.len(), ready, total);
@@ -394,6 +408,7 @@ impl Agent {
                 let m = crate::metrics::global();
                 m.lease_held_until(std::time::SystemTime::now() + new.ttl);
                 m.set_ready(ReadyPart::Lease, true);
+                self.svc_guard.own_lease(new.subnet, self.attrs.public_ip);
                 self.refresh_node().await;
                 self.sync_peers(Resync::Incremental);
                 // internalTrafficPolicy Local depends on which pods are ours.

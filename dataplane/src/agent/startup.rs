@@ -235,6 +235,15 @@ pub(super) async fn start(
         table: PeerTable::default(),
         own_subnet: watch::channel(lease.subnet).0,
         store: ServiceStore::new(),
+        svc_guard: {
+            let mut g = super::service_guard::ServiceGuard::new(services::AddressGuard::new(
+                services::AddressGuard::service_cidr_of(cfg.service_cidr, net.service_cidr),
+                Some(net.network),
+            ));
+            g.own_lease(lease.subnet, public_ip);
+            info!("service CIDR {}", g.addresses.service_cidr);
+            g
+        },
         retry: Retry::default(),
         transient_errors: 0,
         cfg,
@@ -266,6 +275,9 @@ pub(super) async fn start(
     };
     let complete = listed.is_some();
     agent.store = listed.unwrap_or_else(ServiceStore::new);
+    // The watch follows on from this listing instead of listing again:
+    // two full listings are never held at once.
+    let listed_at = complete.then(|| agent.store.revision());
     let names = agent.program_all_services();
     if complete {
         metrics.set_ready(ReadyPart::ServicesSynced, true);
@@ -305,9 +317,10 @@ pub(super) async fn start(
         agent.pod_device
     );
     let (svc_tx, services) = mpsc::channel::<StoreUpdate>(4096);
-    tokio::spawn(services::watch_services(
+    tokio::spawn(services::watch_services_after(
         client.clone(),
         agent.cfg.service_prefix.clone(),
+        listed_at,
         svc_tx,
         shutdown.clone(),
     ));

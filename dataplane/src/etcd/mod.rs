@@ -22,6 +22,7 @@ mod watch;
 pub use connect::{ConnectError, EtcdOptions, connect};
 pub use keys::{KeyRange, Prefix};
 pub use request::{
-    EtcdError, MAX_RESPONSE_BYTES, REQUEST_TIMEOUT, create_if_absent, kv_client, list, timed,
+    EtcdError, MAX_RESPONSE_BYTES, REQUEST_TIMEOUT, create_if_absent, kv_client, list, list_pages,
+    timed,
 };
 pub use watch::{Event, ListWatch, Snapshot, Update, list_then_watch, wait_shutdown};

@@ -68,6 +68,18 @@ pub fn kv_client(client: &Client) -> KvClient {
 /// in key order with that revision (to watch from the next one).
 pub async fn list(kv: &mut KvClient, range: &KeyRange) -> Result<(Vec<KeyValue>, i64), EtcdError> {
     let mut out = Vec::new();
+    let revision = list_pages(kv, range, |page| out.extend(page)).await?;
+    Ok((out, revision))
+}
+
+/// [`list`], handing each page to `page` as it arrives instead of
+/// collecting them, so a large range is never held whole; returns the
+/// revision every page was read at.
+pub async fn list_pages(
+    kv: &mut KvClient,
+    range: &KeyRange,
+    mut page: impl FnMut(Vec<KeyValue>),
+) -> Result<i64, EtcdError> {
     let mut from = range.start.clone();
     let mut revision = 0;
     loop {
@@ -89,12 +101,12 @@ pub async fn list(kv: &mut KvClient, range: &KeyRange) -> Result<(Vec<KeyValue>,
         // The next page starts just after the last key.
         from = last.key().to_vec();
         from.push(0);
-        out.extend(kvs);
+        page(kvs);
         if !more {
             break;
         }
     }
-    Ok((out, revision))
+    Ok(revision)
 }
 
 /// Creates `key` holding `value`, attached to etcd lease `lease` if given,

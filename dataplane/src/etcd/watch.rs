@@ -22,7 +22,7 @@ use etcd_client::{Client, EventType, KeyValue, KvClient, WatchClient, WatchOptio
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{KeyRange, MAX_RESPONSE_BYTES, REQUEST_TIMEOUT, kv_client, list};
+use super::{KeyRange, MAX_RESPONSE_BYTES, REQUEST_TIMEOUT, kv_client, list_pages};
 
 /// First wait after a failure; also the pause before listing again after a
 /// watch that broke, so a watch that keeps breaking does not hammer etcd.
@@ -138,6 +138,16 @@ where
         self
     }
 
+    /// Starts from a listing the caller made itself at `revision`: no
+    /// first snapshot, the watch begins at the next revision (and lists
+    /// again, as always, if it cannot).
+    pub fn after(mut self, revision: i64) -> Self {
+        self.phase = Phase::Watch { revision };
+        // A listing later is a re-list.
+        self.listed = true;
+        self
+    }
+
     /// The next snapshot or event; `None` once shutdown is requested.
     pub async fn next(&mut self) -> Option<Update<T>> {
         loop {
@@ -153,21 +163,23 @@ where
                             _ = wait_shutdown(&mut self.shutdown) => continue,
                         }
                     }
+                    // Decoded page by page: the raw listing is never held whole.
+                    let mut items = Vec::new();
+                    let mut keys = 0usize;
+                    let decode = &mut self.decode;
                     let listed = tokio::select! {
-                        r = list(&mut self.kv, &self.range) => r,
+                        r = list_pages(&mut self.kv, &self.range, |page| {
+                            keys += page.len();
+                            items.extend(page.iter().filter_map(&mut *decode));
+                        }) => r,
                         _ = wait_shutdown(&mut self.shutdown) => continue,
                     };
                     match listed {
-                        Ok((kvs, revision)) => {
+                        Ok(revision) => {
                             if std::mem::replace(&mut self.listed, true) {
                                 crate::metrics::global().watch_relisted(self.label);
                             }
-                            log::debug!(
-                                "{} keys for {} at revision {revision}",
-                                kvs.len(),
-                                self.what
-                            );
-                            let items = kvs.iter().filter_map(&mut self.decode).collect();
+                            log::debug!("{keys} keys for {} at revision {revision}", self.what);
                             self.phase = Phase::Watch { revision };
                             return Some(Update::Snapshot(Snapshot { items, revision }));
                         }

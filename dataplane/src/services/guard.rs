@@ -1,9 +1,15 @@
-//! Checks `apply` makes against the cluster, beyond one object's own
-//! validation ([`super::validate`]): a ClusterIP inside the service CIDR
-//! and outside the pod network, and no frontend (ClusterIP, port,
-//! protocol) claimed by two Services.
+//! Checks on ClusterIPs, beyond one object's own validation
+//! ([`super::validate`]): inside the service CIDR, and not an address the
+//! cluster already uses (a pod, a node's PublicIP, a subnet's gateway);
+//! and no frontend (ClusterIP, port, protocol) claimed by two Services.
+//!
+//! `apply` refuses a file that fails them ([`check_addresses`],
+//! [`check_conflicts`]). The agent skips (counts and logs once) a Service
+//! in etcd that fails [`AddressGuard::check`], and of two Services claiming
+//! one frontend programs the older ([`super::ServiceStore::owner`]).
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
@@ -12,6 +18,8 @@ use super::model::{Frontend, ServiceName, ServiceStore};
 use super::object::{Kind, ObjectRef};
 use super::store::StoreError;
 use super::validate::{self, ClusterIp};
+use crate::etcd::{self, Prefix, kv_client};
+use crate::lease::{LeaseAttrs, subnets_dir};
 
 /// Kubernetes' default service CIDR (kube-apiserver
 /// `--service-cluster-ip-range`).
@@ -20,11 +28,133 @@ pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
 /// Where ClusterIPs may lie.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AddressGuard {
-    /// ClusterIPs must lie inside it (`--service-cidr`).
+    /// ClusterIPs must lie inside it: `--service-cidr`, else `ServiceCIDR`
+    /// of the network config, else [`DEFAULT_SERVICE_CIDR`]
+    /// ([`AddressGuard::service_cidr_of`]).
     pub service_cidr: Ipv4Net,
     /// The cluster's pod network (`Network` of the network config), when
     /// known: no ClusterIP inside it.
     pub pod_network: Option<Ipv4Net>,
+    /// Node addresses (the PublicIP of each lease), with the lease's
+    /// subnet: no ClusterIP on them.
+    pub nodes: BTreeMap<Ipv4Addr, Ipv4Net>,
+    /// Gateways (the first address of each leased subnet, the node's
+    /// bridge), with the subnet: no ClusterIP on them.
+    pub gateways: BTreeMap<Ipv4Addr, Ipv4Net>,
+}
+
+impl AddressGuard {
+    /// A guard with a service CIDR and pod network and no leases yet.
+    pub fn new(service_cidr: Ipv4Net, pod_network: Option<Ipv4Net>) -> AddressGuard {
+        AddressGuard {
+            service_cidr,
+            pod_network,
+            nodes: BTreeMap::new(),
+            gateways: BTreeMap::new(),
+        }
+    }
+
+    /// The service CIDR in force: the flag, else the network config's
+    /// `ServiceCIDR`, else [`DEFAULT_SERVICE_CIDR`].
+    pub fn service_cidr_of(flag: Option<Ipv4Net>, config: Option<Ipv4Net>) -> Ipv4Net {
+        flag.or(config).unwrap_or_else(|| {
+            DEFAULT_SERVICE_CIDR
+                .parse()
+                .expect("DEFAULT_SERVICE_CIDR is a CIDR")
+        })
+    }
+
+    /// The gateway of a leased subnet: its first address.
+    pub fn gateway_of(subnet: Ipv4Net) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(subnet.network()).wrapping_add(1))
+    }
+
+    /// Records a lease: its PublicIP and gateway are off limits.
+    pub fn add_lease(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr) {
+        self.nodes.insert(public_ip, subnet);
+        self.gateways.insert(Self::gateway_of(subnet), subnet);
+    }
+
+    /// Forgets a lease (the PublicIP only if no other lease has it since).
+    pub fn remove_lease(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr) {
+        if self.nodes.get(&public_ip) == Some(&subnet) {
+            self.nodes.remove(&public_ip);
+        }
+        let gw = Self::gateway_of(subnet);
+        if self.gateways.get(&gw) == Some(&subnet) {
+            self.gateways.remove(&gw);
+        }
+    }
+
+    /// Why `ip` cannot be a ClusterIP, if it cannot.
+    pub fn check(&self, ip: Ipv4Addr) -> Result<(), String> {
+        if let Some(subnet) = self.nodes.get(&ip) {
+            return Err(format!(
+                "{ip} is a node address (the PublicIP of the lease {subnet}): a ClusterIP cannot be a pod, node or gateway address"
+            ));
+        }
+        if let Some(subnet) = self.gateways.get(&ip) {
+            return Err(format!(
+                "{ip} is the gateway of the lease {subnet}: a ClusterIP cannot be a pod, node or gateway address"
+            ));
+        }
+        if let Some(net) = self.pod_network
+            && net.contains(&ip)
+        {
+            return Err(format!(
+                "{ip} is inside the pod network {net}: a ClusterIP cannot be a pod, node or gateway address"
+            ));
+        }
+        if !self.service_cidr.contains(&ip) {
+            return Err(format!(
+                "{ip} is outside the service CIDR {} (--service-cidr, or ServiceCIDR in the network config)",
+                self.service_cidr
+            ));
+        }
+        Ok(())
+    }
+
+    /// The guard `apply` uses: the network config under `etcd_prefix`
+    /// (pod network and `ServiceCIDR`) and its leases (node addresses and
+    /// gateways). Without a network config, the pod network and lease
+    /// checks are left out; the second value then says so.
+    pub async fn for_cluster(
+        client: &mut etcd_client::Client,
+        etcd_prefix: impl Into<Prefix>,
+        service_cidr_flag: Option<Ipv4Net>,
+    ) -> Result<(AddressGuard, Option<String>), StoreError> {
+        let prefix = etcd_prefix.into();
+        let net = match crate::config::load(client, prefix.clone()).await {
+            Ok(net) => net,
+            Err(e) => {
+                let guard = AddressGuard::new(Self::service_cidr_of(service_cidr_flag, None), None);
+                return Ok((
+                    guard,
+                    Some(format!(
+                        "{e}; ClusterIPs are not checked against the pod network and node addresses"
+                    )),
+                ));
+            }
+        };
+        let mut guard = AddressGuard::new(
+            Self::service_cidr_of(service_cidr_flag, net.service_cidr),
+            Some(net.network),
+        );
+        let dir = subnets_dir(&prefix);
+        let (kvs, _) = etcd::list(&mut kv_client(client), &dir.range()).await?;
+        for kv in &kvs {
+            let Some(subnet) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| crate::lease::subnet_in(&dir, k))
+            else {
+                continue;
+            };
+            if let Ok(attrs) = LeaseAttrs::from_json(kv.value()) {
+                guard.add_lease(subnet, attrs.public_ip);
+            }
+        }
+        Ok((guard, None))
+    }
 }
 
 /// The first address problem of a Service in `objects`.
@@ -37,24 +167,11 @@ pub fn check_addresses(objects: &[Object], guard: &AddressGuard) -> Result<(), S
         let Ok(ClusterIp::V4(ip)) = validate::cluster_ip(spec) else {
             continue;
         };
-        let invalid = |message: String| StoreError::Invalid {
+        guard.check(ip).map_err(|message| StoreError::Invalid {
             object: obj.object_ref(),
             path: "spec.clusterIP".into(),
             message,
-        };
-        if let Some(net) = guard.pod_network
-            && net.contains(&ip)
-        {
-            return Err(invalid(format!(
-                "{ip} is inside the pod network {net}: a ClusterIP cannot be a pod, node or gateway address"
-            )));
-        }
-        if !guard.service_cidr.contains(&ip) {
-            return Err(invalid(format!(
-                "{ip} is outside the service CIDR {} (--service-cidr)",
-                guard.service_cidr
-            )));
-        }
+        })?;
     }
     Ok(())
 }
@@ -67,7 +184,7 @@ pub fn check_conflicts(objects: &[Object], existing: &ServiceStore) -> Result<()
     let none = |_| false;
     let mut owner: BTreeMap<Frontend, ServiceName> = BTreeMap::new();
     for name in existing.service_names() {
-        if new.service(name).is_some() {
+        if new.contains(name) {
             continue;
         }
         for f in existing.frontends_for(name, &none).into_keys() {
@@ -91,4 +208,83 @@ pub fn check_conflicts(objects: &[Object], existing: &ServiceStore) -> Result<()
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard() -> AddressGuard {
+        let mut g = AddressGuard::new(
+            "10.96.0.0/12".parse().unwrap(),
+            Some("10.244.0.0/16".parse().unwrap()),
+        );
+        g.add_lease(
+            "10.244.3.0/24".parse().unwrap(),
+            "10.100.0.7".parse().unwrap(),
+        );
+        g
+    }
+
+    #[test]
+    fn each_rule_refuses_on_its_own() {
+        let mut g = guard();
+        assert_eq!(g.check("10.96.0.10".parse().unwrap()), Ok(()));
+        let e = g.check("10.100.0.7".parse().unwrap()).unwrap_err();
+        assert!(
+            e.starts_with("10.100.0.7 is a node address (the PublicIP of the lease 10.244.3.0/24)"),
+            "{e}"
+        );
+        // A gateway outside the pod network (a lease the peer watch would
+        // skip, but a gateway all the same) is named as such.
+        g.pod_network = None;
+        let e = g.check("10.244.3.1".parse().unwrap()).unwrap_err();
+        assert!(
+            e.starts_with("10.244.3.1 is the gateway of the lease 10.244.3.0/24"),
+            "{e}"
+        );
+        let g = guard();
+        let e = g.check("10.244.3.1".parse().unwrap()).unwrap_err();
+        assert!(e.starts_with("10.244.3.1 is the gateway"), "{e}");
+        let e = g.check("10.244.3.2".parse().unwrap()).unwrap_err();
+        assert!(
+            e.starts_with("10.244.3.2 is inside the pod network 10.244.0.0/16"),
+            "{e}"
+        );
+        let e = g.check("10.200.0.1".parse().unwrap()).unwrap_err();
+        assert!(
+            e.starts_with("10.200.0.1 is outside the service CIDR 10.96.0.0/12"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn leases_come_and_go() {
+        let mut g = guard();
+        let (s, ip) = (
+            "10.244.3.0/24".parse().unwrap(),
+            "10.100.0.7".parse().unwrap(),
+        );
+        g.remove_lease(s, ip);
+        assert_eq!(g.check(ip), Ok(()));
+        // A PublicIP that moved to another subnet stays off limits when
+        // the old lease goes.
+        let other = "10.244.4.0/24".parse().unwrap();
+        g.add_lease(s, ip);
+        g.add_lease(other, ip);
+        g.remove_lease(s, ip);
+        assert!(g.check(ip).is_err());
+    }
+
+    #[test]
+    fn flag_then_config_then_default() {
+        let f: Ipv4Net = "10.100.0.0/16".parse().unwrap();
+        let c: Ipv4Net = "10.200.0.0/16".parse().unwrap();
+        assert_eq!(AddressGuard::service_cidr_of(Some(f), Some(c)), f);
+        assert_eq!(AddressGuard::service_cidr_of(None, Some(c)), c);
+        assert_eq!(
+            AddressGuard::service_cidr_of(None, None),
+            DEFAULT_SERVICE_CIDR.parse::<Ipv4Net>().unwrap()
+        );
+    }
 }

@@ -8,7 +8,8 @@
 //! - [`store`] keeps those objects in etcd (apply, delete, list), each write
 //!   one etcd transaction so nothing is ever half-applied.
 //! - [`watch`] follows them from every node: a snapshot, then the changes.
-//! - [`model`] holds them in memory ([`ServiceStore`]) and computes the
+//! - [`model`] holds them in memory ([`ServiceStore`], in a compact form,
+//!   not the Kubernetes objects) and computes the
 //!   frontends (ClusterIP:port/protocol and their backends) of one service as
 //!   kube-proxy would, and which services an update touched, so the agent
 //!   rewrites only what changed.
@@ -42,14 +43,15 @@ pub use k8s_openapi;
 pub use guard::{AddressGuard, DEFAULT_SERVICE_CIDR, check_addresses, check_conflicts};
 pub use manifest::{DocumentError, ManifestError, Object, parse_manifests};
 pub use model::{
-    BackendAddr, Frontend, FrontendSpec, ServiceName, ServiceStore, ServiceSummary, StoreUpdate,
+    BackendAddr, Decoded, Frontend, FrontendSpec, ServiceName, ServiceStore, ServiceSummary,
+    StoreUpdate,
 };
 pub use object::{Kind, ObjectRef, Proto, SERVICE_NAME_LABEL};
 pub use store::{
     ApplyOutcome, ApplySummary, DeleteSummary, MAX_TXN_OPS, StoreError, apply, apply_guarded,
-    delete_objects, delete_service, list,
+    delete_objects, delete_service, list, list_objects,
 };
-pub use watch::watch_services;
+pub use watch::{watch_services, watch_services_after};
 
 /// Where the objects live in etcd unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "/dataplane/";

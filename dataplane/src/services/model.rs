@@ -1,11 +1,24 @@
 //! The agent's in-memory copy of all Services, Endpoints and EndpointSlices,
 //! and the frontends one service needs on this node.
 //!
+//! Only what the frontends are computed from is kept, not the Kubernetes
+//! objects: each value is decoded ([`Decoded::new`]), validated, reduced
+//! to a compact form (ClusterIP, ports, endpoint addresses and conditions)
+//! and dropped, as it arrives from etcd. 10,000 Services with their
+//! EndpointSlices take a few MB this way instead of tens.
+//!
 //! [`ServiceStore::apply`] takes the updates of the etcd watch and says
 //! which services they may have changed, so the agent recomputes and
 //! rewrites only those: updating one service among thousands costs one
 //! service's work (service-semantics.md, point 10). Identical rewrites (a
 //! re-applied file) change nothing and report nothing.
+//!
+//! Two Services may claim one frontend (ClusterIP, port, protocol) in etcd
+//! (`apply` refuses that, but a write can race it or bypass the CLI). The
+//! one created first (lower etcd create revision; the name breaks a tie)
+//! owns it: [`ServiceStore::owner`]. When the owner goes, the next claimant
+//! takes over, and [`ServiceStore::apply`] reports every claimant of a
+//! frontend whose claims changed.
 //!
 //! [`ServiceStore::frontends_for`] follows kube-proxy:
 //!
@@ -38,7 +51,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Endpoints, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -49,7 +62,7 @@ use super::object::{Kind, ObjectRef, Proto, SERVICE_NAME_LABEL};
 use super::validate::{self, ClusterIp, FieldError};
 
 /// A service: namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceName {
     /// The namespace.
     pub namespace: String,
@@ -113,19 +126,22 @@ pub struct FrontendSpec {
 pub enum StoreUpdate {
     /// Everything, at one revision; replaces all that was known.
     Snapshot(ServiceStore),
-    /// A key was written. `key` is relative to the prefix, e.g.
-    /// `services/default/my-service`; `value` is the object as JSON.
-    Put {
-        /// Key below the prefix.
-        key: String,
-        /// The value written.
-        value: Vec<u8>,
-    },
+    /// A key was written; its value, decoded ([`StoreUpdate::put`]).
+    Put(Decoded),
     /// A key was deleted (`key` relative to the prefix).
     Delete {
         /// Key below the prefix.
         key: String,
     },
+}
+
+impl StoreUpdate {
+    /// A write of `value` (the object as JSON) to `key` (relative to the
+    /// prefix, e.g. `services/default/my-service`), created at etcd
+    /// revision `create_revision`.
+    pub fn put(key: &str, value: &[u8], create_revision: i64) -> StoreUpdate {
+        StoreUpdate::Put(Decoded::new(key, value, create_revision))
+    }
 }
 
 /// One line of `dataplane get services`.
@@ -145,29 +161,82 @@ pub struct ServiceSummary {
     pub total_endpoints: usize,
 }
 
-/// All Services, Endpoints and EndpointSlices, by namespace and name.
-///
-/// Values that do not decode, do not match their key, or fail validation
-/// are logged, counted in [`ServiceStore::malformed`] and skipped: the last
-/// good version of that object, if any, stays in force.
-#[derive(Clone, Debug, Default)]
-pub struct ServiceStore {
-    services: BTreeMap<ServiceName, Service>,
-    endpoints: BTreeMap<ServiceName, Endpoints>,
-    /// By (namespace, slice name).
-    slices: BTreeMap<(String, String), EndpointSlice>,
-    /// Slice names of each service, by their service-name label.
-    slices_by_service: BTreeMap<ServiceName, BTreeSet<String>>,
-    malformed: u64,
+/// A value from etcd, decoded into what the store keeps of it (or why it
+/// is unusable). Built as values arrive, so the JSON and the Kubernetes
+/// object are dropped at once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decoded(Value);
+
+#[derive(Clone, Debug, PartialEq)]
+enum Value {
+    /// Not one of our keys (other data in the key range): ignored.
+    Ignored,
+    /// Unusable: counted and logged, the last good value stays.
+    Bad {
+        key: Box<str>,
+        why: String,
+    },
+    Service(ServiceName, SvcEntry),
+    Endpoints(ServiceName, Box<[EpSet]>),
+    Slice(SliceId, SliceEntry),
 }
 
-/// Stores compare by content; the malformed counter is history, not state.
-impl PartialEq for ServiceStore {
-    fn eq(&self, other: &Self) -> bool {
-        self.services == other.services
-            && self.endpoints == other.endpoints
-            && self.slices == other.slices
+/// A slice: (namespace, name).
+type SliceId = (Box<str>, Box<str>);
+
+/// What a Service contributes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SvcEntry {
+    /// etcd create revision: the older of two Services claiming one
+    /// frontend keeps it.
+    create_revision: i64,
+    /// `spec.type` as written.
+    type_: Option<Box<str>>,
+    /// `spec.clusterIP` as written.
+    cluster_ip: Option<Box<str>>,
+    /// The ClusterIP when the service has frontends (IPv4, not
+    /// ExternalName).
+    frontend_ip: Option<Ipv4Addr>,
+    /// `internalTrafficPolicy: Local`.
+    local_only: bool,
+    /// Session affinity timeout, seconds.
+    affinity_timeout: Option<u32>,
+    ports: Box<[SvcPort]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SvcPort {
+    name: Box<str>,
+    port: u16,
+    proto: Proto,
+    /// The backend port when the endpoints list none: a numeric
+    /// `targetPort`, else the port itself; `None` for a named one.
+    fallback: Option<u16>,
+    /// A named `targetPort`.
+    target_name: Option<Box<str>>,
+}
+
+impl SvcEntry {
+    /// The frontends this Service claims.
+    fn frontends(&self) -> impl Iterator<Item = Frontend> + '_ {
+        self.frontend_ip.into_iter().flat_map(|ip| {
+            self.ports.iter().map(move |p| Frontend {
+                ip,
+                port: p.port,
+                proto: p.proto,
+            })
+        })
     }
+}
+
+/// What an EndpointSlice contributes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SliceEntry {
+    /// Its `kubernetes.io/service-name` label.
+    service: Option<Box<str>>,
+    /// `addressType: IPv4`; other slices keep no endpoints.
+    ipv4: bool,
+    set: EpSet,
 }
 
 /// An endpoint's conditions, as booleans.
@@ -189,26 +258,19 @@ impl Cond {
 }
 
 /// A port of an Endpoints subset or an EndpointSlice.
-struct EpPort<'a> {
-    name: &'a str,
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct EpPort {
+    name: Box<str>,
     port: Option<u16>,
     /// `None`: a protocol we do not carry.
     proto: Option<Proto>,
 }
 
 /// One Endpoints subset or one EndpointSlice, normalized.
-struct EpSet<'a> {
-    ports: Vec<EpPort<'a>>,
-    endpoints: Vec<(Ipv4Addr, Cond)>,
-}
-
-fn slice_service(ns: &str, slice: &EndpointSlice) -> Option<ServiceName> {
-    slice
-        .metadata
-        .labels
-        .as_ref()?
-        .get(SERVICE_NAME_LABEL)
-        .map(|name| ServiceName::new(ns, name.as_str()))
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct EpSet {
+    ports: Box<[EpPort]>,
+    endpoints: Box<[(Ipv4Addr, Cond)]>,
 }
 
 /// Decodes a stored value and checks it belongs under its key.
@@ -238,6 +300,218 @@ fn decode<T: DeserializeOwned>(
     Ok(obj)
 }
 
+fn boxed(s: Option<&str>) -> Box<str> {
+    s.unwrap_or_default().into()
+}
+
+fn svc_entry(svc: &Service, create_revision: i64) -> SvcEntry {
+    let spec = svc.spec.as_ref();
+    let external = spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName");
+    let frontend_ip = match spec.map(validate::cluster_ip) {
+        Some(Ok(ClusterIp::V4(ip))) if !external => Some(ip),
+        _ => None,
+    };
+    let ports = spec
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|sp| {
+            let port = validate::port_number(sp.port).ok()?;
+            let proto = validate::protocol(sp.protocol.as_deref()).ok()?;
+            let (fallback, target_name) = match &sp.target_port {
+                None => (Some(port), None),
+                Some(IntOrString::Int(n)) => (validate::port_number(*n).ok(), None),
+                Some(IntOrString::String(s)) => (None, Some(s.as_str().into())),
+            };
+            Some(SvcPort {
+                name: boxed(sp.name.as_deref()),
+                port,
+                proto,
+                fallback,
+                target_name,
+            })
+        })
+        .collect();
+    SvcEntry {
+        create_revision,
+        type_: spec.and_then(|s| s.type_.as_deref()).map(Into::into),
+        cluster_ip: spec.and_then(|s| s.cluster_ip.as_deref()).map(Into::into),
+        frontend_ip,
+        local_only: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
+        affinity_timeout: spec.and_then(validate::affinity_timeout_secs),
+        ports,
+    }
+}
+
+fn endpoints_sets(ep: &Endpoints) -> Box<[EpSet]> {
+    ep.subsets
+        .iter()
+        .flatten()
+        .map(|subset| {
+            let ports = subset
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| EpPort {
+                    name: boxed(p.name.as_deref()),
+                    port: validate::port_number(p.port).ok(),
+                    proto: validate::protocol(p.protocol.as_deref()).ok(),
+                })
+                .collect();
+            let ready = Cond {
+                ready: true,
+                serving: true,
+                terminating: false,
+            };
+            let endpoints = subset
+                .addresses
+                .iter()
+                .flatten()
+                .map(|a| (a, ready))
+                .chain(
+                    subset
+                        .not_ready_addresses
+                        .iter()
+                        .flatten()
+                        .map(|a| (a, Cond::default())),
+                )
+                .filter_map(|(a, c)| Some((a.ip.parse().ok()?, c)))
+                .collect();
+            EpSet { ports, endpoints }
+        })
+        .collect()
+}
+
+fn slice_entry(slice: &EndpointSlice) -> SliceEntry {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .map(|s| s.as_str().into());
+    let ipv4 = slice.address_type == "IPv4";
+    if !ipv4 {
+        return SliceEntry {
+            service,
+            ipv4,
+            set: EpSet::default(),
+        };
+    }
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| EpPort {
+            name: boxed(p.name.as_deref()),
+            port: p.port.and_then(|n| validate::port_number(n).ok()),
+            proto: validate::protocol(p.protocol.as_deref()).ok(),
+        })
+        .collect();
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let ip: Ipv4Addr = e.addresses.first()?.parse().ok()?;
+            let c = e.conditions.as_ref();
+            Some((
+                ip,
+                Cond {
+                    ready: c.and_then(|c| c.ready).unwrap_or(true),
+                    serving: c.and_then(|c| c.serving).unwrap_or(true),
+                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                },
+            ))
+        })
+        .collect();
+    SliceEntry {
+        service,
+        ipv4,
+        set: EpSet { ports, endpoints },
+    }
+}
+
+impl Decoded {
+    /// Decodes `value` (the object as JSON) stored at `key` (relative to
+    /// the prefix), created at etcd revision `create_revision`.
+    pub fn new(key: &str, value: &[u8], create_revision: i64) -> Decoded {
+        let bad = |why: String| {
+            Decoded(Value::Bad {
+                key: key.into(),
+                why,
+            })
+        };
+        let Some(r) = ObjectRef::parse_relative_key(key) else {
+            if key.split('/').next().and_then(Kind::from_dir).is_some() {
+                return bad("malformed key (want <kind>/<namespace>/<name>)".into());
+            }
+            return Decoded(Value::Ignored);
+        };
+        let sn = || ServiceName::new(r.namespace.as_str(), r.name.as_str());
+        let v = match r.kind {
+            Kind::Service => decode(&r, value, |s: &Service| &s.metadata, validate::service)
+                .map(|svc| Value::Service(sn(), svc_entry(&svc, create_revision))),
+            Kind::Endpoints => decode(&r, value, |e: &Endpoints| &e.metadata, validate::endpoints)
+                .map(|ep| Value::Endpoints(sn(), endpoints_sets(&ep))),
+            Kind::EndpointSlice => decode(
+                &r,
+                value,
+                |s: &EndpointSlice| &s.metadata,
+                validate::endpoint_slice,
+            )
+            .map(|s| {
+                Value::Slice(
+                    (r.namespace.as_str().into(), r.name.as_str().into()),
+                    slice_entry(&s),
+                )
+            }),
+        };
+        v.map_or_else(bad, Decoded)
+    }
+
+    /// A value that is no use: counted as malformed (a key that is not
+    /// UTF-8, say).
+    pub(crate) fn bad(key: &str, why: &str) -> Decoded {
+        Decoded(Value::Bad {
+            key: key.into(),
+            why: why.into(),
+        })
+    }
+}
+
+/// All Services, Endpoints and EndpointSlices, by namespace and name, in
+/// compact form.
+///
+/// Values that do not decode, do not match their key, or fail validation
+/// are logged, counted in [`ServiceStore::malformed`] and skipped: the last
+/// good version of that object, if any, stays in force.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceStore {
+    services: BTreeMap<ServiceName, SvcEntry>,
+    endpoints: BTreeMap<ServiceName, Box<[EpSet]>>,
+    slices: BTreeMap<SliceId, SliceEntry>,
+    /// (service, slice name) for each slice, by its service-name label.
+    /// One tree rather than a set per service: a set's first node alone
+    /// takes a few hundred bytes.
+    slices_by_service: BTreeSet<(ServiceName, Box<str>)>,
+    /// (frontend, create revision, service) for each claim: the claimants
+    /// of one frontend are adjacent, oldest first.
+    claims: BTreeSet<(Frontend, i64, ServiceName)>,
+    /// The etcd revision the store was listed at (0 when not listed).
+    revision: i64,
+    malformed: u64,
+}
+
+/// Stores compare by content; the malformed counter and the revision are
+/// history, not state.
+impl PartialEq for ServiceStore {
+    fn eq(&self, other: &Self) -> bool {
+        self.services == other.services
+            && self.endpoints == other.endpoints
+            && self.slices == other.slices
+    }
+}
+
 impl ServiceStore {
     /// An empty store.
     pub fn new() -> ServiceStore {
@@ -245,33 +519,49 @@ impl ServiceStore {
     }
 
     /// A store holding `entries` (keys relative to the prefix, values as
-    /// in etcd), as listed at one revision. Bad entries are skipped and
-    /// counted.
-    pub fn from_entries(entries: impl IntoIterator<Item = (String, Vec<u8>)>) -> ServiceStore {
+    /// in etcd, create revisions), as listed at one revision. Bad entries
+    /// are skipped and counted.
+    pub fn from_entries(entries: impl IntoIterator<Item = (String, Vec<u8>, i64)>) -> ServiceStore {
         let mut store = ServiceStore::new();
-        for (key, value) in entries {
-            store.put(&key, &value);
+        for (key, value, rev) in entries {
+            store.insert(Decoded::new(&key, &value, rev));
         }
         store
     }
 
-    /// A store holding `objects` (as if applied).
+    /// A store holding `objects` (as if applied, newer than anything in
+    /// etcd: create revision `i64::MAX`).
     pub fn from_objects<'a>(objects: impl IntoIterator<Item = &'a Object>) -> ServiceStore {
         ServiceStore::from_entries(
             objects
                 .into_iter()
-                .map(|o| (o.object_ref().relative_key(), o.to_json())),
+                .map(|o| (o.object_ref().relative_key(), o.to_json(), i64::MAX)),
         )
+    }
+
+    /// Adds one decoded value (listing).
+    pub(crate) fn insert(&mut self, d: Decoded) {
+        self.put(d);
+    }
+
+    /// The revision the store was listed at (0 when built otherwise).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    pub(crate) fn set_revision(&mut self, revision: i64) {
+        self.revision = revision;
     }
 
     /// Applies one update; returns the services whose frontends may have
     /// changed. For a Put or Delete that is the service named by the key
-    /// (for an EndpointSlice, the service of its label before and after),
-    /// and nothing when the value is unchanged or unusable. For a Snapshot
-    /// it is every service known before or after.
+    /// (for an EndpointSlice, the service of its label before and after;
+    /// for a Service, also every other claimant of its frontends before
+    /// and after), and nothing when the value is unchanged or unusable.
+    /// For a Snapshot it is every service known before or after.
     pub fn apply(&mut self, update: StoreUpdate) -> BTreeSet<ServiceName> {
         match update {
-            StoreUpdate::Put { key, value } => self.put(&key, &value),
+            StoreUpdate::Put(d) => self.put(d),
             StoreUpdate::Delete { key } => self.delete(&key),
             StoreUpdate::Snapshot(new) => {
                 let mut names = self.referenced_names();
@@ -290,99 +580,105 @@ impl ServiceStore {
         self.malformed
     }
 
-    /// Counts `n` unusable entries found outside [`ServiceStore::apply`]
-    /// (keys that are not UTF-8, say).
-    pub(crate) fn add_malformed(&mut self, n: u64) {
-        self.malformed += n;
-    }
-
     /// Every name a service, Endpoints or slice label refers to.
     fn referenced_names(&self) -> BTreeSet<ServiceName> {
         self.services
             .keys()
             .chain(self.endpoints.keys())
-            .chain(self.slices_by_service.keys())
+            .chain(self.slices_by_service.iter().map(|(n, _)| n))
             .cloned()
             .collect()
     }
 
-    fn bad(&mut self, key: &str, why: &str) -> BTreeSet<ServiceName> {
-        self.malformed += 1;
-        log::warn!("ignoring services entry {key}: {why}");
-        BTreeSet::new()
-    }
-
-    fn put(&mut self, key: &str, value: &[u8]) -> BTreeSet<ServiceName> {
-        let Some(r) = ObjectRef::parse_relative_key(key) else {
-            if key.split('/').next().and_then(Kind::from_dir).is_some() {
-                return self.bad(key, "malformed key (want <kind>/<namespace>/<name>)");
+    fn put(&mut self, d: Decoded) -> BTreeSet<ServiceName> {
+        match d.0 {
+            Value::Ignored => BTreeSet::new(),
+            Value::Bad { key, why } => {
+                self.malformed += 1;
+                log::warn!("ignoring services entry {key}: {why}");
+                BTreeSet::new()
             }
-            return BTreeSet::new();
-        };
-        let sn = ServiceName::new(r.namespace.as_str(), r.name.as_str());
-        match r.kind {
-            Kind::Service => {
-                match decode(&r, value, |s: &Service| &s.metadata, validate::service) {
-                    Ok(svc) if self.services.get(&sn) == Some(&svc) => BTreeSet::new(),
-                    Ok(svc) => {
-                        self.services.insert(sn.clone(), svc);
-                        BTreeSet::from([sn])
-                    }
-                    Err(e) => self.bad(key, &e),
+            Value::Service(sn, entry) => {
+                if self.services.get(&sn) == Some(&entry) {
+                    return BTreeSet::new();
                 }
-            }
-            Kind::Endpoints => {
-                match decode(&r, value, |e: &Endpoints| &e.metadata, validate::endpoints) {
-                    Ok(ep) if self.endpoints.get(&sn) == Some(&ep) => BTreeSet::new(),
-                    Ok(ep) => {
-                        self.endpoints.insert(sn.clone(), ep);
-                        BTreeSet::from([sn])
-                    }
-                    Err(e) => self.bad(key, &e),
+                let mut touched = self.unclaim(&sn);
+                for f in entry.frontends() {
+                    self.claims.insert((f, entry.create_revision, sn.clone()));
                 }
+                for f in entry.frontends() {
+                    touched.extend(self.claimants_of(f).cloned());
+                }
+                touched.insert(sn.clone());
+                self.services.insert(sn, entry);
+                touched
             }
-            Kind::EndpointSlice => {
-                let slice = match decode(
-                    &r,
-                    value,
-                    |s: &EndpointSlice| &s.metadata,
-                    validate::endpoint_slice,
-                ) {
-                    Ok(s) => s,
-                    Err(e) => return self.bad(key, &e),
-                };
-                let id = (r.namespace.clone(), r.name.clone());
-                if self.slices.get(&id) == Some(&slice) {
+            Value::Endpoints(sn, sets) => {
+                if self.endpoints.get(&sn) == Some(&sets) {
+                    return BTreeSet::new();
+                }
+                self.endpoints.insert(sn.clone(), sets);
+                BTreeSet::from([sn])
+            }
+            Value::Slice(id, entry) => {
+                if self.slices.get(&id) == Some(&entry) {
                     return BTreeSet::new();
                 }
                 let mut touched = self.remove_slice(&id);
-                if let Some(svc) = slice_service(&r.namespace, &slice) {
-                    self.slices_by_service
-                        .entry(svc.clone())
-                        .or_default()
-                        .insert(r.name.clone());
+                if let Some(svc) = &entry.service {
+                    let svc = ServiceName::new(&*id.0, &**svc);
+                    self.slices_by_service.insert((svc.clone(), id.1.clone()));
                     touched.insert(svc);
                 }
-                self.slices.insert(id, slice);
+                self.slices.insert(id, entry);
                 touched
             }
         }
     }
 
+    /// Withdraws `sn`'s claims; returns every claimant (left) of the
+    /// frontends it claimed.
+    fn unclaim(&mut self, sn: &ServiceName) -> BTreeSet<ServiceName> {
+        let Some(old) = self.services.get(sn) else {
+            return BTreeSet::new();
+        };
+        let rev = old.create_revision;
+        let fronts: Vec<Frontend> = old.frontends().collect();
+        let mut touched = BTreeSet::new();
+        for f in fronts {
+            self.claims.remove(&(f, rev, sn.clone()));
+            touched.extend(self.claimants_of(f).cloned());
+        }
+        touched
+    }
+
+    /// The services claiming `f`, oldest first.
+    fn claimants_of(&self, f: Frontend) -> impl Iterator<Item = &ServiceName> {
+        self.claims
+            .range((f, i64::MIN, ServiceName::default())..)
+            .take_while(move |(g, _, _)| *g == f)
+            .map(|(_, _, n)| n)
+    }
+
+    /// The slice names labelled for `name`.
+    fn slice_names<'a>(&'a self, name: &ServiceName) -> impl Iterator<Item = &'a str> + 'a {
+        let name = name.clone();
+        self.slices_by_service
+            .range((name.clone(), Box::<str>::from(""))..)
+            .take_while(move |(n, _)| *n == name)
+            .map(|(_, s)| &**s)
+    }
+
     /// Removes a slice and its index entry; returns its old service.
-    fn remove_slice(&mut self, id: &(String, String)) -> BTreeSet<ServiceName> {
+    fn remove_slice(&mut self, id: &SliceId) -> BTreeSet<ServiceName> {
         let Some(old) = self.slices.remove(id) else {
             return BTreeSet::new();
         };
-        let Some(svc) = slice_service(&id.0, &old) else {
+        let Some(svc) = old.service else {
             return BTreeSet::new();
         };
-        if let Some(set) = self.slices_by_service.get_mut(&svc) {
-            set.remove(&id.1);
-            if set.is_empty() {
-                self.slices_by_service.remove(&svc);
-            }
-        }
+        let svc = ServiceName::new(&*id.0, &*svc);
+        self.slices_by_service.remove(&(svc.clone(), id.1.clone()));
         BTreeSet::from([svc])
     }
 
@@ -391,15 +687,24 @@ impl ServiceStore {
             return BTreeSet::new();
         };
         let sn = ServiceName::new(r.namespace.as_str(), r.name.as_str());
-        let removed = match r.kind {
-            Kind::Service => self.services.remove(&sn).is_some(),
-            Kind::Endpoints => self.endpoints.remove(&sn).is_some(),
-            Kind::EndpointSlice => return self.remove_slice(&(r.namespace, r.name)),
-        };
-        if removed {
-            BTreeSet::from([sn])
-        } else {
-            BTreeSet::new()
+        match r.kind {
+            Kind::Service => {
+                let mut touched = self.unclaim(&sn);
+                if self.services.remove(&sn).is_some() {
+                    touched.insert(sn);
+                }
+                touched
+            }
+            Kind::Endpoints => {
+                if self.endpoints.remove(&sn).is_some() {
+                    BTreeSet::from([sn])
+                } else {
+                    BTreeSet::new()
+                }
+            }
+            Kind::EndpointSlice => {
+                self.remove_slice(&(r.namespace.as_str().into(), r.name.as_str().into()))
+            }
         }
     }
 
@@ -418,151 +723,117 @@ impl ServiceStore {
         self.services.is_empty()
     }
 
-    /// A service.
-    pub fn service(&self, name: &ServiceName) -> Option<&Service> {
-        self.services.get(name)
+    /// Whether a service is known.
+    pub fn contains(&self, name: &ServiceName) -> bool {
+        self.services.contains_key(name)
     }
 
-    /// The Endpoints object named like a service.
-    pub fn endpoints(&self, name: &ServiceName) -> Option<&Endpoints> {
-        self.endpoints.get(name)
+    /// Whether an Endpoints object named like `name` is known.
+    pub fn has_endpoints(&self, name: &ServiceName) -> bool {
+        self.endpoints.contains_key(name)
     }
 
-    /// The EndpointSlices labelled for a service, by slice name.
-    pub fn endpoint_slices_of<'a>(
-        &'a self,
-        name: &ServiceName,
-    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
-        let ns = name.namespace.clone();
-        self.slices_by_service
-            .get(name)
-            .into_iter()
-            .flatten()
-            .filter_map(move |slice| self.slices.get(&(ns.clone(), slice.clone())))
+    /// How many EndpointSlices are labelled for a service.
+    pub fn endpoint_slice_count(&self, name: &ServiceName) -> usize {
+        self.slice_names(name).count()
     }
 
-    /// One EndpointSlice by namespace and name.
-    pub fn endpoint_slice(&self, namespace: &str, name: &str) -> Option<&EndpointSlice> {
-        self.slices.get(&(namespace.to_string(), name.to_string()))
+    /// The IPv4 ClusterIP of a service with frontends.
+    pub fn cluster_ip(&self, name: &ServiceName) -> Option<Ipv4Addr> {
+        self.services.get(name)?.frontend_ip
     }
 
-    /// Every stored object, ordered by kind (Endpoints, EndpointSlice,
-    /// Service, as in etcd), namespace and name.
-    pub fn to_objects(&self) -> Vec<Object> {
-        let mut out: Vec<Object> = self
-            .endpoints
-            .values()
-            .cloned()
-            .map(Object::Endpoints)
-            .collect();
-        out.extend(self.slices.values().cloned().map(Object::EndpointSlice));
-        out.extend(self.services.values().cloned().map(Object::Service));
-        out
+    /// The etcd create revision of a service.
+    pub fn create_revision(&self, name: &ServiceName) -> Option<i64> {
+        Some(self.services.get(name)?.create_revision)
+    }
+
+    /// The service that owns frontend `f`: of those claiming it, the one
+    /// created first.
+    pub fn owner(&self, f: &Frontend) -> Option<&ServiceName> {
+        self.claimants_of(*f).next()
+    }
+
+    /// The services with a frontend on `ip`.
+    pub fn services_on(&self, ip: Ipv4Addr) -> BTreeSet<ServiceName> {
+        let lo = Frontend {
+            ip,
+            port: 0,
+            proto: Proto::Tcp,
+        };
+        self.claims
+            .range((lo, i64::MIN, ServiceName::default())..)
+            .take_while(|(f, _, _)| f.ip == ip)
+            .map(|(_, _, n)| n.clone())
+            .collect()
     }
 
     /// The endpoint source of a service: its IPv4 slices if it has any,
     /// else its Endpoints subsets.
-    fn endpoint_sets<'a>(&'a self, name: &ServiceName) -> Vec<EpSet<'a>> {
-        let slices: Vec<&EndpointSlice> = self
-            .endpoint_slices_of(name)
-            .filter(|s| s.address_type == "IPv4")
+    fn endpoint_sets<'a>(&'a self, name: &ServiceName) -> Vec<&'a EpSet> {
+        let ns: Box<str> = name.namespace.as_str().into();
+        let slices: Vec<&EpSet> = self
+            .slice_names(name)
+            .filter_map(|slice| self.slices.get(&(ns.clone(), slice.into())))
+            .filter(|s| s.ipv4)
+            .map(|s| &s.set)
             .collect();
         if !slices.is_empty() {
-            return slices.into_iter().map(slice_set).collect();
+            return slices;
         }
-        let Some(ep) = self.endpoints.get(name) else {
-            return Vec::new();
-        };
-        ep.subsets
-            .iter()
-            .flatten()
-            .map(|subset| {
-                let ports = subset
-                    .ports
-                    .iter()
-                    .flatten()
-                    .map(|p| EpPort {
-                        name: p.name.as_deref().unwrap_or_default(),
-                        port: validate::port_number(p.port).ok(),
-                        proto: validate::protocol(p.protocol.as_deref()).ok(),
-                    })
-                    .collect();
-                let ready = Cond {
-                    ready: true,
-                    serving: true,
-                    terminating: false,
-                };
-                let endpoints = subset
-                    .addresses
-                    .iter()
-                    .flatten()
-                    .map(|a| (a, ready))
-                    .chain(
-                        subset
-                            .not_ready_addresses
-                            .iter()
-                            .flatten()
-                            .map(|a| (a, Cond::default())),
-                    )
-                    .filter_map(|(a, c)| Some((a.ip.parse().ok()?, c)))
-                    .collect();
-                EpSet { ports, endpoints }
-            })
-            .collect()
+        self.endpoints
+            .get(name)
+            .map(|sets| sets.iter().collect())
+            .unwrap_or_default()
     }
 
     /// The frontends of one service as this node must program them, by
     /// frontend. `is_local(ip)` says whether an endpoint address is a pod of
     /// this node (the agent passes "ip is in my pod subnet"); it matters
     /// only for `internalTrafficPolicy: Local`. Empty for an unknown,
-    /// headless or ExternalName service.
+    /// headless or ExternalName service. Frontends another (older) service
+    /// owns are included: see [`ServiceStore::owner`].
     pub fn frontends_for(
         &self,
         svc: &ServiceName,
         is_local: &dyn Fn(Ipv4Addr) -> bool,
     ) -> BTreeMap<Frontend, FrontendSpec> {
         let mut out = BTreeMap::new();
-        let Some(spec) = self.services.get(svc).and_then(|s| s.spec.as_ref()) else {
+        let Some(entry) = self.services.get(svc) else {
             return out;
         };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            return out;
-        }
-        let Ok(ClusterIp::V4(ip)) = validate::cluster_ip(spec) else {
+        let Some(ip) = entry.frontend_ip else {
             return out;
         };
-        let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let affinity_timeout =
-            validate::affinity_timeout_secs(spec).map(|s| Duration::from_secs(s.into()));
-        let ports = spec.ports.as_deref().unwrap_or_default();
+        let affinity_timeout = entry
+            .affinity_timeout
+            .map(|s| Duration::from_secs(s.into()));
         let sets = self.endpoint_sets(svc);
-        for sp in ports {
-            let (Ok(port), Ok(proto)) = (
-                validate::port_number(sp.port),
-                validate::protocol(sp.protocol.as_deref()),
-            ) else {
-                continue;
-            };
+        for sp in entry.ports.iter() {
             let mut eps: BTreeMap<BackendAddr, Cond> = BTreeMap::new();
             for set in &sets {
-                let Some(target) = resolve_port(sp, proto, ports.len(), set) else {
+                let Some(target) = resolve_port(sp, entry.ports.len(), set) else {
                     continue;
                 };
-                for &(ip, cond) in &set.endpoints {
-                    if local_only && !is_local(ip) {
+                for &(ip, cond) in set.endpoints.iter() {
+                    if entry.local_only && !is_local(ip) {
                         continue;
                     }
                     let e = eps.entry(BackendAddr { ip, port: target }).or_default();
                     *e = e.merge(cond);
                 }
             }
-            out.entry(Frontend { ip, port, proto })
-                .or_insert_with(|| FrontendSpec {
-                    service: svc.clone(),
-                    port_name: sp.name.clone().unwrap_or_default(),
-                    backends: choose_backends(&eps),
-                    affinity_timeout,
-                });
+            out.entry(Frontend {
+                ip,
+                port: sp.port,
+                proto: sp.proto,
+            })
+            .or_insert_with(|| FrontendSpec {
+                service: svc.clone(),
+                port_name: sp.name.to_string(),
+                backends: choose_backends(&eps),
+                affinity_timeout,
+            });
         }
         out
     }
@@ -571,8 +842,8 @@ impl ServiceStore {
     pub fn endpoint_counts(&self, name: &ServiceName) -> (usize, usize) {
         let mut addrs: BTreeMap<Ipv4Addr, bool> = BTreeMap::new();
         for set in self.endpoint_sets(name) {
-            for (ip, c) in set.endpoints {
-                *addrs.entry(ip).or_default() |= c.ready;
+            for (ip, c) in set.endpoints.iter() {
+                *addrs.entry(*ip).or_default() |= c.ready;
             }
         }
         (addrs.values().filter(|r| **r).count(), addrs.len())
@@ -583,28 +854,22 @@ impl ServiceStore {
         self.services
             .iter()
             .map(|(name, svc)| {
-                let spec = svc.spec.as_ref();
-                let ports = spec
-                    .and_then(|s| s.ports.as_ref())
-                    .into_iter()
-                    .flatten()
+                let ports = svc
+                    .ports
+                    .iter()
                     .map(|p| {
-                        let proto = p.protocol.as_deref().unwrap_or("TCP");
-                        match p.name.as_deref() {
-                            Some(n) if !n.is_empty() => format!("{n}:{}/{proto}", p.port),
-                            _ => format!("{}/{proto}", p.port),
+                        if p.name.is_empty() {
+                            format!("{}/{}", p.port, p.proto)
+                        } else {
+                            format!("{}:{}/{}", p.name, p.port, p.proto)
                         }
                     })
                     .collect();
                 let (ready_endpoints, total_endpoints) = self.endpoint_counts(name);
                 ServiceSummary {
                     service: name.clone(),
-                    service_type: spec
-                        .and_then(|s| s.type_.clone())
-                        .unwrap_or_else(|| "ClusterIP".into()),
-                    cluster_ip: spec
-                        .and_then(|s| s.cluster_ip.clone())
-                        .unwrap_or_else(|| "<none>".into()),
+                    service_type: svc.type_.as_deref().unwrap_or("ClusterIP").to_string(),
+                    cluster_ip: svc.cluster_ip.as_deref().unwrap_or("<none>").to_string(),
                     ports,
                     ready_endpoints,
                     total_endpoints,
@@ -614,74 +879,30 @@ impl ServiceStore {
     }
 }
 
-/// An EndpointSlice (IPv4), normalized.
-fn slice_set(slice: &EndpointSlice) -> EpSet<'_> {
-    let ports = slice
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| EpPort {
-            name: p.name.as_deref().unwrap_or_default(),
-            port: p.port.and_then(|n| validate::port_number(n).ok()),
-            proto: validate::protocol(p.protocol.as_deref()).ok(),
-        })
-        .collect();
-    let endpoints = slice
-        .endpoints
-        .iter()
-        .flatten()
-        .filter_map(|e| {
-            let ip: Ipv4Addr = e.addresses.first()?.parse().ok()?;
-            let c = e.conditions.as_ref();
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            Some((
-                ip,
-                Cond {
-                    ready,
-                    serving: c.and_then(|c| c.serving).unwrap_or(true),
-                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                },
-            ))
-        })
-        .collect();
-    EpSet { ports, endpoints }
-}
-
 /// The backend port for service port `sp` in endpoint set `set`, or `None`
 /// when the set has no matching port (see the module docs).
-fn resolve_port(
-    sp: &ServicePort,
-    proto: Proto,
-    n_service_ports: usize,
-    set: &EpSet<'_>,
-) -> Option<u16> {
-    let fallback = match &sp.target_port {
-        None => validate::port_number(sp.port).ok(),
-        Some(IntOrString::Int(n)) => validate::port_number(*n).ok(),
-        Some(IntOrString::String(_)) => None,
-    };
+fn resolve_port(sp: &SvcPort, n_service_ports: usize, set: &EpSet) -> Option<u16> {
     if set.ports.is_empty() {
-        return fallback;
+        return sp.fallback;
     }
-    let pick = |p: &EpPort<'_>| {
-        if p.proto == Some(proto) {
-            p.port.or(fallback)
+    let pick = |p: &EpPort| {
+        if p.proto == Some(sp.proto) {
+            p.port.or(sp.fallback)
         } else {
             None
         }
     };
-    let name = sp.name.as_deref().unwrap_or_default();
-    if let Some(p) = set.ports.iter().find(|p| p.name == name) {
+    if let Some(p) = set.ports.iter().find(|p| p.name == sp.name) {
         return pick(p);
     }
-    if let Some(IntOrString::String(target)) = &sp.target_port
-        && let Some(p) = set.ports.iter().find(|p| p.name == target)
+    if let Some(target) = &sp.target_name
+        && let Some(p) = set.ports.iter().find(|p| p.name == *target)
     {
         return pick(p);
     }
-    if let [only] = set.ports.as_slice()
+    if let [only] = &*set.ports
         && n_service_ports == 1
-        && (name.is_empty() || only.name.is_empty())
+        && (sp.name.is_empty() || only.name.is_empty())
     {
         return pick(only);
     }
@@ -1071,10 +1292,7 @@ mod tests {
     }
 
     fn put(o: &Object) -> StoreUpdate {
-        StoreUpdate::Put {
-            key: o.object_ref().relative_key(),
-            value: o.to_json(),
-        }
+        StoreUpdate::put(&o.object_ref().relative_key(), &o.to_json(), 1)
     }
 
     #[test]
@@ -1105,8 +1323,8 @@ mod tests {
             .insert(SERVICE_NAME_LABEL.into(), "api".into());
         let touched = s.apply(put(&Object::EndpointSlice(sl)));
         assert_eq!(touched, BTreeSet::from([sn("api"), sn("web")]));
-        assert_eq!(s.endpoint_slices_of(&sn("web")).count(), 0);
-        assert_eq!(s.endpoint_slices_of(&sn("api")).count(), 1);
+        assert_eq!(s.endpoint_slice_count(&sn("web")), 0);
+        assert_eq!(s.endpoint_slice_count(&sn("api")), 1);
         // Deleting what is not there touches nothing.
         assert_eq!(
             s.apply(StoreUpdate::Delete {
@@ -1146,19 +1364,13 @@ mod tests {
             ),
             ("services/default", b"{}".to_vec()),
         ] {
-            let touched = s.apply(StoreUpdate::Put {
-                key: key.into(),
-                value,
-            });
+            let touched = s.apply(StoreUpdate::put(key, &value, 1));
             assert!(touched.is_empty());
         }
         assert_eq!(s, before);
         assert_eq!(s.malformed(), 4);
         // Keys outside the three directories are not ours: ignored, not counted.
-        s.apply(StoreUpdate::Put {
-            key: "leases/x".into(),
-            value: vec![],
-        });
+        s.apply(StoreUpdate::put("leases/x", &[], 1));
         assert_eq!(s.malformed(), 4);
     }
 

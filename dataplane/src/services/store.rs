@@ -18,7 +18,7 @@ use etcd_client::{Client, Compare, CompareOp, KeyValue, KvClient, Txn, TxnOp, Tx
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::manifest::Object;
-use super::model::ServiceStore;
+use super::model::{Decoded, ServiceStore};
 use super::object::{Kind, ObjectRef, SERVICE_NAME_LABEL, key_range, namespace_dir};
 use crate::etcd::{self, EtcdError, Prefix, kv_client, timed};
 
@@ -303,8 +303,15 @@ pub async fn apply_guarded(
     // still claims its ports), so only `services/` is listed: a third of
     // the keys of a large store, and no EndpointSlice decoding.
     let services = prefix.join(Kind::Service.dir()).range();
-    let (kvs, _) = etcd::list(&mut kv_client(client), &services).await?;
-    let existing = store_from(kvs.iter().filter_map(|kv| decode(&prefix, kv)).collect());
+    let mut existing = ServiceStore::new();
+    etcd::list_pages(&mut kv_client(client), &services, |page| {
+        for kv in page {
+            if let Some(e) = decode(&prefix, &kv) {
+                insert(&mut existing, e);
+            }
+        }
+    })
+    .await?;
     super::guard::check_conflicts(objects, &existing)?;
     apply(client, prefix, objects).await
 }
@@ -429,15 +436,16 @@ pub async fn delete_service(
 }
 
 /// One key-value under the prefix, as the readers ([`list`] and
-/// [`super::watch_services`]) see it.
+/// [`super::watch_services`]) see it: decoded as it arrives, so neither the
+/// JSON nor the Kubernetes object outlives this.
 pub(crate) enum Entry {
-    /// A key of one of our kinds: the key below the prefix and its value
-    /// (empty for a deletion).
+    /// A key of one of our kinds.
     Object {
         /// E.g. `services/default/my-service`.
         key: String,
-        /// The stored JSON.
-        value: Vec<u8>,
+        /// The value decoded; `None` when the key-value has none (a
+        /// deletion event).
+        value: Option<Decoded>,
     },
     /// A key that is not UTF-8: unusable, counted as malformed.
     BadKey,
@@ -455,39 +463,91 @@ pub(crate) fn decode(prefix: &Prefix, kv: &KeyValue) -> Option<Entry> {
     };
     let rel = prefix.strip(key)?;
     Kind::from_dir(rel.split('/').next()?)?;
+    let value = (!kv.value().is_empty() || kv.create_revision() != 0)
+        .then(|| Decoded::new(rel, kv.value(), kv.create_revision()));
     Some(Entry::Object {
         key: rel.to_string(),
-        value: kv.value().to_vec(),
+        value,
     })
 }
 
-/// A store of listed entries.
-pub(crate) fn store_from(entries: Vec<Entry>) -> ServiceStore {
-    let mut bad_keys = 0u64;
-    let objects = entries.into_iter().filter_map(|e| match e {
-        Entry::Object { key, value } => Some((key, value)),
-        Entry::BadKey => {
-            bad_keys += 1;
-            None
+/// Adds a listed entry to `store`.
+pub(crate) fn insert(store: &mut ServiceStore, entry: Entry) {
+    match entry {
+        Entry::Object {
+            value: Some(value), ..
+        } => store.insert(value),
+        Entry::Object { key, value: None } => {
+            store.insert(Decoded::bad(&key, "listed without a value"))
         }
-    });
-    let mut store = ServiceStore::from_entries(objects);
-    store.add_malformed(bad_keys);
+        Entry::BadKey => store.insert(Decoded::bad("(not UTF-8)", "key is not UTF-8")),
+    }
+}
+
+/// A store of listed entries.
+pub(crate) fn store_from(entries: Vec<Entry>, revision: i64) -> ServiceStore {
+    let mut store = ServiceStore::new();
+    for e in entries {
+        insert(&mut store, e);
+    }
+    store.set_revision(revision);
     store
 }
 
 /// Lists all Services, Endpoints and EndpointSlices under `prefix`, at one
-/// revision. Unusable values are skipped (logged, and counted in
-/// [`ServiceStore::malformed`]).
+/// revision ([`ServiceStore::revision`]), page by page: each value is
+/// decoded and dropped as its page arrives. Unusable values are skipped
+/// (logged, and counted in [`ServiceStore::malformed`]).
 pub async fn list(
     client: &mut Client,
     prefix: impl Into<Prefix>,
 ) -> Result<ServiceStore, StoreError> {
     let prefix = prefix.into();
+    let mut store = ServiceStore::new();
+    let revision = etcd::list_pages(&mut kv_client(client), &key_range(&prefix), |page| {
+        for kv in page {
+            if let Some(e) = decode(&prefix, &kv) {
+                insert(&mut store, e);
+            }
+        }
+    })
+    .await?;
+    store.set_revision(revision);
+    Ok(store)
+}
+
+/// Every Service, Endpoints and EndpointSlice under `prefix` as the whole
+/// Kubernetes object (for inspection and tests; the agent keeps only the
+/// compact form of [`list`]), ordered by kind (Endpoints, EndpointSlice,
+/// Service, as in etcd), namespace and name. Values that do not decode are
+/// left out.
+pub async fn list_objects(
+    client: &mut Client,
+    prefix: impl Into<Prefix>,
+) -> Result<Vec<Object>, StoreError> {
+    let prefix = prefix.into();
     let (kvs, _) = etcd::list(&mut kv_client(client), &key_range(&prefix)).await?;
-    Ok(store_from(
-        kvs.iter().filter_map(|kv| decode(&prefix, kv)).collect(),
-    ))
+    let mut out = Vec::new();
+    for kv in &kvs {
+        let Some(rel) = std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(|k| prefix.strip(k))
+        else {
+            continue;
+        };
+        let Some(r) = ObjectRef::parse_relative_key(rel) else {
+            continue;
+        };
+        let obj = match r.kind {
+            Kind::Service => serde_json::from_slice(kv.value()).map(Object::Service),
+            Kind::Endpoints => serde_json::from_slice(kv.value()).map(Object::Endpoints),
+            Kind::EndpointSlice => serde_json::from_slice(kv.value()).map(Object::EndpointSlice),
+        };
+        if let Ok(o) = obj {
+            out.push(o);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -7,13 +7,14 @@
 //! reports every service, so it can reconcile its maps against the new
 //! state, including services deleted while the watch was down.
 //!
-//! The updates carry raw values; decoding and validation happen in
-//! [`super::ServiceStore::apply`], which skips (and counts) bad ones.
+//! Values are decoded and validated here, as they arrive ([`Decoded`]):
+//! the updates carry only the compact form the store keeps, and bad ones
+//! are skipped (and counted) by [`super::ServiceStore::apply`].
 
 use etcd_client::{Client, KeyValue};
 use tokio::sync::{mpsc, watch};
 
-use super::model::StoreUpdate;
+use super::model::{Decoded, StoreUpdate};
 use super::object::key_range;
 use super::store::{Entry, decode, store_from};
 use crate::etcd::{Event, Prefix, Update, list_then_watch};
@@ -28,6 +29,20 @@ pub async fn watch_services(
     tx: mpsc::Sender<StoreUpdate>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    watch_services_after(client, prefix, None, tx, shutdown).await
+}
+
+/// [`watch_services`], for a caller that already listed at `revision`
+/// ([`super::list`], [`super::ServiceStore::revision`]): no first
+/// snapshot, the changes after it. The agent starts this way, so it never
+/// holds two full listings at once.
+pub async fn watch_services_after(
+    client: Client,
+    prefix: impl Into<Prefix>,
+    revision: Option<i64>,
+    tx: mpsc::Sender<StoreUpdate>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let prefix = prefix.into();
     let mut watch = list_then_watch(
         &client,
@@ -37,11 +52,14 @@ pub async fn watch_services(
         shutdown,
     )
     .counted_as("services");
-    let mut listed_before = false;
+    let mut listed_before = revision.is_some();
+    if let Some(r) = revision {
+        watch = watch.after(r);
+    }
     while let Some(update) = watch.next().await {
         let update = match update {
             Update::Snapshot(s) => {
-                let store = store_from(s.items);
+                let store = store_from(s.items, s.revision);
                 log::info!(
                     "{} services under {prefix} at revision {}{}",
                     store.len(),
@@ -51,9 +69,9 @@ pub async fn watch_services(
                 listed_before = true;
                 StoreUpdate::Snapshot(store)
             }
-            Update::Event(Event::Put(Entry::Object { key, value })) => {
-                StoreUpdate::Put { key, value }
-            }
+            Update::Event(Event::Put(Entry::Object { key, value })) => StoreUpdate::Put(
+                value.unwrap_or_else(|| Decoded::bad(&key, "written without a value")),
+            ),
             Update::Event(Event::Delete(Entry::Object { key, .. })) => StoreUpdate::Delete { key },
             // Not UTF-8: logged when decoded, nothing to apply.
             Update::Event(Event::Put(Entry::BadKey) | Event::Delete(Entry::BadKey)) => continue,
