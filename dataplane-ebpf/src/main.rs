@@ -16,6 +16,8 @@ mod ecn;
 mod encap;
 mod endpoints;
 mod forward;
+mod frag;
+mod icmp;
 mod l4;
 mod lb;
 mod maps;
@@ -23,6 +25,8 @@ mod nat;
 mod parse;
 mod reject;
 mod stats;
+mod track;
+mod ttl;
 mod vxlan;
 
 use aya_ebpf::{
@@ -64,6 +68,10 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         count(Stat::PassNotIpv4, ctx.len());
         return TC_ACT_OK;
     };
+    // A router answers a packet whose TTL runs out before translating it.
+    if let Some(action) = ttl::expired_from_pod(&ctx, cfg, &pkt) {
+        return action;
+    }
     // Services first: a ClusterIP is never forwarded untranslated.
     let dst = match lb::from_pod(&ctx, &pkt) {
         Verdict::Pass => pkt.daddr,
@@ -73,7 +81,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         }
         Verdict::Translated(to) => to,
     };
-    encap::encap_to_peer(&ctx, cfg, dst, pkt.tos)
+    encap::encap_to_peer(&ctx, cfg, dst, pkt.tos, encap::Hop::Forwarded)
 }
 
 /// A translated Service packet for a pod of this node: a CNI pod gets it
