@@ -84,7 +84,15 @@ pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8, h
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let sport = (VXLAN_SPORT_MIN + hash % (VXLAN_SPORT_MAX - VXLAN_SPORT_MIN + 1)) as u16;
 
-    if let Err(e) = ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS) {
+    // An originated packet is an ICMP error built from a packet that was
+    // just decapsulated: the kernel still marks that skb as encapsulated
+    // (see `forward::redirect_to_pod`) and refuses the ENCAP flags on it
+    // (-EALREADY). It is small and not GSO, so it needs none of them.
+    let flags = match hop {
+        Hop::Forwarded => ENCAP_FLAGS,
+        Hop::Originated => 0,
+    };
+    if let Err(e) = ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags) {
         log_event!(ctx, "encap: bpf_skb_adjust_room failed: {}", e);
         count(Stat::DropAdjustRoom, len);
         return TC_ACT_SHOT;

@@ -8,7 +8,10 @@
 //! on its way through (see `ttl`).
 
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        TC_ACT_REDIRECT,
+        bpf_adj_room_mode::{BPF_ADJ_ROOM_MAC, BPF_ADJ_ROOM_NET},
+    },
     helpers::generated::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -108,10 +111,7 @@ fn icmp_error(ctx: &TcContext, from: [u8; 4], to: [u8; 4], type_: u8, code: u8) 
     let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0).ok_or(())?;
     // SAFETY: bounds checked.
     let (their_mac, our_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
-    // SAFETY: helper on our own skb.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (EthHdr::LEN + QUOTED) as u32, 0) } != 0 {
-        return Err(());
-    }
+    trim_to_quote(ctx)?;
     ctx.adjust_room(ADDED as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| ())?;
 
@@ -142,6 +142,35 @@ fn icmp_error(ctx: &TcContext, from: [u8; 4], to: [u8; 4], type_: u8, code: u8) 
         (*icmp).check = csum::finish(csum::add(0, &*message));
     }
     Ok(())
+}
+
+/// Cuts the frame down to the Ethernet header and the quote.
+#[inline(always)]
+fn trim_to_quote(ctx: &TcContext) -> Result<(), ()> {
+    // SAFETY: helper on our own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (EthHdr::LEN + QUOTED) as u32, 0) } == 0 {
+        return Ok(());
+    }
+    // bpf_skb_change_tail refuses an skb the kernel still marks as
+    // encapsulated, which a just decapsulated packet is (see
+    // `forward::redirect_to_pod`). Remove what follows the 8 quoted bytes
+    // from between the IPv4 and L4 headers instead, then put those 8 bytes
+    // back. Not for GSO packets, whose segment size would be left over.
+    // SAFETY: reading a context field.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        return Err(());
+    }
+    let extra = ctx
+        .len()
+        .checked_sub((EthHdr::LEN + QUOTED) as u32)
+        .ok_or(())?;
+    if extra == 0 {
+        return Ok(());
+    }
+    let l4_head: [u8; 8] = ctx.load(L4_OFF).map_err(|_| ())?;
+    ctx.adjust_room(-(extra as i32), BPF_ADJ_ROOM_NET, 0)
+        .map_err(|_| ())?;
+    ctx.store(L4_OFF, &l4_head, 0).map_err(|_| ())
 }
 
 /// Turns a TCP segment into the RST its sender expects from the ClusterIP
