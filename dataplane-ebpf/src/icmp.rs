@@ -20,6 +20,7 @@
 //! incrementally. Every change is paired with the checksum that covers
 //! it, so the packet's overall sum (CHECKSUM_COMPLETE) stays right.
 
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use dataplane_common::{CtKey, PROTO_TCP, PROTO_UDP, Stat};
 use network_types::{icmp::Icmpv4Hdr, ip::Ipv4Hdr};
 
@@ -33,7 +34,6 @@ use crate::{
     stats::count,
     track,
 };
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 
 /// IPPROTO_ICMP.
 pub const PROTO_ICMP: u8 = 1;

@@ -8,7 +8,9 @@
 //! random) -> record `CT` (forward) and `RNAT` (reply) -> DNAT. Later
 //! packets follow `CT`. Replies from the backend hit `RNAT` wherever they
 //! enter this node (its veth if the backend is local, the underlay after
-//! decapsulation if it is remote).
+//! decapsulation if it is remote). There, too, the later fragments of a
+//! datagram follow its first (`frag`) and ICMP errors about a flow are
+//! translated (`icmp`); both reach the flow state through `track`.
 
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
