@@ -491,9 +491,10 @@ stats! {
     /// to the sender's node and counted as that too.
     TtlExceeded = 50, "ttl_exceeded",
         "packet forwarded by this node whose TTL ran out, answered with ICMP time exceeded";
-    /// An ICMP error is never answered with another (RFC 1122 3.2.2).
+    /// An ICMP error is never answered with another (RFC 1122 3.2.2), nor
+    /// a fragment other than the first (as Linux's icmp_send).
     DropTtlExceeded = 51, "drop_ttl_exceeded",
-        "packet whose TTL ran out at this node and that is not answered (an ICMP error itself, IPv4 options, or the answer could not be built)";
+        "packet whose TTL ran out at this node and that is not answered (an ICMP error itself, a later fragment, IPv4 options, or the answer could not be built)";
 }
 
 impl Stat {

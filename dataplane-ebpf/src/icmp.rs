@@ -67,7 +67,8 @@ pub fn is_error(t: u8) -> bool {
 
 /// Is the packet (at [`IP_OFF`], parsed as `pkt`) an ICMP error? Read
 /// where the ICMP header would be after a header without options; `true`
-/// also when it cannot be read (never answer what might be one).
+/// also when it cannot be read or is a later fragment (never answer what
+/// might be one).
 #[inline(always)]
 pub fn may_be_error(data: usize, data_end: usize, pkt: &Ipv4Packet) -> bool {
     if pkt.proto != PROTO_ICMP {
@@ -75,7 +76,7 @@ pub fn may_be_error(data: usize, data_end: usize, pkt: &Ipv4Packet) -> bool {
     }
     match ptr_at::<u8>(data, data_end, IP_OFF + Ipv4Hdr::LEN) {
         // SAFETY: bounds checked by ptr_at.
-        Some(t) => !pkt.no_options || is_error(unsafe { *t }),
+        Some(t) => !pkt.no_options || pkt.later_fragment || is_error(unsafe { *t }),
         None => true,
     }
 }
@@ -106,7 +107,7 @@ pub fn decapsulated(ctx: &TcContext, pkt: &Ipv4Packet) -> Option<Verdict> {
 
 #[inline(always)]
 fn translate(ctx: &TcContext, pkt: &Ipv4Packet, from_client: bool) -> Option<Verdict> {
-    if pkt.proto != PROTO_ICMP || !pkt.no_options {
+    if pkt.proto != PROTO_ICMP || !pkt.no_options || pkt.later_fragment {
         return None;
     }
     let h = ptr_at::<ErrorHdrs>(ctx.data(), ctx.data_end(), IP_OFF)?;

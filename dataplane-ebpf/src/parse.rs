@@ -10,7 +10,7 @@ use network_types::{
 };
 
 use crate::{
-    consts::IPV4_VIHL_NO_OPTIONS,
+    consts::{IP_OFFSET, IPV4_VIHL_NO_OPTIONS},
     l4::{self, L4},
 };
 
@@ -55,6 +55,9 @@ pub struct Ipv4Packet {
     pub proto: u8,
     /// The header has no options (20 bytes).
     pub no_options: bool,
+    /// A fragment other than the first: what follows the header is not
+    /// the start of an L4 header.
+    pub later_fragment: bool,
     pub l4: L4,
 }
 
@@ -79,6 +82,7 @@ pub fn ipv4(data: usize, data_end: usize) -> Option<Ipv4Packet> {
         ttl: ip.ttl,
         proto: ip.proto,
         no_options: ip.vihl == IPV4_VIHL_NO_OPTIONS,
+        later_fragment: u16::from_be_bytes(ip.frags) & IP_OFFSET != 0,
         l4: l4::parse(ip, data, data_end),
     })
 }

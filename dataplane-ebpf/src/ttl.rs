@@ -54,7 +54,10 @@ pub fn expired_from_pod(ctx: &TcContext, cfg: &NodeConfig, pkt: &Ipv4Packet) -> 
     let len = ctx.len();
     // SAFETY: reading our own skb.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if icmp::may_be_error(ctx.data(), ctx.data_end(), pkt) || !pkt.no_options {
+    // Like Linux's icmp_send: no answer to an error, nor to a fragment
+    // other than the first.
+    if icmp::may_be_error(ctx.data(), ctx.data_end(), pkt) || !pkt.no_options || pkt.later_fragment
+    {
         count(Stat::DropTtlExceeded, len);
         return Some(TC_ACT_SHOT);
     }
@@ -84,6 +87,7 @@ pub fn decapsulated(ctx: &TcContext, cfg: &NodeConfig) -> Result<(), i32> {
         return Err(TC_ACT_SHOT);
     };
     if icmp::may_be_error(ctx.data(), ctx.data_end(), &pkt)
+        || pkt.later_fragment
         || reject::time_exceeded(ctx, cfg.gateway).is_err()
     {
         count(Stat::DropTtlExceeded, len);

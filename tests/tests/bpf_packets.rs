@@ -1725,6 +1725,13 @@ root_test!(ttl_running_out_is_answered_with_time_exceeded, || {
     set_ipv4_checksum(&mut err);
     let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &from_client(&err));
     assert_eq!(rc, TC_ACT_SHOT);
+    // Nor is a fragment other than the first (it has no L4 header to quote).
+    let seg = udp_csum(CLIENT, REMOTE_BACKEND, 33434, 5353, &[7; 600]);
+    let [_, mut later] = fragments(CLIENT, REMOTE_BACKEND, 17, 0x7777, &seg, 304);
+    later[8] = 1;
+    set_ipv4_checksum(&mut later);
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &from_client(&later));
+    assert_eq!(rc, TC_ACT_SHOT, "later fragment");
 
     // Out of the overlay with TTL 1: answered to the sender, encapsulated
     // to its node.
@@ -1755,7 +1762,7 @@ root_test!(ttl_running_out_is_answered_with_time_exceeded, || {
             (Stat::Encapsulated, 2),
             (Stat::PassLocal, 1),
             (Stat::TtlExceeded, 3),
-            (Stat::DropTtlExceeded, 1),
+            (Stat::DropTtlExceeded, 2),
         ],
         "TTL",
     );
