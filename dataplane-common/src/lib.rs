@@ -61,6 +61,10 @@ pub mod map_names {
     /// pod's IP and MAC. `from_pod` drops what such a port sends from any
     /// other address, and learns nothing there.
     pub const POD_PORTS: &str = "pod_ports_v1";
+    /// LRU: first fragment of a translated IPv4 datagram (source,
+    /// destination, protocol, IP ID) -> its ports, so that the later
+    /// fragments, which carry none, follow the same flow.
+    pub const FRAGS: &str = "frags_v1";
 
     /// Maps of earlier releases that a starting agent migrates and then
     /// removes (never created by this one).
@@ -91,6 +95,7 @@ pub mod map_names {
         LIVE,
         ENDPOINTS,
         POD_PORTS,
+        FRAGS,
     ];
 }
 
@@ -112,6 +117,9 @@ pub const BACKENDS_MAX: u32 = 262_144;
 /// default TCP table. See the README for the memory it takes.
 pub const CT_MAX: u32 = 524_288;
 pub const AFFINITY_MAX: u32 = 65_536;
+/// Datagrams in flight in fragments, to or from ClusterIPs. An entry is
+/// needed only between a datagram's first and last fragment.
+pub const FRAGS_MAX: u32 = 8_192;
 
 /// Source address given to hairpin flows (a pod reaching itself through a
 /// Service): a packet from the pod's own address would be dropped by the
@@ -239,6 +247,29 @@ pub struct RnatEntry {
     pub vport: [u8; 2],
     pub client_port: [u8; 2],
     pub client: [u8; 4],
+}
+
+/// Key of [`map_names::FRAGS`]: the fields that tie the fragments of one
+/// IPv4 datagram together (RFC 791), as the fragment arrived (before any
+/// translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// The IP identification field, network byte order.
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`map_names::FRAGS`]: the ports of the datagram's first
+/// fragment, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragEntry {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
 }
 
 /// Key of [`map_names::AFFINITY`].
@@ -445,7 +476,7 @@ stats! {
     DropRejectFailed = 25, "drop_reject_failed",
         "a Service rejection (RST / ICMP) could not be built, e.g. IPv4 options: dropped instead";
     DropSvcMalformed = 26, "drop_svc_malformed",
-        "fragment, or header too short to read the ports of, to a ClusterIP";
+        "TCP/UDP to a ClusterIP with an impossible header length or too short to read the ports of";
     /// Not logged: without a configuration there is no `NODE_CFG_BPF_LOG`
     /// bit to ask for it.
     PassNoConfig = 27, "pass_no_config",
@@ -493,6 +524,26 @@ stats! {
         "new flow to a ClusterIP dropped: the conntrack table (--ct-max) is full";
     SvcResetBackendGone = 40, "svc_reset_backend_gone",
         "TCP segment (not SYN) of a flow whose backend was removed, answered with RST so the client fails fast";
+    /// netfilter's nf_nat_icmp_reply_translation: the quoted packet gets
+    /// the ClusterIP back as its destination, the outer source too when
+    /// the backend sent the error.
+    SvcIcmpReverse = 47, "svc_icmp_reverse",
+        "ICMP error (unreachable, time exceeded) about a Service flow, from its backend or the path, translated back to the ClusterIP (then counted by its outcome)";
+    SvcIcmpForward = 48, "svc_icmp_forward",
+        "ICMP error from a client about a reply from a ClusterIP, translated to the backend (then counted by its outcome)";
+    /// Its ports are only in the first fragment. Also a fragment whose
+    /// first fragment was seen too long ago (`frags_v1` is an LRU).
+    DropFragNoFirst = 49, "drop_frag_no_first",
+        "non-first fragment to a ClusterIP whose first fragment was not seen first";
+    /// From a pod this is the packet's outcome (the answer goes straight
+    /// back into the pod). After decapsulation the answer is encapsulated
+    /// to the sender's node and counted as that too.
+    TtlExceeded = 50, "ttl_exceeded",
+        "packet forwarded by this node whose TTL ran out, answered with ICMP time exceeded";
+    /// An ICMP error is never answered with another (RFC 1122 3.2.2), nor
+    /// a fragment other than the first (as Linux's icmp_send).
+    DropTtlExceeded = 51, "drop_ttl_exceeded",
+        "packet whose TTL ran out at this node and that is not answered (an ICMP error itself, a later fragment, IPv4 options, or the answer could not be built)";
     /// Counted on the way, like `svc_forward`: the packet then ends in its
     /// own outcome. With `--bpf-log` it is logged at the 1st, 2nd, 4th,
     /// 8th, ... time on each CPU, never once per packet.
@@ -565,6 +616,8 @@ const _: () = assert!(size_of::<RnatEntry>() == 12);
 const _: () = assert!(size_of::<AffinityKey>() == 8);
 const _: () = assert!(size_of::<AffinityEntry>() == 16);
 const _: () = assert!(size_of::<SvcCounters>() == 32);
+const _: () = assert!(size_of::<FragKey>() == 12);
+const _: () = assert!(size_of::<FragEntry>() == 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -590,6 +643,8 @@ mod pod {
     unsafe impl aya::Pod for super::SvcCounters {}
     unsafe impl aya::Pod for super::LiveKey {}
     unsafe impl aya::Pod for super::LiveInfo {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragEntry {}
 }
 
 /// Local pods the decapsulation path may deliver to directly, bypassing the

@@ -8,6 +8,8 @@ pub const IPV4_VIHL_NO_OPTIONS: u8 = 0x45;
 pub const IP_DF: u16 = 0x4000;
 /// More Fragments + fragment offset: non-zero in any fragment.
 pub const IP_MF_OFFSET: u16 = 0x3fff;
+/// Fragment offset alone: non-zero in every fragment but the first.
+pub const IP_OFFSET: u16 = 0x1fff;
 /// TTL of packets the programs originate (Linux's IPDEFTTL).
 pub const IP_DEFAULT_TTL: u8 = 64;
 /// The ECN bits of the TOS byte.
@@ -30,6 +32,11 @@ pub const TCP_DOFF_NO_OPTIONS: u8 = 5 << 4;
 /// ICMP type destination unreachable, and its code port unreachable.
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_PORT_UNREACH: u8 = 3;
+/// ICMP type time exceeded, and its code "TTL exceeded in transit".
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_EXC_TTL: u8 = 0;
+/// ICMP type parameter problem (an error, like the two above).
+pub const ICMP_PARAMETERPROB: u8 = 12;
 
 /// Address family of `bpf_fib_lookup` for IPv4.
 pub const AF_INET: u8 = 2;

@@ -1,5 +1,7 @@
 //! Internet checksums (RFC 1071) of the headers the programs write: the
-//! outer IPv4 header of VXLAN, the rejections' IPv4, TCP and ICMP headers.
+//! outer IPv4 header of VXLAN, the rejections' IPv4, TCP and ICMP headers;
+//! incremental updates (RFC 1624) of the fields ICMP translation and TTL
+//! decrement change by direct writes.
 //! Rewrites of a packet in place (Service NAT) use the kernel's
 //! incremental helpers instead (see `nat`), which keep CHECKSUM_PARTIAL
 //! skbs consistent.
@@ -50,4 +52,38 @@ pub fn ipv4_header(ip: &Ipv4Hdr) -> [u8; 2] {
 pub fn replace16(check: [u8; 2], old: u16, new: u16) -> [u8; 2] {
     let sum = u32::from(!u16::from_be_bytes(check)) + u32::from(!old) + u32::from(new);
     finish(sum)
+}
+
+/// Adds to `acc` what replacing the 16-bit words of `old` by those of
+/// `new` does to a sum (RFC 1624: ~m + m'), for [`apply`]. Nothing when
+/// they are equal.
+#[inline(always)]
+pub fn diff4(acc: u32, old: [u8; 4], new: [u8; 4]) -> u32 {
+    if old == new {
+        return acc;
+    }
+    diff2(
+        diff2(acc, [old[0], old[1]], [new[0], new[1]]),
+        [old[2], old[3]],
+        [new[2], new[3]],
+    )
+}
+
+/// [`diff4`] for one 16-bit word.
+#[inline(always)]
+pub fn diff2(acc: u32, old: [u8; 2], new: [u8; 2]) -> u32 {
+    if old == new {
+        return acc;
+    }
+    acc + u32::from(!u16::from_be_bytes(old)) + u32::from(u16::from_be_bytes(new))
+}
+
+/// The checksum field `check` after the changes summed in `acc` by
+/// [`diff4`]/[`diff2`] (RFC 1624, eqn. 3).
+#[inline(always)]
+pub fn apply(check: [u8; 2], acc: u32) -> [u8; 2] {
+    if acc == 0 {
+        return check;
+    }
+    finish(u32::from(!u16::from_be_bytes(check)) + acc)
 }

@@ -18,6 +18,7 @@ use crate::{
     lb,
     parse::ptr_at,
     stats::count,
+    ttl,
     vxlan::{Dest, HEADERS_LEN, classify, is_vxlan_candidate},
 };
 
@@ -36,6 +37,9 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         // Verified, decapsulated and counted by decap_xdp; only delivery
         // is left.
         Some(XDP_META_DECAPPED) => {
+            if let Err(action) = ttl::decapsulated(ctx, cfg) {
+                return action;
+            }
             return match lb::reverse_nat_decapsulated(ctx) {
                 Ok(dst) => deliver_to_pod(ctx, cfg, dst),
                 Err(action) => action,
@@ -78,6 +82,10 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     }
     match dest {
         Dest::Pod => {
+            // An expired TTL is answered; the answer is counted instead.
+            if let Err(action) = ttl::decapsulated(ctx, cfg) {
+                return action;
+            }
             // Replies from a remote backend of a Service a local pod uses.
             let dst = match lb::reverse_nat_decapsulated(ctx) {
                 Ok(dst) => dst,

@@ -32,6 +32,7 @@ use crate::{
     maps::PEERS,
     parse::{in_prefix, ptr_at},
     stats::count,
+    ttl,
     vxlan::{INNER_ETH_OFF, OUTER_IP_OFF, UDP_OFF, VXLAN_OFF},
 };
 
@@ -45,10 +46,19 @@ const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
     | ((EthHdr::LEN as u64) << 56);
 
-/// Encapsulates an IPv4 packet from a pod whose destination is a pod subnet
-/// of another node. `dst` is the inner destination. Returns the TC action.
+/// Where the packet to encapsulate comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// A pod's packet this node forwards: its TTL is taken off (`ttl`).
+    Forwarded,
+    /// A packet this node itself sends (an ICMP error).
+    Originated,
+}
+
+/// Encapsulates an IPv4 packet whose destination is a pod subnet of
+/// another node. `dst` is the inner destination. Returns the TC action.
 #[inline(always)]
-pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8) -> i32 {
+pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8, hop: Hop) -> i32 {
     let len = ctx.len();
     if !in_prefix(dst, cfg.network, cfg.network_prefix_len)
         || in_prefix(dst, cfg.subnet, cfg.subnet_prefix_len)
@@ -61,6 +71,12 @@ pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8) -
         return TC_ACT_SHOT;
     };
     let (peer_ip, peer_mac) = (peer.public_ip, peer.vtep_mac);
+    // `ttl::expired_from_pod` answered the packets whose TTL runs out
+    // here; this catches what got past it.
+    if hop == Hop::Forwarded && ttl::decrement(ctx.data(), ctx.data_end()).is_err() {
+        count(Stat::DropTtlExceeded, len);
+        return TC_ACT_SHOT;
+    }
 
     // Entropy for ECMP/RSS in the underlay: the inner flow's hash, as the
     // kernel's udp_flow_src_port() does.
@@ -68,7 +84,15 @@ pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8) -
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let sport = (VXLAN_SPORT_MIN + hash % (VXLAN_SPORT_MAX - VXLAN_SPORT_MIN + 1)) as u16;
 
-    if let Err(e) = ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS) {
+    // An originated packet is an ICMP error built from a packet that was
+    // just decapsulated: the kernel still marks that skb as encapsulated
+    // (see `forward::redirect_to_pod`) and refuses the ENCAP flags on it
+    // (-EALREADY). It is small and not GSO, so it needs none of them.
+    let flags = match hop {
+        Hop::Forwarded => ENCAP_FLAGS,
+        Hop::Originated => 0,
+    };
+    if let Err(e) = ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags) {
         log_event!(ctx, "encap: bpf_skb_adjust_room failed: {}", e);
         count(Stat::DropAdjustRoom, len);
         return TC_ACT_SHOT;

@@ -6,7 +6,7 @@ use dataplane_common::{PROTO_TCP, PROTO_UDP};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
-    consts::{IP_MF_OFFSET, IPV4_MAX_HDR_LEN, TCP_ACK, TCP_FLAGS_OFF, TCP_SYN},
+    consts::{IP_MF_OFFSET, IP_OFFSET, IPV4_MAX_HDR_LEN, TCP_ACK, TCP_FLAGS_OFF, TCP_SYN},
     parse::{IP_OFF, ptr_at},
 };
 
@@ -22,6 +22,11 @@ pub struct Flow {
     pub tcp_flags: u8,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
+    /// The first fragment of a fragmented datagram (MF set, offset 0):
+    /// its later fragments follow it (see `frag`).
+    pub first_fragment: bool,
+    /// The IP identification field, network byte order.
+    pub ip_id: [u8; 2],
 }
 
 impl Flow {
@@ -47,10 +52,22 @@ impl Flow {
 pub enum L4 {
     /// A TCP or UDP packet whose ports (and TCP flags) could be read.
     Flow(Flow),
+    /// A TCP or UDP fragment other than the first: no ports in it.
+    Fragment(Fragment),
     /// Another protocol (ICMP, ...).
     Other,
-    /// A fragment, an impossible header length, or ports cut short.
+    /// An impossible header length, or ports cut short.
     Malformed,
+}
+
+/// A non-first fragment of a TCP/UDP datagram: what ties it to its first
+/// fragment.
+#[derive(Clone, Copy)]
+pub struct Fragment {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub proto: u8,
+    pub ip_id: [u8; 2],
 }
 
 /// Reads the ports after `ip`, the IPv4 header at [`IP_OFF`].
@@ -59,8 +76,14 @@ pub fn parse(ip: &Ipv4Hdr, data: usize, data_end: usize) -> L4 {
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
         return L4::Other;
     }
-    if u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
-        return L4::Malformed;
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & IP_OFFSET != 0 {
+        return L4::Fragment(Fragment {
+            saddr: ip.src_addr,
+            daddr: ip.dst_addr,
+            proto: ip.proto,
+            ip_id: ip.id,
+        });
     }
     let ihl = usize::from(ip.ihl());
     if !(Ipv4Hdr::LEN..=IPV4_MAX_HDR_LEN).contains(&ihl) {
@@ -88,5 +111,7 @@ pub fn parse(ip: &Ipv4Hdr, data: usize, data_end: usize) -> L4 {
         proto: ip.proto,
         tcp_flags,
         l4_off,
+        first_fragment: frags & IP_MF_OFFSET != 0,
+        ip_id: ip.id,
     })
 }

@@ -15,6 +15,10 @@
 //! flow (`nf_conntrack_tcp_loose=1`), a RST, FIN or SYN-ACK is INVALID and
 //! dropped; only a Service with no endpoints answers with a RST
 //! (kube-proxy's REJECT).
+//!
+//! There, too, the later fragments of a datagram follow its first
+//! (`frag`) and ICMP errors about a flow are translated (`icmp`); both
+//! reach the flow state through `track`.
 
 use aya_ebpf::{
     bindings::TC_ACT_SHOT, helpers::generated::bpf_get_prandom_u32, programs::TcContext,
@@ -27,6 +31,7 @@ use dataplane_common::{
 
 use crate::{
     ct::{self, CreateError, Seen},
+    frag, icmp,
     l4::{Flow, L4},
     maps::{AFFINITY, BACKENDS, LIVE, SERVICES, SVC_STATS, VIPS},
     nat::{Addr, Port, set_addr, set_port},
@@ -49,10 +54,21 @@ pub enum Verdict {
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
     match pkt.l4 {
-        L4::Flow(flow) => from_pod_flow(ctx, &flow),
-        L4::Other if is_vip(pkt.daddr) => drop_counted(ctx, Stat::DropSvcUndefinedPort),
+        L4::Flow(flow) => {
+            let v = from_pod_flow(ctx, &flow);
+            if flow.first_fragment && matches!(v, Verdict::Translated(_)) {
+                frag::remember(ctx, &flow);
+            }
+            v
+        }
+        L4::Fragment(f) => frag::follow(ctx, &f),
+        L4::Other => match icmp::from_pod(ctx, pkt) {
+            Some(v) => v,
+            None if is_vip(pkt.daddr) => drop_counted(ctx, Stat::DropSvcUndefinedPort),
+            None => Verdict::Pass,
+        },
         L4::Malformed if is_vip(pkt.daddr) => drop_counted(ctx, Stat::DropSvcMalformed),
-        _ => Verdict::Pass,
+        L4::Malformed => Verdict::Pass,
     }
 }
 
@@ -138,7 +154,8 @@ fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
 }
 
 /// Reverse NAT for a packet that just came out of the overlay (a reply
-/// from a backend on another node). Returns its IPv4 destination after the
+/// from a backend on another node, one of its later fragments, or an ICMP
+/// error about a Service flow from the backend or the path). Returns its IPv4 destination after the
 /// rewrite (`None` if it is not IPv4), or the TC action when the rewrite
 /// failed (counted).
 #[inline(always)]
@@ -146,14 +163,23 @@ pub fn reverse_nat_decapsulated(ctx: &TcContext) -> Result<Option<[u8; 4]>, i32>
     let Some(pkt) = parse::ipv4(ctx.data(), ctx.data_end()) else {
         return Ok(None);
     };
-    if let L4::Flow(flow) = pkt.l4 {
-        match reverse_nat(ctx, &flow) {
-            Some(Verdict::Done(action)) => return Err(action),
-            Some(Verdict::Translated(to)) => return Ok(Some(to)),
-            _ => {}
+    let v = match pkt.l4 {
+        L4::Flow(flow) => {
+            let v = reverse_nat(ctx, &flow);
+            if flow.first_fragment && matches!(v, Some(Verdict::Translated(_))) {
+                frag::remember(ctx, &flow);
+            }
+            v
         }
+        L4::Fragment(f) => Some(frag::follow(ctx, &f)),
+        L4::Other => icmp::decapsulated(ctx, &pkt),
+        L4::Malformed => None,
+    };
+    match v {
+        Some(Verdict::Done(action)) => Err(action),
+        Some(Verdict::Translated(to)) => Ok(Some(to)),
+        _ => Ok(Some(pkt.daddr)),
     }
-    Ok(Some(pkt.daddr))
 }
 
 #[inline(always)]

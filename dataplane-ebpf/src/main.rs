@@ -17,6 +17,8 @@ mod ecn;
 mod encap;
 mod endpoints;
 mod forward;
+mod frag;
+mod icmp;
 mod l4;
 mod lb;
 mod maps;
@@ -24,6 +26,8 @@ mod nat;
 mod parse;
 mod reject;
 mod stats;
+mod track;
+mod ttl;
 mod vxlan;
 
 use aya_ebpf::{
@@ -65,6 +69,10 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         count(Stat::PassNotIpv4, ctx.len());
         return TC_ACT_OK;
     };
+    // A router answers a packet whose TTL runs out before translating it.
+    if let Some(action) = ttl::expired_from_pod(&ctx, cfg, &pkt) {
+        return action;
+    }
     // Services first: a ClusterIP is never forwarded untranslated.
     let dst = match lb::from_pod(&ctx, &pkt) {
         Verdict::Pass => pkt.daddr,
@@ -74,7 +82,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         }
         Verdict::Translated(to) => to,
     };
-    encap::encap_to_peer(&ctx, cfg, dst, pkt.tos)
+    encap::encap_to_peer(&ctx, cfg, dst, pkt.tos, encap::Hop::Forwarded)
 }
 
 /// A translated Service packet for a pod of this node: a CNI pod gets it

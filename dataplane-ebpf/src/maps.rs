@@ -12,9 +12,10 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
-    CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LiveInfo, LiveKey, NodeConfig,
-    PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PeerInfo, PeerIpInfo, PeerIpKey, PodPortInfo,
-    PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
+    CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, FRAGS_MAX, FragEntry, FragKey,
+    LiveInfo, LiveKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PeerInfo, PeerIpInfo,
+    PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo,
+    SvcKey, VipInfo, VipKey,
     ct::{CT_GC_LEN, CtTimeouts},
 };
 
@@ -106,3 +107,9 @@ pub static LIVE: HashMap<LiveKey, LiveInfo, { BACKENDS_MAX as usize }> = HashMap
 /// anti-spoofing check, and "do not learn here". Written by the agent.
 #[btf_map(name = "pod_ports_v1")]
 pub static POD_PORTS: HashMap<PodPortKey, PodPortInfo, { POD_PORTS_MAX as usize }> = HashMap::new();
+
+/// First fragments of translated datagrams -> their ports, for the later
+/// fragments (see `frag.rs`). An LRU: an entry is needed only while its
+/// datagram is in flight.
+#[btf_map(name = "frags_v1")]
+pub static FRAGS: LruHashMap<FragKey, FragEntry, { FRAGS_MAX as usize }> = LruHashMap::new();

@@ -73,6 +73,28 @@ pub fn set_addr(
     ctx.store(off, &new, 0).map_err(|_| ())
 }
 
+/// Rewrites an IPv4 address of a fragment other than the first, which
+/// carries no L4 header: only the IPv4 header checksum changes (the L4
+/// checksum, in the first fragment, covers the whole datagram and was
+/// fixed there).
+#[inline(always)]
+pub fn set_addr_l3(ctx: &TcContext, which: Addr, old: [u8; 4], new: [u8; 4]) -> Result<(), ()> {
+    if old == new {
+        return Ok(());
+    }
+    let off = match which {
+        Addr::Src => IP_OFF + offset_of!(Ipv4Hdr, src_addr),
+        Addr::Dst => IP_OFF + offset_of!(Ipv4Hdr, dst_addr),
+    };
+    let (from, to) = (
+        u64::from(u32::from_ne_bytes(old)),
+        u64::from(u32::from_ne_bytes(new)),
+    );
+    ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4)
+        .map_err(|_| ())?;
+    ctx.store(off, &new, 0).map_err(|_| ())
+}
+
 /// Rewrites a TCP/UDP port from `old` to `new`, fixing the L4 checksum.
 #[inline(always)]
 pub fn set_port(

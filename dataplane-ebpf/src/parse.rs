@@ -9,7 +9,10 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 
-use crate::l4::{self, L4};
+use crate::{
+    consts::{IP_OFFSET, IPV4_VIHL_NO_OPTIONS},
+    l4::{self, L4},
+};
 
 /// Offset of the IPv4 header behind the Ethernet header.
 pub const IP_OFF: usize = EthHdr::LEN;
@@ -48,6 +51,13 @@ pub struct Ipv4Packet {
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
     pub tos: u8,
+    pub ttl: u8,
+    pub proto: u8,
+    /// The header has no options (20 bytes).
+    pub no_options: bool,
+    /// A fragment other than the first: what follows the header is not
+    /// the start of an L4 header.
+    pub later_fragment: bool,
     pub l4: L4,
 }
 
@@ -69,6 +79,10 @@ pub fn ipv4(data: usize, data_end: usize) -> Option<Ipv4Packet> {
         saddr: ip.src_addr,
         daddr: ip.dst_addr,
         tos: ip.tos,
+        ttl: ip.ttl,
+        proto: ip.proto,
+        no_options: ip.vihl == IPV4_VIHL_NO_OPTIONS,
+        later_fragment: u16::from_be_bytes(ip.frags) & IP_OFFSET != 0,
         l4: l4::parse(ip, data, data_end),
     })
 }

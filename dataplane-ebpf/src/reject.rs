@@ -3,9 +3,15 @@
 //! and an established flow whose backend vanished is reset, which an ICMP
 //! error would not do), an ICMP port unreachable for UDP (kube-proxy's
 //! REJECT). Nobody waits for a timeout.
+//!
+//! Also the ICMP time exceeded a node sends when a packet's TTL runs out
+//! on its way through (see `ttl`).
 
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        TC_ACT_REDIRECT,
+        bpf_adj_room_mode::{BPF_ADJ_ROOM_MAC, BPF_ADJ_ROOM_NET},
+    },
     helpers::generated::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -19,8 +25,9 @@ use network_types::{
 
 use crate::{
     consts::{
-        ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, IP_DEFAULT_TTL, IP_DF, IPTOS_PREC_INTERNETCONTROL,
-        IPV4_VIHL_NO_OPTIONS, TCP_ACK, TCP_DOFF_NO_OPTIONS, TCP_FIN, TCP_RST, TCP_SYN,
+        ICMP_DEST_UNREACH, ICMP_EXC_TTL, ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, IP_DEFAULT_TTL,
+        IP_DF, IPTOS_PREC_INTERNETCONTROL, IPV4_VIHL_NO_OPTIONS, TCP_ACK, TCP_DOFF_NO_OPTIONS,
+        TCP_FIN, TCP_RST, TCP_SYN,
     },
     csum,
     l4::Flow,
@@ -37,9 +44,16 @@ const ADDED: usize = Ipv4Hdr::LEN + Icmpv4Hdr::LEN;
 /// Where the L4 header of a packet without IPv4 options starts.
 const L4_OFF: usize = IP_OFF + Ipv4Hdr::LEN;
 
-/// The IPv4 header of a packet from the ClusterIP to the client.
+/// An IPv4 header from `src` to `dst` of a packet the programs originate.
 #[inline(always)]
-fn ipv4_header(flow: &Flow, proto: IpProto, tos: u8, frags: u16, payload: usize) -> Ipv4Hdr {
+fn ipv4_header(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: IpProto,
+    tos: u8,
+    frags: u16,
+    payload: usize,
+) -> Ipv4Hdr {
     let mut h = Ipv4Hdr {
         vihl: IPV4_VIHL_NO_OPTIONS,
         tos,
@@ -49,8 +63,8 @@ fn ipv4_header(flow: &Flow, proto: IpProto, tos: u8, frags: u16, payload: usize)
         ttl: IP_DEFAULT_TTL,
         proto: proto as u8,
         check: [0; 2],
-        src_addr: flow.daddr,
-        dst_addr: flow.saddr,
+        src_addr: src,
+        dst_addr: dst,
     };
     h.check = csum::ipv4_header(&h);
     h
@@ -63,14 +77,41 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     if flow.l4_off != L4_OFF {
         return Err(()); // IPv4 options: not worth quoting; caller drops.
     }
-    let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0).ok_or(())?;
-    // SAFETY: bounds checked.
-    let (client_mac, our_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
-    // SAFETY: helpers on our own skb.
+    // SAFETY: reading our own skb.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (EthHdr::LEN + QUOTED) as u32, 0) } != 0 {
+    icmp_error(
+        ctx,
+        flow.daddr,
+        flow.saddr,
+        ICMP_DEST_UNREACH,
+        ICMP_PORT_UNREACH,
+    )?;
+    redirect_back(ifindex)
+}
+
+/// Turns the packet (IPv4 without options, at least 28 bytes) into the
+/// ICMP time exceeded in transit that `from` sends its sender. The caller
+/// sends it on.
+#[inline(always)]
+pub fn time_exceeded(ctx: &TcContext, from: [u8; 4]) -> Result<(), ()> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), IP_OFF).ok_or(())?;
+    // SAFETY: bounds checked.
+    let (vihl, sender) = unsafe { ((*ip).vihl, (*ip).src_addr) };
+    if vihl != IPV4_VIHL_NO_OPTIONS || ctx.len() < (EthHdr::LEN + QUOTED) as u32 {
         return Err(());
     }
+    icmp_error(ctx, from, sender, ICMP_TIME_EXCEEDED, ICMP_EXC_TTL)
+}
+
+/// Turns the packet (IPv4 without options) into an ICMP error `from` ->
+/// `to` of this type and code quoting its IPv4 header and 8 bytes, with
+/// the Ethernet addresses swapped.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, from: [u8; 4], to: [u8; 4], type_: u8, code: u8) -> Result<(), ()> {
+    let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0).ok_or(())?;
+    // SAFETY: bounds checked.
+    let (their_mac, our_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
+    trim_to_quote(ctx)?;
     ctx.adjust_room(ADDED as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| ())?;
 
@@ -79,21 +120,57 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     let ip = ptr_at::<Ipv4Hdr>(data, data_end, IP_OFF).ok_or(())?;
     let icmp = ptr_at::<Icmpv4Hdr>(data, data_end, L4_OFF).ok_or(())?;
     let message = ptr_at::<[u8; ICMP_LEN]>(data, data_end, L4_OFF).ok_or(())?;
-    let ip_hdr = ipv4_header(flow, IpProto::Icmp, IPTOS_PREC_INTERNETCONTROL, 0, ICMP_LEN);
+    let ip_hdr = ipv4_header(
+        from,
+        to,
+        IpProto::Icmp,
+        IPTOS_PREC_INTERNETCONTROL,
+        0,
+        ICMP_LEN,
+    );
     // SAFETY: all bounds-checked above; `message` is `icmp` and the quote.
     unsafe {
-        (*eth).dst_addr = client_mac;
+        (*eth).dst_addr = their_mac;
         (*eth).src_addr = our_mac;
         *ip = ip_hdr;
         *icmp = Icmpv4Hdr {
-            type_: ICMP_DEST_UNREACH,
-            code: ICMP_PORT_UNREACH,
+            type_,
+            code,
             check: [0; 2],
             data: [0; 4],
         };
         (*icmp).check = csum::finish(csum::add(0, &*message));
     }
-    redirect_back(ifindex)
+    Ok(())
+}
+
+/// Cuts the frame down to the Ethernet header and the quote.
+#[inline(always)]
+fn trim_to_quote(ctx: &TcContext) -> Result<(), ()> {
+    // SAFETY: helper on our own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (EthHdr::LEN + QUOTED) as u32, 0) } == 0 {
+        return Ok(());
+    }
+    // bpf_skb_change_tail refuses an skb the kernel still marks as
+    // encapsulated, which a just decapsulated packet is (see
+    // `forward::redirect_to_pod`). Remove what follows the 8 quoted bytes
+    // from between the IPv4 and L4 headers instead, then put those 8 bytes
+    // back. Not for GSO packets, whose segment size would be left over.
+    // SAFETY: reading a context field.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        return Err(());
+    }
+    let extra = ctx
+        .len()
+        .checked_sub((EthHdr::LEN + QUOTED) as u32)
+        .ok_or(())?;
+    if extra == 0 {
+        return Ok(());
+    }
+    let l4_head: [u8; 8] = ctx.load(L4_OFF).map_err(|_| ())?;
+    ctx.adjust_room(-(extra as i32), BPF_ADJ_ROOM_NET, 0)
+        .map_err(|_| ())?;
+    ctx.store(L4_OFF, &l4_head, 0).map_err(|_| ())
 }
 
 /// Turns a TCP segment into the RST its sender expects from the ClusterIP
@@ -144,7 +221,7 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
         TcpHdr::LEN as u16,
     );
     rst.check = csum::finish(csum::add(pseudo, &rst));
-    let ip_hdr = ipv4_header(flow, IpProto::Tcp, 0, IP_DF, TcpHdr::LEN);
+    let ip_hdr = ipv4_header(flow.daddr, flow.saddr, IpProto::Tcp, 0, IP_DF, TcpHdr::LEN);
 
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(())?;
@@ -162,7 +239,7 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
 
 /// Sends the rewritten packet out of `ifindex`, where it came in.
 #[inline(always)]
-fn redirect_back(ifindex: u32) -> Result<i32, ()> {
+pub fn redirect_back(ifindex: u32) -> Result<i32, ()> {
     // SAFETY: plain helper.
     let rc = unsafe { bpf_redirect(ifindex, 0) };
     if rc == TC_ACT_REDIRECT as i64 {

@@ -6,6 +6,7 @@ pub mod flannel;
 pub mod interrupt;
 pub mod netns;
 pub mod packets;
+pub mod probe;
 pub mod svc;
 pub mod topo;
 pub mod traffic;

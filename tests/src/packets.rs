@@ -85,6 +85,24 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, tos: u8, payload: &[u8]) ->
     ipv4_with(ipv4_header(src, dst, proto, tos, payload.len()), payload)
 }
 
+/// The IPv4 packet `ip` (no options needed) as a router forwards it: TTL
+/// one less, header checksum recomputed.
+pub fn forwarded(ip: &[u8]) -> Vec<u8> {
+    let mut v = ip.to_vec();
+    assert!(v[8] > 1, "TTL {} does not survive a hop", v[8]);
+    v[8] -= 1;
+    set_ipv4_checksum(&mut v);
+    v
+}
+
+/// Recomputes the header checksum of the IPv4 packet `ip` in place.
+pub fn set_ipv4_checksum(ip: &mut [u8]) {
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = inet_csum(&ip[..ihl]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
 /// UDP with a zero checksum (valid over IPv4).
 pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let h = UdpHeader::without_ipv4_checksum(sport, dport, payload.len())
@@ -381,3 +399,71 @@ pub const ECN_NOT_ECT: u8 = 0;
 pub const ECN_ECT1: u8 = 1;
 pub const ECN_ECT0: u8 = 2;
 pub const ECN_CE: u8 = 3;
+
+/// ICMP types and codes of the errors the tests build and expect.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// An ICMP error message (checksum included): type, code, the 4 bytes
+/// after the checksum (for "fragmentation needed": unused, next-hop MTU),
+/// then `quoted`, the start of the offending IPv4 packet.
+pub fn icmp_error(type_: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut v = vec![type_, code, 0, 0];
+    v.extend_from_slice(&rest);
+    v.extend_from_slice(quoted);
+    let c = inet_csum(&v);
+    v[2..4].copy_from_slice(&c.to_be_bytes());
+    v
+}
+
+/// The packet an ICMP error quotes, parsed: its IPv4 header (checksum
+/// verified) and the bytes after it.
+pub fn parse_quote(quote: &[u8]) -> (Ipv4Header, Vec<u8>) {
+    let (h, rest) = Ipv4Header::from_slice(quote).expect("quoted IPv4 header");
+    assert_eq!(
+        h.header_checksum,
+        h.calc_header_checksum(),
+        "quoted IPv4 header checksum"
+    );
+    (h, rest.to_vec())
+}
+
+/// Does the TCP or UDP segment `l4` (whole) carry a valid checksum for
+/// these addresses? A zero UDP checksum counts as valid.
+pub fn l4_checksum_ok(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> bool {
+    if proto == IpNumber::UDP.0 && l4[6..8] == [0, 0] {
+        return true;
+    }
+    let mut pseudo = Vec::with_capacity(12 + l4.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(l4);
+    inet_csum(&pseudo) == 0
+}
+
+/// The two fragments of an IPv4 datagram `src` -> `dst` carrying the
+/// transport segment `l4` (checksum over the whole of it), split after
+/// `first_len` bytes (a multiple of 8), IP ID `id`.
+pub fn fragments(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    id: u16,
+    l4: &[u8],
+    first_len: usize,
+) -> [Vec<u8>; 2] {
+    assert_eq!(first_len % 8, 0, "fragment offsets count 8-byte blocks");
+    let mut h = ipv4_header(src, dst, proto, 0, 0);
+    h.identification = id;
+    h.dont_fragment = false;
+    h.more_fragments = true;
+    let first = ipv4_with(h.clone(), &l4[..first_len]);
+    h.more_fragments = false;
+    h.fragment_offset = etherparse::IpFragOffset::try_new((first_len / 8) as u16).unwrap();
+    let second = ipv4_with(h, &l4[first_len..]);
+    [first, second]
+}

@@ -315,7 +315,11 @@ root_test!(encap_to_remote_pod_writes_flannel_vxlan, || {
     );
     assert_eq!(inner_eth.source, OUR_VTEP, "inner source = our VtepMAC");
     assert_eq!(inner_eth.ether_type.0, ETH_P_IP);
-    assert_eq!(rest, &inner_ip[..], "inner IPv4 packet untouched");
+    assert_eq!(
+        rest,
+        &forwarded(&inner_ip)[..],
+        "inner IPv4 packet untouched but for the TTL (the node routes it)"
+    );
     assert_eq!(
         p.ecn, 0x02,
         "ECN of the inner packet copied to the outer header"
@@ -602,8 +606,8 @@ root_test!(tc_decap_delivers_vxlan_from_a_peer, || {
     assert_eq!(e.ether_type.0, ETH_P_IP);
     assert_eq!(
         rest,
-        &inner[..],
-        "inner IPv4 packet behind an Ethernet header"
+        &forwarded(&inner)[..],
+        "inner IPv4 packet behind an Ethernet header, one hop further"
     );
     assert_counters(&env, &[(Stat::Decapsulated, 1)], "decap");
 });
@@ -892,11 +896,14 @@ root_test!(
                     assert_eq!(rc, TC_ACT_REDIRECT, "TC {what}");
                     assert_eq!(xrc, XDP_PASS, "XDP {what}");
                     // XDP: 4 bytes of metadata in front.
-                    for (path, ip) in [("TC", &out[14..]), ("XDP", &xout[4 + 14..])] {
+                    // XDP leaves the TTL to the TC program that delivers.
+                    for (path, ip, hops) in [("TC", &out[14..], 1), ("XDP", &xout[4 + 14..], 0)] {
                         assert!(ipv4_checksums_ok(ip), "{path} {what}: inner checksum");
                         assert_eq!(ip[1] & 0x03, ecn, "{path} {what}: inner ECN");
                         assert_eq!(ip[1] & !0x03, 0, "{path} {what}: DSCP kept");
-                        assert_eq!(&ip[2..10], &inner[2..10], "{path} {what}: rest untouched");
+                        assert_eq!(&ip[2..8], &inner[2..8], "{path} {what}: rest untouched");
+                        assert_eq!(ip[8], inner[8] - hops, "{path} {what}: TTL");
+                        assert_eq!(ip[9], inner[9], "{path} {what}: rest untouched");
                         assert_eq!(&ip[12..], &inner[12..], "{path} {what}: rest untouched");
                     }
                 }
@@ -1107,18 +1114,19 @@ root_test!(service_undefined_port_and_midflow_without_conntrack, || {
         assert_eq!(rc, TC_ACT_SHOT, "{what}");
     }
     assert_eq!(stat(&env, Stat::DropSvcUndefinedPort), 3);
-    // A fragment to the ClusterIP (ports not in every fragment): dropped
-    // as malformed.
-    let seg = tcp(CLIENT, VIP, 40003, 80, 1, 0, TCP_SYN, b"first fragment");
-    let mut h = ipv4_header(CLIENT, VIP, 6, 0, seg.len());
-    h.dont_fragment = false;
-    h.more_fragments = true;
+    // TCP to the ClusterIP cut short before its ports: dropped as
+    // malformed (fragments are handled, see `fragments_*`).
     let (rc, _) = run_tc(
         &mut env,
         prog_names::FROM_POD,
-        &eth(CNI0_MAC, POD_MAC, ETH_P_IP, &ipv4_with(h, &seg)),
+        &eth(
+            CNI0_MAC,
+            POD_MAC,
+            ETH_P_IP,
+            &ipv4(CLIENT, VIP, 6, 0, &[0x9c, 0x43]),
+        ),
     );
-    assert_eq!(rc, TC_ACT_SHOT, "fragment");
+    assert_eq!(rc, TC_ACT_SHOT, "cut short");
     assert_eq!(stat(&env, Stat::DropSvcMalformed), 1);
     // Without a tracked flow, an ACK is picked up (nf_conntrack_tcp_loose)
     // and translated; a RST or FIN is INVALID and dropped, never answered.
@@ -1236,7 +1244,7 @@ root_test!(decap_delivers_straight_to_a_learnt_pod, || {
     let (e, rest) = Ethernet2Header::from_slice(&out).unwrap();
     assert_eq!(e.destination, POD_MAC, "to the pod's MAC");
     assert_eq!(e.source, CNI0_MAC, "from its gateway's MAC");
-    assert_eq!(rest, &inner[..]);
+    assert_eq!(rest, &forwarded(&inner)[..]);
 });
 
 root_test!(removed_backend_flows_die_at_their_next_packet, || {
@@ -1699,5 +1707,482 @@ root_test!(service_to_a_local_cni_pod_goes_straight_into_it, || {
         &env,
         &[(Stat::SvcForward, 1), (Stat::RedirectToPod, 1)],
         "to a local CNI pod",
+    );
+});
+
+// ------------------------------------- ICMP errors, fragments and TTL
+
+const REMOTE_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
+const REMOTE_GW: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 1);
+const LOCAL_GW: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+
+/// A pod's frame (client side) carrying the IPv4 packet `ip`.
+fn from_client(ip: &[u8]) -> Vec<u8> {
+    eth(CNI0_MAC, POD_MAC, ETH_P_IP, ip)
+}
+
+/// Sends one UDP datagram client:sport -> ClusterIP:53 through from_pod
+/// (the frontend goes to `backend`), and returns the translated packet
+/// as the backend receives it (inner packet of the VXLAN frame).
+fn udp_flow_to_remote_backend(env: &mut Env, sport: u16) -> Vec<u8> {
+    let q = udp_csum(CLIENT, VIP, sport, 53, b"query");
+    let (rc, out) = run_tc(
+        env,
+        prog_names::FROM_POD,
+        &from_client(&ipv4(CLIENT, VIP, 17, 0, &q)),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let p = parse_vxlan(&out);
+    p.inner[14..].to_vec()
+}
+
+/// Checks an ICMP error the client receives about its flow to the
+/// ClusterIP: outer addresses, type/code/rest kept, the quote back in the
+/// ClusterIP's terms with valid IPv4 and L4 checksums (ICMP and outer IPv4
+/// checksums are checked by parse_ipv4).
+fn assert_error_for_client(
+    icmp_ip: &[u8],
+    from: Ipv4Addr,
+    want_icmp: (u8, u8, [u8; 4]),
+    sport: u16,
+    vport: u16,
+    what: &str,
+) {
+    let p = parse_ipv4(icmp_ip);
+    assert_eq!(
+        (p.src(), p.dst()),
+        (from, CLIENT),
+        "{what}: outer addresses"
+    );
+    let raw = &icmp_ip[p.ip.header_len()..];
+    assert_eq!(
+        (raw[0], raw[1], [raw[4], raw[5], raw[6], raw[7]]),
+        want_icmp,
+        "{what}: type, code, rest of header kept"
+    );
+    let (qh, ql4) = parse_quote(&raw[8..]);
+    let (qs, qd): (Ipv4Addr, Ipv4Addr) = (qh.source.into(), qh.destination.into());
+    assert_eq!(
+        (qs, qd),
+        (CLIENT, VIP),
+        "{what}: quote is client -> ClusterIP"
+    );
+    assert_eq!(
+        (
+            u16::from_be_bytes([ql4[0], ql4[1]]),
+            u16::from_be_bytes([ql4[2], ql4[3]])
+        ),
+        (sport, vport),
+        "{what}: quoted ports"
+    );
+    assert!(
+        l4_checksum_ok(qs, qd, qh.protocol.0, &ql4),
+        "{what}: quoted L4 checksum"
+    );
+}
+
+root_test!(
+    icmp_errors_about_a_service_flow_reach_the_client_translated,
+    || {
+        let mut env = setup();
+        set_frontend(
+            &mut env,
+            svc_key(53, 17),
+            vec![backend(REMOTE_BACKEND, 5353)],
+        );
+        set_frontend(
+            &mut env,
+            svc_key(80, 6),
+            vec![backend(REMOTE_BACKEND, 8080)],
+        );
+        let ul = env.ul_mac;
+        let sent = udp_flow_to_remote_backend(&mut env, 40020);
+        let mtu = [0, 0, 0x04, 0xb0]; // next-hop MTU 1200
+        // The backend's port unreachable (it quotes the whole datagram), a
+        // router's fragmentation needed and time exceeded (the node's bridge
+        // address stands in for the router: it is in the sender's lease).
+        let cases = [
+            (
+                "port unreachable",
+                REMOTE_BACKEND,
+                VIP,
+                (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, [0; 4]),
+            ),
+            (
+                "fragmentation needed",
+                REMOTE_GW,
+                REMOTE_GW,
+                (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu),
+            ),
+            (
+                "time exceeded",
+                REMOTE_GW,
+                REMOTE_GW,
+                (ICMP_TIME_EXCEEDED, 0, [0; 4]),
+            ),
+        ];
+        for (what, sender, want_src, (t, c, rest)) in cases {
+            let err = ipv4(sender, CLIENT, 1, 0xc0, &icmp_error(t, c, rest, &sent));
+            let (rc, out) = run_tc(
+                &mut env,
+                prog_names::FROM_UNDERLAY,
+                &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &err, ul),
+            );
+            assert_eq!(rc, TC_ACT_REDIRECT, "{what}");
+            assert_error_for_client(&out[14..], want_src, (t, c, rest), 40020, 53, what);
+            assert_eq!(out[14 + 8], 63, "{what}: one hop (TTL) on the way");
+        }
+        // TCP, quoted with its whole header (Linux quotes up to 576 bytes):
+        // its checksum is fixed too.
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40021));
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let syn = parse_vxlan(&out).inner[14..].to_vec();
+        let err = ipv4(
+            REMOTE_GW,
+            CLIENT,
+            1,
+            0xc0,
+            &icmp_error(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu, &syn),
+        );
+        let (rc, out) = run_tc(
+            &mut env,
+            prog_names::FROM_UNDERLAY,
+            &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &err, ul),
+        );
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_error_for_client(
+            &out[14..],
+            REMOTE_GW,
+            (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu),
+            40021,
+            80,
+            "TCP",
+        );
+        // An error about a flow nobody translated passes untouched.
+        let other = ipv4(
+            CLIENT,
+            REMOTE_BACKEND,
+            17,
+            0,
+            &udp_csum(CLIENT, REMOTE_BACKEND, 999, 5353, b"x"),
+        );
+        let err = ipv4(
+            REMOTE_BACKEND,
+            CLIENT,
+            1,
+            0xc0,
+            &icmp_error(3, 3, [0; 4], &forwarded(&other)),
+        );
+        let (rc, out) = run_tc(
+            &mut env,
+            prog_names::FROM_UNDERLAY,
+            &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &err, ul),
+        );
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_eq!(
+            &out[14..],
+            &forwarded(&err)[..],
+            "unrelated error untouched"
+        );
+        assert_counters(
+            &env,
+            &[
+                (Stat::Encapsulated, 2),
+                (Stat::Decapsulated, 5),
+                (Stat::SvcForward, 2),
+                (Stat::SvcIcmpReverse, 4),
+            ],
+            "four errors translated, one passed",
+        );
+    }
+);
+
+root_test!(
+    icmp_errors_from_a_local_backend_and_for_hairpin_flows,
+    || {
+        let mut env = setup();
+        let local = Ipv4Addr::new(10, 244, 1, 9);
+        set_frontend(&mut env, svc_key(53, 17), vec![backend(local, 5353)]);
+        let q = udp_csum(CLIENT, VIP, 40022, 53, b"query");
+        let (rc, out) = run_tc(
+            &mut env,
+            prog_names::FROM_POD,
+            &from_client(&ipv4(CLIENT, VIP, 17, 0, &q)),
+        );
+        assert_eq!(rc, TC_ACT_REDIRECT, "to the local backend");
+        let sent = out[14..].to_vec();
+        assert_eq!(parse_ipv4(&sent).dst(), local);
+        let err = ipv4(local, CLIENT, 1, 0xc0, &icmp_error(3, 3, [0; 4], &sent));
+        let (rc, out) = run_tc(
+            &mut env,
+            prog_names::FROM_POD,
+            &eth(CNI0_MAC, [2, 0xaa, 0, 0, 0, 9], ETH_P_IP, &err),
+        );
+        assert_eq!(rc, TC_ACT_REDIRECT, "back to the client");
+        assert_error_for_client(&out[14..], VIP, (3, 3, [0; 4]), 40022, 53, "local backend");
+
+        // Hairpin: the client is the backend; it saw the flow from the
+        // hairpin address and answers that.
+        set_frontend(&mut env, svc_key(53, 17), vec![backend(CLIENT, 5353)]);
+        let q = udp_csum(CLIENT, VIP, 40023, 53, b"query");
+        let (rc, out) = run_tc(
+            &mut env,
+            prog_names::FROM_POD,
+            &from_client(&ipv4(CLIENT, VIP, 17, 0, &q)),
+        );
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let sent = out[14..].to_vec();
+        let hp = Ipv4Addr::from(dataplane_common::HAIRPIN_SNAT_IP);
+        assert_eq!(parse_ipv4(&sent).src(), hp);
+        let err = ipv4(CLIENT, hp, 1, 0xc0, &icmp_error(3, 3, [0; 4], &sent));
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &from_client(&err));
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_error_for_client(&out[14..], VIP, (3, 3, [0; 4]), 40023, 53, "hairpin");
+        assert_counters(
+            &env,
+            &[
+                (Stat::SvcForward, 2),
+                (Stat::RedirectToBridge, 4),
+                (Stat::SvcIcmpReverse, 2),
+            ],
+            "translated both times",
+        );
+    }
+);
+
+root_test!(
+    icmp_error_from_a_client_about_a_reply_goes_to_the_backend,
+    || {
+        let mut env = setup();
+        set_frontend(
+            &mut env,
+            svc_key(53, 17),
+            vec![backend(REMOTE_BACKEND, 5353)],
+        );
+        udp_flow_to_remote_backend(&mut env, 40024);
+        // The client got VIP:53 -> client:40024 and answers it (its socket is
+        // gone): port unreachable to the ClusterIP.
+        let reply = ipv4(
+            VIP,
+            CLIENT,
+            17,
+            0,
+            &udp_csum(VIP, CLIENT, 53, 40024, b"answer"),
+        );
+        let err = ipv4(CLIENT, VIP, 1, 0xc0, &icmp_error(3, 3, [0; 4], &reply));
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &from_client(&err));
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let inner = parse_vxlan(&out).inner_ipv4();
+        assert_eq!(
+            (inner.src(), inner.dst()),
+            (CLIENT, REMOTE_BACKEND),
+            "to the backend"
+        );
+        assert_eq!(inner.ip.time_to_live, 63, "one hop");
+        let (qh, ql4) = parse_quote(&inner.payload);
+        let (qs, qd): (Ipv4Addr, Ipv4Addr) = (qh.source.into(), qh.destination.into());
+        assert_eq!(
+            (qs, qd),
+            (REMOTE_BACKEND, CLIENT),
+            "quote as the backend sent it"
+        );
+        assert_eq!(&ql4[0..4], &[0x14, 0xe9, 0x9c, 0x58], "ports 5353 -> 40024");
+        assert!(l4_checksum_ok(qs, qd, 17, &ql4), "quoted UDP checksum");
+        assert_counters(
+            &env,
+            &[
+                (Stat::Encapsulated, 2),
+                (Stat::SvcForward, 1),
+                (Stat::SvcIcmpForward, 1),
+            ],
+            "error translated to the backend",
+        );
+    }
+);
+
+root_test!(fragments_to_and_from_a_clusterip_follow_the_first, || {
+    let mut env = setup();
+    set_frontend(
+        &mut env,
+        svc_key(53, 17),
+        vec![backend(REMOTE_BACKEND, 5353)],
+    );
+    let data: Vec<u8> = (0..600u32).map(|i| (i * 7) as u8).collect();
+    let seg = udp_csum(CLIENT, VIP, 40025, 53, &data);
+    let frags = fragments(CLIENT, VIP, 17, 0x4242, &seg, 304);
+    let mut got = Vec::new();
+    for f in &frags {
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &from_client(f));
+        assert_eq!(rc, TC_ACT_REDIRECT, "fragment encapsulated");
+        let p = parse_vxlan(&out).inner_ipv4();
+        assert_eq!(
+            (p.src(), p.dst()),
+            (CLIENT, REMOTE_BACKEND),
+            "to the backend"
+        );
+        assert_eq!(p.ip.identification, 0x4242);
+        got.push(p);
+    }
+    // etherparse reads no transport header in a fragment: the payloads are
+    // the datagram's bytes.
+    let whole: Vec<u8> = got.iter().flat_map(|p| p.payload.clone()).collect();
+    assert_eq!(
+        &whole[0..4],
+        &[0x9c, 0x59, 0x14, 0xe9],
+        "ports 40025 -> 5353"
+    );
+    assert_eq!(&whole[8..], &data[..], "data untouched");
+    assert!(
+        l4_checksum_ok(CLIENT, REMOTE_BACKEND, 17, &whole),
+        "UDP checksum of the reassembled datagram"
+    );
+
+    // The reply, fragmented by the backend, arrives over the overlay.
+    let seg = udp_csum(REMOTE_BACKEND, CLIENT, 5353, 40025, &data);
+    let ul = env.ul_mac;
+    let mut got = Vec::new();
+    for f in fragments(REMOTE_BACKEND, CLIENT, 17, 0x5151, &seg, 304) {
+        let (rc, out) = run_tc(
+            &mut env,
+            prog_names::FROM_UNDERLAY,
+            &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &f, ul),
+        );
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let p = parse_eth_ipv4(&out).1;
+        assert_eq!((p.src(), p.dst()), (VIP, CLIENT), "from the ClusterIP");
+        got.push(p);
+    }
+    let whole: Vec<u8> = got.iter().flat_map(|p| p.payload.clone()).collect();
+    assert_eq!(&whole[0..4], &[0, 53, 0x9c, 0x59], "ports 53 -> 40025");
+    assert!(l4_checksum_ok(VIP, CLIENT, 17, &whole), "reply checksum");
+
+    // A later fragment whose first was never seen: to a ClusterIP it is
+    // dropped; to a pod it goes on as it is.
+    let [_, orphan] = fragments(CLIENT, VIP, 17, 0x6363, &seg, 304);
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &from_client(&orphan));
+    assert_eq!(rc, TC_ACT_SHOT, "orphan to the ClusterIP");
+    let [_, orphan] = fragments(CLIENT, REMOTE_BACKEND, 17, 0x6464, &seg, 304);
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &from_client(&orphan));
+    assert_eq!(rc, TC_ACT_REDIRECT, "orphan to a pod");
+    assert_eq!(parse_vxlan(&out).inner[14..], forwarded(&orphan)[..]);
+    assert_counters(
+        &env,
+        &[
+            (Stat::Encapsulated, 3),
+            (Stat::Decapsulated, 2),
+            (Stat::SvcForward, 2),
+            (Stat::SvcReverse, 2),
+            (Stat::DropFragNoFirst, 1),
+        ],
+        "fragments",
+    );
+});
+
+/// A UDP packet from the client to `dst` with this TTL.
+fn udp_with_ttl(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, ttl: u8) -> Vec<u8> {
+    let mut ip = ipv4(src, dst, 17, 0, &udp_csum(src, dst, 33434, dport, b"probe"));
+    ip[8] = ttl;
+    set_ipv4_checksum(&mut ip);
+    ip
+}
+
+/// Checks a time exceeded from `from` to `to` quoting `probe`.
+fn assert_time_exceeded(icmp_ip: &[u8], from: Ipv4Addr, to: Ipv4Addr, probe: &[u8], what: &str) {
+    let p = parse_ipv4(icmp_ip);
+    assert_eq!((p.src(), p.dst()), (from, to), "{what}: addresses");
+    assert_eq!(p.ip.time_to_live, 64, "{what}: a new packet");
+    assert_eq!(
+        p.icmp().icmp_type,
+        Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit),
+        "{what}: time exceeded in transit"
+    );
+    assert_eq!(
+        p.payload,
+        &probe[..28],
+        "{what}: quotes the header and 8 bytes"
+    );
+}
+
+root_test!(ttl_running_out_is_answered_with_time_exceeded, || {
+    let mut env = setup();
+    set_frontend(
+        &mut env,
+        svc_key(53, 17),
+        vec![backend(REMOTE_BACKEND, 5353)],
+    );
+    // From a pod, to a remote pod and to a ClusterIP: answered by this
+    // node (its bridge address) straight back into the pod.
+    for (what, dst, dport) in [("remote pod", REMOTE_BACKEND, 5353), ("ClusterIP", VIP, 53)] {
+        let probe = udp_with_ttl(CLIENT, dst, dport, 1);
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &from_client(&probe));
+        assert_eq!(rc, TC_ACT_REDIRECT, "{what}");
+        let (e, _) = parse_eth_ipv4(&out);
+        assert_eq!(e.destination, POD_MAC, "{what}: back to the pod");
+        assert_time_exceeded(&out[14..], LOCAL_GW, CLIENT, &probe, what);
+    }
+    // TTL 2 goes on with 1; traffic the node does not route keeps TTL 1.
+    let probe = udp_with_ttl(CLIENT, REMOTE_BACKEND, 5353, 2);
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &from_client(&probe));
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(parse_vxlan(&out).inner_ipv4().ip.time_to_live, 1);
+    let local = from_client(&udp_with_ttl(CLIENT, Ipv4Addr::new(10, 244, 1, 9), 5353, 1));
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &local);
+    assert_eq!(
+        (rc, out),
+        (TC_ACT_OK, local),
+        "same-node traffic is bridged"
+    );
+    // An ICMP error is never answered with another.
+    let mut err = ipv4(
+        CLIENT,
+        REMOTE_BACKEND,
+        1,
+        0,
+        &icmp_error(3, 3, [0; 4], &probe),
+    );
+    err[8] = 1;
+    set_ipv4_checksum(&mut err);
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &from_client(&err));
+    assert_eq!(rc, TC_ACT_SHOT);
+    // Nor is a fragment other than the first (it has no L4 header to quote).
+    let seg = udp_csum(CLIENT, REMOTE_BACKEND, 33434, 5353, &[7; 600]);
+    let [_, mut later] = fragments(CLIENT, REMOTE_BACKEND, 17, 0x7777, &seg, 304);
+    later[8] = 1;
+    set_ipv4_checksum(&mut later);
+    let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &from_client(&later));
+    assert_eq!(rc, TC_ACT_SHOT, "later fragment");
+
+    // Out of the overlay with TTL 1: answered to the sender, encapsulated
+    // to its node.
+    let probe = udp_with_ttl(REMOTE_BACKEND, CLIENT, 33434, 1);
+    let ul = env.ul_mac;
+    let (rc, out) = run_tc(
+        &mut env,
+        prog_names::FROM_UNDERLAY,
+        &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &probe, ul),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let v = parse_vxlan(&out);
+    assert_eq!(
+        (v.src_ip, v.dst_ip),
+        (OUR_IP, PEER_IP),
+        "to the sender's node"
+    );
+    assert_time_exceeded(
+        &v.inner[14..],
+        LOCAL_GW,
+        REMOTE_BACKEND,
+        &probe,
+        "decapsulated",
+    );
+    assert_counters(
+        &env,
+        &[
+            (Stat::Encapsulated, 2),
+            (Stat::PassLocal, 1),
+            (Stat::TtlExceeded, 3),
+            (Stat::DropTtlExceeded, 2),
+        ],
+        "TTL",
     );
 });

@@ -19,10 +19,10 @@ use aya::{
 };
 use dataplane_common::{
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
-    CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LiveInfo, LiveKey, NodeConfig,
-    PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PROTO_TCP, PeerInfo, PeerIpInfo, PeerIpKey,
-    PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo, SvcKey,
-    VipInfo, VipKey,
+    CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, FRAGS_MAX, FragEntry, FragKey,
+    LiveInfo, LiveKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PROTO_TCP, PeerInfo,
+    PeerIpInfo, PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN,
+    SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
     ct::{CT_GC_LEN, CtTimeouts},
     map_names,
 };
@@ -150,6 +150,10 @@ pub const LAYOUTS: &[(&str, Layout)] = &[
     (
         map_names::POD_PORTS,
         Layout::new::<PodPortKey, PodPortInfo>(MapType::Hash, POD_PORTS_MAX),
+    ),
+    (
+        map_names::FRAGS,
+        Layout::new::<FragKey, FragEntry>(MapType::LruHash, FRAGS_MAX),
     ),
 ];
 

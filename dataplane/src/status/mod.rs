@@ -52,7 +52,7 @@ pub struct NodeStatus {
     pub record: Option<StatusRecord>,
     /// Seconds left on the lease as of now (negative: expired), if known.
     pub lease_left_s: Option<f64>,
-    /// Conntrack use against capacity (`ct_v1`).
+    /// Conntrack use against capacity (`ct_v2`).
     pub conntrack: Option<MapFill>,
     /// How full each map is (hash, LRU, LPM).
     pub maps: Vec<MapFill>,

@@ -1,0 +1,92 @@
+//! IPv4 fragments of Service flows. kube-proxy reassembles (netfilter's
+//! defrag) before NAT; here the first fragment, which carries the ports,
+//! is translated as any packet of its flow and leaves its ports in
+//! `frags_v1` under (source, destination, protocol, IP ID). The later
+//! fragments find them there and follow it: same flow, same backend,
+//! addresses rewritten (they carry no L4 header; the first fragment's L4
+//! checksum change covers the whole datagram).
+//!
+//! A later fragment that arrives before its first (reordering, or the
+//! entry was evicted) cannot be placed: to a ClusterIP it is dropped and
+//! counted (`drop_frag_no_first`); a reply fragment cannot be told from
+//! other pod traffic and goes on untranslated.
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use dataplane_common::{FragEntry, FragKey, Stat};
+
+use crate::{
+    l4::{Flow, Fragment},
+    lb::{Verdict, is_vip},
+    maps::FRAGS,
+    nat::{Addr, set_addr_l3},
+    stats::count,
+    track,
+};
+
+/// Records the ports of a first fragment whose flow was translated. Call
+/// with the flow as parsed, before its rewrite.
+#[inline(always)]
+pub fn remember(ctx: &TcContext, flow: &Flow) {
+    let key = FragKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        id: flow.ip_id,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    let ports = FragEntry {
+        sport: flow.sport,
+        dport: flow.dport,
+    };
+    if FRAGS.insert(key, ports, 0).is_err() {
+        log_event!(ctx, "frags_v1 insert failed");
+    }
+}
+
+/// A fragment other than the first: translated as its first fragment was
+/// (reply direction first, as `lb` does), passed when it belongs to no
+/// Service flow.
+#[inline(always)]
+pub fn follow(ctx: &TcContext, f: &Fragment) -> Verdict {
+    let key = FragKey {
+        saddr: f.saddr,
+        daddr: f.daddr,
+        id: f.ip_id,
+        proto: f.proto,
+        _pad: 0,
+    };
+    // SAFETY: plain data, copied out at once.
+    let Some(ports) = (unsafe { FRAGS.get(key) }).copied() else {
+        return unplaced(ctx, f);
+    };
+    let ct_key = track::key(f.saddr, f.daddr, ports.sport, ports.dport, f.proto);
+    let len = ctx.len();
+    let (ok, to, stat) = if let Some(r) = track::reply(&ct_key) {
+        let ok = set_addr_l3(ctx, Addr::Src, f.saddr, r.vip).is_ok()
+            && set_addr_l3(ctx, Addr::Dst, f.daddr, r.client).is_ok();
+        (ok, r.client, Stat::SvcReverse)
+    } else if let Some(e) = track::forward(&ct_key) {
+        let ok = set_addr_l3(ctx, Addr::Dst, f.daddr, e.backend.ip).is_ok()
+            && (e.snat == [0; 4] || set_addr_l3(ctx, Addr::Src, f.saddr, e.snat).is_ok());
+        (ok, e.backend.ip, Stat::SvcForward)
+    } else {
+        return unplaced(ctx, f);
+    };
+    if !ok {
+        log_event!(ctx, "svc: fragment NAT to {:i} failed", to);
+        count(Stat::DropNatFailed, len);
+        return Verdict::Done(TC_ACT_SHOT);
+    }
+    count(stat, len);
+    Verdict::Translated(to)
+}
+
+/// A later fragment without a known first fragment.
+#[inline(always)]
+fn unplaced(ctx: &TcContext, f: &Fragment) -> Verdict {
+    if is_vip(f.daddr) {
+        count(Stat::DropFragNoFirst, ctx.len());
+        return Verdict::Done(TC_ACT_SHOT);
+    }
+    Verdict::Pass
+}
