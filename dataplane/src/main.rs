@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent (as root).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Read or write the network config (`<prefix>/config`).
     Config {
         #[command(subcommand)]

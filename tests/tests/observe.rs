@@ -240,11 +240,19 @@ fn metrics_follow_the_traffic_and_ready_waits_for_the_sync() {
     );
     assert!(delta(&before, &after, &outcome("svc_forward")) >= 5.0);
     assert!(
-        after.value(r#"dataplane_map_entries{map="ct_v1"}"#) >= 5.0,
+        after.value(&format!(
+            r#"dataplane_map_entries{{map="{}"}}"#,
+            dataplane_common::map_names::CT
+        )) >= 5.0,
         "conntrack holds the flows:\n{}",
         after.0
     );
-    assert!(after.value(r#"dataplane_map_capacity{map="ct_v1"}"#) > 0.0);
+    assert!(
+        after.value(&format!(
+            r#"dataplane_map_capacity{{map="{}"}}"#,
+            dataplane_common::map_names::CT
+        )) > 0.0
+    );
     assert!(after.value(r#"dataplane_map_entries{map="svc_v1"}"#) >= 4.0);
     drop(backend);
 
