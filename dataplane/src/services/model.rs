@@ -49,6 +49,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
@@ -61,28 +62,75 @@ use super::manifest::Object;
 use super::object::{Kind, ObjectRef, Proto, SERVICE_NAME_LABEL};
 use super::validate::{self, ClusterIp, FieldError};
 
-/// A service: namespace and name.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A service (or another namespaced object): namespace and name.
+///
+/// One shared allocation holding `namespace/name`: cloning it (the store's
+/// indexes, the reconciler's owners and the status record each keep the
+/// names of thousands of Services) takes a reference, not two strings.
+/// Ordered by namespace, then name.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ServiceName {
-    /// The namespace.
-    pub namespace: String,
-    /// The name.
-    pub name: String,
+    /// `namespace/name`.
+    full: Arc<str>,
+    /// Length of the namespace in `full`.
+    ns_len: u32,
 }
 
 impl ServiceName {
     /// `namespace/name`.
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> ServiceName {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> ServiceName {
+        let (namespace, name) = (namespace.as_ref(), name.as_ref());
+        let mut full = String::with_capacity(namespace.len() + 1 + name.len());
+        full.push_str(namespace);
+        full.push('/');
+        full.push_str(name);
         ServiceName {
-            namespace: namespace.into(),
-            name: name.into(),
+            full: full.into(),
+            ns_len: u32::try_from(namespace.len()).expect("a namespace shorter than 4 GiB"),
         }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.full[..self.ns_len as usize]
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.full[self.ns_len as usize + 1..]
+    }
+}
+
+impl Default for ServiceName {
+    fn default() -> ServiceName {
+        ServiceName::new("", "")
+    }
+}
+
+impl Ord for ServiceName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.namespace(), self.name()).cmp(&(other.namespace(), other.name()))
+    }
+}
+
+impl PartialOrd for ServiceName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceName")
+            .field("namespace", &self.namespace())
+            .field("name", &self.name())
+            .finish()
     }
 }
 
 impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        f.write_str(&self.full)
     }
 }
 
@@ -181,8 +229,8 @@ enum Value {
     Slice(SliceId, SliceEntry),
 }
 
-/// A slice: (namespace, name).
-type SliceId = (Box<str>, Box<str>);
+/// A slice: namespace and name.
+type SliceId = ServiceName;
 
 /// What a Service contributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -461,7 +509,7 @@ impl Decoded {
             )
             .map(|s| {
                 Value::Slice(
-                    (r.namespace.as_str().into(), r.name.as_str().into()),
+                    ServiceName::new(r.namespace.as_str(), r.name.as_str()),
                     slice_entry(&s),
                 )
             }),
@@ -493,7 +541,7 @@ pub struct ServiceStore {
     /// (service, slice name) for each slice, by its service-name label.
     /// One tree rather than a set per service: a set's first node alone
     /// takes a few hundred bytes.
-    slices_by_service: BTreeSet<(ServiceName, Box<str>)>,
+    slices_by_service: BTreeSet<(ServiceName, SliceId)>,
     /// (frontend, create revision, service) for each claim: the claimants
     /// of one frontend are adjacent, oldest first.
     claims: BTreeSet<(Frontend, i64, ServiceName)>,
@@ -602,6 +650,7 @@ impl ServiceStore {
                 if self.services.get(&sn) == Some(&entry) {
                     return BTreeSet::new();
                 }
+                let sn = self.shared(sn);
                 let mut touched = self.unclaim(&sn);
                 for f in entry.frontends() {
                     self.claims.insert((f, entry.create_revision, sn.clone()));
@@ -626,8 +675,8 @@ impl ServiceStore {
                 }
                 let mut touched = self.remove_slice(&id);
                 if let Some(svc) = &entry.service {
-                    let svc = ServiceName::new(&*id.0, &**svc);
-                    self.slices_by_service.insert((svc.clone(), id.1.clone()));
+                    let svc = self.shared(ServiceName::new(id.namespace(), svc));
+                    self.slices_by_service.insert((svc.clone(), id.clone()));
                     touched.insert(svc);
                 }
                 self.slices.insert(id, entry);
@@ -660,13 +709,29 @@ impl ServiceStore {
             .map(|(_, _, n)| n)
     }
 
-    /// The slice names labelled for `name`.
-    fn slice_names<'a>(&'a self, name: &ServiceName) -> impl Iterator<Item = &'a str> + 'a {
+    /// `name` as this store already holds it (a Service, or the label of
+    /// a slice), so the copies in its indexes share one allocation.
+    fn shared(&self, name: ServiceName) -> ServiceName {
+        if let Some((k, _)) = self.services.get_key_value(&name) {
+            return k.clone();
+        }
+        match self
+            .slices_by_service
+            .range((name.clone(), ServiceName::default())..)
+            .next()
+        {
+            Some((n, _)) if *n == name => n.clone(),
+            _ => name,
+        }
+    }
+
+    /// The slices labelled for `name`.
+    fn slice_ids<'a>(&'a self, name: &ServiceName) -> impl Iterator<Item = &'a SliceId> + 'a {
         let name = name.clone();
         self.slices_by_service
-            .range((name.clone(), Box::<str>::from(""))..)
+            .range((name.clone(), ServiceName::default())..)
             .take_while(move |(n, _)| *n == name)
-            .map(|(_, s)| &**s)
+            .map(|(_, s)| s)
     }
 
     /// Removes a slice and its index entry; returns its old service.
@@ -677,8 +742,8 @@ impl ServiceStore {
         let Some(svc) = old.service else {
             return BTreeSet::new();
         };
-        let svc = ServiceName::new(&*id.0, &*svc);
-        self.slices_by_service.remove(&(svc.clone(), id.1.clone()));
+        let svc = ServiceName::new(id.namespace(), &*svc);
+        self.slices_by_service.remove(&(svc.clone(), id.clone()));
         BTreeSet::from([svc])
     }
 
@@ -703,7 +768,7 @@ impl ServiceStore {
                 }
             }
             Kind::EndpointSlice => {
-                self.remove_slice(&(r.namespace.as_str().into(), r.name.as_str().into()))
+                self.remove_slice(&ServiceName::new(r.namespace.as_str(), r.name.as_str()))
             }
         }
     }
@@ -735,7 +800,7 @@ impl ServiceStore {
 
     /// How many EndpointSlices are labelled for a service.
     pub fn endpoint_slice_count(&self, name: &ServiceName) -> usize {
-        self.slice_names(name).count()
+        self.slice_ids(name).count()
     }
 
     /// The IPv4 ClusterIP of a service with frontends.
@@ -771,10 +836,9 @@ impl ServiceStore {
     /// The endpoint source of a service: its IPv4 slices if it has any,
     /// else its Endpoints subsets.
     fn endpoint_sets<'a>(&'a self, name: &ServiceName) -> Vec<&'a EpSet> {
-        let ns: Box<str> = name.namespace.as_str().into();
         let slices: Vec<&EpSet> = self
-            .slice_names(name)
-            .filter_map(|slice| self.slices.get(&(ns.clone(), slice.into())))
+            .slice_ids(name)
+            .filter_map(|slice| self.slices.get(slice))
             .filter(|s| s.ipv4)
             .map(|s| &s.set)
             .collect();
