@@ -140,6 +140,25 @@ impl MapState {
         self.slots.get(&(id, slot))
     }
 
+    /// Rebuilds the trees with full nodes ([`crate::compact`]); the
+    /// content stays the same.
+    pub fn compact(&mut self) {
+        use crate::compact::rebuilt;
+        use std::mem::take;
+        self.peers = rebuilt(take(&mut self.peers));
+        self.peer_ips = rebuilt(take(&mut self.peer_ips));
+        self.services = rebuilt(take(&mut self.services));
+        self.slots = rebuilt(take(&mut self.slots));
+        self.live = rebuilt(take(&mut self.live));
+        self.vips = rebuilt(take(&mut self.vips));
+        self.pods = rebuilt(take(&mut self.pods));
+        self.pod_ports = rebuilt(take(&mut self.pod_ports));
+        self.frontends_per_vip = rebuilt(take(&mut self.frontends_per_vip));
+        self.orphans = rebuilt(take(&mut self.orphans));
+        self.ids.used = rebuilt(take(&mut self.ids.used));
+        self.ids.free = rebuilt(take(&mut self.ids.free));
+    }
+
     /// Ids with slots or `live` pairs but no service entry.
     pub fn orphans(&self) -> &BTreeSet<u32> {
         &self.orphans
@@ -367,6 +386,13 @@ impl Owners {
             .map(|(_, k)| k)
     }
 
+    /// Rebuilds the trees with full nodes ([`crate::compact`]).
+    pub fn compact(&mut self) {
+        use crate::compact::rebuilt;
+        self.by_service = rebuilt(std::mem::take(&mut self.by_service));
+        self.by_frontend = rebuilt(std::mem::take(&mut self.by_frontend));
+    }
+
     /// Who owns `key`.
     pub fn owner(&self, key: &SvcKey) -> Option<&ServiceName> {
         self.by_frontend.get(key)
@@ -407,4 +433,12 @@ impl Owners {
 pub struct Shadow {
     pub maps: MapState,
     pub owners: Owners,
+}
+
+impl Shadow {
+    /// Rebuilds the trees with full nodes ([`crate::compact`]).
+    pub fn compact(&mut self) {
+        self.maps.compact();
+        self.owners.compact();
+    }
 }

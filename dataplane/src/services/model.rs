@@ -241,7 +241,7 @@ struct SvcEntry {
     /// `spec.type` as written.
     type_: Option<Box<str>>,
     /// `spec.clusterIP` as written.
-    cluster_ip: Option<Box<str>>,
+    cluster_ip: ClusterIpText,
     /// The ClusterIP when the service has frontends (IPv4, not
     /// ExternalName).
     frontend_ip: Option<Ipv4Addr>,
@@ -250,6 +250,16 @@ struct SvcEntry {
     /// Session affinity timeout, seconds.
     affinity_timeout: Option<u32>,
     ports: Box<[SvcPort]>,
+}
+
+/// `spec.clusterIP` as written, without a copy of the usual case: the
+/// text of [`SvcEntry::frontend_ip`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ClusterIpText {
+    Unset,
+    /// Exactly the text of the frontend IP.
+    FrontendIp,
+    Other(Box<str>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -280,8 +290,9 @@ impl SvcEntry {
 /// What an EndpointSlice contributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct SliceEntry {
-    /// Its `kubernetes.io/service-name` label.
-    service: Option<Box<str>>,
+    /// The Service its `kubernetes.io/service-name` label names (in the
+    /// slice's namespace).
+    service: Option<ServiceName>,
     /// `addressType: IPv4`; other slices keep no endpoints.
     ipv4: bool,
     set: EpSet,
@@ -383,7 +394,13 @@ fn svc_entry(svc: &Service, create_revision: i64) -> SvcEntry {
     SvcEntry {
         create_revision,
         type_: spec.and_then(|s| s.type_.as_deref()).map(Into::into),
-        cluster_ip: spec.and_then(|s| s.cluster_ip.as_deref()).map(Into::into),
+        cluster_ip: match spec.and_then(|s| s.cluster_ip.as_deref()) {
+            None => ClusterIpText::Unset,
+            Some(t) if frontend_ip.is_some_and(|ip| ip.to_string() == t) => {
+                ClusterIpText::FrontendIp
+            }
+            Some(t) => ClusterIpText::Other(t.into()),
+        },
         frontend_ip,
         local_only: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
         affinity_timeout: spec.and_then(validate::affinity_timeout_secs),
@@ -430,13 +447,13 @@ fn endpoints_sets(ep: &Endpoints) -> Box<[EpSet]> {
         .collect()
 }
 
-fn slice_entry(slice: &EndpointSlice) -> SliceEntry {
+fn slice_entry(namespace: &str, slice: &EndpointSlice) -> SliceEntry {
     let service = slice
         .metadata
         .labels
         .as_ref()
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        .map(|s| s.as_str().into());
+        .map(|s| ServiceName::new(namespace, s));
     let ipv4 = slice.address_type == "IPv4";
     if !ipv4 {
         return SliceEntry {
@@ -510,7 +527,7 @@ impl Decoded {
             .map(|s| {
                 Value::Slice(
                     ServiceName::new(r.namespace.as_str(), r.name.as_str()),
-                    slice_entry(&s),
+                    slice_entry(r.namespace.as_str(), &s),
                 )
             }),
         };
@@ -592,6 +609,17 @@ impl ServiceStore {
         self.put(d);
     }
 
+    /// Rebuilds the store's trees with full nodes ([`crate::compact`]);
+    /// the content stays the same.
+    pub fn compact(&mut self) {
+        use crate::compact::rebuilt;
+        self.services = rebuilt(std::mem::take(&mut self.services));
+        self.endpoints = rebuilt(std::mem::take(&mut self.endpoints));
+        self.slices = rebuilt(std::mem::take(&mut self.slices));
+        self.slices_by_service = rebuilt(std::mem::take(&mut self.slices_by_service));
+        self.claims = rebuilt(std::mem::take(&mut self.claims));
+    }
+
     /// The revision the store was listed at (0 when built otherwise).
     pub fn revision(&self) -> i64 {
         self.revision
@@ -669,15 +697,16 @@ impl ServiceStore {
                 self.endpoints.insert(sn.clone(), sets);
                 BTreeSet::from([sn])
             }
-            Value::Slice(id, entry) => {
+            Value::Slice(id, mut entry) => {
                 if self.slices.get(&id) == Some(&entry) {
                     return BTreeSet::new();
                 }
                 let mut touched = self.remove_slice(&id);
-                if let Some(svc) = &entry.service {
-                    let svc = self.shared(ServiceName::new(id.namespace(), svc));
+                if let Some(svc) = entry.service.take() {
+                    let svc = self.shared(svc);
                     self.slices_by_service.insert((svc.clone(), id.clone()));
-                    touched.insert(svc);
+                    touched.insert(svc.clone());
+                    entry.service = Some(svc);
                 }
                 self.slices.insert(id, entry);
                 touched
@@ -742,7 +771,6 @@ impl ServiceStore {
         let Some(svc) = old.service else {
             return BTreeSet::new();
         };
-        let svc = ServiceName::new(id.namespace(), &*svc);
         self.slices_by_service.remove(&(svc.clone(), id.clone()));
         BTreeSet::from([svc])
     }
@@ -933,7 +961,13 @@ impl ServiceStore {
                 ServiceSummary {
                     service: name.clone(),
                     service_type: svc.type_.as_deref().unwrap_or("ClusterIP").to_string(),
-                    cluster_ip: svc.cluster_ip.as_deref().unwrap_or("<none>").to_string(),
+                    cluster_ip: match &svc.cluster_ip {
+                        ClusterIpText::Unset => "<none>".to_string(),
+                        ClusterIpText::FrontendIp => {
+                            svc.frontend_ip.map(|ip| ip.to_string()).unwrap_or_default()
+                        }
+                        ClusterIpText::Other(t) => t.to_string(),
+                    },
                     ports,
                     ready_endpoints,
                     total_endpoints,
