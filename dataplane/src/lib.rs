@@ -15,6 +15,7 @@ pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub mod agent;
 pub mod bpf;
 pub mod cni;
+pub mod compact;
 pub mod config;
 pub mod conntrack;
 pub mod etcd;

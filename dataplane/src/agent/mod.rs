@@ -38,7 +38,7 @@ use std::{
 
 use anyhow::anyhow;
 use ipnet::Ipv4Net;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
@@ -201,7 +201,14 @@ struct Agent {
     _instance: Vec<instance::InstanceLock>,
     /// The status record `dataplane status` reads.
     status: status::StatusWriter,
+    /// Services and peers changed since the trees were last compacted.
+    since_compact: usize,
 }
+
+/// The trees are compacted ([`crate::compact`]) once this many Services
+/// and peers changed, and a fraction ([`COMPACT_FRACTION`]) of all.
+const COMPACT_MIN_CHANGES: usize = 256;
+const COMPACT_FRACTION: usize = 8;
 
 async fn next_link_event(links: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
     match links {
@@ -239,7 +246,10 @@ impl Agent {
                     self.on_tick().await;
                     self.write_status(true);
                 }
-                _ = status_tick.tick() => self.write_status(false),
+                _ = status_tick.tick() => {
+                    self.write_status(false);
+                    self.compact(false);
+                }
             }
         }
         // The socket goes first: a plugin call now finds no agent rather
@@ -252,6 +262,25 @@ impl Agent {
         if let Some(sweeper) = self.ct_sweeper.take() {
             let _ = tokio::task::spawn_blocking(move || sweeper.join()).await;
         }
+    }
+
+    /// Rebuilds the agent's trees with full nodes and returns the freed
+    /// memory to the kernel ([`crate::compact`]): `force`d after start-up,
+    /// else once enough changed since the last time. Costs a few
+    /// milliseconds per 10,000 Services.
+    fn compact(&mut self, force: bool) {
+        let size = self.store.len() + self.rec.frontends();
+        let due = self.since_compact >= COMPACT_MIN_CHANGES.max(size / COMPACT_FRACTION);
+        if !force && !due {
+            return;
+        }
+        let t0 = Instant::now();
+        self.store.compact();
+        self.rec.compact();
+        self.status.compact();
+        crate::compact::release_free_memory();
+        self.since_compact = 0;
+        debug!("trees compacted in {:?}", t0.elapsed());
     }
 
     /// Logs and counts an error the loop recovers from.
@@ -287,6 +316,7 @@ impl Agent {
             _ => Resync::Incremental,
         };
         let changes = self.table.apply(update);
+        self.since_compact += changes.len();
         for change in &changes {
             log_change(change, self.subnet);
             self.status.peer_changed(change, self.subnet);
@@ -320,6 +350,7 @@ impl Agent {
         let before = self.rec.writes();
         let snapshot = matches!(update, StoreUpdate::Snapshot(_));
         let changed = self.store.apply(update);
+        self.since_compact += changed.len();
         for name in &changed {
             self.program_service(name);
         }

@@ -223,6 +223,7 @@ pub(super) async fn start(
         ct_sweeper: None,
         _instance: instance,
         status: super::status::StatusWriter::new(cfg.pin_path.clone(), cfg.etcd.endpoints.clone()),
+        since_compact: 0,
         decap: cfg.decap_mode.resolve(underlay.kind.as_deref()),
         nl,
         dp,
@@ -293,6 +294,7 @@ pub(super) async fn start(
         "{names} services, {} frontends programmed",
         agent.rec.frontends()
     );
+    agent.compact(true);
 
     agent
         .dp

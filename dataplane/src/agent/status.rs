@@ -101,6 +101,13 @@ impl StatusWriter {
         self.dirty = true;
     }
 
+    /// Rebuilds the trees with full nodes ([`crate::compact`]).
+    pub fn compact(&mut self) {
+        use crate::compact::rebuilt;
+        self.peers = rebuilt(std::mem::take(&mut self.peers));
+        self.services = rebuilt(std::mem::take(&mut self.services));
+    }
+
     /// This node's subnet changed: it is no peer of its own.
     pub fn own_subnet(&mut self, own: Ipv4Net) {
         self.peers.remove(&own);

@@ -175,6 +175,8 @@ pub(super) fn load(opts: &LoadOptions) -> Result<(Ebpf, Maps), LoadError> {
         .map_err(program_error(name))?;
     xdp.load().map_err(program_error(name))?;
     let maps = Maps::take(&mut ebpf)?;
+    // The object was parsed into `ebpf`; its bytes are not read again.
+    crate::compact::drop_resident_pages(crate::BPF_OBJECT);
     match opts.pin_path {
         Some(p) => info!("BPF programs loaded, maps pinned under {}", p.display()),
         None => info!("BPF programs loaded (maps not pinned)"),

@@ -154,6 +154,11 @@ impl Reconciler {
         self.writes
     }
 
+    /// Rebuilds the shadow's trees with full nodes ([`crate::compact`]).
+    pub fn compact(&mut self) {
+        self.shadow.compact();
+    }
+
     /// Frontends (service entries) in the maps.
     pub fn frontends(&self) -> usize {
         self.shadow.maps.services.len()

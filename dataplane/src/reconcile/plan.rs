@@ -152,9 +152,8 @@ fn set_frontend(
     for a in want_live.difference(&old_live) {
         ops.push(MapOp::PutLive(live_key(id, *a)));
     }
-    let old_slots = maps.slots.get(&id);
     for (slot, b) in (0..count).zip(&want.backends) {
-        if old_slots.and_then(|s| s.get(&slot)) != Some(b) {
+        if maps.slot(id, slot) != Some(b) {
             ops.push(MapOp::PutBackend(backend_key(id, slot), *b));
         }
     }
@@ -171,8 +170,8 @@ fn set_frontend(
     if old != Some(&info) {
         ops.push(MapOp::PutService(key, info));
     }
-    for slot in old_slots.into_iter().flat_map(|s| s.range(count..)) {
-        ops.push(MapOp::DelBackend(backend_key(id, *slot.0)));
+    for (slot, _) in maps.slots_from(id, count) {
+        ops.push(MapOp::DelBackend(backend_key(id, slot)));
     }
     // Last: by now no slot below the count holds a removed backend.
     for a in old_live.difference(&want_live) {
@@ -187,8 +186,8 @@ fn remove_frontend(ops: &mut Vec<MapOp>, maps: &MapState, key: &SvcKey, info: &S
     for a in maps.live_of(id) {
         ops.push(MapOp::DelLive(live_key(id, a)));
     }
-    for slot in maps.slots.get(&id).into_iter().flat_map(|s| s.keys()) {
-        ops.push(MapOp::DelBackend(backend_key(id, *slot)));
+    for (slot, _) in maps.slots_of(id) {
+        ops.push(MapOp::DelBackend(backend_key(id, slot)));
     }
     ops.push(MapOp::DelSvcStats(*key));
 }
@@ -201,8 +200,8 @@ pub fn orphans(cur: &MapState) -> Vec<MapOp> {
         for a in cur.live_of(id) {
             ops.push(MapOp::DelLive(live_key(id, a)));
         }
-        for slot in cur.slots.get(&id).into_iter().flat_map(|s| s.keys()) {
-            ops.push(MapOp::DelBackend(backend_key(id, *slot)));
+        for (slot, _) in cur.slots_of(id) {
+            ops.push(MapOp::DelBackend(backend_key(id, slot)));
         }
     }
     ops

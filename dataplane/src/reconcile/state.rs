@@ -46,8 +46,9 @@ pub struct MapState {
     /// PublicIP -> number of leases.
     pub peer_ips: BTreeMap<[u8; 4], u32>,
     pub services: BTreeMap<SvcKey, SvcInfo>,
-    /// Service id -> slot -> backend.
-    pub slots: BTreeMap<u32, BTreeMap<u32, Backend>>,
+    /// (Service id, slot) -> backend. One tree rather than a map per id:
+    /// a map's first node alone takes more than a hundred bytes.
+    pub slots: BTreeMap<(u32, u32), Backend>,
     /// (service id, backend) pairs in `live_v1`.
     pub live: BTreeSet<(u32, BackendAddr)>,
     /// ClusterIP -> the refcount written in `vips_v1`.
@@ -122,6 +123,42 @@ impl MapState {
             .map(|(_, a)| *a)
     }
 
+    /// The slots of service id `id` from `first` on, in order.
+    pub fn slots_from(&self, id: u32, first: u32) -> impl Iterator<Item = (u32, &Backend)> + '_ {
+        self.slots
+            .range((id, first)..=(id, u32::MAX))
+            .map(|((_, slot), b)| (*slot, b))
+    }
+
+    /// The slots of service id `id`, in order.
+    pub fn slots_of(&self, id: u32) -> impl Iterator<Item = (u32, &Backend)> + '_ {
+        self.slots_from(id, 0)
+    }
+
+    /// The backend in slot `slot` of service id `id`.
+    pub fn slot(&self, id: u32, slot: u32) -> Option<&Backend> {
+        self.slots.get(&(id, slot))
+    }
+
+    /// Rebuilds the trees with full nodes ([`crate::compact`]); the
+    /// content stays the same.
+    pub fn compact(&mut self) {
+        use crate::compact::rebuilt;
+        use std::mem::take;
+        self.peers = rebuilt(take(&mut self.peers));
+        self.peer_ips = rebuilt(take(&mut self.peer_ips));
+        self.services = rebuilt(take(&mut self.services));
+        self.slots = rebuilt(take(&mut self.slots));
+        self.live = rebuilt(take(&mut self.live));
+        self.vips = rebuilt(take(&mut self.vips));
+        self.pods = rebuilt(take(&mut self.pods));
+        self.pod_ports = rebuilt(take(&mut self.pod_ports));
+        self.frontends_per_vip = rebuilt(take(&mut self.frontends_per_vip));
+        self.orphans = rebuilt(take(&mut self.orphans));
+        self.ids.used = rebuilt(take(&mut self.ids.used));
+        self.ids.free = rebuilt(take(&mut self.ids.free));
+    }
+
     /// Ids with slots or `live` pairs but no service entry.
     pub fn orphans(&self) -> &BTreeSet<u32> {
         &self.orphans
@@ -129,7 +166,7 @@ impl MapState {
 
     fn refresh_orphan(&mut self, id: u32) {
         let unused = !self.ids.used.contains_key(&id);
-        if unused && (self.slots.contains_key(&id) || self.live_of(id).next().is_some()) {
+        if unused && (self.slots_of(id).next().is_some() || self.live_of(id).next().is_some()) {
             self.orphans.insert(id);
         } else {
             self.orphans.remove(&id);
@@ -187,15 +224,10 @@ impl MapState {
                 }
             }
             MapOp::PutBackend(k, b) => {
-                self.slots.entry(k.svc_id).or_default().insert(k.slot, b);
+                self.slots.insert((k.svc_id, k.slot), b);
             }
             MapOp::DelBackend(k) => {
-                if let Some(s) = self.slots.get_mut(&k.svc_id) {
-                    s.remove(&k.slot);
-                    if s.is_empty() {
-                        self.slots.remove(&k.svc_id);
-                    }
-                }
+                self.slots.remove(&(k.svc_id, k.slot));
             }
             MapOp::PutVip(k, v) => {
                 self.vips.insert(k.vip, v.frontends);
@@ -277,7 +309,7 @@ impl MapState {
         let ids: BTreeSet<u32> = self
             .slots
             .keys()
-            .copied()
+            .map(|(id, _)| *id)
             .chain(self.live.iter().map(|(id, _)| *id))
             .collect();
         self.orphans.clear();
@@ -329,14 +361,36 @@ pub fn pod_port_key(ifindex: u32) -> PodPortKey {
 /// one programmed owns it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Owners {
-    by_service: BTreeMap<ServiceName, BTreeSet<SvcKey>>,
+    /// (Service, frontend) for each frontend a Service owns. One tree
+    /// rather than a set per Service: a set's first node alone takes more
+    /// than a hundred bytes.
+    by_service: BTreeSet<(ServiceName, SvcKey)>,
     by_frontend: BTreeMap<SvcKey, ServiceName>,
 }
 
+/// The lowest key, to range over one Service's frontends.
+const FIRST_KEY: SvcKey = SvcKey {
+    vip: [0; 4],
+    port: [0; 2],
+    proto: 0,
+    _pad: 0,
+};
+
 impl Owners {
     /// The frontends `name` owns.
-    pub fn of(&self, name: &ServiceName) -> impl Iterator<Item = &SvcKey> {
-        self.by_service.get(name).into_iter().flatten()
+    pub fn of<'a>(&'a self, name: &ServiceName) -> impl Iterator<Item = &'a SvcKey> + 'a {
+        let name = name.clone();
+        self.by_service
+            .range((name.clone(), FIRST_KEY)..)
+            .take_while(move |(n, _)| *n == name)
+            .map(|(_, k)| k)
+    }
+
+    /// Rebuilds the trees with full nodes ([`crate::compact`]).
+    pub fn compact(&mut self) {
+        use crate::compact::rebuilt;
+        self.by_service = rebuilt(std::mem::take(&mut self.by_service));
+        self.by_frontend = rebuilt(std::mem::take(&mut self.by_frontend));
     }
 
     /// Who owns `key`.
@@ -351,7 +405,9 @@ impl Owners {
         name: &ServiceName,
         keys: BTreeSet<SvcKey>,
     ) -> Vec<(SvcKey, ServiceName)> {
-        for k in self.by_service.remove(name).unwrap_or_default() {
+        let old: Vec<SvcKey> = self.of(name).copied().collect();
+        for k in old {
+            self.by_service.remove(&(name.clone(), k));
             if self.by_frontend.get(&k) == Some(name) {
                 self.by_frontend.remove(&k);
             }
@@ -361,17 +417,12 @@ impl Owners {
             if let Some(prev) = self.by_frontend.insert(*k, name.clone())
                 && prev != *name
             {
-                if let Some(set) = self.by_service.get_mut(&prev) {
-                    set.remove(k);
-                    if set.is_empty() {
-                        self.by_service.remove(&prev);
-                    }
-                }
+                self.by_service.remove(&(prev.clone(), *k));
                 taken.push((*k, prev));
             }
         }
-        if !keys.is_empty() {
-            self.by_service.insert(name.clone(), keys);
+        for k in keys {
+            self.by_service.insert((name.clone(), k));
         }
         taken
     }
@@ -382,4 +433,12 @@ impl Owners {
 pub struct Shadow {
     pub maps: MapState,
     pub owners: Owners,
+}
+
+impl Shadow {
+    /// Rebuilds the trees with full nodes ([`crate::compact`]).
+    pub fn compact(&mut self) {
+        self.maps.compact();
+        self.owners.compact();
+    }
 }

@@ -79,10 +79,7 @@ impl Sink for Fake {
             MapOp::DelPeerIp(key) => k.peer_ips.contains_key(&key.public_ip),
             MapOp::DelPeer(net) => k.peers.contains_key(net),
             MapOp::DelService(key) => k.services.contains_key(key),
-            MapOp::DelBackend(key) => k
-                .slots
-                .get(&key.svc_id)
-                .is_some_and(|s| s.contains_key(&key.slot)),
+            MapOp::DelBackend(key) => k.slot(key.svc_id, key.slot).is_some(),
             MapOp::DelVip(key) => k.vips.contains_key(&key.vip),
             MapOp::DelLive(key) => k.live.contains(&(key.svc_id, addr(&key.backend))),
             MapOp::DelSvcStats(_) => false,
@@ -129,10 +126,7 @@ impl Sink for Fake {
             backends: k
                 .slots
                 .iter()
-                .flat_map(|(id, s)| {
-                    s.iter()
-                        .map(|(slot, b)| (super::state::backend_key(*id, *slot), *b))
-                })
+                .map(|((id, slot), b)| (super::state::backend_key(*id, *slot), *b))
                 .collect(),
             vips: k
                 .vips
@@ -226,7 +220,7 @@ type Contents = (
     BTreeMap<Ipv4Net, PeerInfo>,
     BTreeMap<[u8; 4], u32>,
     BTreeMap<SvcKey, dataplane_common::SvcInfo>,
-    BTreeMap<u32, BTreeMap<u32, Backend>>,
+    BTreeMap<(u32, u32), Backend>,
     BTreeSet<(u32, super::state::BackendAddr)>,
     BTreeMap<[u8; 4], u32>,
 );
@@ -274,12 +268,7 @@ fn step(
 fn brief(m: &MapState) -> String {
     let mut out = String::new();
     for (k, i) in &m.services {
-        let slots: Vec<u8> = m
-            .slots
-            .get(&i.id)
-            .into_iter()
-            .flat_map(|s| s.values().map(|b| b.ip[3]))
-            .collect();
+        let slots: Vec<u8> = m.slots_of(i.id).map(|(_, b)| b.ip[3]).collect();
         let live: Vec<u8> = m.live_of(i.id).map(|a| a.0[3]).collect();
         out += &format!(
             "  {}: id {} count {} slots {slots:?} live {live:?}\n",
@@ -298,9 +287,8 @@ fn check_transition(before: &MapState, states: &[MapState], after: &MapState) {
     for (i, now) in states.iter().enumerate() {
         let at = || format!("after write {i}:\n{}", brief(now));
         for (k, info) in &now.services {
-            let slots = now.slots.get(&info.id);
             for slot in 0..info.count {
-                let b = slots.and_then(|s| s.get(&slot));
+                let b = now.slot(info.id, slot);
                 let b =
                     b.unwrap_or_else(|| panic!("slot {slot} of {k:?} exposed but empty; {}", at()));
                 // Every exposed backend is live: a new connection that
@@ -371,11 +359,7 @@ fn assert_services_match(kernel: &MapState, want: &BTreeMap<ServiceName, Fronten
                 info.flags & SVC_F_AFFINITY != 0,
                 st.affinity_timeout_s.is_some()
             );
-            let slots: Vec<Backend> = kernel
-                .slots
-                .get(&info.id)
-                .map(|s| s.values().copied().collect())
-                .unwrap_or_default();
+            let slots: Vec<Backend> = kernel.slots_of(info.id).map(|(_, b)| *b).collect();
             assert_eq!(slots, st.backends, "slots of {k:?}");
             let live: BTreeSet<_> = kernel.live_of(info.id).collect();
             let want_live: BTreeSet<_> = st.backends.iter().map(addr).collect();
@@ -387,7 +371,7 @@ fn assert_services_match(kernel: &MapState, want: &BTreeMap<ServiceName, Fronten
     let ids: BTreeSet<u32> = kernel.services.values().map(|i| i.id).collect();
     assert_eq!(ids.len(), n, "one id per frontend");
     assert!(
-        kernel.slots.keys().all(|id| ids.contains(id)),
+        kernel.slots.keys().all(|(id, _)| ids.contains(id)),
         "no stray slots"
     );
     assert!(
@@ -671,7 +655,7 @@ fn a_frontend_claimed_by_two_services_is_not_removed_by_the_loser() {
     step(&mut f, |f| {
         r.set_service(f, &svc("b"), &fronts(&[(k, fe(&[2]))]))
     });
-    assert_eq!(f.kernel.slots[&f.kernel.services[&k].id][&0], be(2));
+    assert_eq!(f.kernel.slots[&(f.kernel.services[&k].id, 0)], be(2));
     let ops = step(&mut f, |f| r.set_service(f, &svc("a"), &Frontends::new()));
     assert!(ops.is_empty(), "b has it now: {ops:#?}");
     assert!(f.kernel.services.contains_key(&k));

@@ -196,7 +196,7 @@ pub fn check_conflicts(objects: &[Object], existing: &ServiceStore) -> Result<()
             match owner.get(&f) {
                 Some(other) if other != name => {
                     return Err(StoreError::Conflict {
-                        object: ObjectRef::new(Kind::Service, &name.namespace, &name.name),
+                        object: ObjectRef::new(Kind::Service, name.namespace(), name.name()),
                         frontend: f,
                         other: other.clone(),
                     });

@@ -49,6 +49,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
@@ -61,28 +62,75 @@ use super::manifest::Object;
 use super::object::{Kind, ObjectRef, Proto, SERVICE_NAME_LABEL};
 use super::validate::{self, ClusterIp, FieldError};
 
-/// A service: namespace and name.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A service (or another namespaced object): namespace and name.
+///
+/// One shared allocation holding `namespace/name`: cloning it (the store's
+/// indexes, the reconciler's owners and the status record each keep the
+/// names of thousands of Services) takes a reference, not two strings.
+/// Ordered by namespace, then name.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ServiceName {
-    /// The namespace.
-    pub namespace: String,
-    /// The name.
-    pub name: String,
+    /// `namespace/name`.
+    full: Arc<str>,
+    /// Length of the namespace in `full`.
+    ns_len: u32,
 }
 
 impl ServiceName {
     /// `namespace/name`.
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> ServiceName {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> ServiceName {
+        let (namespace, name) = (namespace.as_ref(), name.as_ref());
+        let mut full = String::with_capacity(namespace.len() + 1 + name.len());
+        full.push_str(namespace);
+        full.push('/');
+        full.push_str(name);
         ServiceName {
-            namespace: namespace.into(),
-            name: name.into(),
+            full: full.into(),
+            ns_len: u32::try_from(namespace.len()).expect("a namespace shorter than 4 GiB"),
         }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.full[..self.ns_len as usize]
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.full[self.ns_len as usize + 1..]
+    }
+}
+
+impl Default for ServiceName {
+    fn default() -> ServiceName {
+        ServiceName::new("", "")
+    }
+}
+
+impl Ord for ServiceName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.namespace(), self.name()).cmp(&(other.namespace(), other.name()))
+    }
+}
+
+impl PartialOrd for ServiceName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceName")
+            .field("namespace", &self.namespace())
+            .field("name", &self.name())
+            .finish()
     }
 }
 
 impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        f.write_str(&self.full)
     }
 }
 
@@ -181,8 +229,8 @@ enum Value {
     Slice(SliceId, SliceEntry),
 }
 
-/// A slice: (namespace, name).
-type SliceId = (Box<str>, Box<str>);
+/// A slice: namespace and name.
+type SliceId = ServiceName;
 
 /// What a Service contributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -193,7 +241,7 @@ struct SvcEntry {
     /// `spec.type` as written.
     type_: Option<Box<str>>,
     /// `spec.clusterIP` as written.
-    cluster_ip: Option<Box<str>>,
+    cluster_ip: ClusterIpText,
     /// The ClusterIP when the service has frontends (IPv4, not
     /// ExternalName).
     frontend_ip: Option<Ipv4Addr>,
@@ -202,6 +250,16 @@ struct SvcEntry {
     /// Session affinity timeout, seconds.
     affinity_timeout: Option<u32>,
     ports: Box<[SvcPort]>,
+}
+
+/// `spec.clusterIP` as written, without a copy of the usual case: the
+/// text of [`SvcEntry::frontend_ip`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ClusterIpText {
+    Unset,
+    /// Exactly the text of the frontend IP.
+    FrontendIp,
+    Other(Box<str>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -232,8 +290,9 @@ impl SvcEntry {
 /// What an EndpointSlice contributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct SliceEntry {
-    /// Its `kubernetes.io/service-name` label.
-    service: Option<Box<str>>,
+    /// The Service its `kubernetes.io/service-name` label names (in the
+    /// slice's namespace).
+    service: Option<ServiceName>,
     /// `addressType: IPv4`; other slices keep no endpoints.
     ipv4: bool,
     set: EpSet,
@@ -335,7 +394,13 @@ fn svc_entry(svc: &Service, create_revision: i64) -> SvcEntry {
     SvcEntry {
         create_revision,
         type_: spec.and_then(|s| s.type_.as_deref()).map(Into::into),
-        cluster_ip: spec.and_then(|s| s.cluster_ip.as_deref()).map(Into::into),
+        cluster_ip: match spec.and_then(|s| s.cluster_ip.as_deref()) {
+            None => ClusterIpText::Unset,
+            Some(t) if frontend_ip.is_some_and(|ip| ip.to_string() == t) => {
+                ClusterIpText::FrontendIp
+            }
+            Some(t) => ClusterIpText::Other(t.into()),
+        },
         frontend_ip,
         local_only: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
         affinity_timeout: spec.and_then(validate::affinity_timeout_secs),
@@ -382,13 +447,13 @@ fn endpoints_sets(ep: &Endpoints) -> Box<[EpSet]> {
         .collect()
 }
 
-fn slice_entry(slice: &EndpointSlice) -> SliceEntry {
+fn slice_entry(namespace: &str, slice: &EndpointSlice) -> SliceEntry {
     let service = slice
         .metadata
         .labels
         .as_ref()
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        .map(|s| s.as_str().into());
+        .map(|s| ServiceName::new(namespace, s));
     let ipv4 = slice.address_type == "IPv4";
     if !ipv4 {
         return SliceEntry {
@@ -461,8 +526,8 @@ impl Decoded {
             )
             .map(|s| {
                 Value::Slice(
-                    (r.namespace.as_str().into(), r.name.as_str().into()),
-                    slice_entry(&s),
+                    ServiceName::new(r.namespace.as_str(), r.name.as_str()),
+                    slice_entry(r.namespace.as_str(), &s),
                 )
             }),
         };
@@ -493,7 +558,7 @@ pub struct ServiceStore {
     /// (service, slice name) for each slice, by its service-name label.
     /// One tree rather than a set per service: a set's first node alone
     /// takes a few hundred bytes.
-    slices_by_service: BTreeSet<(ServiceName, Box<str>)>,
+    slices_by_service: BTreeSet<(ServiceName, SliceId)>,
     /// (frontend, create revision, service) for each claim: the claimants
     /// of one frontend are adjacent, oldest first.
     claims: BTreeSet<(Frontend, i64, ServiceName)>,
@@ -542,6 +607,17 @@ impl ServiceStore {
     /// Adds one decoded value (listing).
     pub(crate) fn insert(&mut self, d: Decoded) {
         self.put(d);
+    }
+
+    /// Rebuilds the store's trees with full nodes ([`crate::compact`]);
+    /// the content stays the same.
+    pub fn compact(&mut self) {
+        use crate::compact::rebuilt;
+        self.services = rebuilt(std::mem::take(&mut self.services));
+        self.endpoints = rebuilt(std::mem::take(&mut self.endpoints));
+        self.slices = rebuilt(std::mem::take(&mut self.slices));
+        self.slices_by_service = rebuilt(std::mem::take(&mut self.slices_by_service));
+        self.claims = rebuilt(std::mem::take(&mut self.claims));
     }
 
     /// The revision the store was listed at (0 when built otherwise).
@@ -602,6 +678,7 @@ impl ServiceStore {
                 if self.services.get(&sn) == Some(&entry) {
                     return BTreeSet::new();
                 }
+                let sn = self.shared(sn);
                 let mut touched = self.unclaim(&sn);
                 for f in entry.frontends() {
                     self.claims.insert((f, entry.create_revision, sn.clone()));
@@ -620,15 +697,16 @@ impl ServiceStore {
                 self.endpoints.insert(sn.clone(), sets);
                 BTreeSet::from([sn])
             }
-            Value::Slice(id, entry) => {
+            Value::Slice(id, mut entry) => {
                 if self.slices.get(&id) == Some(&entry) {
                     return BTreeSet::new();
                 }
                 let mut touched = self.remove_slice(&id);
-                if let Some(svc) = &entry.service {
-                    let svc = ServiceName::new(&*id.0, &**svc);
-                    self.slices_by_service.insert((svc.clone(), id.1.clone()));
-                    touched.insert(svc);
+                if let Some(svc) = entry.service.take() {
+                    let svc = self.shared(svc);
+                    self.slices_by_service.insert((svc.clone(), id.clone()));
+                    touched.insert(svc.clone());
+                    entry.service = Some(svc);
                 }
                 self.slices.insert(id, entry);
                 touched
@@ -660,13 +738,29 @@ impl ServiceStore {
             .map(|(_, _, n)| n)
     }
 
-    /// The slice names labelled for `name`.
-    fn slice_names<'a>(&'a self, name: &ServiceName) -> impl Iterator<Item = &'a str> + 'a {
+    /// `name` as this store already holds it (a Service, or the label of
+    /// a slice), so the copies in its indexes share one allocation.
+    fn shared(&self, name: ServiceName) -> ServiceName {
+        if let Some((k, _)) = self.services.get_key_value(&name) {
+            return k.clone();
+        }
+        match self
+            .slices_by_service
+            .range((name.clone(), ServiceName::default())..)
+            .next()
+        {
+            Some((n, _)) if *n == name => n.clone(),
+            _ => name,
+        }
+    }
+
+    /// The slices labelled for `name`.
+    fn slice_ids<'a>(&'a self, name: &ServiceName) -> impl Iterator<Item = &'a SliceId> + 'a {
         let name = name.clone();
         self.slices_by_service
-            .range((name.clone(), Box::<str>::from(""))..)
+            .range((name.clone(), ServiceName::default())..)
             .take_while(move |(n, _)| *n == name)
-            .map(|(_, s)| &**s)
+            .map(|(_, s)| s)
     }
 
     /// Removes a slice and its index entry; returns its old service.
@@ -677,8 +771,7 @@ impl ServiceStore {
         let Some(svc) = old.service else {
             return BTreeSet::new();
         };
-        let svc = ServiceName::new(&*id.0, &*svc);
-        self.slices_by_service.remove(&(svc.clone(), id.1.clone()));
+        self.slices_by_service.remove(&(svc.clone(), id.clone()));
         BTreeSet::from([svc])
     }
 
@@ -703,7 +796,7 @@ impl ServiceStore {
                 }
             }
             Kind::EndpointSlice => {
-                self.remove_slice(&(r.namespace.as_str().into(), r.name.as_str().into()))
+                self.remove_slice(&ServiceName::new(r.namespace.as_str(), r.name.as_str()))
             }
         }
     }
@@ -735,7 +828,7 @@ impl ServiceStore {
 
     /// How many EndpointSlices are labelled for a service.
     pub fn endpoint_slice_count(&self, name: &ServiceName) -> usize {
-        self.slice_names(name).count()
+        self.slice_ids(name).count()
     }
 
     /// The IPv4 ClusterIP of a service with frontends.
@@ -771,10 +864,9 @@ impl ServiceStore {
     /// The endpoint source of a service: its IPv4 slices if it has any,
     /// else its Endpoints subsets.
     fn endpoint_sets<'a>(&'a self, name: &ServiceName) -> Vec<&'a EpSet> {
-        let ns: Box<str> = name.namespace.as_str().into();
         let slices: Vec<&EpSet> = self
-            .slice_names(name)
-            .filter_map(|slice| self.slices.get(&(ns.clone(), slice.into())))
+            .slice_ids(name)
+            .filter_map(|slice| self.slices.get(slice))
             .filter(|s| s.ipv4)
             .map(|s| &s.set)
             .collect();
@@ -869,7 +961,13 @@ impl ServiceStore {
                 ServiceSummary {
                     service: name.clone(),
                     service_type: svc.type_.as_deref().unwrap_or("ClusterIP").to_string(),
-                    cluster_ip: svc.cluster_ip.as_deref().unwrap_or("<none>").to_string(),
+                    cluster_ip: match &svc.cluster_ip {
+                        ClusterIpText::Unset => "<none>".to_string(),
+                        ClusterIpText::FrontendIp => {
+                            svc.frontend_ip.map(|ip| ip.to_string()).unwrap_or_default()
+                        }
+                        ClusterIpText::Other(t) => t.to_string(),
+                    },
                     ports,
                     ready_endpoints,
                     total_endpoints,
