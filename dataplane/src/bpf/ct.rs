@@ -4,7 +4,7 @@
 //! is down). The data path owns the entries; from here they are only
 //! read, removed (expired, early-dropped, flushed) or, once at an
 //! upgrade, copied in from the previous release's `ct_v1`
-//! ([`migrate_ct_v1`]).
+//! ([`CT_V1_MIGRATION`], run by [`super::migrate`]).
 
 use std::path::Path;
 
