@@ -8,17 +8,7 @@ use dataplane_common::{CtEntry, CtKey, RnatEntry};
 use crate::ct;
 
 /// The 5-tuple as a conntrack key.
-#[inline(always)]
-pub fn key(saddr: [u8; 4], daddr: [u8; 4], sport: [u8; 2], dport: [u8; 2], proto: u8) -> CtKey {
-    CtKey {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto,
-        _pad: [0; 3],
-    }
-}
+pub use crate::ct::key;
 
 /// The flow client -> ClusterIP `key` is tracked and live (not expired):
 /// where it was sent.

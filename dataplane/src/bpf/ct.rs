@@ -328,8 +328,9 @@ fn bytes_of<T: aya::Pod>(v: &T) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn v1_flows_become_established_and_replied_now() {
+    /// A previous-release flow: 10.244.1.5:40000 -> 10.96.0.10:80 sent to
+    /// 10.244.2.7:8080, service id 3.
+    fn v1_flow() -> (CtKey, CtEntryV1) {
         let key = CtKey {
             saddr: [10, 244, 1, 5],
             daddr: [10, 96, 0, 10],
@@ -347,6 +348,12 @@ mod tests {
             snat: [0; 4],
             svc_id: 3,
         };
+        (key, old)
+    }
+
+    #[test]
+    fn v1_flows_become_established_and_replied_now() {
+        let (key, old) = v1_flow();
         let f = upgrade_v1_entry(&key, &old, 77);
         assert_eq!(f.entry.state, CtState::Established as u8);
         assert_eq!((f.entry.created_ns, f.entry.last_seen_ns), (77, 77));
@@ -374,23 +381,7 @@ mod tests {
 
     #[test]
     fn the_registered_ct_v1_migration_writes_the_reply_entry_first() {
-        let key = CtKey {
-            saddr: [10, 244, 1, 5],
-            daddr: [10, 96, 0, 10],
-            sport: [0x9c, 0x40],
-            dport: [0, 80],
-            proto: PROTO_TCP,
-            _pad: [0; 3],
-        };
-        let old = CtEntryV1 {
-            backend: Backend {
-                ip: [10, 244, 2, 7],
-                port: [0x1f, 0x90],
-                _pad: [0; 2],
-            },
-            snat: [0; 4],
-            svc_id: 3,
-        };
+        let (key, old) = v1_flow();
         let out = (CT_V1_MIGRATION.convert)(&bytes_of(&key), &bytes_of(&old));
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].map, map_names::RNAT);
