@@ -21,9 +21,9 @@ pub mod map_names {
     /// Hash: remote node PublicIP -> VtepMAC; a VXLAN sender must be in here.
     pub const PEER_IPS: &str = "peer_ips_v1";
     /// Array[1]: this node's configuration (addresses, ifindexes, VNI, port).
-    pub const NODE_CONFIG: &str = "node_cfg_v1";
+    pub const NODE_CONFIG: &str = "node_cfg_v2";
     /// Per-CPU array indexed by [`Stat`]: packets and bytes per outcome.
-    pub const STATS: &str = "stats_v1";
+    pub const STATS: &str = "stats_v2";
     /// Hash: service frontend (ClusterIP, port, protocol) -> service entry.
     pub const SERVICES: &str = "svc_v1";
     /// Hash: (service id, slot) -> backend (IP, port).
@@ -73,6 +73,12 @@ pub mod map_names {
         pub const CT_V1: &str = "ct_v1";
         /// LRU: `CtKey` -> `RnatEntry`.
         pub const RNAT_V1: &str = "rnat_v1";
+        /// Array, one `NodeConfig` of 56 bytes; rewritten by every agent
+        /// at start, so nothing is carried over.
+        pub const NODE_CONFIG_V1: &str = "node_cfg_v1";
+        /// Per-CPU array of 64 counters; `stats_v2` has room for 128.
+        /// Counters restart from zero at that upgrade.
+        pub const STATS_V1: &str = "stats_v1";
     }
 
     /// Every map the programs define, exactly (a test checks this list
@@ -562,7 +568,7 @@ impl Stat {
 }
 
 /// Size of the stats array; leaves room for later reasons.
-pub const STATS_LEN: u32 = 64;
+pub const STATS_LEN: u32 = 128;
 
 // Stat::ALL in increasing order, below STATS_LEN, no retired number reused.
 const _: () = {

@@ -58,7 +58,7 @@ pub fn config_missing(ctx: &TcContext, program: &str) {
     if repeat_logged(n) {
         aya_log_ebpf::warn!(
             ctx,
-            "{}: no node config (node_cfg_v1) yet: {} packets passed untouched on this CPU",
+            "{}: no node config (node_cfg_v2) yet: {} packets passed untouched on this CPU",
             program,
             n
         );

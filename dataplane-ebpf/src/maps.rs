@@ -29,11 +29,11 @@ pub static PEERS: LpmTrie<[u8; 4], PeerInfo, { PEERS_MAX as usize }> = LpmTrie::
 pub static PEER_IPS: HashMap<PeerIpKey, PeerIpInfo, { PEER_IPS_MAX as usize }> = HashMap::new();
 
 /// This node: addresses, interfaces, VNI and port. One entry, index 0.
-#[btf_map(name = "node_cfg_v1")]
+#[btf_map(name = "node_cfg_v2")]
 pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
 
 /// Packets and bytes per outcome, indexed by `dataplane_common::Stat`.
-#[btf_map(name = "stats_v1")]
+#[btf_map(name = "stats_v2")]
 pub static STATS: PerCpuArray<Counter, { STATS_LEN as usize }> = PerCpuArray::new();
 
 /// Service frontend (ClusterIP, port, protocol) -> service entry.

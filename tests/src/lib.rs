@@ -5,6 +5,7 @@ pub mod etcd;
 pub mod flannel;
 pub mod interrupt;
 pub mod netns;
+pub mod outside;
 pub mod packets;
 pub mod probe;
 pub mod svc;

@@ -92,7 +92,7 @@ fn endpoints_map(c: &Cluster, i: usize) -> HashMap<MapData, EndpointKey, Endpoin
             .find(|&id| {
                 MapInfo::from_id(id).is_ok_and(|m| m.name_as_str() == Some(map_names::ENDPOINTS))
             })
-            .expect("no endpoints_v1 map next to this node's node_cfg_v1");
+            .expect("no endpoints_v1 map next to this node's node_cfg_v2");
         MapData::from_id(id).unwrap()
     };
     HashMap::try_from(Map::HashMap(data)).unwrap()

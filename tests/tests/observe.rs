@@ -478,7 +478,7 @@ fn a_missing_node_config_reaches_the_agent_log_with_bpf_log() {
     let _ = c.nodes[0].pods[0]
         .ns
         .sh(&format!("ping -c 3 -i 0.2 -W 1 {gw} >/dev/null"));
-    wait_log(&c, 0, "no node config (node_cfg_v1) yet");
+    wait_log(&c, 0, "no node config (node_cfg_v2) yet");
     let log = c.nodes[0].log();
     assert!(log.contains("from_pod: no node config"), "{log}");
     let logged = log.matches("no node config").count();

@@ -115,7 +115,7 @@ fn full_mesh(extra: &[&str]) {
         );
     }
     // The counters agree that the overlay carried it.
-    let stats = c.bpftool_dump(0, "stats_v1").unwrap();
+    let stats = c.bpftool_dump(0, "stats_v2").unwrap();
     assert!(
         stats.contains("packets"),
         "stats readable with bpftool: {stats}"

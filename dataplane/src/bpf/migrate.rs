@@ -64,7 +64,43 @@ pub struct Migration {
 
 /// The migrations this binary knows, by old map name. A map whose layout
 /// changes registers its conversion here when it gets its new name.
-pub const MIGRATIONS: &[Migration] = &[super::ct::CT_V1_MIGRATION, super::ct::RNAT_V1_MIGRATION];
+pub const MIGRATIONS: &[Migration] = &[
+    super::ct::CT_V1_MIGRATION,
+    super::ct::RNAT_V1_MIGRATION,
+    NODE_CONFIG_V1_MIGRATION,
+    STATS_V1_MIGRATION,
+];
+
+/// `node_cfg_v1` (56-byte `NodeConfig`): the agent writes `node_cfg_v2`
+/// from its own state before attaching, so nothing is carried over; the
+/// old pin goes once the new programs run.
+const NODE_CONFIG_V1_MIGRATION: Migration = Migration {
+    from: dataplane_common::map_names::previous::NODE_CONFIG_V1,
+    layout: Layout {
+        kind: MapType::Array,
+        key_size: 4,
+        value_size: 56,
+        max_entries: 1,
+    },
+    into: &[],
+    convert: |_, _| Vec::new(),
+};
+
+/// `stats_v1` (64 counters per CPU). An array's slots always exist, so
+/// they cannot be copied without overwriting the new programs' counts:
+/// the counters restart from zero at this upgrade (a Prometheus counter
+/// reset), and the old pin goes once the new programs run.
+const STATS_V1_MIGRATION: Migration = Migration {
+    from: dataplane_common::map_names::previous::STATS_V1,
+    layout: Layout {
+        kind: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: 16,
+        max_entries: 64,
+    },
+    into: &[],
+    convert: |_, _| Vec::new(),
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

@@ -1,6 +1,6 @@
 //! The data path's figures, read from the pinned maps at every scrape (a
 //! collector, not a copy kept up to date): packets and bytes per outcome
-//! and drops by reason (`stats_v1`), new flows and rejections per Service
+//! and drops by reason (`stats_v2`), new flows and rejections per Service
 //! frontend (`svc_stats_v1`), and how full each map is (entries against
 //! `max_entries`, conntrack among them).
 
