@@ -65,6 +65,15 @@ pub mod map_names {
     /// destination, protocol, IP ID) -> its ports, so that the later
     /// fragments, which carry none, follow the same flow.
     pub const FRAGS: &str = "frags_v1";
+    /// LRU: (socket cookie, backend address, port) -> the ClusterIP and
+    /// port the node's own socket asked for: `sock_recvmsg4` and
+    /// `sock_getpeername4` show the ClusterIP again.
+    pub const SOCK_RNAT: &str = "sock_rnat_v1";
+    /// LRU: (socket cookie, ClusterIP, port) -> the backend an
+    /// unconnected UDP socket of the node sends that ClusterIP's
+    /// datagrams to, so that they keep to one backend as a tracked flow
+    /// does.
+    pub const SOCK_FWD: &str = "sock_fwd_v1";
 
     /// Maps of earlier releases that a starting agent migrates and then
     /// removes (never created by this one).
@@ -102,6 +111,8 @@ pub mod map_names {
         ENDPOINTS,
         POD_PORTS,
         FRAGS,
+        SOCK_RNAT,
+        SOCK_FWD,
     ];
 }
 
@@ -110,9 +121,38 @@ pub mod prog_names {
     pub const FROM_POD: &str = "from_pod";
     pub const FROM_UNDERLAY: &str = "from_underlay";
     pub const DECAP_XDP: &str = "decap_xdp";
+    /// TC egress of the host overlay device (`--host-device`): the node's
+    /// own packets to other nodes' pod subnets.
+    pub const FROM_HOST: &str = "from_host";
+    /// cgroup connect4: the node's own connections to ClusterIPs, balanced
+    /// at the socket.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup sendmsg4: UDP datagrams to a ClusterIP (unconnected sockets).
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup recvmsg4: a UDP reply's source shown as the ClusterIP.
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup getpeername4: a connected socket's peer shown as the ClusterIP.
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+
+    /// The cgroup sock_addr programs (attached to `--cgroup-path`).
+    pub const SOCK: &[&str] = &[
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_GETPEERNAME4,
+    ];
 
     /// Every program in the object, exactly (checked against it by a test).
-    pub const ALL: &[&str] = &[FROM_POD, FROM_UNDERLAY, DECAP_XDP];
+    pub const ALL: &[&str] = &[
+        FROM_POD,
+        FROM_UNDERLAY,
+        DECAP_XDP,
+        FROM_HOST,
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_GETPEERNAME4,
+    ];
 }
 
 pub const PEERS_MAX: u32 = 16_384;
@@ -123,6 +163,9 @@ pub const BACKENDS_MAX: u32 = 262_144;
 /// default TCP table. See the README for the memory it takes.
 pub const CT_MAX: u32 = 524_288;
 pub const AFFINITY_MAX: u32 = 65_536;
+/// Sockets of the node's own processes with a ClusterIP translated at
+/// the socket (`sock_rnat_v1`, `sock_fwd_v1`; LRU).
+pub const SOCK_LB_MAX: u32 = 65_536;
 /// Datagrams in flight in fragments, to or from ClusterIPs. An entry is
 /// needed only between a datagram's first and last fragment.
 pub const FRAGS_MAX: u32 = 8_192;
@@ -278,6 +321,41 @@ pub struct FragEntry {
     pub dport: [u8; 2],
 }
 
+/// Key of [`map_names::SOCK_RNAT`]: a socket of the node's own and the
+/// backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRnatKey {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    pub backend_ip: [u8; 4],
+    /// Network byte order.
+    pub backend_port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`map_names::SOCK_RNAT`]: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRnatEntry {
+    pub vip: [u8; 4],
+    /// Network byte order.
+    pub vport: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Key of [`map_names::SOCK_FWD`] (value: [`Backend`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockFwdKey {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    pub vip: [u8; 4],
+    /// Network byte order.
+    pub vport: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
 /// Key of [`map_names::AFFINITY`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -380,6 +458,18 @@ pub struct NodeConfig {
     /// source of frames delivered straight into a pod.
     pub bridge_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The host overlay device (`--host-device`, a dummy the cluster
+    /// network is routed through): `from_host` runs on its egress, and
+    /// packets decapsulated for the gateway address enter the host stack
+    /// through its ingress. 0: none (delivered as they arrive).
+    pub host_ifindex: u32,
+    /// Its MAC, written as the destination of frames redirected into it.
+    pub host_mac: [u8; 6],
+    pub _pad2: [u8; 6],
+    /// The agent's network namespace cookie (`SO_NETNS_COOKIE`): the
+    /// cgroup socket programs, attached to a cgroup every namespace's
+    /// processes may be in, leave every other namespace's sockets alone.
+    pub netns_cookie: u64,
 }
 
 /// Defines [`Stat`], [`Stat::ALL`], [`Stat::name`] and [`Stat::meaning`]
@@ -555,6 +645,23 @@ stats! {
     /// 8th, ... time on each CPU, never once per packet.
     MapFull = 61, "map_full",
         "an entry the data path had to store (a learnt endpoint, a frontend's counters) was refused: its map is full";
+    /// Counted per socket call (bytes 0), not per packet: the packets then
+    /// go to the backend untranslated.
+    SockLb = 62, "sock_lb",
+        "connect or UDP sendmsg of a node's own socket to a ClusterIP, sent to a backend at the socket";
+    /// connect / sendmsg fail with ECONNREFUSED.
+    SockRejectNoBackend = 63, "sock_reject_no_backend",
+        "connect or UDP sendmsg of a node's own socket to a Service with no usable backend, refused (ECONNREFUSED)";
+    /// As the data path drops it: a ClusterIP is never sent untranslated.
+    SockRejectUndefinedPort = 64, "sock_reject_undefined_port",
+        "connect or UDP sendmsg of a node's own socket to a ClusterIP on a port or protocol the Service does not define, refused (ECONNREFUSED)";
+    /// Only the reverse mapping is lost: the datagram still goes to
+    /// its backend, but a UDP reply then shows the backend's address.
+    SockMapFull = 65, "sock_map_full",
+        "a node's own socket to a ClusterIP whose reverse mapping (sock_rnat_v1) could not be stored";
+    /// Its TTL is kept: the node is the sender, not a router.
+    HostEncapsulated = 66, "host_encapsulated",
+        "packet of the node itself (host network) to another node's pod subnet, VXLAN-encapsulated (from_host)";
 }
 
 impl Stat {
@@ -606,7 +713,11 @@ pub const XDP_META_TO_HOST: u32 = 0xdec0_0002;
 const _: () = assert!(size_of::<PeerInfo>() == 12);
 const _: () = assert!(size_of::<PeerIpKey>() == 4);
 const _: () = assert!(size_of::<PeerIpInfo>() == 4);
-const _: () = assert!(size_of::<NodeConfig>() == 56);
+const _: () = assert!(size_of::<NodeConfig>() == 80);
+const _: () = assert!(core::mem::offset_of!(NodeConfig, netns_cookie) % 8 == 0);
+const _: () = assert!(size_of::<SockRnatKey>() == 16);
+const _: () = assert!(size_of::<SockRnatEntry>() == 8);
+const _: () = assert!(size_of::<SockFwdKey>() == 16);
 const _: () = assert!(size_of::<Counter>() == 16);
 const _: () = assert!(size_of::<SvcKey>() == 8);
 const _: () = assert!(size_of::<SvcInfo>() == 16);
@@ -651,6 +762,9 @@ mod pod {
     unsafe impl aya::Pod for super::LiveInfo {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragEntry {}
+    unsafe impl aya::Pod for super::SockRnatKey {}
+    unsafe impl aya::Pod for super::SockRnatEntry {}
+    unsafe impl aya::Pod for super::SockFwdKey {}
 }
 
 /// Local pods the decapsulation path may deliver to directly, bypassing the

@@ -15,7 +15,7 @@ use network_types::eth::EthHdr;
 use crate::{
     ecn,
     forward::{redirect_to_bridge, redirect_to_pod},
-    lb,
+    hostnet, lb,
     parse::ptr_at,
     stats::count,
     ttl,
@@ -45,7 +45,8 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
                 Err(action) => action,
             };
         }
-        Some(XDP_META_TO_HOST) => return TC_ACT_OK,
+        // Counted by decap_xdp as pass_to_host.
+        Some(XDP_META_TO_HOST) => return hostnet::to_host(ctx, cfg),
         _ => {}
     }
     if !is_vxlan_candidate(ctx.data(), ctx.data_end(), cfg) {
@@ -95,10 +96,10 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
             deliver_to_pod(ctx, cfg, dst)
         }
         Dest::Host => {
-            // The outer Ethernet header is addressed to this interface, so
-            // the stack takes the inner packet as its own.
+            // The node's own traffic's replies (and anything else a pod
+            // or node sends the gateway address).
             count(Stat::PassToHost, len);
-            TC_ACT_OK
+            hostnet::to_host(ctx, cfg)
         }
     }
 }

@@ -53,6 +53,20 @@ pub enum Hop {
     Forwarded,
     /// A packet this node itself sends (an ICMP error).
     Originated,
+    /// A packet of the node's own processes (`from_host`): its TTL is
+    /// kept, and it may be a GSO packet, so it is marked as tunnelled.
+    Host,
+}
+
+impl Hop {
+    /// The outcome of a packet encapsulated and sent on its way.
+    #[inline(always)]
+    fn stat(self) -> Stat {
+        match self {
+            Hop::Host => Stat::HostEncapsulated,
+            Hop::Forwarded | Hop::Originated => Stat::Encapsulated,
+        }
+    }
 }
 
 /// Encapsulates an IPv4 packet whose destination is a pod subnet of
@@ -89,7 +103,7 @@ pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8, h
     // (see `forward::redirect_to_pod`) and refuses the ENCAP flags on it
     // (-EALREADY). It is small and not GSO, so it needs none of them.
     let flags = match hop {
-        Hop::Forwarded => ENCAP_FLAGS,
+        Hop::Forwarded | Hop::Host => ENCAP_FLAGS,
         Hop::Originated => 0,
     };
     if let Err(e) = ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags) {
@@ -149,7 +163,7 @@ pub fn encap_to_peer(ctx: &TcContext, cfg: &NodeConfig, dst: [u8; 4], tos: u8, h
 
     match redirect_to_underlay(ctx, cfg.public_ip, peer_ip, cfg.underlay_ifindex) {
         Ok(action) => {
-            count(Stat::Encapsulated, new_len);
+            count(hop.stat(), new_len);
             action
         }
         Err(rc) => {

@@ -21,7 +21,8 @@
 //! reach the flow state through `track`.
 
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT, helpers::generated::bpf_get_prandom_u32, programs::TcContext,
+    EbpfContext, bindings::TC_ACT_SHOT, helpers::generated::bpf_get_prandom_u32,
+    programs::TcContext,
 };
 use dataplane_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, HAIRPIN_SNAT_IP, LiveKey,
@@ -249,7 +250,7 @@ fn new_flow(
     if svc.count == 0 {
         return Err(reject(ctx, flow, key, Stat::SvcRejectNoBackend));
     }
-    let Some(backend) = pick_backend(ctx, flow, svc, now) else {
+    let Some(backend) = pick_backend(ctx, svc, flow.saddr, now) else {
         log_event!(ctx, "svc {}: backend slot missing", svc.id);
         return Err(reject(ctx, flow, key, Stat::SvcRejectNoBackend));
     };
@@ -291,8 +292,9 @@ fn new_flow(
     Ok(entry)
 }
 
+/// Whether `backend` still serves the service (frontend) `svc_id`.
 #[inline(always)]
-fn is_live(svc_id: u32, backend: &Backend) -> bool {
+pub fn is_live(svc_id: u32, backend: &Backend) -> bool {
     // SAFETY: existence check only.
     unsafe {
         LIVE.get(LiveKey {
@@ -303,11 +305,21 @@ fn is_live(svc_id: u32, backend: &Backend) -> bool {
     .is_some()
 }
 
+/// The backend for a new connection of `client` to `svc` (which has
+/// `count > 0` slots): the client's affinity entry while it is fresh and
+/// its backend live, else a slot at random (then remembered for affinity).
+/// The one backend choice, shared by the packet path and the socket LB
+/// (`sock.rs`). `None`: the slot is missing (a write in progress).
 #[inline(always)]
-fn pick_backend(ctx: &TcContext, flow: &Flow, svc: &SvcInfo, now: u64) -> Option<Backend> {
+pub fn pick_backend<C: EbpfContext>(
+    ctx: &C,
+    svc: &SvcInfo,
+    client: [u8; 4],
+    now: u64,
+) -> Option<Backend> {
     let aff_key = AffinityKey {
         svc_id: svc.id,
-        client: flow.saddr,
+        client,
     };
     if svc.flags & SVC_F_AFFINITY != 0 {
         // SAFETY: plain data, copied out.
@@ -338,7 +350,7 @@ fn pick_backend(ctx: &TcContext, flow: &Flow, svc: &SvcInfo, now: u64) -> Option
 }
 
 #[inline(always)]
-fn remember_affinity(ctx: &TcContext, key: &AffinityKey, backend: Backend, now: u64) {
+fn remember_affinity<C: EbpfContext>(ctx: &C, key: &AffinityKey, backend: Backend, now: u64) {
     if AFFINITY
         .insert(
             key,

@@ -18,6 +18,7 @@ mod encap;
 mod endpoints;
 mod forward;
 mod frag;
+mod hostnet;
 mod icmp;
 mod l4;
 mod lb;
@@ -25,6 +26,7 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sock;
 mod stats;
 mod track;
 mod ttl;
@@ -32,15 +34,15 @@ mod vxlan;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use dataplane_common::{NODE_CFG_READY, NodeConfig, Stat};
 
 use crate::{endpoints::Port, lb::Verdict, maps::NODE_CONFIG, parse::in_prefix, stats::count};
 
 #[inline(always)]
-fn node_config() -> Option<&'static NodeConfig> {
+pub(crate) fn node_config() -> Option<&'static NodeConfig> {
     NODE_CONFIG.get(0).filter(|c| c.flags & NODE_CFG_READY != 0)
 }
 
@@ -120,6 +122,42 @@ pub fn decap_xdp(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     decap::xdp_decap(&ctx, cfg)
+}
+
+/// TC egress of the host overlay device (`--host-device`): the node's own
+/// packets to other nodes' pod subnets.
+#[classifier]
+pub fn from_host(ctx: TcContext) -> i32 {
+    let Some(cfg) = node_config() else {
+        event::config_missing(&ctx, "from_host");
+        return TC_ACT_OK;
+    };
+    hostnet::from_host(&ctx, cfg)
+}
+
+/// cgroup connect4: the node's own connections to a ClusterIP go to a
+/// backend from the start.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::to_service(&ctx, sock::Call::Connect)
+}
+
+/// cgroup sendmsg4: UDP datagrams to a ClusterIP (unconnected sockets).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_service(&ctx, sock::Call::Sendmsg)
+}
+
+/// cgroup recvmsg4: a reply's source shown as the ClusterIP it was sent to.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::from_service(&ctx)
+}
+
+/// cgroup getpeername4: a connected socket's peer shown as the ClusterIP.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::from_service(&ctx)
 }
 
 #[cfg(not(test))]

@@ -14,8 +14,8 @@ use dataplane_common::{
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
     CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, FRAGS_MAX, FragEntry, FragKey,
     LiveInfo, LiveKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PeerInfo, PeerIpInfo,
-    PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo,
-    SvcKey, VipInfo, VipKey,
+    PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, SOCK_LB_MAX, STATS_LEN,
+    SockFwdKey, SockRnatEntry, SockRnatKey, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
     ct::{CT_GC_LEN, CtTimeouts},
 };
 
@@ -113,3 +113,16 @@ pub static POD_PORTS: HashMap<PodPortKey, PodPortInfo, { POD_PORTS_MAX as usize 
 /// datagram is in flight.
 #[btf_map(name = "frags_v1")]
 pub static FRAGS: LruHashMap<FragKey, FragEntry, { FRAGS_MAX as usize }> = LruHashMap::new();
+
+/// The node's own sockets sent to a backend at connect / sendmsg (see
+/// `sock.rs`): (socket cookie, backend) -> the ClusterIP and port asked
+/// for, read back at recvmsg and getpeername. An LRU: a closed socket's
+/// entries are simply evicted.
+#[btf_map(name = "sock_rnat_v1")]
+pub static SOCK_RNAT: LruHashMap<SockRnatKey, SockRnatEntry, { SOCK_LB_MAX as usize }> =
+    LruHashMap::new();
+
+/// (socket cookie, ClusterIP, port) -> the backend an unconnected UDP
+/// socket of the node sends to, so its datagrams keep to one backend.
+#[btf_map(name = "sock_fwd_v1")]
+pub static SOCK_FWD: LruHashMap<SockFwdKey, Backend, { SOCK_LB_MAX as usize }> = LruHashMap::new();

@@ -80,6 +80,9 @@ enum Cmd {
         /// Where the agent wrote its CNI conflist.
         #[arg(long, default_value = "/etc/cni/net.d")]
         cni_conf_dir: PathBuf,
+        /// The host overlay device the agent made (removed with its route).
+        #[arg(long, default_value = dataplane::agent::hostnet::DEFAULT_DEVICE)]
+        host_device: String,
     },
     /// This node's view: lease, etcd, peers, Services, conntrack, drops,
     /// attached programs. Works while the agent is down (and says so).
@@ -360,6 +363,16 @@ struct AgentArgs {
     ct_sweep_interval_secs: u64,
     #[command(flatten)]
     ct_timeouts: CtTimeoutArgs,
+    /// The host overlay device: a dummy the agent creates, through which
+    /// the cluster network is routed from the node's gateway address, so
+    /// the node's own traffic to other nodes' pods is encapsulated (at
+    /// most 15 bytes).
+    #[arg(long, default_value = dataplane::agent::hostnet::DEFAULT_DEVICE)]
+    host_device: String,
+    /// The cgroup v2 directory the socket programs (ClusterIPs for the
+    /// node's own processes) attach to, as multi-attach links.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_path: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -412,6 +425,8 @@ fn main() -> anyhow::Result<()> {
                     },
                     metrics_address: a.metrics_address,
                     ct,
+                    host_device: a.host_device,
+                    cgroup_path: a.cgroup_path,
                 })
                 .await
             }
@@ -424,7 +439,8 @@ fn main() -> anyhow::Result<()> {
                 pin_path,
                 bridge,
                 cni_conf_dir,
-            } => uninstall_cmd(&pin_path, &bridge, &cni_conf_dir).await,
+                host_device,
+            } => uninstall_cmd(&pin_path, &bridge, &cni_conf_dir, &host_device).await,
             Cmd::Status { pin_path, output } => {
                 use dataplane::status::{NodeStatus, render};
                 let now = std::time::SystemTime::now();
@@ -746,6 +762,7 @@ async fn uninstall_cmd(
     pin_path: &std::path::Path,
     bridge: &str,
     cni_conf_dir: &std::path::Path,
+    host_device: &str,
 ) -> anyhow::Result<()> {
     let removed = dataplane::bpf::uninstall(pin_path)?;
     println!(
@@ -772,6 +789,18 @@ async fn uninstall_cmd(
             l.kind.as_deref().unwrap_or("unknown")
         ),
         None => println!("no bridge {bridge}"),
+    }
+    // Its route goes with it.
+    match nl.link_by_name(host_device).await? {
+        Some(l) if dataplane::netlink::is_host_device_kind(l.kind.as_deref()) => {
+            nl.delete_link(l.ifindex).await?;
+            println!("deleted the host device {host_device}");
+        }
+        Some(l) => bail!(
+            "{host_device} is a {} device, not a dummy or ifb; left alone",
+            l.kind.as_deref().unwrap_or("unknown")
+        ),
+        None => println!("no host device {host_device}"),
     }
     let conflist = cni_conf_dir.join(dataplane::agent::cni::CONFLIST_NAME);
     match std::fs::remove_file(&conflist) {

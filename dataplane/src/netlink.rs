@@ -22,13 +22,14 @@ use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    Handle, LinkBridge, LinkUnspec, MulticastGroup, RouteMessageBuilder,
+    Handle, LinkBridge, LinkDummy, LinkMessageBuilder, LinkUnspec, MulticastGroup,
+    RouteMessageBuilder,
     packet_core::NetlinkPayload,
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
         address::{AddressAttribute, AddressMessage},
-        link::{LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage},
-        route::{RouteAttribute, RouteHeader, RouteMessage, RouteType},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage},
+        route::{RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType},
     },
 };
 use tokio::sync::mpsc;
@@ -296,6 +297,87 @@ impl Netlink {
         })
     }
 
+    /// The host device `name` (created if missing): a dummy, or where the
+    /// kernel has no dummy driver (`CONFIG_DUMMY` off: EOPNOTSUPP) an ifb,
+    /// which behaves alike for this use (Ethernet, no ARP, drops what it
+    /// is given to send); with this MTU and MAC, up. A link of that name of
+    /// another kind is an error.
+    pub async fn ensure_host_device(&self, name: &str, mtu: u32, mac: [u8; 6]) -> Result<LinkInfo> {
+        validate_ifname(name)?;
+        let link = match self.link_by_name(name).await? {
+            Some(link) => link,
+            None => {
+                let mut kind = "dummy";
+                let mut created = self
+                    .handle
+                    .link()
+                    .add(LinkDummy::new(name).mtu(mtu).address(mac.to_vec()).build())
+                    .execute()
+                    .await;
+                if matches!(&created, Err(e) if errno(e) == Some(libc::EOPNOTSUPP)) {
+                    kind = "ifb";
+                    let msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Ifb)
+                        .name(name.to_owned())
+                        .mtu(mtu)
+                        .address(mac.to_vec())
+                        .build();
+                    created = self.handle.link().add(msg).execute().await;
+                }
+                match created {
+                    Ok(()) => log::info!("created {kind} device {name}"),
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(e).with_context(|| format!("creating {kind} {name}")),
+                }
+                self.link_by_name(name)
+                    .await?
+                    .with_context(|| format!("{name} vanished right after its creation"))?
+            }
+        };
+        if !is_host_device_kind(link.kind.as_deref()) {
+            bail!(
+                "{name} exists but is a {} link, not a dummy or ifb",
+                link.kind.as_deref().unwrap_or("physical/untyped")
+            );
+        }
+        let ifindex = link.ifindex;
+        if link.mtu != mtu {
+            self.handle
+                .link()
+                .change(LinkUnspec::new_with_index(ifindex).mtu(mtu).build())
+                .execute()
+                .await
+                .with_context(|| format!("setting MTU {mtu} on {name}"))?;
+        }
+        if link.mac != mac {
+            self.set_link_mac(ifindex, mac).await?;
+        }
+        if !link.up {
+            self.set_link_up(ifindex)
+                .await
+                .with_context(|| format!("bringing {name} up"))?;
+        }
+        self.link_by_index(ifindex)
+            .await?
+            .with_context(|| format!("{name} (ifindex {ifindex}) vanished while being configured"))
+    }
+
+    /// `ip route replace DST dev IFINDEX src SRC` (scope link, main table).
+    pub async fn replace_route(&self, dst: Ipv4Net, ifindex: u32, src: Ipv4Addr) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(ifindex)
+            .pref_source(src)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("routing {dst} through ifindex {ifindex} from {src}"))
+    }
+
     /// Ports enslaved to the bridge (links whose master is bridge_ifindex).
     pub async fn bridge_ports(&self, bridge_ifindex: u32) -> Result<Vec<LinkInfo>> {
         let links = self
@@ -340,6 +422,12 @@ impl Netlink {
             .await
             .with_context(|| format!("setting the MAC of link {ifindex}"))
     }
+}
+
+/// Whether a link of this kind can be the host device (and `dataplane
+/// uninstall` may delete it).
+pub fn is_host_device_kind(kind: Option<&str>) -> bool {
+    matches!(kind, Some("dummy" | "ifb"))
 }
 
 /// Subscribes to RTNLGRP_LINK (new/del link) notifications on a separate

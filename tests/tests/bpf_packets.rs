@@ -121,7 +121,7 @@ fn setup_opts(bpf_log: bool, ct_max: Option<u32>) -> Env {
         vtep_mac: OUR_VTEP,
         underlay_mac: ul_mac,
         bridge_mac: CNI0_MAC,
-        _pad: [0; 2],
+        ..Default::default()
     };
     let mut rec = Reconciler::new();
     rec.set_node(dp.maps(), &cfg).unwrap();

@@ -23,6 +23,7 @@
 
 pub mod cni;
 pub mod forwarding;
+pub mod hostnet;
 pub(crate) mod instance;
 mod node;
 mod service_guard;
@@ -79,6 +80,11 @@ pub struct AgentConfig {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// ClusterIP conntrack: table size, timeouts, sweeps.
     pub ct: CtOptions,
+    /// The host overlay device (`--host-device`).
+    pub host_device: String,
+    /// The cgroup v2 directory the socket programs attach to
+    /// (`--cgroup-path`).
+    pub cgroup_path: PathBuf,
 }
 
 /// `--ct-*`: the conntrack table's size and timeouts, and how often the
@@ -174,6 +180,10 @@ struct Agent {
     attrs: LeaseAttrs,
     underlay: LinkInfo,
     bridge: LinkInfo,
+    /// The host overlay device (`--host-device`).
+    host: LinkInfo,
+    /// This agent's network namespace cookie.
+    netns_cookie: u64,
     mtu: u32,
     subnet: Ipv4Net,
     subnet_env: node::SubnetEnvFile,
@@ -305,6 +315,9 @@ impl Agent {
             underlay_mac: self.underlay.mac,
             bridge_ifindex: self.bridge.ifindex,
             bridge_mac: self.bridge.mac,
+            host_ifindex: self.host.ifindex,
+            host_mac: self.host.mac,
+            netns_cookie: self.netns_cookie,
             bpf_log: self.cfg.bpf_log,
         }
     }
@@ -469,6 +482,25 @@ impl Agent {
         match bridge {
             Ok(b) => self.bridge = b,
             Err(e) => return self.failed(e.context("plumbing the pod bridge")),
+        }
+        let host = hostnet::plumb(
+            &self.nl,
+            &self.cfg.host_device,
+            self.subnet,
+            self.net.network,
+            self.mtu,
+        )
+        .await;
+        match host {
+            Ok(h) if h.ifindex == self.host.ifindex => self.host = h,
+            Ok(h) => {
+                // Recreated by someone: the program goes onto the new one.
+                if let Err(e) = self.dp.attach_host(&h.name, h.ifindex) {
+                    return self.failed(e.into());
+                }
+                self.host = h;
+            }
+            Err(e) => return self.failed(e),
         }
         let cfg = desired::node_config(&self.node_facts());
         if let Err(e) = self.rec.set_node(self.dp.maps(), &cfg) {

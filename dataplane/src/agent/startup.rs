@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 use anyhow::Context as _;
 
-use super::{Agent, AgentConfig, Events, Retry, cni, node};
+use super::{Agent, AgentConfig, Events, Retry, cni, hostnet, node};
 use crate::{
     bpf::{Dataplane, LoadOptions, MapOp},
     cni::server::AgentSocket,
@@ -214,6 +214,8 @@ pub(super) async fn start(
         tokio::spawn(log.forward());
     }
     let bridge = node::plumb_bridge(&nl, &cfg.bridge, lease.subnet, net.network, mtu).await?;
+    let host = hostnet::plumb(&nl, &cfg.host_device, lease.subnet, net.network, mtu).await?;
+    let netns_cookie = hostnet::netns_cookie()?;
     let pod_device = cni::resolve_pod_device(cfg.cni.pod_device).await;
     let mut agent = Agent {
         cni: cni::Registrations::new(&cfg.cni.state_dir),
@@ -233,6 +235,8 @@ pub(super) async fn start(
         mtu,
         underlay,
         bridge,
+        host,
+        netns_cookie,
         table: PeerTable::default(),
         own_subnet: watch::channel(lease.subnet).0,
         store: ServiceStore::new(),
@@ -299,6 +303,15 @@ pub(super) async fn start(
     agent
         .dp
         .attach_underlay(&agent.underlay.name, agent.decap)?;
+    // The node's own traffic: from_host on the host device, the socket
+    // programs on the cgroup (the node config with this namespace's
+    // cookie is written).
+    agent.dp.attach_host(&agent.host.name, agent.host.ifindex)?;
+    let cgroup = hostnet::cgroup_dir(&agent.cfg.cgroup_path)?;
+    agent
+        .dp
+        .attach_sock(&cgroup)
+        .with_context(|| format!("--cgroup-path {}", cgroup.display()))?;
     // Subscribe before the first listing so no new pod falls in between.
     let links = Some(netlink::link_events()?);
     // CNI pods of an earlier run first: pruning must know them.

@@ -27,7 +27,8 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
@@ -103,14 +104,20 @@ pub enum LinkRole {
     PodPort,
     /// `from_pod` on a CNI pod's host-side device (tcx ingress).
     CniPod,
+    /// `from_host` on the host overlay device (tcx egress).
+    HostTc,
+    /// One of the cgroup socket programs ([`prog_names::SOCK`]) on
+    /// `--cgroup-path`; one link each, pinned under the program's name.
+    Sock(&'static str),
 }
 
 impl LinkRole {
-    const ALL: [LinkRole; 4] = [
+    const ALL: [LinkRole; 5] = [
         LinkRole::UnderlayTc,
         LinkRole::UnderlayXdp,
         LinkRole::PodPort,
         LinkRole::CniPod,
+        LinkRole::HostTc,
     ];
 
     fn prefix(self) -> &'static str {
@@ -119,6 +126,8 @@ impl LinkRole {
             LinkRole::UnderlayXdp => "underlay_xdp",
             LinkRole::PodPort => "pod_port",
             LinkRole::CniPod => "cni_pod",
+            LinkRole::HostTc => "host_tc",
+            LinkRole::Sock(name) => name,
         }
     }
 
@@ -127,16 +136,36 @@ impl LinkRole {
             LinkRole::UnderlayTc => prog_names::FROM_UNDERLAY,
             LinkRole::UnderlayXdp => prog_names::DECAP_XDP,
             LinkRole::PodPort | LinkRole::CniPod => prog_names::FROM_POD,
+            LinkRole::HostTc => prog_names::FROM_HOST,
+            LinkRole::Sock(name) => name,
         }
     }
 
-    /// `<role>_<ifindex>`, e.g. `pod_port_12`.
-    pub fn pin_name(self, ifindex: u32) -> String {
-        format!("{}_{ifindex}", self.prefix())
+    /// The hook, as `dataplane status` prints it.
+    pub(super) fn hook(self) -> &'static str {
+        match self {
+            LinkRole::UnderlayXdp => "xdp",
+            LinkRole::HostTc => "tcx egress",
+            LinkRole::Sock(_) => "cgroup",
+            _ => "tcx ingress",
+        }
     }
 
-    /// The role and ifindex a pin's name stands for.
+    /// `<role>_<ifindex>`, e.g. `pod_port_12`; a socket program's link
+    /// (no device) is pinned under the program's name.
+    pub fn pin_name(self, ifindex: u32) -> String {
+        match self {
+            LinkRole::Sock(name) => name.to_owned(),
+            _ => format!("{}_{ifindex}", self.prefix()),
+        }
+    }
+
+    /// The role and ifindex a pin's name stands for (0 for a socket
+    /// program's).
     pub fn parse(name: &str) -> Option<(LinkRole, u32)> {
+        if let Some(p) = prog_names::SOCK.iter().find(|p| **p == name) {
+            return Some((LinkRole::Sock(p), 0));
+        }
         LinkRole::ALL.into_iter().find_map(|r| {
             let idx = name.strip_prefix(r.prefix())?.strip_prefix('_')?;
             Some((r, idx.parse().ok()?))
@@ -176,6 +205,10 @@ pub(super) struct Attachments {
     /// CNI pods' host-side devices, by ifindex (with the name attached to).
     cni_links: HashMap<u32, (String, Held)>,
     underlay: Option<Underlay>,
+    /// `from_host` on the host overlay device.
+    host: Option<Held>,
+    /// The cgroup socket programs.
+    sock: Vec<Held>,
 }
 
 struct Underlay {
@@ -256,6 +289,21 @@ impl LinkProgram for SchedClassifier {
     fn replace(&mut self, link: Self::Link) -> Result<Self::Link, ProgramError> {
         let id = self.attach_to_link(link)?;
         self.take_link(id)
+    }
+}
+
+/// `from_host` is attached to the egress of its device.
+struct Egress<'a>(&'a mut SchedClassifier);
+
+impl LinkProgram for Egress<'_> {
+    type Link = SchedClassifierLink;
+    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError> {
+        let id = self.0.attach(iface, TcAttachType::Egress)?;
+        self.0.take_link(id)
+    }
+    fn replace(&mut self, link: Self::Link) -> Result<Self::Link, ProgramError> {
+        let id = self.0.attach_to_link(link)?;
+        self.0.take_link(id)
     }
 }
 
@@ -526,5 +574,98 @@ impl Attachments {
                 prog_names::FROM_POD
             );
         }
+    }
+    /// Attaches `from_host` to the egress of the host overlay device.
+    pub(super) fn attach_host(
+        &mut self,
+        ebpf: &mut Ebpf,
+        iface: &str,
+        ifindex: u32,
+    ) -> Result<(), AttachError> {
+        if let Some(old) = self.host.take() {
+            // The same device: keep the pin for `attach` to adopt.
+            drop(old.link);
+        }
+        let prog = classifier(ebpf, prog_names::FROM_HOST)?;
+        let held = self.attach(&mut Egress(prog), LinkRole::HostTc, iface, ifindex)?;
+        info!("attached {} to {iface} (egress)", prog_names::FROM_HOST);
+        self.host = Some(held);
+        Ok(())
+    }
+
+    /// Attaches the cgroup socket programs to the cgroup v2 directory
+    /// `cgroup`, as multi-attach links (other agents' and tools' programs
+    /// there stay). An earlier run's link is replaced without a gap: the
+    /// new link is attached and pinned beside it, then renamed over its
+    /// pin, which detaches it (meanwhile both run, which is harmless: the
+    /// second sees a backend, or a ClusterIP it has no entry for).
+    pub(super) fn attach_sock(
+        &mut self,
+        ebpf: &mut Ebpf,
+        cgroup: &Path,
+    ) -> Result<(), AttachError> {
+        let cg = fs::File::open(cgroup).map_err(|source| AttachError::Io {
+            what: "opening the cgroup",
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let iface = cgroup.display().to_string();
+        // Pins of this run's earlier links are replaced below.
+        self.sock.clear();
+        for name in prog_names::SOCK {
+            let role = LinkRole::Sock(name);
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(AttachError::Missing(name))?
+                .try_into()
+                .map_err(|source| AttachError::Program {
+                    program: name,
+                    source,
+                })?;
+            let attach_err = |source| AttachError::Attach {
+                program: name,
+                iface: iface.clone(),
+                source,
+            };
+            // A cgroup bpf_link always attaches with multi-attach
+            // semantics (BPF_F_ALLOW_MULTI) and takes no flags: the
+            // kernel refuses any (EINVAL), so the mode passed is the
+            // zero one.
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            let link: FdLink = link.try_into().map_err(|source| AttachError::NotPinnable {
+                program: name,
+                iface: iface.clone(),
+                source,
+            })?;
+            let Some(dir) = &self.links_dir else {
+                self.sock.push(Held { link, pin: None });
+                continue;
+            };
+            let pin = dir.join(role.pin_name(0));
+            self.found.remove(&role.pin_name(0));
+            // bpffs refuses names with a dot.
+            let tmp = dir.join(format!("{}_new", role.pin_name(0)));
+            let _ = fs::remove_file(&tmp);
+            let pinned = link.pin(&tmp).map_err(|source| AttachError::Pin {
+                program: name,
+                iface: iface.clone(),
+                path: tmp.clone(),
+                source,
+            })?;
+            fs::rename(&tmp, &pin).map_err(|source| AttachError::Io {
+                what: "renaming the link pin",
+                path: tmp.clone(),
+                source,
+            })?;
+            self.sock.push(Held {
+                link: pinned.into(),
+                pin: Some(pin),
+            });
+        }
+        info!("attached the socket programs to the cgroup {iface}");
+        Ok(())
     }
 }

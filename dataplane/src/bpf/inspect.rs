@@ -190,8 +190,7 @@ pub fn pinned_programs(pin_path: &Path) -> Result<Vec<PinnedProgram>, MapError> 
         let (hook, program_id) = match link.info() {
             Ok(info) => {
                 let hook = match info.link_type() {
-                    Ok(LinkType::Tcx) => "tcx ingress".to_owned(),
-                    Ok(LinkType::Xdp) => "xdp".to_owned(),
+                    Ok(LinkType::Tcx | LinkType::Xdp | LinkType::Cgroup) => role.hook().to_owned(),
                     Ok(other) => format!("{other:?}"),
                     Err(e) => e.to_string(),
                 };

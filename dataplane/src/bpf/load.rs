@@ -7,7 +7,7 @@ use std::path::Path;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::MapData,
-    programs::{ProgramError, SchedClassifier, Xdp},
+    programs::{CgroupSockAddr, ProgramError, SchedClassifier, Xdp},
 };
 use dataplane_common::prog_names;
 use log::info;
@@ -159,7 +159,11 @@ pub(super) fn load(opts: &LoadOptions) -> Result<(Ebpf, Maps), LoadError> {
     };
     loader.override_global(aya_log::LEVEL, &level, false);
     let mut ebpf = loader.load(crate::BPF_OBJECT).map_err(LoadError::Object)?;
-    for name in [prog_names::FROM_POD, prog_names::FROM_UNDERLAY] {
+    for name in [
+        prog_names::FROM_POD,
+        prog_names::FROM_UNDERLAY,
+        prog_names::FROM_HOST,
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(LoadError::MissingProgram(name))?
@@ -174,6 +178,14 @@ pub(super) fn load(opts: &LoadOptions) -> Result<(Ebpf, Maps), LoadError> {
         .try_into()
         .map_err(program_error(name))?;
     xdp.load().map_err(program_error(name))?;
+    for name in prog_names::SOCK {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(program_error(name))?;
+        prog.load().map_err(program_error(name))?;
+    }
     let maps = Maps::take(&mut ebpf)?;
     // The object was parsed into `ebpf`; its bytes are not read again.
     crate::compact::drop_resident_pages(crate::BPF_OBJECT);

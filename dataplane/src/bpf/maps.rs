@@ -21,8 +21,9 @@ use dataplane_common::{
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
     CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, FRAGS_MAX, FragEntry, FragKey,
     LiveInfo, LiveKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PROTO_TCP, PeerInfo,
-    PeerIpInfo, PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN,
-    SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
+    PeerIpInfo, PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, SOCK_LB_MAX,
+    STATS_LEN, SockFwdKey, SockRnatEntry, SockRnatKey, SvcCounters, SvcInfo, SvcKey, VipInfo,
+    VipKey,
     ct::{CT_GC_LEN, CtTimeouts},
     map_names,
 };
@@ -154,6 +155,14 @@ pub const LAYOUTS: &[(&str, Layout)] = &[
     (
         map_names::FRAGS,
         Layout::new::<FragKey, FragEntry>(MapType::LruHash, FRAGS_MAX),
+    ),
+    (
+        map_names::SOCK_RNAT,
+        Layout::new::<SockRnatKey, SockRnatEntry>(MapType::LruHash, SOCK_LB_MAX),
+    ),
+    (
+        map_names::SOCK_FWD,
+        Layout::new::<SockFwdKey, Backend>(MapType::LruHash, SOCK_LB_MAX),
     ),
 ];
 

@@ -120,6 +120,18 @@ impl Dataplane {
         self.attached.attach_underlay(&mut self.ebpf, iface, mode)
     }
 
+    /// See [`attach`]: `from_host` on the egress of the host overlay
+    /// device.
+    pub fn attach_host(&mut self, iface: &str, ifindex: u32) -> Result<(), AttachError> {
+        self.attached.attach_host(&mut self.ebpf, iface, ifindex)
+    }
+
+    /// See [`attach`]: the cgroup socket programs on the cgroup v2
+    /// directory `cgroup`.
+    pub fn attach_sock(&mut self, cgroup: &Path) -> Result<(), AttachError> {
+        self.attached.attach_sock(&mut self.ebpf, cgroup)
+    }
+
     /// Makes `from_pod` attached to exactly these pod ports (by name and
     /// ifindex); returns how many were newly attached.
     pub fn sync_pod_ports(&mut self, ports: &[(String, u32)]) -> Result<usize, AttachError> {

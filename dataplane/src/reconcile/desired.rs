@@ -131,6 +131,11 @@ pub struct NodeFacts {
     pub underlay_mac: [u8; 6],
     pub bridge_ifindex: u32,
     pub bridge_mac: [u8; 6],
+    /// The host overlay device (`--host-device`).
+    pub host_ifindex: u32,
+    pub host_mac: [u8; 6],
+    /// The agent's network namespace cookie (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
     /// `--bpf-log`.
     pub bpf_log: bool,
 }
@@ -154,6 +159,10 @@ pub fn node_config(n: &NodeFacts) -> NodeConfig {
         underlay_mac: n.underlay_mac,
         bridge_mac: n.bridge_mac,
         _pad: [0; 2],
+        host_ifindex: n.host_ifindex,
+        host_mac: n.host_mac,
+        _pad2: [0; 6],
+        netns_cookie: n.netns_cookie,
     }
 }
 

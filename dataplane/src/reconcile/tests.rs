@@ -1257,10 +1257,17 @@ fn node_config_carries_the_bpf_log_bit_only_when_asked() {
         underlay_mac: [2, 0, 0, 0, 0, 3],
         bridge_ifindex: 5,
         bridge_mac: [2, 0xdc, 10, 244, 3, 1],
+        host_ifindex: 7,
+        host_mac: [2, 0xdd, 10, 244, 3, 1],
+        netns_cookie: 0x1234_5678_9abc,
         bpf_log: false,
     };
     let c = desired::node_config(&facts);
     assert_eq!(c.flags, NODE_CFG_READY);
+    assert_eq!(
+        (c.host_ifindex, c.host_mac, c.netns_cookie),
+        (7, [2, 0xdd, 10, 244, 3, 1], 0x1234_5678_9abc)
+    );
     assert_eq!(
         (
             c.subnet,
