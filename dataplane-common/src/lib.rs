@@ -13,6 +13,7 @@
 use core::mem::size_of;
 
 pub mod ct;
+pub mod masq;
 
 /// Names of the pinned maps (the file names under `--pin-path`).
 pub mod map_names {
@@ -65,6 +66,15 @@ pub mod map_names {
     /// destination, protocol, IP ID) -> its ports, so that the later
     /// fragments, which carry none, follow the same flow.
     pub const FRAGS: &str = "frags_v1";
+    /// Hash (not LRU, sized by `--ct-max`): a masqueraded flow as the pod
+    /// sent it (pod -> outside) -> the node address and port it leaves
+    /// with, state, last seen ([`crate::masq`]).
+    pub const MASQ: &str = "masq_v1";
+    /// Hash: a masqueraded flow's reply as it arrives (outside -> node
+    /// address and NAT port) -> the pod and port it is for. Used only while
+    /// the forward entry it names is live and points back at it; inserted
+    /// with `BPF_NOEXIST`, which is what allocates the NAT port.
+    pub const MASQ_REV: &str = "masq_rev_v1";
 
     /// Maps of earlier releases that a starting agent migrates and then
     /// removes (never created by this one).
@@ -102,6 +112,8 @@ pub mod map_names {
         ENDPOINTS,
         POD_PORTS,
         FRAGS,
+        MASQ,
+        MASQ_REV,
     ];
 }
 
@@ -110,9 +122,16 @@ pub mod prog_names {
     pub const FROM_POD: &str = "from_pod";
     pub const FROM_UNDERLAY: &str = "from_underlay";
     pub const DECAP_XDP: &str = "decap_xdp";
+    /// TC egress of the underlay: masquerade of pod traffic leaving the
+    /// cluster network (and of Service flows to backends outside it).
+    pub const TO_UNDERLAY: &str = "to_underlay";
+    /// TC egress where the host stack hands packets to pods (`cni0`, CNI
+    /// pods' host-side devices): reverse NAT of Service replies that came
+    /// through the host stack.
+    pub const TO_POD: &str = "to_pod";
 
     /// Every program in the object, exactly (checked against it by a test).
-    pub const ALL: &[&str] = &[FROM_POD, FROM_UNDERLAY, DECAP_XDP];
+    pub const ALL: &[&str] = &[FROM_POD, FROM_UNDERLAY, DECAP_XDP, TO_UNDERLAY, TO_POD];
 }
 
 pub const PEERS_MAX: u32 = 16_384;
@@ -346,6 +365,10 @@ pub const NODE_CFG_READY: u32 = 1 << 0;
 /// `NodeConfig::flags` bit: log rare data-path events through aya-log
 /// (`dataplane agent --bpf-log`). Never set on the fast path's behalf.
 pub const NODE_CFG_BPF_LOG: u32 = 1 << 1;
+/// `NodeConfig::flags` bit: masquerade pod traffic leaving the cluster
+/// network (`dataplane agent --ip-masq`). Service flows to backends
+/// outside the cluster network are masqueraded with or without it.
+pub const NODE_CFG_IP_MASQ: u32 = 1 << 2;
 
 /// The single entry of [`map_names::NODE_CONFIG`]: what the programs need to
 /// know about this node. Written by the agent before it attaches anything.
@@ -380,6 +403,9 @@ pub struct NodeConfig {
     /// source of frames delivered straight into a pod.
     pub bridge_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// NAT source ports (masquerade, NodePort SNAT), inclusive, host byte order: `--nat-ports`.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
 }
 
 /// Defines [`Stat`], [`Stat::ALL`], [`Stat::name`] and [`Stat::meaning`]
@@ -555,6 +581,36 @@ stats! {
     /// 8th, ... time on each CPU, never once per packet.
     MapFull = 61, "map_full",
         "an entry the data path had to store (a learnt endpoint, a frontend's counters) was refused: its map is full";
+
+    // 70-84: masquerade and Service backends outside the cluster network
+    // (`to_underlay`, `to_pod`, and from_underlay for what is not VXLAN).
+    // Packets the egress programs leave untouched are not counted there:
+    // they were counted by the program that sent them, or are the node's
+    // own traffic.
+    /// Also a Service flow to a backend outside the cluster network,
+    /// masqueraded with or without `--ip-masq`.
+    MasqForward = 70, "masq_forward",
+        "pod packet leaving the cluster network on the underlay, source rewritten to the node's PublicIP and a NAT port";
+    /// The kernel then routes it to the pod (TTL, neighbour, netfilter
+    /// see the reply of the flow they saw leave).
+    MasqReverse = 71, "masq_reverse",
+        "reply on the underlay to a masqueraded flow, destination rewritten back to the pod and passed to the kernel";
+    /// Every port of `--nat-ports` towards this destination address,
+    /// port and protocol is taken (or the bounded search found none free).
+    DropMasqExhausted = 72, "drop_masq_exhausted",
+        "new masqueraded flow dropped: no free NAT port (--nat-ports) for its destination";
+    DropMasqFull = 73, "drop_masq_full",
+        "new masqueraded flow dropped: the masquerade table (--ct-max) is full";
+    /// A reply to a connection from outside (a pod answering a client
+    /// that reached it directly), or a segment of a flow whose mapping is
+    /// gone: masquerading it would break the connection it belongs to.
+    PassMasqNotNew = 74, "pass_masq_not_new",
+        "TCP segment from a pod to outside the cluster network with no mapping and no SYN: not masqueraded, passed as it is";
+    /// Counted after `svc_reverse` (or `svc_icmp_reverse`).
+    ToPodReverse = 75, "to_pod_reverse",
+        "Service reply the host stack hands to a pod (a backend on this node's own address, or outside the cluster network), translated back to the ClusterIP";
+    MasqIcmpReverse = 76, "masq_icmp_reverse",
+        "ICMP error on the underlay about a masqueraded flow, translated back to the pod and passed to the kernel";
 }
 
 impl Stat {
@@ -606,7 +662,7 @@ pub const XDP_META_TO_HOST: u32 = 0xdec0_0002;
 const _: () = assert!(size_of::<PeerInfo>() == 12);
 const _: () = assert!(size_of::<PeerIpKey>() == 4);
 const _: () = assert!(size_of::<PeerIpInfo>() == 4);
-const _: () = assert!(size_of::<NodeConfig>() == 56);
+const _: () = assert!(size_of::<NodeConfig>() == 60);
 const _: () = assert!(size_of::<Counter>() == 16);
 const _: () = assert!(size_of::<SvcKey>() == 8);
 const _: () = assert!(size_of::<SvcInfo>() == 16);

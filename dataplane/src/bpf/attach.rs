@@ -1,8 +1,10 @@
 //! Attaching the programs: decapsulation on the underlay (TC ingress, plus
-//! XDP in XDP mode) and `from_pod` on the ingress of every pod port: the
-//! bridge's ports (kept equal to the bridge's list) and CNI pods' devices
-//! (attached and detached one by one as pods are registered). TC programs
-//! are attached as tcx links, XDP as an XDP link.
+//! XDP in XDP mode) and masquerade on its egress (`to_underlay`),
+//! `from_pod` on the ingress of every pod port: the bridge's ports (kept
+//! equal to the bridge's list) and CNI pods' devices (attached and
+//! detached one by one as pods are registered), and `to_pod` on the
+//! egress of the bridge and of CNI pods' devices. TC programs are
+//! attached as tcx links, XDP as an XDP link.
 //!
 //! With a pin path every link is pinned under `<pin-path>/links/`, named
 //! after its role and the device's ifindex ([`LinkRole::pin_name`]), so it
@@ -103,14 +105,24 @@ pub enum LinkRole {
     PodPort,
     /// `from_pod` on a CNI pod's host-side device (tcx ingress).
     CniPod,
+    /// `to_underlay` on the underlay (tcx egress): masquerade.
+    UnderlayEgress,
+    /// `to_pod` on the bridge (tcx egress): what the host stack sends to
+    /// bridge pods.
+    BridgeEgress,
+    /// `to_pod` on a CNI pod's host-side device (tcx egress).
+    CniPodEgress,
 }
 
 impl LinkRole {
-    const ALL: [LinkRole; 4] = [
+    const ALL: [LinkRole; 7] = [
         LinkRole::UnderlayTc,
         LinkRole::UnderlayXdp,
         LinkRole::PodPort,
         LinkRole::CniPod,
+        LinkRole::UnderlayEgress,
+        LinkRole::BridgeEgress,
+        LinkRole::CniPodEgress,
     ];
 
     fn prefix(self) -> &'static str {
@@ -119,6 +131,9 @@ impl LinkRole {
             LinkRole::UnderlayXdp => "underlay_xdp",
             LinkRole::PodPort => "pod_port",
             LinkRole::CniPod => "cni_pod",
+            LinkRole::UnderlayEgress => "underlay_egress",
+            LinkRole::BridgeEgress => "bridge_egress",
+            LinkRole::CniPodEgress => "cni_pod_egress",
         }
     }
 
@@ -127,6 +142,18 @@ impl LinkRole {
             LinkRole::UnderlayTc => prog_names::FROM_UNDERLAY,
             LinkRole::UnderlayXdp => prog_names::DECAP_XDP,
             LinkRole::PodPort | LinkRole::CniPod => prog_names::FROM_POD,
+            LinkRole::UnderlayEgress => prog_names::TO_UNDERLAY,
+            LinkRole::BridgeEgress | LinkRole::CniPodEgress => prog_names::TO_POD,
+        }
+    }
+
+    /// The tcx hook of a TC role (XDP has none).
+    fn tc_hook(self) -> TcAttachType {
+        match self {
+            LinkRole::UnderlayEgress | LinkRole::BridgeEgress | LinkRole::CniPodEgress => {
+                TcAttachType::Egress
+            }
+            _ => TcAttachType::Ingress,
         }
     }
 
@@ -175,6 +202,10 @@ pub(super) struct Attachments {
     pod_links: HashMap<String, (u32, Held)>,
     /// CNI pods' host-side devices, by ifindex (with the name attached to).
     cni_links: HashMap<u32, (String, Held)>,
+    /// `to_pod` on CNI pods' host-side devices, by ifindex.
+    cni_egress: HashMap<u32, Held>,
+    /// `to_pod` on the bridge, with its ifindex.
+    bridge: Option<(u32, Held)>,
     underlay: Option<Underlay>,
 }
 
@@ -182,6 +213,8 @@ struct Underlay {
     iface: String,
     tc: Held,
     xdp: Option<Held>,
+    /// `to_underlay` (masquerade).
+    egress: Held,
 }
 
 fn classifier<'a>(
@@ -243,14 +276,14 @@ pub(super) fn list_pins(dir: &Path) -> Result<BTreeMap<String, PathBuf>, AttachE
 /// A program's way of making and taking links, for [`attach`].
 trait LinkProgram {
     type Link: TryFrom<FdLink, Error = LinkError> + TryInto<FdLink, Error = LinkError>;
-    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError>;
+    fn attach_new(&mut self, iface: &str, role: LinkRole) -> Result<Self::Link, ProgramError>;
     fn replace(&mut self, link: Self::Link) -> Result<Self::Link, ProgramError>;
 }
 
 impl LinkProgram for SchedClassifier {
     type Link = SchedClassifierLink;
-    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError> {
-        let id = self.attach(iface, TcAttachType::Ingress)?;
+    fn attach_new(&mut self, iface: &str, role: LinkRole) -> Result<Self::Link, ProgramError> {
+        let id = self.attach(iface, role.tc_hook())?;
         self.take_link(id)
     }
     fn replace(&mut self, link: Self::Link) -> Result<Self::Link, ProgramError> {
@@ -261,7 +294,7 @@ impl LinkProgram for SchedClassifier {
 
 impl LinkProgram for Xdp {
     type Link = XdpLink;
-    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError> {
+    fn attach_new(&mut self, iface: &str, _role: LinkRole) -> Result<Self::Link, ProgramError> {
         let id = self.attach(iface, XdpMode::Default)?;
         self.take_link(id)
     }
@@ -365,7 +398,7 @@ impl Attachments {
             iface: iface.to_owned(),
             source,
         };
-        let link = prog.attach_new(iface).map_err(attach_err)?;
+        let link = prog.attach_new(iface, role).map_err(attach_err)?;
         let link: FdLink = link.try_into().map_err(|source| AttachError::NotPinnable {
             program,
             iface: iface.to_owned(),
@@ -422,6 +455,7 @@ impl Attachments {
     ) -> Result<(), AttachError> {
         if let Some(old) = self.underlay.take() {
             old.tc.detach();
+            old.egress.detach();
             if let Some(x) = old.xdp {
                 x.detach();
             }
@@ -440,12 +474,40 @@ impl Attachments {
             }
             Decap::Tc => None,
         };
-        info!("decapsulation attached to {iface} ({mode:?} mode)");
+        let egress = self.attach(
+            classifier(ebpf, prog_names::TO_UNDERLAY)?,
+            LinkRole::UnderlayEgress,
+            iface,
+            idx,
+        )?;
+        info!("decapsulation attached to {iface} ({mode:?} mode), masquerade on its egress");
         self.underlay = Some(Underlay {
             iface: iface.to_owned(),
             tc,
             xdp,
+            egress,
         });
+        Ok(())
+    }
+
+    /// Attaches `to_pod` to the bridge's egress (what the host stack sends
+    /// to bridge pods), unless it is attached to this ifindex already.
+    pub(super) fn attach_bridge(
+        &mut self,
+        ebpf: &mut Ebpf,
+        name: &str,
+        ifindex: u32,
+    ) -> Result<(), AttachError> {
+        if self.bridge.as_ref().is_some_and(|(i, _)| *i == ifindex) {
+            return Ok(());
+        }
+        if let Some((_, old)) = self.bridge.take() {
+            old.detach();
+        }
+        let prog = classifier(ebpf, prog_names::TO_POD)?;
+        let held = self.attach(prog, LinkRole::BridgeEgress, name, ifindex)?;
+        self.bridge = Some((ifindex, held));
+        info!("attached {} to {name} (egress)", prog_names::TO_POD);
         Ok(())
     }
 
@@ -512,13 +574,27 @@ impl Attachments {
         }
         let held = self.attach(prog, LinkRole::CniPod, name, ifindex)?;
         self.cni_links.insert(ifindex, (name.to_owned(), held));
-        info!("attached {} to CNI pod device {name}", prog_names::FROM_POD);
+        if let Some(old) = self.cni_egress.remove(&ifindex) {
+            // Its pin stays for `attach` to adopt.
+            drop(old.link);
+        }
+        let prog = classifier(ebpf, prog_names::TO_POD)?;
+        let egress = self.attach(prog, LinkRole::CniPodEgress, name, ifindex)?;
+        self.cni_egress.insert(ifindex, egress);
+        info!(
+            "attached {} and {} to CNI pod device {name}",
+            prog_names::FROM_POD,
+            prog_names::TO_POD
+        );
         Ok(())
     }
 
     /// Detaches `from_pod` from a CNI pod's device, if attached; a device
     /// that is gone took the attachment with it (its pin goes here).
     pub(super) fn detach_cni_pod(&mut self, ifindex: u32) {
+        if let Some(held) = self.cni_egress.remove(&ifindex) {
+            held.detach();
+        }
         if let Some((name, held)) = self.cni_links.remove(&ifindex) {
             held.detach();
             info!(

@@ -159,7 +159,12 @@ pub(super) fn load(opts: &LoadOptions) -> Result<(Ebpf, Maps), LoadError> {
     };
     loader.override_global(aya_log::LEVEL, &level, false);
     let mut ebpf = loader.load(crate::BPF_OBJECT).map_err(LoadError::Object)?;
-    for name in [prog_names::FROM_POD, prog_names::FROM_UNDERLAY] {
+    for name in [
+        prog_names::FROM_POD,
+        prog_names::FROM_UNDERLAY,
+        prog_names::TO_UNDERLAY,
+        prog_names::TO_POD,
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(LoadError::MissingProgram(name))?

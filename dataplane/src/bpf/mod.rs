@@ -41,7 +41,7 @@ use dataplane_common::{Counter, Stat};
 
 pub use attach::{AttachError, Decap};
 pub use bpffs::{BpffsError, Removed, ensure_bpffs, uninstall};
-pub use ct::{CtTable, Flow};
+pub use ct::{CtTable, Flow, MasqFlow};
 pub use inspect::{MapFill, PinnedProgram, fill_levels, map_fill, pinned_programs};
 pub use load::{LoadError, LoadOptions};
 pub use logs::BpfLog;
@@ -118,6 +118,11 @@ impl Dataplane {
     /// See [`attach`]: decapsulation on `iface`.
     pub fn attach_underlay(&mut self, iface: &str, mode: Decap) -> Result<(), AttachError> {
         self.attached.attach_underlay(&mut self.ebpf, iface, mode)
+    }
+
+    /// See [`attach`]: `to_pod` on the bridge's egress (idempotent).
+    pub fn attach_bridge(&mut self, name: &str, ifindex: u32) -> Result<(), AttachError> {
+        self.attached.attach_bridge(&mut self.ebpf, name, ifindex)
     }
 
     /// Makes `from_pod` attached to exactly these pod ports (by name and
