@@ -196,6 +196,27 @@ fn with_ip_masq_pods_reach_the_outside_as_their_node() {
 
 #[test]
 #[ignore = "needs root; `cargo xtask test` runs it"]
+fn replies_come_back_in_xdp_decap_mode_too() {
+    require_root();
+    // decap_xdp passes what is not VXLAN; from_underlay translates it.
+    let mut args = masq_args();
+    args[1] = "xdp".into();
+    let e = env(&strs(&args));
+    let a = answer(tcp_ask(e.pod_ns(0), e.outside.ip, TCP_PORT), "TCP");
+    assert_masqueraded(a, e.node_ip(0), "TCP");
+    let a = answer(
+        udp_ask(e.pod_ns(0), e.outside.ip, UDP_PORT, Duration::from_secs(2)),
+        "UDP",
+    );
+    assert_masqueraded(a, e.node_ip(0), "UDP");
+    e.c.ping(0, 0, e.outside.ip, 2).unwrap();
+    // And pod to pod across nodes still decapsulates in XDP.
+    let p1 = e.c.nodes[1].pods[0].ip;
+    e.c.ping(0, 0, p1, 2).unwrap();
+}
+
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
 fn an_exhausted_port_range_drops_and_counts() {
     require_root();
     let e = env(&[

@@ -147,6 +147,14 @@ impl LinkRole {
         }
     }
 
+    /// `ingress` or `egress`: the tcx hook of a TC role.
+    pub(super) fn direction(self) -> &'static str {
+        match self.tc_hook() {
+            TcAttachType::Egress => "egress",
+            _ => "ingress",
+        }
+    }
+
     /// The tcx hook of a TC role (XDP has none).
     fn tc_hook(self) -> TcAttachType {
         match self {

@@ -146,7 +146,8 @@ pub struct PinnedProgram {
     pub pin: String,
     /// The program (`from_pod`), as the pin's role says.
     pub program: String,
-    /// Where and how: `tcx ingress` or `xdp`, from the kernel's link info.
+    /// Where and how: `tcx ingress`, `tcx egress` or `xdp`, from the
+    /// kernel's link info (the direction from the pin's role).
     pub hook: String,
     /// The device, by the pin's name.
     pub ifindex: u32,
@@ -190,7 +191,7 @@ pub fn pinned_programs(pin_path: &Path) -> Result<Vec<PinnedProgram>, MapError> 
         let (hook, program_id) = match link.info() {
             Ok(info) => {
                 let hook = match info.link_type() {
-                    Ok(LinkType::Tcx) => "tcx ingress".to_owned(),
+                    Ok(LinkType::Tcx) => format!("tcx {}", role.direction()),
                     Ok(LinkType::Xdp) => "xdp".to_owned(),
                     Ok(other) => format!("{other:?}"),
                     Err(e) => e.to_string(),
