@@ -27,6 +27,13 @@ pub const PROTO_ICMP: u8 = 1;
 /// Service flow to a backend outside the cluster network, masqueraded
 /// whether or not `--ip-masq` is on.
 pub const MASQ_F_SERVICE: u8 = 1 << 6;
+/// `MasqEntry::flags` bit: not a masqueraded flow but one that came in
+/// from outside straight to a pod (UDP): its entry, made by the first
+/// datagram in, says the pod's answers are replies, to leave as they are.
+/// Its `nat_addr`/`nat_port` are the pod's own; it has no reverse entry.
+pub const MASQ_F_INBOUND: u8 = 1 << 7;
+/// The bits of `MasqEntry::flags` that are not the state machine's.
+pub const MASQ_F_OWN: u8 = MASQ_F_SERVICE | MASQ_F_INBOUND;
 
 /// Default `--nat-ports`: above Linux's default ephemeral range
 /// (32768-60999), so the node's own connections do not compete for them.
@@ -49,7 +56,7 @@ pub struct MasqEntry {
     pub nat_port: [u8; 2],
     /// A [`crate::ct::CtState`].
     pub state: u8,
-    /// `ct::CT_F_*` and [`MASQ_F_SERVICE`].
+    /// `ct::CT_F_*`, [`MASQ_F_SERVICE`] and [`MASQ_F_INBOUND`].
     pub flags: u8,
     /// bpf_ktime_get_ns() when the entry was made.
     pub created_ns: u64,

@@ -35,11 +35,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    CtKey, NODE_CFG_IP_MASQ, NodeConfig, PROTO_TCP, Stat,
+    CtKey, NODE_CFG_IP_MASQ, NodeConfig, PROTO_TCP, PROTO_UDP, Stat,
     ct::{self as rules, CtState, CtTimeouts, Dir, Observe, TcpNew},
     masq::{
-        self as m, ALLOC_TRIES, MASQ_F_SERVICE, MasqEntry, MasqRev, NAT_PORT_MAX, NAT_PORT_MIN,
-        PROTO_ICMP,
+        self as m, ALLOC_TRIES, MASQ_F_INBOUND, MASQ_F_OWN, MASQ_F_SERVICE, MasqEntry, MasqRev,
+        NAT_PORT_MAX, NAT_PORT_MIN, PROTO_ICMP,
     },
 };
 use network_types::ip::Ipv4Hdr;
@@ -188,6 +188,10 @@ pub fn to_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
             Err(action) => return action,
         },
     };
+    if entry.flags & MASQ_F_INBOUND != 0 {
+        // A pod's answer to a client outside: it leaves as it is.
+        return TC_ACT_OK;
+    }
     if rewrite(ctx, &p, true, entry.nat_addr, entry.nat_port).is_err() {
         log_event!(ctx, "masq: SNAT of {:i} failed", pkt.saddr);
         count(Stat::DropNatFailed, ctx.len());
@@ -209,7 +213,13 @@ fn tracked(key: &CtKey, p: &Packet, now: u64) -> Option<MasqEntry> {
         forget(key, &rk);
         return None;
     }
-    if observe(e, p.proto(), Dir::Orig, p.tcp_flags(), now) {
+    // The pod's packets of an inbound flow are its replies.
+    let dir = if v.flags & MASQ_F_INBOUND != 0 {
+        Dir::Reply
+    } else {
+        Dir::Orig
+    };
+    if observe(e, p.proto(), dir, p.tcp_flags(), now) {
         Some(v)
     } else {
         forget(key, &rk);
@@ -227,11 +237,11 @@ fn observe(entry: *mut MasqEntry, proto: u8, dir: Dir, tcp: u8, now: u64) -> boo
     let Some(state) = CtState::from_u8(e.state) else {
         return false;
     };
-    // Only the CT_F_* bits are the state machine's; MASQ_F_SERVICE stays.
-    let own = e.flags & MASQ_F_SERVICE;
+    // Only the CT_F_* bits are the state machine's; MASQ_F_OWN stay.
+    let own = e.flags & MASQ_F_OWN;
     match rules::observe(
         state,
-        e.flags & !MASQ_F_SERVICE,
+        e.flags & !MASQ_F_OWN,
         e.last_seen_ns,
         proto,
         dir,
@@ -410,6 +420,7 @@ fn rewrite(
 pub fn from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     let pkt = parse::ipv4(ctx.data(), ctx.data_end())?;
     if pkt.daddr != cfg.public_ip {
+        inbound(cfg, &pkt);
         return None;
     }
     let p = match pkt.l4 {
@@ -436,6 +447,59 @@ pub fn from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     }
     count(Stat::MasqReverse, ctx.len());
     Some(TC_ACT_OK)
+}
+
+/// A UDP datagram from outside the cluster network straight to a pod of
+/// this node (a route to the pod network), with `--ip-masq`: its flow is
+/// recorded (`MASQ_F_INBOUND`) so that the pod's answers, which cannot be
+/// told from a new flow by themselves, leave as replies, unmasqueraded.
+/// (TCP needs no record: only a SYN opens a masqueraded flow.)
+#[inline(always)]
+fn inbound(cfg: &NodeConfig, pkt: &Ipv4Packet) {
+    let L4::Flow(f) = pkt.l4 else {
+        return;
+    };
+    if f.proto != PROTO_UDP
+        || cfg.flags & NODE_CFG_IP_MASQ == 0
+        || !m::wanted(
+            pkt.daddr,
+            pkt.saddr,
+            cfg.subnet,
+            cfg.subnet_prefix_len,
+            cfg.network,
+            cfg.network_prefix_len,
+        )
+    {
+        return;
+    }
+    // The key of the pod's answers.
+    let key = ct::key(f.daddr, f.saddr, f.dport, f.sport, f.proto);
+    let now = ct::now();
+    if let Some(e) = MASQ.get_ptr_mut(key) {
+        // SAFETY: a map value pointer, valid for this program run.
+        let v = unsafe { *e };
+        if v.flags & MASQ_F_INBOUND != 0
+            && !rules::is_expired(v.state, v.last_seen_ns, now, &timeouts())
+        {
+            let _ = observe(e, f.proto, Dir::Orig, 0, now);
+            return;
+        }
+        if !rules::is_expired(v.state, v.last_seen_ns, now, &timeouts()) {
+            // A live masqueraded flow of the pod with this tuple keeps it.
+            return;
+        }
+        forget(&key, &m::reply_key(&key, v.nat_addr, v.nat_port));
+    }
+    let entry = MasqEntry {
+        nat_addr: f.daddr,
+        nat_port: f.dport,
+        state: CtState::UdpUnreplied as u8,
+        flags: MASQ_F_INBOUND,
+        created_ns: now,
+        last_seen_ns: now,
+    };
+    // Full table: the answers are masqueraded, as before this record.
+    let _ = MASQ.insert(key, entry, BPF_NOEXIST as u64);
 }
 
 /// The flow a reply (`rk`, as it arrives) belongs to, provided its forward

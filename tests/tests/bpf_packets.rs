@@ -2577,3 +2577,46 @@ root_test!(
         assert!(masq_flows(&mut env).is_empty(), "never masqueraded");
     }
 );
+
+root_test!(
+    a_pods_udp_answer_to_a_client_outside_is_not_masqueraded,
+    || {
+        let mut env = setup_masq(true, (61000, 61003));
+        // A client outside reaches the pod's address directly (a route to the
+        // pod network): from_underlay records the flow, the kernel delivers it.
+        let q = udp_csum(OUTSIDE, CLIENT, 5000, 53, b"query");
+        let input = eth(
+            env.ul_mac,
+            PEER_UL_MAC,
+            ETH_P_IP,
+            &ipv4(OUTSIDE, CLIENT, 17, 0, &q),
+        );
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &input);
+        assert_eq!((rc, &out), (TC_ACT_OK, &input), "passed as it is");
+        // The pod's answer leaves with its own address.
+        let a = leaving(
+            CLIENT,
+            OUTSIDE,
+            17,
+            &udp_csum(CLIENT, OUTSIDE, 53, 5000, b"answer"),
+        );
+        let (rc, out) = run_tc(&mut env, prog_names::TO_UNDERLAY, &a);
+        assert_eq!((rc, &out), (TC_ACT_OK, &a), "a reply, not a new flow");
+        let flows = masq_flows(&mut env);
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].entry.state, CtState::UdpReplied as u8);
+        assert!(
+            table(&mut env).masq_reverse_entries().unwrap().is_empty(),
+            "nothing to translate back"
+        );
+        // Its own new flow to another port is masqueraded.
+        let n = leaving(CLIENT, OUTSIDE, 17, &udp(53, 5001, b"new"));
+        let (_, out) = run_tc(&mut env, prog_names::TO_UNDERLAY, &n);
+        assert_eq!(parse_eth_ipv4(&out).1.src(), OUR_IP);
+        assert_counters(
+            &env,
+            &[(Stat::PassNotOverlay, 1), (Stat::MasqForward, 1)],
+            "inbound UDP",
+        );
+    }
+);

@@ -391,3 +391,32 @@ fn clusterip_backend_outside_the_cluster() {
     eventually("the datagram arrived", || e.witness.seen().len() > before);
     assert_eq!(e.witness.seen()[before].addr().ip(), e.pod_ip(0));
 }
+
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn a_cni_pod_is_masqueraded_and_reaches_a_backend_on_its_node() {
+    require_root();
+    let mut e = env(&strs(&masq_args()));
+    let i = e.c.add_cni_pod(0, "masq-cni").unwrap();
+    eventually("to_pod on the CNI pod's device", || {
+        e.c.nodes[0]
+            .log()
+            .contains("attached from_pod and to_pod to CNI pod device")
+    });
+    let (ns, ip) = {
+        let p = &e.c.nodes[0].pods[i];
+        (&p.ns, p.ip)
+    };
+    let a = answer(tcp_ask(ns, e.outside.ip, TCP_PORT), "TCP from a CNI pod");
+    assert_masqueraded(a, e.node_ip(0), "TCP from a CNI pod");
+    // A backend on the node's own address: its reply reaches the CNI pod
+    // through the pod's host-side device, where to_pod translates it.
+    let node1 = e.node_ip(0);
+    let _server = Witness::start(&e.c.nodes[0].ns, node1, TCP_PORT, UDP_PORT).unwrap();
+    apply_service(&e, "hostnet-cni", &[node1]);
+    eventually("service reachable", || tcp_ask(ns, VIP, 80).is_ok());
+    let a = answer(tcp_ask(ns, VIP, 80), "TCP via ClusterIP");
+    assert_eq!(a.ip(), ip, "not SNATed: the pod's own address");
+    let a = answer(udp_ask(ns, VIP, 53, Duration::from_secs(2)), "UDP");
+    assert_eq!(a.ip(), ip);
+}

@@ -14,7 +14,7 @@ use std::{
 use dataplane_common::{
     CtKey, PROTO_TCP,
     ct::{self, CT_F_MIGRATED, CT_F_PICKED_UP, CtState, CtTimeouts},
-    masq::{MASQ_F_SERVICE, PROTO_ICMP},
+    masq::{MASQ_F_INBOUND, MASQ_F_SERVICE, PROTO_ICMP},
 };
 use serde::Serialize;
 
@@ -91,7 +91,8 @@ pub struct FlowRow {
     pub nat: Option<SocketAddrV4>,
     /// `picked-up` (mid-stream, no SYN seen), `migrated` (from ct_v1),
     /// `service-backend` (a masqueraded Service flow to a backend outside
-    /// the cluster network).
+    /// the cluster network), `inbound, not translated` (UDP from outside
+    /// straight to a pod: its answers leave unmasqueraded).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<&'static str>,
 }
@@ -112,6 +113,9 @@ fn masq_row(f: &MasqFlow, now_ns: u64, t: &CtTimeouts) -> FlowRow {
     let mut notes = Vec::new();
     if e.flags & MASQ_F_SERVICE != 0 {
         notes.push("service-backend");
+    }
+    if e.flags & MASQ_F_INBOUND != 0 {
+        notes.push("inbound, not translated");
     }
     FlowRow {
         kind: "masq",
