@@ -455,6 +455,10 @@ ct_gc! {
     // migration framework (dataplane::bpf::migrate) logs them instead.
     Entries = 7, "ct_entries", "flows in the table at the last sweep (a gauge)";
     LastSweepUnix = 8, "ct_last_sweep_unix", "wall-clock time of the last sweep, seconds since 1970 (a gauge)";
+    MasqExpired = 9, "masq_evict_expired", "masqueraded flows removed (both directions) because their state's timeout passed";
+    MasqOrphanReply = 10, "masq_evict_orphan_reply", "masquerade reverse entries removed because no live flow pointed at them (two sweeps in a row)";
+    MasqEntries = 11, "masq_entries", "masqueraded flows in the table at the last sweep (a gauge)";
+    MasqFlushed = 12, "masq_flushed", "masqueraded flows removed by `dataplane conntrack flush`";
 }
 
 /// Size of [`crate::map_names::CT_GC`]; room for later counters.

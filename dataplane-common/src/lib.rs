@@ -13,6 +13,7 @@
 use core::mem::size_of;
 
 pub mod ct;
+pub mod masq;
 
 /// Names of the pinned maps (the file names under `--pin-path`).
 pub mod map_names {
@@ -74,6 +75,15 @@ pub mod map_names {
     /// datagrams to, so that they keep to one backend as a tracked flow
     /// does.
     pub const SOCK_FWD: &str = "sock_fwd_v1";
+    /// Hash (not LRU, sized by `--ct-max`): a masqueraded flow as the pod
+    /// sent it (pod -> outside) -> the node address and port it leaves
+    /// with, state, last seen ([`crate::masq`]).
+    pub const MASQ: &str = "masq_v1";
+    /// Hash: a masqueraded flow's reply as it arrives (outside -> node
+    /// address and NAT port) -> the pod and port it is for. Used only while
+    /// the forward entry it names is live and points back at it; inserted
+    /// with `BPF_NOEXIST`, which is what allocates the NAT port.
+    pub const MASQ_REV: &str = "masq_rev_v1";
 
     /// Maps of earlier releases that a starting agent migrates and then
     /// removes (never created by this one).
@@ -113,6 +123,8 @@ pub mod map_names {
         FRAGS,
         SOCK_RNAT,
         SOCK_FWD,
+        MASQ,
+        MASQ_REV,
     ];
 }
 
@@ -133,6 +145,13 @@ pub mod prog_names {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     /// cgroup getpeername4: a connected socket's peer shown as the ClusterIP.
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// TC egress of the underlay: masquerade of pod traffic leaving the
+    /// cluster network (and of Service flows to backends outside it).
+    pub const TO_UNDERLAY: &str = "to_underlay";
+    /// TC egress where the host stack hands packets to pods (`cni0`, CNI
+    /// pods' host-side devices): reverse NAT of Service replies that came
+    /// through the host stack.
+    pub const TO_POD: &str = "to_pod";
 
     /// The cgroup sock_addr programs (attached to `--cgroup-path`).
     pub const SOCK: &[&str] = &[
@@ -152,6 +171,8 @@ pub mod prog_names {
         SOCK_SENDMSG4,
         SOCK_RECVMSG4,
         SOCK_GETPEERNAME4,
+        TO_UNDERLAY,
+        TO_POD,
     ];
 }
 
@@ -424,6 +445,10 @@ pub const NODE_CFG_READY: u32 = 1 << 0;
 /// `NodeConfig::flags` bit: log rare data-path events through aya-log
 /// (`dataplane agent --bpf-log`). Never set on the fast path's behalf.
 pub const NODE_CFG_BPF_LOG: u32 = 1 << 1;
+/// `NodeConfig::flags` bit: masquerade pod traffic leaving the cluster
+/// network (`dataplane agent --ip-masq`). Service flows to backends
+/// outside the cluster network are masqueraded with or without it.
+pub const NODE_CFG_IP_MASQ: u32 = 1 << 2;
 
 /// The single entry of [`map_names::NODE_CONFIG`]: what the programs need to
 /// know about this node. Written by the agent before it attaches anything.
@@ -465,7 +490,10 @@ pub struct NodeConfig {
     pub host_ifindex: u32,
     /// Its MAC, written as the destination of frames redirected into it.
     pub host_mac: [u8; 6],
-    pub _pad2: [u8; 6],
+    /// NAT source ports (masquerade, NodePort SNAT), inclusive, host byte order: `--nat-ports`.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub _pad2: [u8; 2],
     /// The agent's network namespace cookie (`SO_NETNS_COOKIE`): the
     /// cgroup socket programs, attached to a cgroup every namespace's
     /// processes may be in, leave every other namespace's sockets alone.
@@ -662,6 +690,36 @@ stats! {
     /// Its TTL is kept: the node is the sender, not a router.
     HostEncapsulated = 66, "host_encapsulated",
         "packet of the node itself (host network) to another node's pod subnet, VXLAN-encapsulated (from_host)";
+
+    // 70-84: masquerade and Service backends outside the cluster network
+    // (`to_underlay`, `to_pod`, and from_underlay for what is not VXLAN).
+    // Packets the egress programs leave untouched are not counted there:
+    // they were counted by the program that sent them, or are the node's
+    // own traffic.
+    /// Also a Service flow to a backend outside the cluster network,
+    /// masqueraded with or without `--ip-masq`.
+    MasqForward = 70, "masq_forward",
+        "pod packet leaving the cluster network on the underlay, source rewritten to the node's PublicIP and a NAT port";
+    /// The kernel then routes it to the pod (TTL, neighbour, netfilter
+    /// see the reply of the flow they saw leave).
+    MasqReverse = 71, "masq_reverse",
+        "reply on the underlay to a masqueraded flow, destination rewritten back to the pod and passed to the kernel";
+    /// Every port of `--nat-ports` towards this destination address,
+    /// port and protocol is taken (or the bounded search found none free).
+    DropMasqExhausted = 72, "drop_masq_exhausted",
+        "new masqueraded flow dropped: no free NAT port (--nat-ports) for its destination";
+    DropMasqFull = 73, "drop_masq_full",
+        "new masqueraded flow dropped: the masquerade table (--ct-max) is full";
+    /// A reply to a connection from outside (a pod answering a client
+    /// that reached it directly), or a segment of a flow whose mapping is
+    /// gone: masquerading it would break the connection it belongs to.
+    PassMasqNotNew = 74, "pass_masq_not_new",
+        "TCP segment from a pod to outside the cluster network with no mapping and no SYN: not masqueraded, passed as it is";
+    /// Counted after `svc_reverse` (or `svc_icmp_reverse`).
+    ToPodReverse = 75, "to_pod_reverse",
+        "Service reply the host stack hands to a pod (a backend on this node's own address, or outside the cluster network), translated back to the ClusterIP";
+    MasqIcmpReverse = 76, "masq_icmp_reverse",
+        "ICMP error on the underlay about a masqueraded flow, translated back to the pod and passed to the kernel";
 }
 
 impl Stat {

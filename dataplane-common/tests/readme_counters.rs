@@ -4,7 +4,7 @@
 
 use dataplane_common::{Stat, ct::CtGc};
 
-const HEADING: &str = "Counters (`stats_v1` index";
+const HEADING: &str = "Counters (`stats_v2` index";
 /// The sweeper's counters (`ct_gc_v1`) follow this line.
 const GC_HEADING: &str = "Its counters are kept pinned";
 

@@ -15,7 +15,7 @@ use network_types::eth::EthHdr;
 use crate::{
     ecn,
     forward::{redirect_to_bridge, redirect_to_pod},
-    hostnet, lb,
+    hostnet, lb, masq,
     parse::ptr_at,
     stats::count,
     ttl,
@@ -50,6 +50,10 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         _ => {}
     }
     if !is_vxlan_candidate(ctx.data(), ctx.data_end(), cfg) {
+        // Replies of masqueraded flows, back to their pods.
+        if let Some(action) = masq::from_underlay(ctx, cfg) {
+            return action;
+        }
         count(Stat::PassNotOverlay, len);
         return TC_ACT_OK;
     }

@@ -82,13 +82,58 @@ pub fn may_be_error(data: usize, data_end: usize, pkt: &Ipv4Packet) -> bool {
 }
 
 /// The addresses and ports one translation writes.
-struct Rewrite {
-    outer_src: [u8; 4],
-    outer_dst: [u8; 4],
-    quote_src: [u8; 4],
-    quote_sport: [u8; 2],
-    quote_dst: [u8; 4],
-    quote_dport: [u8; 2],
+pub struct Rewrite {
+    pub outer_src: [u8; 4],
+    pub outer_dst: [u8; 4],
+    pub quote_src: [u8; 4],
+    pub quote_sport: [u8; 2],
+    pub quote_dst: [u8; 4],
+    pub quote_dport: [u8; 2],
+}
+
+/// The TCP/UDP packet an ICMP error quotes, as it was sent.
+pub struct Quoted {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+}
+
+/// The packet quoted by the ICMP error `pkt`, when it is one this module
+/// can translate (no options in either header, the quote a TCP/UDP
+/// packet that is not a later fragment, sent by the error's receiver).
+#[inline(always)]
+pub fn quoted_flow(ctx: &TcContext, pkt: &Ipv4Packet) -> Option<Quoted> {
+    if pkt.proto != PROTO_ICMP || !pkt.no_options || pkt.later_fragment {
+        return None;
+    }
+    let h = ptr_at::<ErrorHdrs>(ctx.data(), ctx.data_end(), IP_OFF)?;
+    // SAFETY: bounds checked by ptr_at; the fields are copied out.
+    let (icmp_type, inner_vihl, frags, q) = unsafe {
+        let h = &*h;
+        (
+            h.icmp.type_,
+            h.inner.vihl,
+            u16::from_be_bytes(h.inner.frags),
+            Quoted {
+                saddr: h.inner.src_addr,
+                daddr: h.inner.dst_addr,
+                sport: h.sport,
+                dport: h.dport,
+                proto: h.inner.proto,
+            },
+        )
+    };
+    if !is_error(icmp_type)
+        || inner_vihl != IPV4_VIHL_NO_OPTIONS
+        || frags & IP_OFFSET != 0
+        || (q.proto != PROTO_TCP && q.proto != PROTO_UDP)
+        || pkt.daddr != q.saddr
+    {
+        return None;
+    }
+    Some(q)
 }
 
 /// An ICMP error leaving a pod. `None` when it is not one about a tracked
@@ -107,33 +152,9 @@ pub fn decapsulated(ctx: &TcContext, pkt: &Ipv4Packet) -> Option<Verdict> {
 
 #[inline(always)]
 fn translate(ctx: &TcContext, pkt: &Ipv4Packet, from_client: bool) -> Option<Verdict> {
-    if pkt.proto != PROTO_ICMP || !pkt.no_options || pkt.later_fragment {
-        return None;
-    }
-    let h = ptr_at::<ErrorHdrs>(ctx.data(), ctx.data_end(), IP_OFF)?;
-    // SAFETY: bounds checked by ptr_at; the fields are copied out.
-    let (icmp_type, inner_vihl, frags, proto, q_src, q_dst, q_sport, q_dport) = unsafe {
-        let h = &*h;
-        (
-            h.icmp.type_,
-            h.inner.vihl,
-            u16::from_be_bytes(h.inner.frags),
-            h.inner.proto,
-            h.inner.src_addr,
-            h.inner.dst_addr,
-            h.sport,
-            h.dport,
-        )
-    };
-    if !is_error(icmp_type)
-        || inner_vihl != IPV4_VIHL_NO_OPTIONS
-        || frags & IP_OFFSET != 0
-        || (proto != PROTO_TCP && proto != PROTO_UDP)
-        // The error goes to whoever sent the quoted packet.
-        || pkt.daddr != q_src
-    {
-        return None;
-    }
+    // The error goes to whoever sent the quoted packet.
+    let q = quoted_flow(ctx, pkt)?;
+    let (proto, q_src, q_dst, q_sport, q_dport) = (q.proto, q.saddr, q.daddr, q.sport, q.dport);
     // The quoted packet's flow, seen from the other end: the reply key of
     // a client's packet, the forward key of a backend's reply.
     let key: CtKey = track::key(q_dst, q_src, q_dport, q_sport, proto);
@@ -178,7 +199,7 @@ fn translate(ctx: &TcContext, pkt: &Ipv4Packet, from_client: bool) -> Option<Ver
 
 /// Writes `rw` into the error and fixes the four checksums.
 #[inline(always)]
-fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
+pub fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let h = ptr_at::<ErrorHdrs>(data, data_end, IP_OFF).ok_or(())?;
     // The TCP checksum lies beyond the 8 bytes every error quotes; Linux

@@ -21,7 +21,9 @@
 //! reach the flow state through `track`.
 
 use aya_ebpf::{
-    EbpfContext, bindings::TC_ACT_SHOT, helpers::generated::bpf_get_prandom_u32,
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::bpf_get_prandom_u32,
     programs::TcContext,
 };
 use dataplane_common::{
@@ -156,15 +158,26 @@ fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
 
 /// Reverse NAT for a packet that just came out of the overlay (a reply
 /// from a backend on another node, one of its later fragments, or an ICMP
-/// error about a Service flow from the backend or the path). Returns its IPv4 destination after the
-/// rewrite (`None` if it is not IPv4), or the TC action when the rewrite
-/// failed (counted).
+/// error about a Service flow from the backend or the path). Returns its
+/// IPv4 destination after the rewrite (`None` if it is not IPv4), or the
+/// TC action when the rewrite failed (counted).
 #[inline(always)]
 pub fn reverse_nat_decapsulated(ctx: &TcContext) -> Result<Option<[u8; 4]>, i32> {
     let Some(pkt) = parse::ipv4(ctx.data(), ctx.data_end()) else {
         return Ok(None);
     };
-    let v = match pkt.l4 {
+    match reverse_nat_inbound(ctx, &pkt) {
+        Some(Verdict::Done(action)) => Err(action),
+        Some(Verdict::Translated(to)) => Ok(Some(to)),
+        _ => Ok(Some(pkt.daddr)),
+    }
+}
+
+/// Reverse NAT of a packet for a pod of this node that did not come from
+/// a pod: a reply, later fragment or ICMP error of a Service flow.
+#[inline(always)]
+fn reverse_nat_inbound(ctx: &TcContext, pkt: &Ipv4Packet) -> Option<Verdict> {
+    match pkt.l4 {
         L4::Flow(flow) => {
             let v = reverse_nat(ctx, &flow);
             if flow.first_fragment && matches!(v, Some(Verdict::Translated(_))) {
@@ -173,14 +186,41 @@ pub fn reverse_nat_decapsulated(ctx: &TcContext) -> Result<Option<[u8; 4]>, i32>
             v
         }
         L4::Fragment(f) => Some(frag::follow(ctx, &f)),
-        L4::Other => icmp::decapsulated(ctx, &pkt),
+        L4::Other => icmp::decapsulated(ctx, pkt),
         L4::Malformed => None,
-    };
-    match v {
-        Some(Verdict::Done(action)) => Err(action),
-        Some(Verdict::Translated(to)) => Ok(Some(to)),
-        _ => Ok(Some(pkt.daddr)),
     }
+}
+
+/// `to_pod`: a packet the host stack hands to a pod. A Service reply from
+/// a backend the kernel routes (this node's own address, or outside the
+/// cluster network, whose reply the masquerade already gave back the
+/// pod's address) is translated back to the ClusterIP here, as it would
+/// be at the backend's veth or after decapsulation. Returns the TC action.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext) -> i32 {
+    let Some(pkt) = parse::ipv4(ctx.data(), ctx.data_end()) else {
+        return TC_ACT_OK;
+    };
+    match reverse_nat_inbound(ctx, &pkt) {
+        Some(Verdict::Done(action)) => action,
+        Some(Verdict::Translated(_)) => {
+            count(Stat::ToPodReverse, ctx.len());
+            TC_ACT_OK
+        }
+        _ => TC_ACT_OK,
+    }
+}
+
+/// Is `flow` (a pod's packet, after the Service translation) the forward
+/// direction of a live Service flow? Its reply direction has a reverse-NAT
+/// entry then. The masquerade asks this of what leaves the cluster
+/// network (a Service backend outside it).
+#[inline(always)]
+pub fn is_service_flow(flow: &Flow) -> bool {
+    ct::lookup_reply(&ct::key(
+        flow.daddr, flow.saddr, flow.dport, flow.sport, flow.proto,
+    ))
+    .is_some()
 }
 
 #[inline(always)]

@@ -23,6 +23,7 @@ mod icmp;
 mod l4;
 mod lb;
 mod maps;
+mod masq;
 mod nat;
 mod parse;
 mod reject;
@@ -112,6 +113,27 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     decap::tc_from_underlay(&ctx, cfg)
+}
+
+/// TC egress of the underlay interface: masquerade of pod traffic leaving
+/// the cluster network (see `masq.rs`).
+#[classifier]
+pub fn to_underlay(ctx: TcContext) -> i32 {
+    let Some(cfg) = node_config() else {
+        return TC_ACT_OK;
+    };
+    masq::to_underlay(&ctx, cfg)
+}
+
+/// TC egress where the host stack hands packets to pods (`cni0`, CNI pods'
+/// host-side devices): Service replies that came through the host stack
+/// are translated back to the ClusterIP.
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    if node_config().is_none() {
+        return TC_ACT_OK;
+    }
+    lb::to_pod(&ctx)
 }
 
 /// XDP on the underlay interface (`--decap-mode xdp`).

@@ -17,6 +17,7 @@ use dataplane_common::{
     PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, SOCK_LB_MAX, STATS_LEN,
     SockFwdKey, SockRnatEntry, SockRnatKey, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
     ct::{CT_GC_LEN, CtTimeouts},
+    masq::{MasqEntry, MasqRev},
 };
 
 /// Remote pod subnet (LPM) -> remote node's PublicIP and VtepMAC. Filled by
@@ -126,3 +127,16 @@ pub static SOCK_RNAT: LruHashMap<SockRnatKey, SockRnatEntry, { SOCK_LB_MAX as us
 /// socket of the node sends to, so its datagrams keep to one backend.
 #[btf_map(name = "sock_fwd_v1")]
 pub static SOCK_FWD: LruHashMap<SockFwdKey, Backend, { SOCK_LB_MAX as usize }> = LruHashMap::new();
+/// Masquerade, forward: a flow as the pod sent it (pod -> outside) ->
+/// the node address and NAT port it leaves with, state, last seen (see
+/// `masq.rs`). A plain hash like `CT`, sized by the agent (`--ct-max`),
+/// expired entries removed by its sweeper.
+#[btf_map(name = "masq_v1")]
+pub static MASQ: HashMap<CtKey, MasqEntry, { CT_MAX as usize }> = HashMap::new();
+
+/// Masquerade, reverse: a reply as it arrives (outside -> node address,
+/// NAT port) -> the pod end. Inserting it with `BPF_NOEXIST` is what
+/// allocates the port. Valid only while the `MASQ` entry it names is live
+/// and points back.
+#[btf_map(name = "masq_rev_v1")]
+pub static MASQ_REV: HashMap<CtKey, MasqRev, { CT_MAX as usize }> = HashMap::new();

@@ -319,9 +319,15 @@ struct AgentArgs {
     /// Renew the lease this many seconds before it expires (flannel: 1 h).
     #[arg(long, default_value_t = 3_600)]
     renew_margin_secs: u64,
-    /// Written to subnet.env as FLANNEL_IPMASQ.
+    /// Masquerade pod traffic leaving the cluster network to the node's
+    /// PublicIP (in BPF, as flannel's --ip-masq rules do), and write
+    /// FLANNEL_IPMASQ=true to subnet.env.
     #[arg(long)]
     ip_masq: bool,
+    /// Source ports of masqueraded flows, MIN-MAX (reserved in
+    /// net.ipv4.ip_local_reserved_ports while the agent is installed).
+    #[arg(long, default_value = "61000-65535")]
+    nat_ports: dataplane::agent::nat_ports::NatPorts,
     /// etcd prefix of Services, Endpoints and EndpointSlices.
     #[arg(long, default_value = dataplane::services::DEFAULT_PREFIX)]
     service_prefix: Prefix,
@@ -414,6 +420,7 @@ fn main() -> anyhow::Result<()> {
                     lease_ttl: Duration::from_secs(a.lease_ttl_secs),
                     renew_margin: Duration::from_secs(a.renew_margin_secs),
                     ip_masq: a.ip_masq,
+                    nat_ports: a.nat_ports,
                     service_prefix: a.service_prefix.to_string(),
                     service_cidr: a.service_cidr,
                     bpf_log: a.bpf_log,
@@ -811,6 +818,10 @@ async fn uninstall_cmd(
     match dataplane::agent::forwarding::restore()? {
         Some(v) => println!("net.ipv4.ip_forward restored to {v}"),
         None => println!("net.ipv4.ip_forward left as it is (the agent found it on)"),
+    }
+    match dataplane::agent::nat_ports::restore()? {
+        Some(v) => println!("net.ipv4.ip_local_reserved_ports restored to {v:?}"),
+        None => println!("net.ipv4.ip_local_reserved_ports left as it is"),
     }
     Ok(())
 }

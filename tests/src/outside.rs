@@ -10,13 +10,15 @@
 //!
 //! [`Witness`] is a server for it (or anywhere) that answers every TCP
 //! connection and UDP datagram with the address it came from, so a test
-//! sees which source a packet left the cluster with.
+//! sees which source a packet left the cluster with, and records the
+//! sources it saw ([`Witness::seen`]) for packets whose answers cannot
+//! come back (a pod address the outside has no route to).
 
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -70,13 +72,32 @@ pub struct Witness {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// A source a [`Witness`] saw: a UDP datagram's, or an accepted TCP
+/// connection's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    Udp(SocketAddr),
+    Tcp(SocketAddr),
+}
+
+impl Seen {
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Seen::Udp(a) | Seen::Tcp(a) => *a,
+        }
+    }
 }
 
 impl Witness {
     pub fn start(ns: &NetNs, ip: Ipv4Addr, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let (s1, tx1) = (stop.clone(), tx.clone());
+        let (seen_tcp, seen_udp) = (seen.clone(), seen.clone());
         let tcp = in_netns(ns, move || {
             let l = match TcpListener::bind((ip, tcp_port)) {
                 Ok(l) => l,
@@ -91,6 +112,9 @@ impl Witness {
                     break;
                 }
                 let Ok(mut c) = conn else { continue };
+                if let Ok(peer) = c.peer_addr() {
+                    seen_tcp.lock().unwrap().push(Seen::Tcp(peer));
+                }
                 std::thread::spawn(move || {
                     let Ok(peer) = c.peer_addr() else { return };
                     let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
@@ -121,6 +145,7 @@ impl Witness {
             let mut buf = [0u8; 512];
             while !s2.load(Ordering::Relaxed) {
                 if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    seen_udp.lock().unwrap().push(Seen::Udp(from));
                     let _ = sock.send_to(from.to_string().as_bytes(), from);
                 }
             }
@@ -133,7 +158,13 @@ impl Witness {
             stop,
             threads: vec![tcp, udp],
             addr: SocketAddr::from((ip, tcp_port)),
+            seen,
         })
+    }
+
+    /// Every source seen so far, in order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
     }
 }
 

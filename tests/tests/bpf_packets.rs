@@ -121,6 +121,8 @@ fn setup_opts(bpf_log: bool, ct_max: Option<u32>) -> Env {
         vtep_mac: OUR_VTEP,
         underlay_mac: ul_mac,
         bridge_mac: CNI0_MAC,
+        nat_port_min: 61000,
+        nat_port_max: 65535,
         ..Default::default()
     };
     let mut rec = Reconciler::new();
@@ -2186,3 +2188,435 @@ root_test!(ttl_running_out_is_answered_with_time_exceeded, || {
         "TTL",
     );
 });
+
+// ------------------------------------------------------------ masquerade
+
+use dataplane_common::{
+    NODE_CFG_IP_MASQ,
+    masq::{MASQ_F_SERVICE, PROTO_ICMP},
+};
+
+/// The outside world, beyond the underlay.
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+
+/// [`setup`] with `--ip-masq` (or not) and `--nat-ports min-max`.
+fn setup_masq(ip_masq: bool, ports: (u16, u16)) -> Env {
+    let mut env = setup();
+    if ip_masq {
+        env.cfg.flags |= NODE_CFG_IP_MASQ;
+    }
+    (env.cfg.nat_port_min, env.cfg.nat_port_max) = ports;
+    let cfg = env.cfg;
+    env.rec.set_node(env.dp.maps(), &cfg).unwrap();
+    env
+}
+
+/// A frame from the pod `src` leaving on the underlay (as the kernel
+/// routed it: towards the underlay's next hop).
+fn leaving(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    eth(
+        PEER_UL_MAC,
+        CNI0_MAC,
+        ETH_P_IP,
+        &ipv4(src, dst, proto, 0, l4),
+    )
+}
+
+/// A frame arriving on the underlay for this node.
+fn arriving(ul_mac: [u8; 6], src: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    eth(
+        ul_mac,
+        PEER_UL_MAC,
+        ETH_P_IP,
+        &ipv4(src, OUR_IP, proto, 0, l4),
+    )
+}
+
+/// [`arriving`] run through from_underlay.
+fn arrive(env: &mut Env, src: Ipv4Addr, proto: u8, l4: &[u8]) -> (u32, Vec<u8>) {
+    let f = arriving(env.ul_mac, src, proto, l4);
+    run_tc(env, prog_names::FROM_UNDERLAY, &f)
+}
+
+/// ICMP echo (type 8 request, 0 reply) with its checksum.
+fn echo(type_: u8, id: u16, seq: u16) -> Vec<u8> {
+    let mut v = vec![type_, 0, 0, 0];
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(b"ping payload");
+    let c = inet_csum(&v);
+    v[2..4].copy_from_slice(&c.to_be_bytes());
+    v
+}
+
+fn masq_flows(env: &mut Env) -> Vec<dataplane::bpf::MasqFlow> {
+    table(env).masq_flows().unwrap()
+}
+
+root_test!(masquerade_udp_out_and_back_with_checksums, || {
+    let mut env = setup_masq(true, (61000, 61003));
+    let out_l4 = udp_csum(CLIENT, OUTSIDE, 40000, 53, b"query");
+    let (rc, out) = run_tc(
+        &mut env,
+        prog_names::TO_UNDERLAY,
+        &leaving(CLIENT, OUTSIDE, 17, &out_l4),
+    );
+    assert_eq!(rc, TC_ACT_OK, "{:?}", nonzero(&env));
+    // Checksums are verified while parsing.
+    let (_, p) = parse_eth_ipv4(&out);
+    assert_eq!(
+        (p.src(), p.dst()),
+        (OUR_IP, OUTSIDE),
+        "source is the node's"
+    );
+    let nat = p.udp().source_port;
+    assert!(
+        (61000..=61003).contains(&nat),
+        "port {nat} from --nat-ports"
+    );
+    assert_eq!(p.udp().destination_port, 53);
+    // The next datagram of the flow leaves the same way.
+    let (_, out2) = run_tc(
+        &mut env,
+        prog_names::TO_UNDERLAY,
+        &leaving(CLIENT, OUTSIDE, 17, &out_l4),
+    );
+    assert_eq!(parse_eth_ipv4(&out2).1.udp().source_port, nat);
+    let flows = masq_flows(&mut env);
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].entry.state, CtState::UdpUnreplied as u8);
+
+    // The answer comes back to the pod.
+    let back = udp_csum(OUTSIDE, OUR_IP, 53, nat, b"answer");
+    let (rc, back) = arrive(&mut env, OUTSIDE, 17, &back);
+    assert_eq!(
+        rc, TC_ACT_OK,
+        "passed to the kernel, which routes it to the pod"
+    );
+    let (_, p) = parse_eth_ipv4(&back);
+    assert_eq!((p.src(), p.dst()), (OUTSIDE, CLIENT));
+    assert_eq!((p.udp().source_port, p.udp().destination_port), (53, 40000));
+    assert_eq!(
+        masq_flows(&mut env)[0].entry.state,
+        CtState::UdpReplied as u8
+    );
+    // Not for a NAT port of a flow: the node's own, untouched.
+    let other = udp_csum(OUTSIDE, OUR_IP, 53, 61002, b"stray");
+    let input = arriving(env.ul_mac, OUTSIDE, 17, &other);
+    let (rc, untouched) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &input);
+    assert_eq!((rc, untouched), (TC_ACT_OK, input));
+    assert_counters(
+        &env,
+        &[
+            (Stat::PassNotOverlay, 1),
+            (Stat::MasqForward, 2),
+            (Stat::MasqReverse, 1),
+        ],
+        "masqueraded UDP",
+    );
+});
+
+root_test!(flannels_rules_decide_what_is_masqueraded, || {
+    let mut env = setup_masq(false, (61000, 61003));
+    // Without --ip-masq nothing is (flannel's behaviour).
+    let input = leaving(CLIENT, OUTSIDE, 17, &udp(40000, 53, b"q"));
+    let (rc, out) = run_tc(&mut env, prog_names::TO_UNDERLAY, &input);
+    assert_eq!((rc, &out), (TC_ACT_OK, &input), "not masqueraded");
+    env.cfg.flags |= NODE_CFG_IP_MASQ;
+    let cfg = env.cfg;
+    env.rec.set_node(env.dp.maps(), &cfg).unwrap();
+    let env = &mut env;
+    for (src, dst, what) in [
+        (CLIENT, Ipv4Addr::new(10, 244, 2, 7), "pod to pod"),
+        (
+            CLIENT,
+            Ipv4Addr::new(10, 244, 9, 1),
+            "to the cluster network",
+        ),
+        (CLIENT, Ipv4Addr::new(224, 0, 0, 251), "multicast"),
+        (OUR_IP, OUTSIDE, "the node's own traffic"),
+        (Ipv4Addr::new(10, 244, 2, 7), OUTSIDE, "another node's pod"),
+    ] {
+        let input = leaving(src, dst, 17, &udp(40000, 53, b"q"));
+        let (rc, out) = run_tc(env, prog_names::TO_UNDERLAY, &input);
+        assert_eq!((rc, &out), (TC_ACT_OK, &input), "{what}: untouched");
+    }
+    // TCP: only a SYN opens a mapping; anything else without one belongs
+    // to a connection from outside and leaves as it is.
+    for flags in [TCP_SYN | TCP_ACK, TCP_ACK, TCP_RST, TCP_FIN | TCP_ACK] {
+        let seg = tcp(CLIENT, OUTSIDE, 8080, 50000, 1, 1, flags, b"");
+        let input = leaving(CLIENT, OUTSIDE, 6, &seg);
+        let (rc, out) = run_tc(env, prog_names::TO_UNDERLAY, &input);
+        assert_eq!((rc, &out), (TC_ACT_OK, &input), "flags {flags:#x}");
+    }
+    assert!(masq_flows(env).is_empty());
+    assert_counters(env, &[(Stat::PassMasqNotNew, 4)], "not masqueraded");
+    let syn = tcp(CLIENT, OUTSIDE, 40001, 443, 1, 0, TCP_SYN, b"");
+    let (_, out) = run_tc(
+        env,
+        prog_names::TO_UNDERLAY,
+        &leaving(CLIENT, OUTSIDE, 6, &syn),
+    );
+    let p = parse_eth_ipv4(&out).1;
+    assert_eq!(p.src(), OUR_IP);
+    let nat = p.tcp().source_port;
+    // The rest of the connection, both ways, through its states.
+    let synack = tcp(OUTSIDE, OUR_IP, 443, nat, 7, 2, TCP_SYN | TCP_ACK, b"");
+    let (rc, back) = arrive(env, OUTSIDE, 6, &synack);
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse_eth_ipv4(&back).1;
+    assert_eq!((p.dst(), p.tcp().destination_port), (CLIENT, 40001));
+    let ack = tcp(CLIENT, OUTSIDE, 40001, 443, 2, 8, TCP_ACK, b"data");
+    run_tc(
+        env,
+        prog_names::TO_UNDERLAY,
+        &leaving(CLIENT, OUTSIDE, 6, &ack),
+    );
+    assert_eq!(masq_flows(env)[0].entry.state, CtState::Established as u8);
+});
+
+root_test!(masquerade_ping_rewrites_the_echo_identifier, || {
+    let mut env = setup_masq(true, (61000, 61003));
+    let (rc, out) = run_tc(
+        &mut env,
+        prog_names::TO_UNDERLAY,
+        &leaving(CLIENT, OUTSIDE, PROTO_ICMP, &echo(8, 777, 1)),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    // The ICMP checksum is verified while parsing.
+    let (_, p) = parse_eth_ipv4(&out);
+    assert_eq!(p.src(), OUR_IP);
+    let Icmpv4Type::EchoRequest(e) = p.icmp().icmp_type.clone() else {
+        panic!("{:?}", p.icmp());
+    };
+    assert!(
+        (61000..=61003).contains(&e.id),
+        "id {} from --nat-ports",
+        e.id
+    );
+    assert_eq!(e.seq, 1);
+    let (rc, back) = arrive(&mut env, OUTSIDE, PROTO_ICMP, &echo(0, e.id, 1));
+    assert_eq!(rc, TC_ACT_OK);
+    let (_, p) = parse_eth_ipv4(&back);
+    assert_eq!(p.dst(), CLIENT);
+    let Icmpv4Type::EchoReply(r) = p.icmp().icmp_type.clone() else {
+        panic!("{:?}", p.icmp());
+    };
+    assert_eq!((r.id, r.seq), (777, 1), "the pod's own identifier back");
+    assert_counters(
+        &env,
+        &[(Stat::MasqForward, 1), (Stat::MasqReverse, 1)],
+        "ping",
+    );
+});
+
+root_test!(
+    an_icmp_error_about_a_masqueraded_flow_reaches_the_pod,
+    || {
+        let mut env = setup_masq(true, (61000, 61003));
+        let (_, out) = run_tc(
+            &mut env,
+            prog_names::TO_UNDERLAY,
+            &leaving(
+                CLIENT,
+                OUTSIDE,
+                17,
+                &udp_csum(CLIENT, OUTSIDE, 40000, 9, b"x"),
+            ),
+        );
+        let sent = &out[14..];
+        let nat = parse_ipv4(sent).udp().source_port;
+        let err = icmp_error(3, ICMP_PORT_UNREACH, [0; 4], sent);
+        let (rc, back) = arrive(&mut env, OUTSIDE, PROTO_ICMP, &err);
+        assert_eq!(rc, TC_ACT_OK);
+        let (_, p) = parse_eth_ipv4(&back);
+        assert_eq!(p.dst(), CLIENT, "to the pod");
+        let (q, rest) = parse_quote(&p.payload);
+        assert_eq!(Ipv4Addr::from(q.source), CLIENT, "the pod's packet quoted");
+        assert_eq!(u16::from_be_bytes([rest[0], rest[1]]), 40000);
+        assert_ne!(nat, 40000);
+        assert_eq!(stat(&env, Stat::MasqIcmpReverse), 1);
+    }
+);
+
+root_test!(an_exhausted_port_range_is_a_counted_drop, || {
+    // Two ports: two flows to one destination get them, the third none.
+    let mut env = setup_masq(true, (61000, 61001));
+    let mut ports = Vec::new();
+    for sport in [40000, 40001] {
+        let (rc, out) = run_tc(
+            &mut env,
+            prog_names::TO_UNDERLAY,
+            &leaving(CLIENT, OUTSIDE, 17, &udp(sport, 53, b"q")),
+        );
+        assert_eq!(rc, TC_ACT_OK);
+        ports.push(parse_eth_ipv4(&out).1.udp().source_port);
+    }
+    ports.sort();
+    assert_eq!(ports, [61000, 61001], "each port once");
+    let (rc, _) = run_tc(
+        &mut env,
+        prog_names::TO_UNDERLAY,
+        &leaving(CLIENT, OUTSIDE, 17, &udp(40002, 53, b"q")),
+    );
+    assert_eq!(rc, TC_ACT_SHOT, "no port left");
+    assert_eq!(stat(&env, Stat::DropMasqExhausted), 1);
+    // Ports are per destination: another one still has both.
+    let (rc, _) = run_tc(
+        &mut env,
+        prog_names::TO_UNDERLAY,
+        &leaving(CLIENT, OUTSIDE, 17, &udp(40002, 54, b"q")),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    // Once the flows expire and are swept, the ports are free again.
+    set_timeouts(
+        &mut env,
+        CtTimeouts {
+            udp_unreplied: 1,
+            ..CtTimeouts::DEFAULT
+        },
+    );
+    let t = table(&mut env).timeouts().unwrap();
+    let mut sweeper = Sweeper::new(table(&mut env), t);
+    let r = sweeper.sweep(monotonic_ns() + 2_000_000_000).unwrap();
+    assert_eq!((r.masq_flows, r.masq_expired), (3, 3));
+    assert!(masq_flows(&mut env).is_empty());
+    assert!(table(&mut env).masq_reverse_entries().unwrap().is_empty());
+    let gc = table(&mut env).gc_counters().unwrap();
+    assert!(gc.contains(&(CtGc::MasqExpired, 3)), "{gc:?}");
+    let (rc, _) = run_tc(
+        &mut env,
+        prog_names::TO_UNDERLAY,
+        &leaving(CLIENT, OUTSIDE, 17, &udp(40002, 53, b"q")),
+    );
+    assert_eq!(rc, TC_ACT_OK, "a port again");
+    assert_eq!(stat(&env, Stat::DropMasqExhausted), 1);
+});
+
+root_test!(
+    a_service_flow_to_a_backend_outside_is_masqueraded_without_ip_masq,
+    || {
+        let mut env = setup_masq(false, (61000, 61003));
+        set_frontend(&mut env, svc_key(80, 6), vec![backend(OUTSIDE, 8080)]);
+        // DNAT at the client's port; the kernel routes it out of the cluster
+        // network (pass_local).
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40010));
+        assert_eq!(rc, TC_ACT_OK);
+        let p = parse_eth_ipv4(&out).1;
+        assert_eq!((p.src(), p.dst()), (CLIENT, OUTSIDE));
+        // On the underlay it gets the node's address, as a Service flow.
+        let routed = leaving(CLIENT, OUTSIDE, 6, &out[14..][p.ip.header_len()..]);
+        let (rc, out) = run_tc(&mut env, prog_names::TO_UNDERLAY, &routed);
+        assert_eq!(rc, TC_ACT_OK, "{:?}", nonzero(&env));
+        let p = parse_eth_ipv4(&out).1;
+        assert_eq!((p.src(), p.dst()), (OUR_IP, OUTSIDE));
+        let nat = p.tcp().source_port;
+        let flows = masq_flows(&mut env);
+        assert_eq!(flows[0].entry.flags & MASQ_F_SERVICE, MASQ_F_SERVICE);
+        // The backend's answer: back to the pod on the underlay, then to the
+        // ClusterIP where the host stack hands it to the pod.
+        let synack = tcp(OUTSIDE, OUR_IP, 8080, nat, 9, 1001, TCP_SYN | TCP_ACK, b"");
+        let (_, back) = arrive(&mut env, OUTSIDE, 6, &synack);
+        let p = parse_eth_ipv4(&back).1;
+        assert_eq!((p.src(), p.dst()), (OUTSIDE, CLIENT));
+        let to_pod = eth(POD_MAC, CNI0_MAC, ETH_P_IP, &back[14..]);
+        let (rc, last) = run_tc(&mut env, prog_names::TO_POD, &to_pod);
+        assert_eq!(rc, TC_ACT_OK);
+        let p = parse_eth_ipv4(&last).1;
+        assert_eq!((p.src(), p.dst()), (VIP, CLIENT));
+        assert_eq!((p.tcp().source_port, p.tcp().destination_port), (80, 40010));
+        assert_eq!(
+            state_of(&mut env, 40010),
+            Some(CtState::SynRecv),
+            "the Service flow saw the answer"
+        );
+        assert_counters(
+            &env,
+            &[
+                (Stat::PassLocal, 1),
+                (Stat::SvcForward, 1),
+                (Stat::SvcReverse, 1),
+                (Stat::MasqForward, 1),
+                (Stat::MasqReverse, 1),
+                (Stat::ToPodReverse, 1),
+            ],
+            "a Service backend outside",
+        );
+    }
+);
+
+root_test!(
+    to_pod_translates_a_reply_from_this_nodes_own_address,
+    || {
+        let mut env = setup_masq(false, (61000, 61003));
+        set_frontend(&mut env, svc_key(80, 6), vec![backend(OUR_IP, 8080)]);
+        let (rc, _) = run_tc(&mut env, prog_names::FROM_POD, &syn_to_vip(40020));
+        assert_eq!(rc, TC_ACT_OK, "delivered by the host stack");
+        // The server on the node answers; the host stack sends it to the pod.
+        let synack = tcp(OUR_IP, CLIENT, 8080, 40020, 9, 1001, TCP_SYN | TCP_ACK, b"");
+        let f = eth(
+            POD_MAC,
+            CNI0_MAC,
+            ETH_P_IP,
+            &ipv4(OUR_IP, CLIENT, 6, 0, &synack),
+        );
+        let (rc, out) = run_tc(&mut env, prog_names::TO_POD, &f);
+        assert_eq!(rc, TC_ACT_OK);
+        let p = parse_eth_ipv4(&out).1;
+        assert_eq!((p.src(), p.tcp().source_port), (VIP, 80));
+        // Not a Service reply: untouched.
+        let other = tcp(OUR_IP, CLIENT, 22, 40021, 9, 1001, TCP_ACK, b"");
+        let f = eth(
+            POD_MAC,
+            CNI0_MAC,
+            ETH_P_IP,
+            &ipv4(OUR_IP, CLIENT, 6, 0, &other),
+        );
+        let (rc, out) = run_tc(&mut env, prog_names::TO_POD, &f);
+        assert_eq!((rc, out), (TC_ACT_OK, f));
+        assert!(masq_flows(&mut env).is_empty(), "never masqueraded");
+    }
+);
+
+root_test!(
+    a_pods_udp_answer_to_a_client_outside_is_not_masqueraded,
+    || {
+        let mut env = setup_masq(true, (61000, 61003));
+        // A client outside reaches the pod's address directly (a route to the
+        // pod network): from_underlay records the flow, the kernel delivers it.
+        let q = udp_csum(OUTSIDE, CLIENT, 5000, 53, b"query");
+        let input = eth(
+            env.ul_mac,
+            PEER_UL_MAC,
+            ETH_P_IP,
+            &ipv4(OUTSIDE, CLIENT, 17, 0, &q),
+        );
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &input);
+        assert_eq!((rc, &out), (TC_ACT_OK, &input), "passed as it is");
+        // The pod's answer leaves with its own address.
+        let a = leaving(
+            CLIENT,
+            OUTSIDE,
+            17,
+            &udp_csum(CLIENT, OUTSIDE, 53, 5000, b"answer"),
+        );
+        let (rc, out) = run_tc(&mut env, prog_names::TO_UNDERLAY, &a);
+        assert_eq!((rc, &out), (TC_ACT_OK, &a), "a reply, not a new flow");
+        let flows = masq_flows(&mut env);
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].entry.state, CtState::UdpReplied as u8);
+        assert!(
+            table(&mut env).masq_reverse_entries().unwrap().is_empty(),
+            "nothing to translate back"
+        );
+        // Its own new flow to another port is masqueraded.
+        let n = leaving(CLIENT, OUTSIDE, 17, &udp(53, 5001, b"new"));
+        let (_, out) = run_tc(&mut env, prog_names::TO_UNDERLAY, &n);
+        assert_eq!(parse_eth_ipv4(&out).1.src(), OUR_IP);
+        assert_counters(
+            &env,
+            &[(Stat::PassNotOverlay, 1), (Stat::MasqForward, 1)],
+            "inbound UDP",
+        );
+    }
+);

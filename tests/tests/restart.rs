@@ -648,8 +648,9 @@ fn uninstall_leaves_nothing() {
     c.ping(0, 0, dst, 2).unwrap();
     let pin = c.nodes[0].pin_path.clone();
     let links = pinned_links(&pin);
-    // from_underlay on the underlay, from_pod on the one pod port.
-    assert_eq!(links.len(), 2, "{links:?}");
+    // from_underlay and to_underlay on the underlay, from_pod on the one
+    // pod port, to_pod on the bridge.
+    assert_eq!(links.len(), 4, "{links:?}");
     for (link, prog) in &links {
         assert!(bpftool_ok(&["link", "show", "id", &link.to_string()]));
         assert!(bpftool_ok(&["prog", "show", "id", &prog.to_string()]));

@@ -25,6 +25,7 @@ pub mod cni;
 pub mod forwarding;
 pub mod hostnet;
 pub(crate) mod instance;
+pub mod nat_ports;
 mod node;
 mod service_guard;
 mod startup;
@@ -67,7 +68,12 @@ pub struct AgentConfig {
     pub bridge: String,
     pub lease_ttl: Duration,
     pub renew_margin: Duration,
+    /// `--ip-masq`: FLANNEL_IPMASQ=true in subnet.env, and pod traffic
+    /// leaving the cluster network masqueraded in BPF.
     pub ip_masq: bool,
+    /// `--nat-ports`: source ports of masqueraded flows (reserved in
+    /// `net.ipv4.ip_local_reserved_ports`).
+    pub nat_ports: nat_ports::NatPorts,
     /// etcd prefix of Services, Endpoints and EndpointSlices.
     pub service_prefix: String,
     /// `--service-cidr` (else the network config's, else the default).
@@ -319,6 +325,8 @@ impl Agent {
             host_mac: self.host.mac,
             netns_cookie: self.netns_cookie,
             bpf_log: self.cfg.bpf_log,
+            ip_masq: self.cfg.ip_masq,
+            nat_ports: (self.cfg.nat_ports.min, self.cfg.nat_ports.max),
         }
     }
 
@@ -569,6 +577,9 @@ impl Agent {
         let ports: Vec<(String, u32)> = ports.into_iter().map(|p| (p.name, p.ifindex)).collect();
         if let Err(e) = self.dp.sync_pod_ports(&ports) {
             self.failed(anyhow!("attaching to pod ports: {e}"));
+        }
+        if let Err(e) = self.dp.attach_bridge(&self.cfg.bridge, self.bridge.ifindex) {
+            self.failed(anyhow!("attaching to the bridge: {e}"));
         }
     }
 }

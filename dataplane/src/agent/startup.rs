@@ -203,6 +203,7 @@ pub(super) async fn start(
     subnet_env.ensure(lease.subnet, mtu)?;
 
     super::forwarding::enable()?;
+    super::nat_ports::reserve(cfg.nat_ports)?;
     let mut dp = Dataplane::load(&LoadOptions {
         pin_path: Some(&cfg.pin_path),
         bpf_log: cfg.bpf_log,

@@ -1,8 +1,10 @@
 //! Attaching the programs: decapsulation on the underlay (TC ingress, plus
-//! XDP in XDP mode) and `from_pod` on the ingress of every pod port: the
-//! bridge's ports (kept equal to the bridge's list) and CNI pods' devices
-//! (attached and detached one by one as pods are registered). TC programs
-//! are attached as tcx links, XDP as an XDP link.
+//! XDP in XDP mode) and masquerade on its egress (`to_underlay`),
+//! `from_pod` on the ingress of every pod port: the bridge's ports (kept
+//! equal to the bridge's list) and CNI pods' devices (attached and
+//! detached one by one as pods are registered), and `to_pod` on the
+//! egress of the bridge and of CNI pods' devices. TC programs are
+//! attached as tcx links, XDP as an XDP link.
 //!
 //! With a pin path every link is pinned under `<pin-path>/links/`, named
 //! after its role and the device's ifindex ([`LinkRole::pin_name`]), so it
@@ -109,15 +111,25 @@ pub enum LinkRole {
     /// One of the cgroup socket programs ([`prog_names::SOCK`]) on
     /// `--cgroup-path`; one link each, pinned under the program's name.
     Sock(&'static str),
+    /// `to_underlay` on the underlay (tcx egress): masquerade.
+    UnderlayEgress,
+    /// `to_pod` on the bridge (tcx egress): what the host stack sends to
+    /// bridge pods.
+    BridgeEgress,
+    /// `to_pod` on a CNI pod's host-side device (tcx egress).
+    CniPodEgress,
 }
 
 impl LinkRole {
-    const ALL: [LinkRole; 5] = [
+    const ALL: [LinkRole; 8] = [
         LinkRole::UnderlayTc,
         LinkRole::UnderlayXdp,
         LinkRole::PodPort,
         LinkRole::CniPod,
         LinkRole::HostTc,
+        LinkRole::UnderlayEgress,
+        LinkRole::BridgeEgress,
+        LinkRole::CniPodEgress,
     ];
 
     fn prefix(self) -> &'static str {
@@ -128,6 +140,9 @@ impl LinkRole {
             LinkRole::CniPod => "cni_pod",
             LinkRole::HostTc => "host_tc",
             LinkRole::Sock(name) => name,
+            LinkRole::UnderlayEgress => "underlay_egress",
+            LinkRole::BridgeEgress => "bridge_egress",
+            LinkRole::CniPodEgress => "cni_pod_egress",
         }
     }
 
@@ -138,6 +153,19 @@ impl LinkRole {
             LinkRole::PodPort | LinkRole::CniPod => prog_names::FROM_POD,
             LinkRole::HostTc => prog_names::FROM_HOST,
             LinkRole::Sock(name) => name,
+            LinkRole::UnderlayEgress => prog_names::TO_UNDERLAY,
+            LinkRole::BridgeEgress | LinkRole::CniPodEgress => prog_names::TO_POD,
+        }
+    }
+
+    /// The tcx hook of a TC role (XDP and cgroup roles have none).
+    fn tc_hook(self) -> TcAttachType {
+        match self {
+            LinkRole::HostTc
+            | LinkRole::UnderlayEgress
+            | LinkRole::BridgeEgress
+            | LinkRole::CniPodEgress => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
         }
     }
 
@@ -145,9 +173,11 @@ impl LinkRole {
     pub(super) fn hook(self) -> &'static str {
         match self {
             LinkRole::UnderlayXdp => "xdp",
-            LinkRole::HostTc => "tcx egress",
             LinkRole::Sock(_) => "cgroup",
-            _ => "tcx ingress",
+            _ => match self.tc_hook() {
+                TcAttachType::Egress => "tcx egress",
+                _ => "tcx ingress",
+            },
         }
     }
 
@@ -204,6 +234,10 @@ pub(super) struct Attachments {
     pod_links: HashMap<String, (u32, Held)>,
     /// CNI pods' host-side devices, by ifindex (with the name attached to).
     cni_links: HashMap<u32, (String, Held)>,
+    /// `to_pod` on CNI pods' host-side devices, by ifindex.
+    cni_egress: HashMap<u32, Held>,
+    /// `to_pod` on the bridge, with its ifindex.
+    bridge: Option<(u32, Held)>,
     underlay: Option<Underlay>,
     /// `from_host` on the host overlay device.
     host: Option<Held>,
@@ -215,6 +249,8 @@ struct Underlay {
     iface: String,
     tc: Held,
     xdp: Option<Held>,
+    /// `to_underlay` (masquerade).
+    egress: Held,
 }
 
 fn classifier<'a>(
@@ -276,14 +312,14 @@ pub(super) fn list_pins(dir: &Path) -> Result<BTreeMap<String, PathBuf>, AttachE
 /// A program's way of making and taking links, for [`attach`].
 trait LinkProgram {
     type Link: TryFrom<FdLink, Error = LinkError> + TryInto<FdLink, Error = LinkError>;
-    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError>;
+    fn attach_new(&mut self, iface: &str, role: LinkRole) -> Result<Self::Link, ProgramError>;
     fn replace(&mut self, link: Self::Link) -> Result<Self::Link, ProgramError>;
 }
 
 impl LinkProgram for SchedClassifier {
     type Link = SchedClassifierLink;
-    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError> {
-        let id = self.attach(iface, TcAttachType::Ingress)?;
+    fn attach_new(&mut self, iface: &str, role: LinkRole) -> Result<Self::Link, ProgramError> {
+        let id = self.attach(iface, role.tc_hook())?;
         self.take_link(id)
     }
     fn replace(&mut self, link: Self::Link) -> Result<Self::Link, ProgramError> {
@@ -292,24 +328,9 @@ impl LinkProgram for SchedClassifier {
     }
 }
 
-/// `from_host` is attached to the egress of its device.
-struct Egress<'a>(&'a mut SchedClassifier);
-
-impl LinkProgram for Egress<'_> {
-    type Link = SchedClassifierLink;
-    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError> {
-        let id = self.0.attach(iface, TcAttachType::Egress)?;
-        self.0.take_link(id)
-    }
-    fn replace(&mut self, link: Self::Link) -> Result<Self::Link, ProgramError> {
-        let id = self.0.attach_to_link(link)?;
-        self.0.take_link(id)
-    }
-}
-
 impl LinkProgram for Xdp {
     type Link = XdpLink;
-    fn attach_new(&mut self, iface: &str) -> Result<Self::Link, ProgramError> {
+    fn attach_new(&mut self, iface: &str, _role: LinkRole) -> Result<Self::Link, ProgramError> {
         let id = self.attach(iface, XdpMode::Default)?;
         self.take_link(id)
     }
@@ -413,7 +434,7 @@ impl Attachments {
             iface: iface.to_owned(),
             source,
         };
-        let link = prog.attach_new(iface).map_err(attach_err)?;
+        let link = prog.attach_new(iface, role).map_err(attach_err)?;
         let link: FdLink = link.try_into().map_err(|source| AttachError::NotPinnable {
             program,
             iface: iface.to_owned(),
@@ -470,6 +491,7 @@ impl Attachments {
     ) -> Result<(), AttachError> {
         if let Some(old) = self.underlay.take() {
             old.tc.detach();
+            old.egress.detach();
             if let Some(x) = old.xdp {
                 x.detach();
             }
@@ -488,12 +510,40 @@ impl Attachments {
             }
             Decap::Tc => None,
         };
-        info!("decapsulation attached to {iface} ({mode:?} mode)");
+        let egress = self.attach(
+            classifier(ebpf, prog_names::TO_UNDERLAY)?,
+            LinkRole::UnderlayEgress,
+            iface,
+            idx,
+        )?;
+        info!("decapsulation attached to {iface} ({mode:?} mode), masquerade on its egress");
         self.underlay = Some(Underlay {
             iface: iface.to_owned(),
             tc,
             xdp,
+            egress,
         });
+        Ok(())
+    }
+
+    /// Attaches `to_pod` to the bridge's egress (what the host stack sends
+    /// to bridge pods), unless it is attached to this ifindex already.
+    pub(super) fn attach_bridge(
+        &mut self,
+        ebpf: &mut Ebpf,
+        name: &str,
+        ifindex: u32,
+    ) -> Result<(), AttachError> {
+        if self.bridge.as_ref().is_some_and(|(i, _)| *i == ifindex) {
+            return Ok(());
+        }
+        if let Some((_, old)) = self.bridge.take() {
+            old.detach();
+        }
+        let prog = classifier(ebpf, prog_names::TO_POD)?;
+        let held = self.attach(prog, LinkRole::BridgeEgress, name, ifindex)?;
+        self.bridge = Some((ifindex, held));
+        info!("attached {} to {name} (egress)", prog_names::TO_POD);
         Ok(())
     }
 
@@ -560,13 +610,27 @@ impl Attachments {
         }
         let held = self.attach(prog, LinkRole::CniPod, name, ifindex)?;
         self.cni_links.insert(ifindex, (name.to_owned(), held));
-        info!("attached {} to CNI pod device {name}", prog_names::FROM_POD);
+        if let Some(old) = self.cni_egress.remove(&ifindex) {
+            // Its pin stays for `attach` to adopt.
+            drop(old.link);
+        }
+        let prog = classifier(ebpf, prog_names::TO_POD)?;
+        let egress = self.attach(prog, LinkRole::CniPodEgress, name, ifindex)?;
+        self.cni_egress.insert(ifindex, egress);
+        info!(
+            "attached {} and {} to CNI pod device {name}",
+            prog_names::FROM_POD,
+            prog_names::TO_POD
+        );
         Ok(())
     }
 
     /// Detaches `from_pod` from a CNI pod's device, if attached; a device
     /// that is gone took the attachment with it (its pin goes here).
     pub(super) fn detach_cni_pod(&mut self, ifindex: u32) {
+        if let Some(held) = self.cni_egress.remove(&ifindex) {
+            held.detach();
+        }
         if let Some((name, held)) = self.cni_links.remove(&ifindex) {
             held.detach();
             info!(
@@ -587,7 +651,7 @@ impl Attachments {
             drop(old.link);
         }
         let prog = classifier(ebpf, prog_names::FROM_HOST)?;
-        let held = self.attach(&mut Egress(prog), LinkRole::HostTc, iface, ifindex)?;
+        let held = self.attach(prog, LinkRole::HostTc, iface, ifindex)?;
         info!("attached {} to {iface} (egress)", prog_names::FROM_HOST);
         self.host = Some(held);
         Ok(())

@@ -13,6 +13,7 @@ use dataplane_common::{
     Backend, CtEntry, CtKey, PROTO_TCP, RnatEntry,
     ct::{self, CT_F_MIGRATED, CT_F_SEEN_REPLY, CT_GC_LEN, CtGc, CtState, CtTimeouts},
     map_names,
+    masq::{self, MasqEntry, MasqRev},
 };
 
 use super::{
@@ -45,6 +46,30 @@ impl Flow {
     }
 }
 
+/// One masqueraded flow: its forward key (pod -> outside, as sent) and
+/// entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MasqFlow {
+    pub key: CtKey,
+    pub entry: MasqEntry,
+}
+
+impl MasqFlow {
+    /// The key of its reverse entry (the reply as it arrives).
+    pub fn reply_key(&self) -> CtKey {
+        masq::reply_key(&self.key, self.entry.nat_addr, self.entry.nat_port)
+    }
+
+    /// Its reverse entry.
+    pub fn rev(&self) -> MasqRev {
+        MasqRev {
+            pod: self.key.saddr,
+            pod_port: self.key.sport,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// The clock of `bpf_ktime_get_ns` (CLOCK_MONOTONIC), in nanoseconds.
 pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime into a zeroed timespec.
@@ -59,10 +84,17 @@ fn open_pinned(pin_path: &Path, name: &str) -> Result<MapData, MapError> {
     MapData::from_pin(&path).map_err(|source| MapError::Pinned { path, source })
 }
 
-/// The two conntrack maps and the sweeper's counters.
+/// The conntrack maps (Service flows, masqueraded flows) and the
+/// sweeper's counters.
 pub struct CtTable {
     ct: HashMap<MapData, CtKey, CtEntry>,
     rnat: HashMap<MapData, CtKey, RnatEntry>,
+    /// `masq_v1` and `masq_rev_v1`; `None` in the pins of a release
+    /// without masquerade.
+    masq: Option<(
+        HashMap<MapData, CtKey, MasqEntry>,
+        HashMap<MapData, CtKey, MasqRev>,
+    )>,
     gc: Array<MapData, u64>,
     cfg: Array<MapData, CtTimeouts>,
     max_entries: u32,
@@ -81,11 +113,20 @@ impl CtTable {
         rnat: MapData,
         gc: MapData,
         cfg: MapData,
+        masq: Option<(MapData, MapData)>,
     ) -> Result<CtTable, MapError> {
         let max_entries = ct.info()?.max_entries();
+        let masq = match masq {
+            Some((fwd, rev)) => Some((
+                HashMap::try_from(Map::HashMap(fwd))?,
+                HashMap::try_from(Map::HashMap(rev))?,
+            )),
+            None => None,
+        };
         Ok(CtTable {
             ct: HashMap::try_from(Map::HashMap(ct))?,
             rnat: HashMap::try_from(Map::HashMap(rnat))?,
+            masq,
             gc: Array::try_from(Map::Array(gc))?,
             cfg: Array::try_from(Map::Array(cfg))?,
             max_entries,
@@ -104,7 +145,75 @@ impl CtTable {
             open_pinned(pin_path, map_names::RNAT)?,
             open_pinned(pin_path, map_names::CT_GC)?,
             open_pinned(pin_path, map_names::CT_CONFIG)?,
+            if pin_path.join(map_names::MASQ).exists() {
+                Some((
+                    open_pinned(pin_path, map_names::MASQ)?,
+                    open_pinned(pin_path, map_names::MASQ_REV)?,
+                ))
+            } else {
+                None
+            },
         )
+    }
+
+    /// Every masqueraded flow (none without the masquerade maps).
+    pub fn masq_flows(&self) -> Result<Vec<MasqFlow>, MapError> {
+        let Some((fwd, _)) = &self.masq else {
+            return Ok(Vec::new());
+        };
+        fwd.iter()
+            .map(|r| {
+                r.map(|(key, entry)| MasqFlow { key, entry })
+                    .map_err(MapError::from)
+            })
+            .collect()
+    }
+
+    /// Every masquerade reverse entry.
+    pub fn masq_reverse_entries(&self) -> Result<Vec<(CtKey, MasqRev)>, MapError> {
+        let Some((_, rev)) = &self.masq else {
+            return Ok(Vec::new());
+        };
+        rev.iter().map(|r| r.map_err(MapError::from)).collect()
+    }
+
+    /// The entry of one masqueraded flow, if it has one.
+    pub fn masq_entry(&self, key: &CtKey) -> Result<Option<MasqEntry>, MapError> {
+        let Some((fwd, _)) = &self.masq else {
+            return Ok(None);
+        };
+        match fwd.get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(e) => match MapError::from(e) {
+                MapError::NotFound => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Removes a masqueraded flow, both directions. Already gone is fine.
+    pub fn remove_masq_flow(&mut self, flow: &MasqFlow) -> Result<(), MapError> {
+        let Some((fwd, rev)) = &mut self.masq else {
+            return Ok(());
+        };
+        for r in [fwd.remove(&flow.key), rev.remove(&flow.reply_key())] {
+            match r.map_err(MapError::from) {
+                Ok(()) | Err(MapError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes one masquerade reverse entry. Already gone is fine.
+    pub fn remove_masq_reverse(&mut self, key: &CtKey) -> Result<(), MapError> {
+        let Some((_, rev)) = &mut self.masq else {
+            return Ok(());
+        };
+        match rev.remove(key).map_err(MapError::from) {
+            Ok(()) | Err(MapError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The table's size (`--ct-max` of the agent that made it).

@@ -146,7 +146,8 @@ pub struct PinnedProgram {
     pub pin: String,
     /// The program (`from_pod`), as the pin's role says.
     pub program: String,
-    /// Where and how: `tcx ingress` or `xdp`, from the kernel's link info.
+    /// Where and how: `tcx ingress`, `tcx egress` or `xdp`, from the
+    /// kernel's link info (the direction from the pin's role).
     pub hook: String,
     /// The device, by the pin's name.
     pub ifindex: u32,

@@ -163,6 +163,8 @@ pub(super) fn load(opts: &LoadOptions) -> Result<(Ebpf, Maps), LoadError> {
         prog_names::FROM_POD,
         prog_names::FROM_UNDERLAY,
         prog_names::FROM_HOST,
+        prog_names::TO_UNDERLAY,
+        prog_names::TO_POD,
     ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)

@@ -26,6 +26,7 @@ use dataplane_common::{
     VipKey,
     ct::{CT_GC_LEN, CtTimeouts},
     map_names,
+    masq::{MasqEntry, MasqRev},
 };
 use ipnet::Ipv4Net;
 
@@ -164,11 +165,24 @@ pub const LAYOUTS: &[(&str, Layout)] = &[
         map_names::SOCK_FWD,
         Layout::new::<SockFwdKey, Backend>(MapType::LruHash, SOCK_LB_MAX),
     ),
+    (
+        map_names::MASQ,
+        Layout::new::<CtKey, MasqEntry>(MapType::Hash, CT_MAX),
+    ),
+    (
+        map_names::MASQ_REV,
+        Layout::new::<CtKey, MasqRev>(MapType::Hash, CT_MAX),
+    ),
 ];
 
 /// The conntrack maps, whose size is the agent's `--ct-max`, not the
 /// object's default.
-pub const SIZED_BY_CT_MAX: &[&str] = &[map_names::CT, map_names::RNAT];
+pub const SIZED_BY_CT_MAX: &[&str] = &[
+    map_names::CT,
+    map_names::RNAT,
+    map_names::MASQ,
+    map_names::MASQ_REV,
+];
 
 /// [`LAYOUTS`] as a load with `--ct-max` `ct_max` creates the maps.
 pub fn layouts(ct_max: u32) -> Vec<(&'static str, Layout)> {
@@ -435,6 +449,8 @@ pub struct Maps {
     rnat: MapData,
     ct_gc: MapData,
     ct_cfg_read: MapData,
+    masq: MapData,
+    masq_rev: MapData,
 }
 
 fn lpm_key(net: &Ipv4Net) -> Key<[u8; 4]> {
@@ -490,6 +506,8 @@ impl Maps {
             ct: map_data(map_names::CT, take(map_names::CT)?)?,
             rnat: map_data(map_names::RNAT, take(map_names::RNAT)?)?,
             ct_gc: map_data(map_names::CT_GC, take(map_names::CT_GC)?)?,
+            masq: map_data(map_names::MASQ, take(map_names::MASQ)?)?,
+            masq_rev: map_data(map_names::MASQ_REV, take(map_names::MASQ_REV)?)?,
         })
     }
 
@@ -560,6 +578,7 @@ impl Maps {
             dup(&self.rnat)?,
             dup(&self.ct_gc)?,
             dup(&self.ct_cfg_read)?,
+            Some((dup(&self.masq)?, dup(&self.masq_rev)?)),
         )
     }
 

@@ -41,7 +41,7 @@ use dataplane_common::{Counter, Stat};
 
 pub use attach::{AttachError, Decap};
 pub use bpffs::{BpffsError, Removed, ensure_bpffs, uninstall};
-pub use ct::{CtTable, Flow};
+pub use ct::{CtTable, Flow, MasqFlow};
 pub use inspect::{MapFill, PinnedProgram, fill_levels, map_fill, pinned_programs};
 pub use load::{LoadError, LoadOptions};
 pub use logs::BpfLog;
@@ -130,6 +130,11 @@ impl Dataplane {
     /// directory `cgroup`.
     pub fn attach_sock(&mut self, cgroup: &Path) -> Result<(), AttachError> {
         self.attached.attach_sock(&mut self.ebpf, cgroup)
+    }
+
+    /// See [`attach`]: `to_pod` on the bridge's egress (idempotent).
+    pub fn attach_bridge(&mut self, name: &str, ifindex: u32) -> Result<(), AttachError> {
+        self.attached.attach_bridge(&mut self.ebpf, name, ifindex)
     }
 
     /// Makes `from_pod` attached to exactly these pod ports (by name and

@@ -1,7 +1,10 @@
-//! `dataplane conntrack list|flush`: flows as rows (client, frontend,
-//! backend, state, age, idle, Service), the Service named through etcd
-//! when it is reachable (a flow's forward key is its frontend:
-//! ClusterIP, port, protocol), by its frontend and service id otherwise.
+//! `dataplane conntrack list|flush`: flows as rows (kind, client,
+//! frontend, backend, state, age, idle, Service), the Service named
+//! through etcd when it is reachable (a flow's forward key is its
+//! frontend: ClusterIP, port, protocol), by its frontend and service id
+//! otherwise. Masqueraded flows (kind `masq`) show the pod as client, the
+//! destination as frontend and backend, and the address and port they
+//! leave with as `nat`.
 
 use std::{
     collections::BTreeMap,
@@ -11,11 +14,12 @@ use std::{
 use dataplane_common::{
     CtKey, PROTO_TCP,
     ct::{self, CT_F_MIGRATED, CT_F_PICKED_UP, CtState, CtTimeouts},
+    masq::{MASQ_F_INBOUND, MASQ_F_SERVICE, PROTO_ICMP},
 };
 use serde::Serialize;
 
 use crate::{
-    bpf::{CtTable, Flow, MapError},
+    bpf::{CtTable, Flow, MapError, MasqFlow},
     services::{Frontend, Proto, ServiceName, ServiceStore},
 };
 
@@ -63,6 +67,8 @@ fn frontend_of(key: &CtKey) -> Option<Frontend> {
 /// One flow as `dataplane conntrack list` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FlowRow {
+    /// `service` (a ClusterIP flow) or `masq` (a masqueraded flow).
+    pub kind: &'static str,
     pub proto: &'static str,
     pub client: SocketAddrV4,
     pub frontend: SocketAddrV4,
@@ -80,9 +86,53 @@ pub struct FlowRow {
     pub svc_id: u32,
     /// `namespace/name`, when etcd was reachable and knows the frontend.
     pub service: Option<String>,
-    /// `picked-up` (mid-stream, no SYN seen), `migrated` (from ct_v1).
+    /// The address and port a masqueraded flow leaves with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<SocketAddrV4>,
+    /// `picked-up` (mid-stream, no SYN seen), `migrated` (from ct_v1),
+    /// `service-backend` (a masqueraded Service flow to a backend outside
+    /// the cluster network), `inbound, not translated` (UDP from outside
+    /// straight to a pod: its answers leave unmasqueraded).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<&'static str>,
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "TCP",
+        PROTO_ICMP => "ICMP",
+        _ => "UDP",
+    }
+}
+
+fn masq_row(f: &MasqFlow, now_ns: u64, t: &CtTimeouts) -> FlowRow {
+    let (k, e) = (&f.key, &f.entry);
+    let state = CtState::from_u8(e.state);
+    let idle = ct::idle_ns(e.last_seen_ns, now_ns);
+    let timeout_ns = state.map_or(0, |s| u64::from(t.secs(s)) * 1_000_000_000);
+    let mut notes = Vec::new();
+    if e.flags & MASQ_F_SERVICE != 0 {
+        notes.push("service-backend");
+    }
+    if e.flags & MASQ_F_INBOUND != 0 {
+        notes.push("inbound, not translated");
+    }
+    FlowRow {
+        kind: "masq",
+        proto: proto_name(k.proto),
+        client: sock(k.saddr, k.sport),
+        frontend: sock(k.daddr, k.dport),
+        backend: sock(k.daddr, k.dport),
+        snat: None,
+        state: state.map_or("unknown", CtState::name),
+        age_s: ct::idle_ns(e.created_ns, now_ns) / 1_000_000_000,
+        idle_s: idle / 1_000_000_000,
+        expires_in_s: timeout_ns.saturating_sub(idle) / 1_000_000_000,
+        svc_id: 0,
+        service: None,
+        nat: Some(sock(e.nat_addr, e.nat_port)),
+        notes,
+    }
 }
 
 fn sock(ip: [u8; 4], port: [u8; 2]) -> SocketAddrV4 {
@@ -102,7 +152,8 @@ fn row(f: &Flow, now_ns: u64, t: &CtTimeouts, services: Option<&ServiceIndex>) -
         notes.push("migrated");
     }
     FlowRow {
-        proto: if k.proto == PROTO_TCP { "TCP" } else { "UDP" },
+        kind: "service",
+        proto: proto_name(k.proto),
         client: sock(k.saddr, k.sport),
         frontend: sock(k.daddr, k.dport),
         backend: sock(e.backend.ip, e.backend.port),
@@ -115,13 +166,15 @@ fn row(f: &Flow, now_ns: u64, t: &CtTimeouts, services: Option<&ServiceIndex>) -
         service: services
             .and_then(|s| s.service_of(k))
             .map(|n| n.to_string()),
+        nat: None,
         notes,
     }
 }
 
 /// The flows of the table, live ones only (an expired entry the sweeper
 /// has not removed yet is absent to the data path too), optionally only
-/// those of `only`, sorted by frontend then client.
+/// those of `only` (Service flows, then), sorted by kind, frontend, then
+/// client; masqueraded flows follow the Service flows.
 pub fn rows(
     table: &CtTable,
     now_ns: u64,
@@ -137,6 +190,16 @@ pub fn rows(
         .map(|f| row(f, now_ns, timeouts, services))
         .collect();
     out.sort_by_key(|r| (r.frontend, r.client, r.proto));
+    if only.is_none() {
+        let mut masq: Vec<FlowRow> = table
+            .masq_flows()?
+            .iter()
+            .filter(|f| !ct::is_expired(f.entry.state, f.entry.last_seen_ns, now_ns, timeouts))
+            .map(|f| masq_row(f, now_ns, timeouts))
+            .collect();
+        masq.sort_by_key(|r| (r.frontend, r.client, r.proto));
+        out.extend(masq);
+    }
     Ok(out)
 }
 
@@ -162,22 +225,33 @@ pub fn flush(
         }
     }
     table.add_gc_counter(ct::CtGc::Flushed, n)?;
+    if only.is_none() {
+        let mut m = 0;
+        for f in table.masq_flows()? {
+            table.remove_masq_flow(&f)?;
+            m += 1;
+        }
+        table.add_gc_counter(ct::CtGc::MasqFlushed, m)?;
+        n += m;
+    }
     Ok(n)
 }
 
 /// The rows as a table for a terminal.
 pub fn render(rows: &[FlowRow]) -> String {
     let mut s = format!(
-        "{:<5} {:<21} {:<21} {:<21} {:<13} {:>8} {:>8} {:>8}  SERVICE\n",
-        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE", "AGE(s)", "IDLE(s)", "EXP(s)"
+        "{:<7} {:<5} {:<21} {:<21} {:<21} {:<13} {:>8} {:>8} {:>8}  SERVICE\n",
+        "KIND", "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE", "AGE(s)", "IDLE(s)", "EXP(s)"
     );
     for r in rows {
-        let service = r
-            .service
-            .clone()
-            .unwrap_or_else(|| format!("(svc id {})", r.svc_id));
+        let service = match (&r.service, r.nat) {
+            (Some(s), _) => s.clone(),
+            (None, Some(nat)) => format!("(leaves as {nat})"),
+            (None, None) => format!("(svc id {})", r.svc_id),
+        };
         let mut line = format!(
-            "{:<5} {:<21} {:<21} {:<21} {:<13} {:>8} {:>8} {:>8}  {service}",
+            "{:<7} {:<5} {:<21} {:<21} {:<21} {:<13} {:>8} {:>8} {:>8}  {service}",
+            r.kind,
             r.proto,
             r.client.to_string(),
             r.frontend.to_string(),

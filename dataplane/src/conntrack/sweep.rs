@@ -19,10 +19,11 @@ use std::{
 use dataplane_common::{
     CtEntry, CtKey, RnatEntry, Stat,
     ct::{self, CtGc, CtTimeouts},
+    masq::{self, MasqEntry, MasqRev},
 };
 use log::{debug, error, info, warn};
 
-use crate::bpf::{CtTable, Flow, MapError};
+use crate::bpf::{CtTable, Flow, MapError, MasqFlow};
 
 /// Why a flow is removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +90,41 @@ pub fn orphans(
         .collect()
 }
 
+/// Masqueraded flows whose state's timeout passed. (No early drop: a
+/// full masquerade table drops new flows, `drop_masq_full`, until
+/// flows expire.)
+pub fn masq_expired(flows: &[MasqFlow], now_ns: u64, t: &CtTimeouts) -> Vec<MasqFlow> {
+    flows
+        .iter()
+        .filter(|f| ct::is_expired(f.entry.state, f.entry.last_seen_ns, now_ns, t))
+        .copied()
+        .collect()
+}
+
+/// Masquerade reverse entries that no live flow points back at (the
+/// flow they name is missing, expired, or left with another port).
+pub fn masq_orphans(
+    reverse: &[(CtKey, MasqRev)],
+    flows: &HashMap<CtKey, MasqEntry>,
+    now_ns: u64,
+    t: &CtTimeouts,
+) -> Vec<CtKey> {
+    reverse
+        .iter()
+        .filter(|(key, r)| {
+            let fwd = masq::forward_key(key, r);
+            match flows.get(&fwd) {
+                Some(e) => {
+                    ct::is_expired(e.state, e.last_seen_ns, now_ns, t)
+                        || masq::reply_key(&fwd, e.nat_addr, e.nat_port) != *key
+                }
+                None => true,
+            }
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
 /// The data path stores a flow's reverse entry just before its forward
 /// one, so a sweep can see the first without the second. An orphan is
 /// removed only when the previous sweep saw it orphaned too. Returns
@@ -109,6 +145,10 @@ pub struct SweepReport {
     pub orphans: u64,
     /// Planned removals skipped because the data path touched the entry.
     pub skipped: u64,
+    /// Masqueraded flows in the table before the sweep.
+    pub masq_flows: u64,
+    pub masq_expired: u64,
+    pub masq_orphans: u64,
 }
 
 /// Runs sweeps on a table and keeps its counters (`ct_gc_v1`).
@@ -116,6 +156,7 @@ pub struct Sweeper {
     table: CtTable,
     timeouts: CtTimeouts,
     suspects: HashSet<CtKey>,
+    masq_suspects: HashSet<CtKey>,
 }
 
 impl Sweeper {
@@ -124,6 +165,7 @@ impl Sweeper {
             table,
             timeouts,
             suspects: HashSet::new(),
+            masq_suspects: HashSet::new(),
         }
     }
 
@@ -163,7 +205,11 @@ impl Sweeper {
             self.table.remove_reverse(&key)?;
             report.orphans += 1;
         }
+        let live_masq = self.sweep_masq(now_ns, &mut report)?;
         let t = &mut self.table;
+        t.add_gc_counter(CtGc::MasqExpired, report.masq_expired)?;
+        t.add_gc_counter(CtGc::MasqOrphanReply, report.masq_orphans)?;
+        t.set_gc_counter(CtGc::MasqEntries, live_masq)?;
         t.add_gc_counter(CtGc::Sweeps, 1)?;
         t.add_gc_counter(CtGc::Expired, report.expired)?;
         t.add_gc_counter(CtGc::EarlyDrop, report.early_dropped)?;
@@ -175,6 +221,38 @@ impl Sweeper {
             .unwrap_or_default();
         t.set_gc_counter(CtGc::LastSweepUnix, unix)?;
         Ok(report)
+    }
+}
+
+impl Sweeper {
+    /// The masquerade part of a sweep: expired flows, then confirmed
+    /// orphan reverse entries. Returns the flows left.
+    fn sweep_masq(&mut self, now_ns: u64, report: &mut SweepReport) -> Result<u64, MapError> {
+        let flows = self.table.masq_flows()?;
+        report.masq_flows = flows.len() as u64;
+        for f in masq_expired(&flows, now_ns, &self.timeouts) {
+            if self.table.masq_entry(&f.key)? != Some(f.entry) {
+                report.skipped += 1;
+                continue;
+            }
+            self.table.remove_masq_flow(&f)?;
+            report.masq_expired += 1;
+        }
+        let live: HashMap<CtKey, MasqEntry> = self
+            .table
+            .masq_flows()?
+            .into_iter()
+            .map(|f| (f.key, f.entry))
+            .collect();
+        let reverse = self.table.masq_reverse_entries()?;
+        let found = masq_orphans(&reverse, &live, now_ns, &self.timeouts);
+        let (remove, suspects) = confirm_orphans(&self.masq_suspects, found);
+        self.masq_suspects = suspects;
+        for key in remove {
+            self.table.remove_masq_reverse(&key)?;
+            report.masq_orphans += 1;
+        }
+        Ok(live.len() as u64)
     }
 }
 
@@ -223,7 +301,9 @@ pub fn spawn(
                     r.expired,
                     r.flows
                 ),
-                Ok(r) if r.expired + r.orphans > 0 => debug!("conntrack sweep: {r:?}"),
+                Ok(r) if r.expired + r.orphans + r.masq_expired + r.masq_orphans > 0 => {
+                    debug!("conntrack sweep: {r:?}")
+                }
                 Ok(_) => {}
                 Err(e) => {
                     failures += 1;
@@ -338,6 +418,44 @@ mod tests {
         assert_eq!(
             removed(&plan(&picked, 500 * S, &t, 80)),
             [(1000, Reason::EarlyDrop)]
+        );
+    }
+
+    #[test]
+    fn masqueraded_flows_expire_and_their_reverse_entries_follow() {
+        use dataplane_common::{PROTO_UDP, masq::MasqEntry};
+        let t = CtTimeouts::default();
+        let mk = |port: u16, state: CtState, last_seen_s: u64, nat: u16| MasqFlow {
+            key: CtKey {
+                saddr: [10, 244, 1, 5],
+                daddr: [203, 0, 113, 10],
+                sport: port.to_be_bytes(),
+                dport: 53u16.to_be_bytes(),
+                proto: PROTO_UDP,
+                _pad: [0; 3],
+            },
+            entry: MasqEntry {
+                nat_addr: [192, 168, 0, 1],
+                nat_port: nat.to_be_bytes(),
+                state: state as u8,
+                last_seen_ns: last_seen_s * S,
+                ..Default::default()
+            },
+        };
+        let live = mk(1, CtState::UdpReplied, 100, 61_001);
+        let old = mk(2, CtState::UdpUnreplied, 60, 61_002);
+        assert_eq!(masq_expired(&[live, old], 100 * S, &t), [old]);
+        // A reverse entry whose flow left with another port, or is gone.
+        let mut moved = live;
+        moved.entry.nat_port = 61_003u16.to_be_bytes();
+        let reverse: Vec<(CtKey, MasqRev)> = [live, old, moved]
+            .iter()
+            .map(|f| (f.reply_key(), f.rev()))
+            .collect();
+        let flows: HashMap<CtKey, MasqEntry> = [(live.key, live.entry)].into_iter().collect();
+        assert_eq!(
+            masq_orphans(&reverse, &flows, 100 * S, &t),
+            [old.reply_key(), moved.reply_key()]
         );
     }
 

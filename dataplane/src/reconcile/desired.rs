@@ -6,8 +6,8 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use dataplane_common::{
-    Backend, EndpointInfo, NODE_CFG_BPF_LOG, NODE_CFG_READY, NodeConfig, PROTO_TCP, PROTO_UDP,
-    PodPortInfo, SvcKey,
+    Backend, EndpointInfo, NODE_CFG_BPF_LOG, NODE_CFG_IP_MASQ, NODE_CFG_READY, NodeConfig,
+    PROTO_TCP, PROTO_UDP, PodPortInfo, SvcKey,
 };
 use ipnet::Ipv4Net;
 use log::warn;
@@ -138,11 +138,17 @@ pub struct NodeFacts {
     pub netns_cookie: u64,
     /// `--bpf-log`.
     pub bpf_log: bool,
+    /// `--ip-masq`.
+    pub ip_masq: bool,
+    /// `--nat-ports`, inclusive, host byte order.
+    pub nat_ports: (u16, u16),
 }
 
 /// The node config entry for these facts.
 pub fn node_config(n: &NodeFacts) -> NodeConfig {
-    let flags = NODE_CFG_READY | if n.bpf_log { NODE_CFG_BPF_LOG } else { 0 };
+    let flags = NODE_CFG_READY
+        | if n.bpf_log { NODE_CFG_BPF_LOG } else { 0 }
+        | if n.ip_masq { NODE_CFG_IP_MASQ } else { 0 };
     NodeConfig {
         flags,
         vni: n.vni,
@@ -161,7 +167,9 @@ pub fn node_config(n: &NodeFacts) -> NodeConfig {
         _pad: [0; 2],
         host_ifindex: n.host_ifindex,
         host_mac: n.host_mac,
-        _pad2: [0; 6],
+        nat_port_min: n.nat_ports.0,
+        nat_port_max: n.nat_ports.1,
+        _pad2: [0; 2],
         netns_cookie: n.netns_cookie,
     }
 }

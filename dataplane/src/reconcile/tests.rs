@@ -1261,8 +1261,11 @@ fn node_config_carries_the_bpf_log_bit_only_when_asked() {
         host_mac: [2, 0xdd, 10, 244, 3, 1],
         netns_cookie: 0x1234_5678_9abc,
         bpf_log: false,
+        ip_masq: false,
+        nat_ports: (61000, 65535),
     };
     let c = desired::node_config(&facts);
+    assert_eq!((c.nat_port_min, c.nat_port_max), (61000, 65535));
     assert_eq!(c.flags, NODE_CFG_READY);
     assert_eq!(
         (c.host_ifindex, c.host_mac, c.netns_cookie),
@@ -1283,6 +1286,11 @@ fn node_config_carries_the_bpf_log_bit_only_when_asked() {
         ..facts
     });
     assert_eq!(c.flags, NODE_CFG_READY | NODE_CFG_BPF_LOG);
+    let c = desired::node_config(&NodeFacts {
+        ip_masq: true,
+        ..facts
+    });
+    assert_eq!(c.flags, NODE_CFG_READY | dataplane_common::NODE_CFG_IP_MASQ);
 }
 
 #[test]
