@@ -15,7 +15,7 @@ use network_types::eth::EthHdr;
 use crate::{
     ecn,
     forward::{redirect_to_bridge, redirect_to_pod},
-    lb,
+    lb, nodeport,
     parse::ptr_at,
     stats::count,
     ttl,
@@ -45,10 +45,16 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
                 Err(action) => action,
             };
         }
-        Some(XDP_META_TO_HOST) => return TC_ACT_OK,
+        Some(XDP_META_TO_HOST) => {
+            return nodeport::decapsulated_to_gateway(ctx, cfg).unwrap_or(TC_ACT_OK);
+        }
         _ => {}
     }
     if !is_vxlan_candidate(ctx.data(), ctx.data_end(), cfg) {
+        // NodePorts, externalIPs, LoadBalancer IPs.
+        if let Some(action) = nodeport::from_underlay(ctx, cfg) {
+            return action;
+        }
         count(Stat::PassNotOverlay, len);
         return TC_ACT_OK;
     }
@@ -95,6 +101,11 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
             deliver_to_pod(ctx, cfg, dst)
         }
         Dest::Host => {
+            // First the replies of north-south flows SNATed to the
+            // gateway address.
+            if let Some(action) = nodeport::decapsulated_to_gateway(ctx, cfg) {
+                return action;
+            }
             // The outer Ethernet header is addressed to this interface, so
             // the stack takes the inner packet as its own.
             count(Stat::PassToHost, len);

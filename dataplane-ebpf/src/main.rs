@@ -23,6 +23,7 @@ mod l4;
 mod lb;
 mod maps;
 mod nat;
+mod nodeport;
 mod parse;
 mod reject;
 mod stats;
@@ -81,6 +82,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             return to_local_pod(&ctx, cfg, to);
         }
         Verdict::Translated(to) => to,
+        Verdict::Outward(client) => return nodeport::to_underlay(&ctx, cfg, client),
     };
     encap::encap_to_peer(&ctx, cfg, dst, pkt.tos, encap::Hop::Forwarded)
 }
@@ -90,7 +92,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// directly, not through IP forwarding (which would also send the client
 /// an ICMP redirect, in and out being the same bridge).
 #[inline(always)]
-fn to_local_pod(ctx: &TcContext, cfg: &NodeConfig, to: [u8; 4]) -> i32 {
+pub(crate) fn to_local_pod(ctx: &TcContext, cfg: &NodeConfig, to: [u8; 4]) -> i32 {
     if let Some(ep) = endpoints::registered(to)
         && let Some(action) = forward::redirect_to_endpoint(ctx, &ep)
     {

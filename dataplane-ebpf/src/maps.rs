@@ -13,9 +13,9 @@ use aya_ebpf::{
 use dataplane_common::{
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
     CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, FRAGS_MAX, FragEntry, FragKey,
-    LiveInfo, LiveKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PeerInfo, PeerIpInfo,
-    PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN, SvcCounters, SvcInfo,
-    SvcKey, VipInfo, VipKey,
+    LiveInfo, LiveKey, MaglevKey, MaglevTable, NodeConfig, PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX,
+    PeerInfo, PeerIpInfo, PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, STATS_LEN,
+    SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
     ct::{CT_GC_LEN, CtTimeouts},
 };
 
@@ -113,3 +113,15 @@ pub static POD_PORTS: HashMap<PodPortKey, PodPortInfo, { POD_PORTS_MAX as usize 
 /// datagram is in flight.
 #[btf_map(name = "frags_v1")]
 pub static FRAGS: LruHashMap<FragKey, FragEntry, { FRAGS_MAX as usize }> = LruHashMap::new();
+
+/// North-south frontend's service id -> its Maglev lookup table (backend
+/// slots), written by the agent from the frontend's backends in slot
+/// order (see `nodeport.rs`). Allocated per entry: only north-south
+/// frontends have one (2,042 bytes each).
+#[btf_map(name = "maglev_v1")]
+pub static MAGLEV: HashMap<
+    MaglevKey,
+    MaglevTable,
+    { SERVICES_MAX as usize },
+    { BPF_F_NO_PREALLOC },
+> = HashMap::new();

@@ -121,6 +121,8 @@ fn setup_opts(bpf_log: bool, ct_max: Option<u32>) -> Env {
         vtep_mac: OUR_VTEP,
         underlay_mac: ul_mac,
         bridge_mac: CNI0_MAC,
+        nat_port_min: dataplane_common::NAT_PORT_MIN,
+        nat_port_max: dataplane_common::NAT_PORT_MAX,
         _pad: [0; 2],
     };
     let mut rec = Reconciler::new();
