@@ -46,9 +46,6 @@ pub enum Verdict {
     Pass,
     /// Translated; forward to this destination address.
     Translated([u8; 4]),
-    /// The reply of a north-south flow, translated back; it leaves
-    /// through the underlay towards this client (`nodeport::to_underlay`).
-    Outward([u8; 4]),
     /// Finished here with this TC action (rejected or dropped, counted).
     Done(i32),
 }
@@ -155,8 +152,9 @@ pub fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
         return Some(drop_counted(ctx, Stat::DropNatFailed));
     }
     if north_south {
+        // It leaves through the underlay towards the client.
         count(Stat::NpReverse, ctx.len());
-        return Some(Verdict::Outward(r.client));
+        return Some(Verdict::Done(crate::nodeport::to_underlay(ctx, r.client)));
     }
     count(Stat::SvcReverse, ctx.len());
     Some(Verdict::Translated(r.client))
@@ -186,7 +184,7 @@ pub fn reverse_nat_decapsulated(ctx: &TcContext) -> Result<Option<[u8; 4]>, i32>
     };
     match v {
         Some(Verdict::Done(action)) => Err(action),
-        Some(Verdict::Translated(to) | Verdict::Outward(to)) => Ok(Some(to)),
+        Some(Verdict::Translated(to)) => Ok(Some(to)),
         _ => Ok(Some(pkt.daddr)),
     }
 }

@@ -41,7 +41,7 @@ use dataplane_common::{NODE_CFG_READY, NodeConfig, Stat};
 use crate::{endpoints::Port, lb::Verdict, maps::NODE_CONFIG, parse::in_prefix, stats::count};
 
 #[inline(always)]
-fn node_config() -> Option<&'static NodeConfig> {
+pub(crate) fn node_config() -> Option<&'static NodeConfig> {
     NODE_CONFIG.get(0).filter(|c| c.flags & NODE_CFG_READY != 0)
 }
 
@@ -82,7 +82,6 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             return to_local_pod(&ctx, cfg, to);
         }
         Verdict::Translated(to) => to,
-        Verdict::Outward(client) => return nodeport::to_underlay(&ctx, cfg, client),
     };
     encap::encap_to_peer(&ctx, cfg, dst, pkt.tos, encap::Hop::Forwarded)
 }

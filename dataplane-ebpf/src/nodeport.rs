@@ -203,6 +203,10 @@ fn flow_entry(
 #[inline(always)]
 fn maglev_slot(svc: &SvcInfo, hash: u32) -> u32 {
     let idx = (hash % MAGLEV_M) as usize;
+    // The compiler knows idx < M and would drop the check below, which
+    // the verifier needs (it cannot follow the modulo, done by multiply).
+    // SAFETY: a plain read of a local.
+    let idx = unsafe { core::ptr::read_volatile(&idx) };
     if let Some(t) = MAGLEV.get_ptr(MaglevKey { svc_id: svc.id })
         && idx < MAGLEV_M as usize
     {
@@ -250,7 +254,7 @@ pub fn decapsulated_to_gateway(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32>
         return None;
     };
     match lb::reverse_nat(ctx, &flow)? {
-        Verdict::Outward(client) => Some(to_underlay(ctx, cfg, client)),
+        // A north-south reply: already sent out (`to_underlay`), or dropped.
         Verdict::Done(action) => Some(action),
         // A Service reply for a pod (not expected at the gateway address).
         Verdict::Translated(_) | Verdict::Pass => {
@@ -261,10 +265,14 @@ pub fn decapsulated_to_gateway(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32>
 
 /// Sends the translated reply of a north-south flow (destination
 /// `client`) out of the underlay: FIB lookup, Ethernet rewritten,
-/// redirect.
+/// redirect. Called by `lb::reverse_nat` wherever the reply entered.
 #[inline(always)]
-pub fn to_underlay(ctx: &TcContext, cfg: &NodeConfig, client: [u8; 4]) -> i32 {
+pub fn to_underlay(ctx: &TcContext, client: [u8; 4]) -> i32 {
     let len = ctx.len();
+    let Some(cfg) = crate::node_config() else {
+        count(Stat::DropNpFib, len);
+        return TC_ACT_SHOT;
+    };
     let src = match parse::ipv4(ctx.data(), ctx.data_end()) {
         Some(p) => p.saddr,
         None => cfg.public_ip,

@@ -976,6 +976,7 @@ fn set_frontend(env: &mut Env, key: SvcKey, backends: Vec<Backend>) {
         FrontendState {
             backends,
             affinity_timeout_s: None,
+            north_south: None,
         },
     );
     let name = ServiceName::new("default", "test");

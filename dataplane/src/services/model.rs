@@ -1055,10 +1055,15 @@ impl ServiceStore {
                     .ports
                     .iter()
                     .map(|p| {
+                        // kubectl's form: `80:30080/TCP` with a nodePort.
+                        let port = match p.node_port {
+                            Some(np) => format!("{}:{np}", p.port),
+                            None => p.port.to_string(),
+                        };
                         if p.name.is_empty() {
-                            format!("{}/{}", p.port, p.proto)
+                            format!("{port}/{}", p.proto)
                         } else {
-                            format!("{}:{}/{}", p.name, p.port, p.proto)
+                            format!("{}:{port}/{}", p.name, p.proto)
                         }
                     })
                     .collect();
