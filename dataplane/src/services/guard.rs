@@ -127,6 +127,32 @@ impl AddressGuard {
         Ok(())
     }
 
+    /// Why `ip` cannot be an externalIP or LoadBalancer ingress IP, if it
+    /// cannot: traffic to it would be taken from a pod, a gateway or a
+    /// ClusterIP. (A node's PublicIP may be one: that is how externalIPs
+    /// are often used.)
+    pub fn check_external(&self, ip: Ipv4Addr) -> Result<(), String> {
+        if let Some(subnet) = self.gateways.get(&ip) {
+            return Err(format!(
+                "{ip} is the gateway of the lease {subnet}: an externalIP or LoadBalancer IP cannot be a pod, gateway or ClusterIP address"
+            ));
+        }
+        if let Some(net) = self.pod_network
+            && net.contains(&ip)
+        {
+            return Err(format!(
+                "{ip} is inside the pod network {net}: an externalIP or LoadBalancer IP cannot be a pod, gateway or ClusterIP address"
+            ));
+        }
+        if self.service_cidr.contains(&ip) {
+            return Err(format!(
+                "{ip} is inside the service CIDR {}: an externalIP or LoadBalancer IP cannot be a pod, gateway or ClusterIP address",
+                self.service_cidr
+            ));
+        }
+        Ok(())
+    }
+
     /// The guard `apply` uses: the network config under `etcd_prefix`
     /// (pod network and `ServiceCIDR`) and its leases (node addresses and
     /// gateways). Without a network config, the pod network and lease
@@ -180,14 +206,36 @@ pub fn check_addresses(objects: &[Object], guard: &AddressGuard) -> Result<(), S
         let Some(spec) = svc.spec.as_ref() else {
             continue;
         };
+        let invalid = |path: String, message: String| StoreError::Invalid {
+            object: obj.object_ref(),
+            path,
+            message,
+        };
+        for (i, x) in spec.external_ips.iter().flatten().enumerate() {
+            if let Ok(ip) = x.parse() {
+                guard
+                    .check_external(ip)
+                    .map_err(|m| invalid(format!("spec.externalIPs[{i}]"), m))?;
+            }
+        }
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, g) in ingress.into_iter().flatten().enumerate() {
+            if let Some(Ok(ip)) = g.ip.as_deref().map(str::parse) {
+                guard
+                    .check_external(ip)
+                    .map_err(|m| invalid(format!("status.loadBalancer.ingress[{i}].ip"), m))?;
+            }
+        }
         let Ok(ClusterIp::V4(ip)) = validate::cluster_ip(spec) else {
             continue;
         };
-        guard.check(ip).map_err(|message| StoreError::Invalid {
-            object: obj.object_ref(),
-            path: "spec.clusterIP".into(),
-            message,
-        })?;
+        guard
+            .check(ip)
+            .map_err(|m| invalid("spec.clusterIP".into(), m))?;
     }
     Ok(())
 }
