@@ -44,6 +44,10 @@ pub const CT_F_PICKED_UP: u8 = 1 << 3;
 /// `CtEntry::flags`: copied from the previous release's `ct_v1` at an
 /// upgrade (its state then is assumed, not seen).
 pub const CT_F_MIGRATED: u8 = 1 << 4;
+/// `CtEntry::flags`: a north-south flow (from outside to a NodePort,
+/// externalIP or LoadBalancer IP); its replies leave through the underlay
+/// towards the client.
+pub const CT_F_NORTH_SOUTH: u8 = 1 << 5;
 
 /// Last-seen is written only when it is at least this old (or the state
 /// changes): a cache-line write per packet would cost more than the
@@ -188,6 +192,18 @@ pub fn reply_key(fwd: &CtKey, backend: &Backend, snat: [u8; 4]) -> CtKey {
         proto: fwd.proto,
         _pad: [0; 3],
     }
+}
+
+/// The reverse-NAT key of the flow `fwd` stored as `e`: [`reply_key`],
+/// with the SNAT port in place of the client's when the flow has one
+/// (NodePort, externalTrafficPolicy Cluster).
+#[inline(always)]
+pub fn entry_reply_key(fwd: &CtKey, e: &crate::CtEntry) -> CtKey {
+    let mut k = reply_key(fwd, &e.backend, e.snat);
+    if e.snat_port != [0; 2] {
+        k.dport = e.snat_port;
+    }
+    k
 }
 
 /// The forward key of the flow a reverse-NAT entry belongs to.

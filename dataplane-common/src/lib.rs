@@ -84,6 +84,9 @@ pub mod map_names {
     /// the forward entry it names is live and points back at it; inserted
     /// with `BPF_NOEXIST`, which is what allocates the NAT port.
     pub const MASQ_REV: &str = "masq_rev_v1";
+    /// Hash (allocated per entry): north-south frontend's service id ->
+    /// its Maglev lookup table (backend slots), written by the agent.
+    pub const MAGLEV: &str = "maglev_v1";
 
     /// Maps of earlier releases that a starting agent migrates and then
     /// removes (never created by this one).
@@ -125,6 +128,7 @@ pub mod map_names {
         SOCK_FWD,
         MASQ,
         MASQ_REV,
+        MAGLEV,
     ];
 }
 
@@ -213,6 +217,39 @@ pub struct SvcKey {
 
 /// `SvcInfo::flags`: sessionAffinity ClientIP.
 pub const SVC_F_AFFINITY: u32 = 1 << 0;
+/// `SvcInfo::flags`: a north-south frontend (this node's PublicIP and a
+/// nodePort, an externalIP or a LoadBalancer ingress IP, with a port),
+/// served where traffic from outside the cluster arrives (the underlay).
+/// It has no `vips_v1` entry (other ports of the address are the node's
+/// or someone else's), and new flows pick their backend from the
+/// frontend's Maglev table ([`map_names::MAGLEV`]).
+pub const SVC_F_EXTERNAL: u32 = 1 << 1;
+/// `SvcInfo::flags`: `externalTrafficPolicy: Local`. The frontend's
+/// backends are this node's endpoints only and the client's address is
+/// kept (no SNAT); with none, packets from outside are dropped (counted
+/// `drop_np_no_local_endpoint`), as kube-proxy does.
+pub const SVC_F_ETP_LOCAL: u32 = 1 << 2;
+
+/// Size of a Maglev lookup table (a prime; see the README, "Maglev").
+pub const MAGLEV_M: u32 = 1021;
+/// Backend slots a Maglev table can name (its entries are `u16`).
+pub const MAGLEV_BACKENDS_MAX: u32 = 65_535;
+
+/// Key of [`map_names::MAGLEV`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevKey {
+    /// The frontend's service id (`SvcInfo::id`).
+    pub svc_id: u32,
+}
+
+/// Value of [`map_names::MAGLEV`]: a frontend's Maglev lookup table, each
+/// entry a backend slot (`BackendKey::slot`) below the frontend's count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub slots: [u16; MAGLEV_M as usize],
+}
 
 /// Value of [`map_names::SERVICES`].
 #[repr(C)]
@@ -278,7 +315,7 @@ pub struct CtKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
     pub backend: Backend,
-    /// Source address rewritten too (hairpin), or zero.
+    /// Source address rewritten too (hairpin, NodePort SNAT), or zero.
     pub snat: [u8; 4],
     /// The service (frontend) id the backend was chosen for.
     pub svc_id: u32,
@@ -291,7 +328,11 @@ pub struct CtEntry {
     pub state: u8,
     /// `ct::CT_F_*`.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    /// Source port rewritten too (NodePort SNAT: a port of the NAT
+    /// range), network byte order; zero keeps the client's port. Zero in
+    /// every entry an earlier release wrote (it was padding).
+    pub snat_port: [u8; 2],
+    pub _pad: [u8; 4],
 }
 
 /// Key of [`map_names::LIVE`].
@@ -468,7 +509,8 @@ pub struct NodeConfig {
     pub network: [u8; 4],
     /// This node's pod subnet.
     pub subnet: [u8; 4],
-    /// The bridge's address (first address of `subnet`).
+    /// The bridge's address (first address of `subnet`): the node's
+    /// address in the overlay, and the source NodePort SNAT gives flows.
     pub gateway: [u8; 4],
     pub network_prefix_len: u8,
     pub subnet_prefix_len: u8,
@@ -498,6 +540,24 @@ pub struct NodeConfig {
     /// cgroup socket programs, attached to a cgroup every namespace's
     /// processes may be in, leave every other namespace's sockets alone.
     pub netns_cookie: u64,
+}
+
+/// Default NAT source port range (`--nat-ports`): above Linux's default
+/// ephemeral range (32768-60999), so the node's own sockets do not use it.
+pub const NAT_PORT_MIN: u16 = 61_000;
+pub const NAT_PORT_MAX: u16 = 65_535;
+
+impl NodeConfig {
+    /// `--nat-ports` (masquerade and NodePort SNAT), inclusive; the
+    /// default for a configuration without a valid range.
+    #[inline(always)]
+    pub fn nat_ports(&self) -> (u16, u16) {
+        if self.nat_port_min != 0 && self.nat_port_min <= self.nat_port_max {
+            (self.nat_port_min, self.nat_port_max)
+        } else {
+            (NAT_PORT_MIN, NAT_PORT_MAX)
+        }
+    }
 }
 
 /// Defines [`Stat`], [`Stat::ALL`], [`Stat::name`] and [`Stat::meaning`]
@@ -720,6 +780,27 @@ stats! {
         "Service reply the host stack hands to a pod (a backend on this node's own address, or outside the cluster network), translated back to the ClusterIP";
     MasqIcmpReverse = 76, "masq_icmp_reverse",
         "ICMP error on the underlay about a masqueraded flow, translated back to the pod and passed to the kernel";
+
+    /// Counted on the way, like `svc_forward`.
+    NpForward = 85, "np_forward",
+        "packet from outside to a NodePort, externalIP or LoadBalancer IP translated to its backend (then counted by its outcome)";
+    /// Counted on the way, like `svc_reverse`.
+    NpReverse = 86, "np_reverse",
+        "reply of a north-south flow translated back to its frontend (then counted by its outcome)";
+    NpToUnderlay = 87, "np_to_underlay",
+        "reply of a north-south flow sent out of the underlay towards its client (FIB lookup and redirect)";
+    DropNpNoLocalEndpoint = 88, "drop_np_no_local_endpoint",
+        "packet from outside to an externalTrafficPolicy Local frontend on a node without a local endpoint (kube-proxy drops these)";
+    DropNpNoBackend = 89, "drop_np_no_backend",
+        "new flow from outside to a north-south frontend whose Service has no endpoints";
+    DropNpNatPorts = 90, "drop_np_nat_ports",
+        "new externalTrafficPolicy Cluster flow for which no free NAT source port was found";
+    DropNpFib = 91, "drop_np_fib",
+        "reply of a north-south flow with no route towards its client";
+    /// A TCP segment netfilter would call INVALID (RST, FIN, SYN-ACK
+    /// without an entry), from outside.
+    DropNpInvalid = 92, "drop_np_invalid",
+        "packet from outside to a north-south frontend that opens no flow (TCP segment other than SYN or ACK without an entry, or its backend is gone)";
 }
 
 impl Stat {
@@ -776,6 +857,8 @@ const _: () = assert!(core::mem::offset_of!(NodeConfig, netns_cookie) % 8 == 0);
 const _: () = assert!(size_of::<SockRnatKey>() == 16);
 const _: () = assert!(size_of::<SockRnatEntry>() == 8);
 const _: () = assert!(size_of::<SockFwdKey>() == 16);
+const _: () = assert!(size_of::<MaglevKey>() == 4);
+const _: () = assert!(size_of::<MaglevTable>() == 2 * MAGLEV_M as usize);
 const _: () = assert!(size_of::<Counter>() == 16);
 const _: () = assert!(size_of::<SvcKey>() == 8);
 const _: () = assert!(size_of::<SvcInfo>() == 16);
@@ -823,6 +906,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockRnatKey {}
     unsafe impl aya::Pod for super::SockRnatEntry {}
     unsafe impl aya::Pod for super::SockFwdKey {}
+    unsafe impl aya::Pod for super::MaglevKey {}
+    unsafe impl aya::Pod for super::MaglevTable {}
 }
 
 /// Local pods the decapsulation path may deliver to directly, bypassing the

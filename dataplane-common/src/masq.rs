@@ -35,11 +35,6 @@ pub const MASQ_F_INBOUND: u8 = 1 << 7;
 /// The bits of `MasqEntry::flags` that are not the state machine's.
 pub const MASQ_F_OWN: u8 = MASQ_F_SERVICE | MASQ_F_INBOUND;
 
-/// Default `--nat-ports`: above Linux's default ephemeral range
-/// (32768-60999), so the node's own connections do not compete for them.
-pub const NAT_PORT_MIN: u16 = 61_000;
-pub const NAT_PORT_MAX: u16 = 65_535;
-
 /// How many ports a new flow tries (consecutive, from a random one)
 /// before it is dropped as `drop_masq_exhausted`. A range no larger than
 /// this is searched whole.

@@ -20,6 +20,10 @@ use crate::maps::{CT, CT_CONFIG, RNAT};
 
 /// `bpf_map_update_elem` on a full (non-LRU) hash map.
 const E2BIG: i32 = 7;
+/// `bpf_map_update_elem` with `BPF_NOEXIST` on a key that exists.
+const EEXIST: i32 = 17;
+/// Map update flag: only add a new key.
+const BPF_NOEXIST: u64 = 1;
 
 /// The clock of `last_seen_ns` (CLOCK_MONOTONIC, as the agent reads it).
 #[inline(always)]
@@ -49,7 +53,7 @@ pub fn key(saddr: [u8; 4], daddr: [u8; 4], sport: [u8; 2], dport: [u8; 2], proto
 /// The reverse-NAT key of a flow.
 #[inline(always)]
 pub fn reply_key(fwd: &CtKey, e: &CtEntry) -> CtKey {
-    ct::reply_key(fwd, &e.backend, e.snat)
+    ct::entry_reply_key(fwd, e)
 }
 
 /// The live entry of the flow `key` (client -> ClusterIP). An expired
@@ -164,6 +168,34 @@ pub fn create(fwd: &CtKey, entry: &CtEntry, rnat: &RnatEntry) -> Result<(), Crea
         return Err(err(e));
     }
     Ok(())
+}
+
+/// [`create`] for a flow whose reply key holds a port this packet chose
+/// (NodePort SNAT): the reverse-NAT entry is only added if no flow holds
+/// that key yet (`BPF_NOEXIST`). `Ok(false)`: the key is taken, try
+/// another port.
+#[inline(always)]
+pub fn create_exclusive(
+    fwd: &CtKey,
+    entry: &CtEntry,
+    rnat: &RnatEntry,
+) -> Result<bool, CreateError> {
+    let reply = reply_key(fwd, entry);
+    match RNAT.insert(reply, *rnat, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => return Ok(false),
+        Err(e) if e == -E2BIG => return Err(CreateError::Full),
+        Err(_) => return Err(CreateError::Failed),
+    }
+    if let Err(e) = CT.insert(fwd, *entry, 0) {
+        let _ = RNAT.remove(reply);
+        return Err(if e == -E2BIG {
+            CreateError::Full
+        } else {
+            CreateError::Failed
+        });
+    }
+    Ok(true)
 }
 
 /// Removes a flow: both its entries.

@@ -15,7 +15,7 @@ use network_types::eth::EthHdr;
 use crate::{
     ecn,
     forward::{redirect_to_bridge, redirect_to_pod},
-    hostnet, lb, masq,
+    hostnet, lb, masq, nodeport,
     parse::ptr_at,
     stats::count,
     ttl,
@@ -45,11 +45,21 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
                 Err(action) => action,
             };
         }
-        // Counted by decap_xdp as pass_to_host.
-        Some(XDP_META_TO_HOST) => return hostnet::to_host(ctx, cfg),
+        // Counted by decap_xdp as pass_to_host: first the replies of
+        // north-south flows SNATed to the gateway address.
+        Some(XDP_META_TO_HOST) => {
+            if let Some(action) = nodeport::decapsulated_to_gateway(ctx, cfg) {
+                return action;
+            }
+            return hostnet::to_host(ctx, cfg);
+        }
         _ => {}
     }
     if !is_vxlan_candidate(ctx.data(), ctx.data_end(), cfg) {
+        // NodePorts, externalIPs, LoadBalancer IPs.
+        if let Some(action) = nodeport::from_underlay(ctx, cfg) {
+            return action;
+        }
         // Replies of masqueraded flows, back to their pods.
         if let Some(action) = masq::from_underlay(ctx, cfg) {
             return action;
@@ -100,8 +110,12 @@ pub fn tc_from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
             deliver_to_pod(ctx, cfg, dst)
         }
         Dest::Host => {
-            // The node's own traffic's replies (and anything else a pod
-            // or node sends the gateway address).
+            // First the replies of north-south flows SNATed to the
+            // gateway address; then the node's own traffic's replies (and
+            // anything else a pod or node sends the gateway address).
+            if let Some(action) = nodeport::decapsulated_to_gateway(ctx, cfg) {
+                return action;
+            }
             count(Stat::PassToHost, len);
             hostnet::to_host(ctx, cfg)
         }

@@ -29,7 +29,7 @@ use aya_ebpf::{
 use dataplane_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, HAIRPIN_SNAT_IP, LiveKey,
     PROTO_TCP, RnatEntry, SVC_F_AFFINITY, Stat, SvcCounters, SvcInfo, SvcKey, VipKey,
-    ct::{self as ct_rules, Dir, TCP_RST},
+    ct::{self as ct_rules, CT_F_NORTH_SOUTH, Dir, TCP_RST},
 };
 
 use crate::{
@@ -131,7 +131,7 @@ fn from_pod_flow(ctx: &TcContext, flow: &Flow) -> Verdict {
 /// A reply from a backend to a client: restore the ClusterIP as its source
 /// (and the client as its destination for hairpin flows).
 #[inline(always)]
-fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
+pub fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
     let key = ct::key(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     let reply = ct::lookup_reply(&key)?;
     // A SYN from the backend cannot reopen the flow (only the client's
@@ -144,6 +144,8 @@ fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
         reply.now,
     );
     let r: RnatEntry = reply.rnat;
+    // SAFETY: a map value pointer, valid for this program run.
+    let north_south = unsafe { (*reply.entry).flags } & CT_F_NORTH_SOUTH != 0;
     let ok = set_addr(ctx, flow, Addr::Src, flow.saddr, r.vip).is_ok()
         && set_port(ctx, flow, Port::Src, flow.sport, r.vport).is_ok()
         && set_addr(ctx, flow, Addr::Dst, flow.daddr, r.client).is_ok()
@@ -151,6 +153,11 @@ fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
     if !ok {
         log_event!(ctx, "svc: reverse NAT to {:i} failed", r.client);
         return Some(drop_counted(ctx, Stat::DropNatFailed));
+    }
+    if north_south {
+        // It leaves through the underlay towards the client.
+        count(Stat::NpReverse, ctx.len());
+        return Some(Verdict::Done(crate::nodeport::to_underlay(ctx, r.client)));
     }
     count(Stat::SvcReverse, ctx.len());
     Some(Verdict::Translated(r.client))
@@ -309,7 +316,8 @@ fn new_flow(
         last_seen_ns: now,
         state: state as u8,
         flags,
-        _pad: [0; 6],
+        snat_port: [0; 2],
+        _pad: [0; 4],
     };
     let rnat = RnatEntry {
         vip: key.vip,

@@ -25,6 +25,7 @@ mod lb;
 mod maps;
 mod masq;
 mod nat;
+mod nodeport;
 mod parse;
 mod reject;
 mod sock;
@@ -93,7 +94,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// directly, not through IP forwarding (which would also send the client
 /// an ICMP redirect, in and out being the same bridge).
 #[inline(always)]
-fn to_local_pod(ctx: &TcContext, cfg: &NodeConfig, to: [u8; 4]) -> i32 {
+pub(crate) fn to_local_pod(ctx: &TcContext, cfg: &NodeConfig, to: [u8; 4]) -> i32 {
     if let Some(ep) = endpoints::registered(to)
         && let Some(action) = forward::redirect_to_endpoint(ctx, &ep)
     {

@@ -13,9 +13,10 @@ use aya_ebpf::{
 use dataplane_common::{
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
     CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, FRAGS_MAX, FragEntry, FragKey,
-    LiveInfo, LiveKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PeerInfo, PeerIpInfo,
-    PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, SOCK_LB_MAX, STATS_LEN,
-    SockFwdKey, SockRnatEntry, SockRnatKey, SvcCounters, SvcInfo, SvcKey, VipInfo, VipKey,
+    LiveInfo, LiveKey, MaglevKey, MaglevTable, NodeConfig, PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX,
+    PeerInfo, PeerIpInfo, PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, SOCK_LB_MAX,
+    STATS_LEN, SockFwdKey, SockRnatEntry, SockRnatKey, SvcCounters, SvcInfo, SvcKey, VipInfo,
+    VipKey,
     ct::{CT_GC_LEN, CtTimeouts},
     masq::{MasqEntry, MasqRev},
 };
@@ -140,3 +141,14 @@ pub static MASQ: HashMap<CtKey, MasqEntry, { CT_MAX as usize }> = HashMap::new()
 /// and points back.
 #[btf_map(name = "masq_rev_v1")]
 pub static MASQ_REV: HashMap<CtKey, MasqRev, { CT_MAX as usize }> = HashMap::new();
+/// North-south frontend's service id -> its Maglev lookup table (backend
+/// slots), written by the agent from the frontend's backends in slot
+/// order (see `nodeport.rs`). Allocated per entry: only north-south
+/// frontends have one (2,042 bytes each).
+#[btf_map(name = "maglev_v1")]
+pub static MAGLEV: HashMap<
+    MaglevKey,
+    MaglevTable,
+    { SERVICES_MAX as usize },
+    { BPF_F_NO_PREALLOC },
+> = HashMap::new();

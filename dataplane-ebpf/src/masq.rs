@@ -39,7 +39,7 @@ use dataplane_common::{
     ct::{self as rules, CtState, CtTimeouts, Dir, Observe, TcpNew},
     masq::{
         self as m, ALLOC_TRIES, MASQ_F_INBOUND, MASQ_F_OWN, MASQ_F_SERVICE, MasqEntry, MasqRev,
-        NAT_PORT_MAX, NAT_PORT_MIN, PROTO_ICMP,
+        PROTO_ICMP,
     },
 };
 use network_types::ip::Ipv4Hdr;
@@ -143,16 +143,6 @@ fn echo(ctx: &TcContext, pkt: &Ipv4Packet, want_type: u8) -> Option<Packet> {
 #[inline(always)]
 fn timeouts() -> CtTimeouts {
     CT_CONFIG.get(0).copied().unwrap_or(CtTimeouts::DEFAULT)
-}
-
-/// `--nat-ports`, with the default for a configuration that has none.
-#[inline(always)]
-fn nat_ports(cfg: &NodeConfig) -> (u16, u16) {
-    if cfg.nat_port_min == 0 {
-        (NAT_PORT_MIN, NAT_PORT_MAX)
-    } else {
-        (cfg.nat_port_min, cfg.nat_port_max)
-    }
 }
 
 /// TC egress of the underlay: masquerades what leaves the cluster network
@@ -303,7 +293,7 @@ fn new_flow(
         pod_port: key.sport,
         _pad: [0; 2],
     };
-    let (min, max) = nat_ports(cfg);
+    let (min, max) = cfg.nat_ports();
     // SAFETY: helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() };
     let mut port = None;
@@ -426,7 +416,7 @@ pub fn from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     let p = match pkt.l4 {
         L4::Flow(f) => {
             // Cheap test first: the node's own traffic is on other ports.
-            let (min, max) = nat_ports(cfg);
+            let (min, max) = cfg.nat_ports();
             let port = u16::from_be_bytes(f.dport);
             if port < min || port > max {
                 return None;

@@ -43,6 +43,46 @@ pub struct NetworkConfig {
     /// the field); `--service-cidr` overrides it, and without either
     /// [`crate::services::DEFAULT_SERVICE_CIDR`] applies.
     pub service_cidr: Option<Ipv4Net>,
+    /// `NodePortRange` (`"30000-32767"`): where `dataplane apply`
+    /// allocates nodePorts and which explicit ones it accepts. Our
+    /// extension like `ServiceCIDR`; `apply --service-node-port-range`
+    /// overrides it, and without either
+    /// [`crate::services::guard::DEFAULT_NODE_PORT_RANGE`] applies.
+    pub node_port_range: Option<NodePortRange>,
+}
+
+/// An inclusive range of nodePorts (kube-apiserver's
+/// `--service-node-port-range`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodePortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl NodePortRange {
+    pub fn contains(&self, p: u16) -> bool {
+        (self.min..=self.max).contains(&p)
+    }
+}
+
+impl std::fmt::Display for NodePortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+impl std::str::FromStr for NodePortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a port range such as \"30000-32767\"");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let min: u16 = a.trim().parse().map_err(|_| bad())?;
+        let max: u16 = b.trim().parse().map_err(|_| bad())?;
+        if min == 0 || min > max {
+            return Err(format!("{s:?}: want 1 <= min <= max <= 65535"));
+        }
+        Ok(NodePortRange { min, max })
+    }
 }
 
 /// The `Backend` block of the network config (vxlan only).
@@ -315,6 +355,14 @@ impl NetworkConfig {
             }
         };
 
+        let node_port_range = match get_field(obj, "NodePortRange", "NodePortRange")? {
+            None => None,
+            Some(v) => {
+                let s = as_str(v, "NodePortRange")?;
+                Some(s.parse().map_err(|e| field_err("NodePortRange", e))?)
+            }
+        };
+
         Ok(NetworkConfig {
             network,
             subnet_len,
@@ -322,6 +370,7 @@ impl NetworkConfig {
             subnet_max,
             backend,
             service_cidr,
+            node_port_range,
         })
     }
 

@@ -287,6 +287,12 @@ struct ServiceArgs {
     /// of the network config, else 10.96.0.0/12.
     #[arg(long)]
     service_cidr: Option<ipnet::Ipv4Net>,
+    /// Where `apply` allocates nodePorts, and which explicit ones it
+    /// accepts (kube-apiserver's --service-node-port-range), e.g.
+    /// 30000-32767. Default: NodePortRange of the network config, else
+    /// 30000-32767.
+    #[arg(long)]
+    service_node_port_range: Option<dataplane::config::NodePortRange>,
 }
 
 #[derive(Args)]
@@ -674,6 +680,10 @@ async fn apply_cmd(svc: &ServiceArgs, file: &std::path::Path) -> anyhow::Result<
     .await?;
     if let Some(w) = warning {
         eprintln!("warning: {w}");
+    }
+    let mut guard = guard;
+    if let Some(r) = svc.service_node_port_range {
+        guard.node_ports = r;
     }
     let summary =
         dataplane::services::apply_guarded(&mut client, &svc.service_prefix, &objects, &guard)

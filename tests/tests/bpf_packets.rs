@@ -121,8 +121,8 @@ fn setup_opts(bpf_log: bool, ct_max: Option<u32>) -> Env {
         vtep_mac: OUR_VTEP,
         underlay_mac: ul_mac,
         bridge_mac: CNI0_MAC,
-        nat_port_min: 61000,
-        nat_port_max: 65535,
+        nat_port_min: dataplane_common::NAT_PORT_MIN,
+        nat_port_max: dataplane_common::NAT_PORT_MAX,
         ..Default::default()
     };
     let mut rec = Reconciler::new();
@@ -976,6 +976,7 @@ fn set_frontend(env: &mut Env, key: SvcKey, backends: Vec<Backend>) {
         FrontendState {
             backends,
             affinity_timeout_s: None,
+            north_south: None,
         },
     );
     let name = ServiceName::new("default", "test");
@@ -2618,5 +2619,210 @@ root_test!(
             &[(Stat::PassNotOverlay, 1), (Stat::MasqForward, 1)],
             "inbound UDP",
         );
+    }
+);
+
+// North-south: NodePort / externalIP / LoadBalancer frontends at the
+// underlay (dataplane-ebpf/src/nodeport.rs).
+
+use dataplane::services::TrafficPolicy;
+
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const NODE_PORT: u16 = 30080;
+
+/// Programs the north-south frontend `OUR_IP:port/proto` with `policy`.
+fn set_ns_frontend(
+    env: &mut Env,
+    port: u16,
+    proto: u8,
+    backends: Vec<Backend>,
+    policy: TrafficPolicy,
+) {
+    let key = SvcKey {
+        vip: OUR_IP.octets(),
+        port: port.to_be_bytes(),
+        proto,
+        _pad: 0,
+    };
+    env.fronts.insert(
+        key,
+        FrontendState {
+            backends,
+            affinity_timeout_s: None,
+            north_south: Some(policy),
+        },
+    );
+    let name = ServiceName::new("default", "test");
+    env.rec
+        .set_service(env.dp.maps(), &name, &env.fronts)
+        .unwrap();
+}
+
+/// A frame from the outside (through the underlay's router, 192.168.100.2)
+/// to this node's PublicIP.
+fn from_outside(env: &Env, l4: &[u8], proto: u8) -> Vec<u8> {
+    eth(
+        env.ul_mac,
+        PEER_UL_MAC,
+        ETH_P_IP,
+        &ipv4(OUTSIDE, OUR_IP, proto, 0, l4),
+    )
+}
+
+/// The route to the outside, through the router.
+fn route_outside() {
+    sh("ip route add default via 192.168.100.2 dev ul0").unwrap();
+}
+
+root_test!(
+    nodeport_cluster_snats_to_the_gateway_and_the_reply_leaves_by_the_underlay,
+    || {
+        let mut env = setup();
+        route_outside();
+        let remote = Ipv4Addr::new(10, 244, 2, 7);
+        set_ns_frontend(
+            &mut env,
+            NODE_PORT,
+            6,
+            vec![backend(remote, 8080)],
+            TrafficPolicy::Cluster,
+        );
+        let syn = tcp(OUTSIDE, OUR_IP, 50000, NODE_PORT, 1000, 0, TCP_SYN, b"");
+        let f = from_outside(&env, &syn, 6);
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let inner = parse_vxlan(&out).inner_ipv4();
+        assert_eq!(
+            (inner.src(), inner.dst()),
+            (Ipv4Addr::new(10, 244, 1, 1), remote),
+            "SNAT to the gateway, DNAT to the backend"
+        );
+        let nat_port = inner.tcp().source_port;
+        assert!((61000..=65535).contains(&nat_port), "NAT port {nat_port}");
+        assert_eq!(inner.tcp().destination_port, 8080);
+        assert_counters(
+            &env,
+            &[(Stat::Encapsulated, 1), (Stat::NpForward, 1)],
+            "translated, then encapsulated",
+        );
+
+        // The same flow's next packet keeps its NAT port.
+        let ack = tcp(OUTSIDE, OUR_IP, 50000, NODE_PORT, 1001, 1, TCP_ACK, b"");
+        let f = from_outside(&env, &ack, 6);
+        let (_, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
+        assert_eq!(parse_vxlan(&out).inner_ipv4().tcp().source_port, nat_port);
+
+        // The backend's reply comes back in VXLAN to the gateway address and
+        // leaves through the underlay as PublicIP:nodePort -> the client.
+        let gw = Ipv4Addr::new(10, 244, 1, 1);
+        let seg = tcp(
+            remote,
+            gw,
+            8080,
+            nat_port,
+            5000,
+            1001,
+            TCP_SYN | TCP_ACK,
+            b"",
+        );
+        let reply_ip = ipv4(remote, gw, 6, 0, &seg);
+        let ul = env.ul_mac;
+        let (rc, out) = run_tc(
+            &mut env,
+            prog_names::FROM_UNDERLAY,
+            &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &reply_ip, ul),
+        );
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let (e, reply) = parse_eth_ipv4(&out);
+        assert_eq!((reply.src(), reply.dst()), (OUR_IP, OUTSIDE));
+        let t = reply.tcp();
+        assert_eq!((t.source_port, t.destination_port), (NODE_PORT, 50000));
+        assert_eq!(e.destination, PEER_UL_MAC, "to the router, by the FIB");
+        assert_counters(
+            &env,
+            &[
+                (Stat::Encapsulated, 2),
+                (Stat::NpForward, 2),
+                (Stat::NpReverse, 1),
+                (Stat::NpToUnderlay, 1),
+            ],
+            "and back out",
+        );
+        // Something else to the gateway address still goes to the host.
+        let other = ipv4(remote, gw, 17, 0, &udp(1, 2, b"x"));
+        let (rc, _) = run_tc(
+            &mut env,
+            prog_names::FROM_UNDERLAY,
+            &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &other, ul),
+        );
+        assert_eq!(rc, TC_ACT_OK);
+    }
+);
+
+root_test!(
+    nodeport_local_keeps_the_client_and_drops_without_a_local_endpoint,
+    || {
+        let mut env = setup();
+        route_outside();
+        set_ns_frontend(
+            &mut env,
+            NODE_PORT,
+            17,
+            vec![backend(LOCAL_BACKEND, 5353)],
+            TrafficPolicy::Local,
+        );
+        let f = from_outside(&env, &udp(50001, NODE_PORT, b"q"), 17);
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let (_, p) = parse_eth_ipv4(&out);
+        assert_eq!(
+            (p.src(), p.dst()),
+            (OUTSIDE, LOCAL_BACKEND),
+            "the client's address kept"
+        );
+        assert_eq!(p.udp().destination_port, 5353);
+        assert_counters(
+            &env,
+            &[(Stat::RedirectToBridge, 1), (Stat::NpForward, 1)],
+            "to the local backend",
+        );
+
+        // Its reply, leaving the pod, goes out of the underlay from the nodePort.
+        let r = eth(
+            CNI0_MAC,
+            BACKEND_MAC,
+            ETH_P_IP,
+            &ipv4(LOCAL_BACKEND, OUTSIDE, 17, 0, &udp(5353, 50001, b"a")),
+        );
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_POD, &r);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let (e, p) = parse_eth_ipv4(&out);
+        assert_eq!((p.src(), p.dst()), (OUR_IP, OUTSIDE));
+        assert_eq!(
+            (p.udp().source_port, p.udp().destination_port),
+            (NODE_PORT, 50001)
+        );
+        assert_eq!(e.destination, PEER_UL_MAC);
+        assert_counters(
+            &env,
+            &[
+                (Stat::RedirectToBridge, 1),
+                (Stat::NpForward, 1),
+                (Stat::NpReverse, 1),
+                (Stat::NpToUnderlay, 1),
+            ],
+            "and back out",
+        );
+
+        // Without a local endpoint: dropped, counted.
+        set_ns_frontend(&mut env, NODE_PORT, 17, vec![], TrafficPolicy::Local);
+        let f = from_outside(&env, &udp(50002, NODE_PORT, b"q"), 17);
+        let (rc, _) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
+        assert_eq!(rc, TC_ACT_SHOT);
+        assert_eq!(stat(&env, Stat::DropNpNoLocalEndpoint), 1);
+        // Another port of the PublicIP is the host's: passed untouched.
+        let f = from_outside(&env, &udp(50002, 22, b"q"), 17);
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
+        assert_eq!((rc, out), (TC_ACT_OK, f));
     }
 );

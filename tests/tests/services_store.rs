@@ -692,3 +692,154 @@ async fn apply_guard_from_the_network_config_and_leases() {
         1
     );
 }
+
+/// A NodePort Service `name` on `ip` with ports 80/TCP and 53/UDP, the
+/// nodePorts given (`None`: allocated by apply).
+fn node_port_service(name: &str, ip: &str, tcp: Option<i32>, udp: Option<i32>) -> Object {
+    let port = |p: i32, proto: &str, np: Option<i32>| ServicePort {
+        name: Some(proto.to_lowercase()),
+        port: p,
+        protocol: Some(proto.into()),
+        node_port: np,
+        ..Default::default()
+    };
+    Object::Service(Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("NodePort".into()),
+            cluster_ip: Some(ip.into()),
+            ports: Some(vec![port(80, "TCP", tcp), port(53, "UDP", udp)]),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// nodePorts at apply: allocated from the range (lowest free first),
+/// stored in etcd so every agent reads the same, kept when the Service is
+/// re-applied without them, never given twice; explicit ones outside the
+/// range or taken by another Service are refused naming the Service and
+/// the field; the range comes from the network config (`NodePortRange`)
+/// unless the guard (the `--service-node-port-range` flag) says otherwise.
+#[tokio::test]
+async fn apply_allocates_node_ports_without_duplicates() {
+    let (_etcd, mut client) = setup().await;
+    let mut guard = services::AddressGuard::new("10.96.0.0/12".parse().unwrap(), None);
+    guard.node_ports = "30000-30004".parse().unwrap();
+    let c0 = client.clone();
+    let apply = |objects: Vec<Object>, guard: services::AddressGuard| {
+        let mut c = c0.clone();
+        async move { services::apply_guarded(&mut c, DEFAULT_PREFIX, &objects, &guard).await }
+    };
+    let ports = |store: &ServiceStore, name: &str| store.node_ports(&sn(name));
+
+    // An explicit one, then two allocated around it.
+    apply(
+        vec![
+            node_port_service("a", "10.96.2.1", Some(30001), None),
+            node_port_service("b", "10.96.2.2", None, None),
+        ],
+        guard.clone(),
+    )
+    .await
+    .unwrap();
+    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
+    assert_eq!(
+        ports(&store, "a"),
+        vec![(80, Proto::Tcp, 30001), (53, Proto::Udp, 30000)]
+    );
+    assert_eq!(
+        ports(&store, "b"),
+        vec![(80, Proto::Tcp, 30002), (53, Proto::Udp, 30003)]
+    );
+    // Re-applied without nodePorts: the same ones, nothing rewritten.
+    let s = apply(
+        vec![node_port_service("b", "10.96.2.2", None, None)],
+        guard.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.count(ApplyOutcome::Unchanged), 1);
+
+    // Explicit and taken (by number, whatever the protocol).
+    let e = apply(
+        vec![node_port_service("c", "10.96.2.3", None, Some(30002))],
+        guard.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "service default/c is invalid: spec.ports[1].nodePort: 30002 is already allocated to service default/b"
+    );
+    // Two in one file.
+    let e = apply(
+        vec![
+            node_port_service("c", "10.96.2.3", Some(30004), None),
+            node_port_service("d", "10.96.2.4", Some(30004), None),
+        ],
+        guard.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("spec.ports[0].nodePort: 30004 is already allocated to service default/c"),
+        "{e}"
+    );
+    // Outside the range.
+    let e = apply(
+        vec![node_port_service("c", "10.96.2.3", Some(31000), None)],
+        guard.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().starts_with(
+            "service default/c is invalid: spec.ports[0].nodePort: 31000 is outside the nodePort range 30000-30004"
+        ),
+        "{e}"
+    );
+    // The range is full after one more port.
+    let e = apply(
+        vec![node_port_service("c", "10.96.2.3", None, None)],
+        guard.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("spec.ports[1].nodePort: no free nodePort left in the range 30000-30004"),
+        "{e}"
+    );
+    // Nothing of the refusals was written.
+    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
+    assert_eq!(store.len(), 2);
+
+    // The range from the network config.
+    let flannel = "/coreos.com/network";
+    client
+        .put(
+            format!("{flannel}/config"),
+            r#"{"Network":"10.244.0.0/16","NodePortRange":"31000-31010","Backend":{"Type":"vxlan"}}"#,
+            None,
+        )
+        .await
+        .unwrap();
+    let (g, _) = services::AddressGuard::for_cluster(&mut client, flannel, None)
+        .await
+        .unwrap();
+    assert_eq!(g.node_ports.to_string(), "31000-31010");
+    apply(vec![node_port_service("c", "10.96.2.3", None, None)], g)
+        .await
+        .unwrap();
+    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
+    assert_eq!(
+        ports(&store, "c"),
+        vec![(80, Proto::Tcp, 31000), (53, Proto::Udp, 31001)]
+    );
+}

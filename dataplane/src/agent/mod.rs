@@ -416,7 +416,7 @@ impl Agent {
         let had = self.rec.owns_frontends(name);
         let (ready, total) = self.store.endpoint_counts(name);
         self.status.service(name, fronts.len(), ready, total);
-        let want = desired::frontends(&fronts);
+        let want = desired::frontends(&fronts, self.attrs.public_ip);
         match self.rec.set_service(self.dp.maps(), name, &want) {
             Ok(()) => {
                 self.retry.services.remove(name);

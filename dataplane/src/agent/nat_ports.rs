@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use dataplane_common::masq::{NAT_PORT_MAX, NAT_PORT_MIN};
+use dataplane_common::{NAT_PORT_MAX, NAT_PORT_MIN};
 use log::info;
 
 use super::instance::LOCK_DIR;

@@ -65,6 +65,20 @@ impl ServiceGuard {
             self.note(name, Some(why));
             return Verdict::Keep;
         }
+        // externalIPs and LoadBalancer IPs on a pod, gateway or ClusterIP
+        // address are not programmed (the rest of the Service is).
+        let refused: Vec<String> = fronts
+            .iter()
+            .filter(|(f, s)| s.north_south.is_some() && !f.ip.is_unspecified())
+            .filter_map(|(f, _)| self.addresses.check_external(f.ip).err())
+            .collect::<BTreeSet<String>>()
+            .into_iter()
+            .collect();
+        fronts.retain(|f, s| {
+            s.north_south.is_none()
+                || f.ip.is_unspecified()
+                || self.addresses.check_external(f.ip).is_ok()
+        });
         let lost: Vec<(Frontend, ServiceName)> = fronts
             .keys()
             .filter_map(|f| match store.owner(f) {
@@ -75,7 +89,7 @@ impl ServiceGuard {
         for (f, _) in &lost {
             fronts.remove(f);
         }
-        let why = (!lost.is_empty()).then(|| {
+        let contested = (!lost.is_empty()).then(|| {
             let list: Vec<String> = lost
                 .iter()
                 .map(|(f, o)| {
@@ -95,6 +109,18 @@ impl ServiceGuard {
                 list.join(", ")
             )
         });
+        let why = match (refused.is_empty(), contested) {
+            (true, c) => c,
+            (false, c) => Some(
+                std::iter::once(format!(
+                    "its external addresses are refused: {}",
+                    refused.join("; ")
+                ))
+                .chain(c)
+                .collect::<Vec<_>>()
+                .join("; "),
+            ),
+        };
         self.note(name, why);
         Verdict::Program
     }
@@ -191,6 +217,23 @@ mod tests {
         let mut f = s.frontends_for(&sn(n), &|_| false);
         let v = g.judge(s, &sn(n), &mut f);
         (v, f.len())
+    }
+
+    /// An externalIP on a pod, gateway or ClusterIP address (written to
+    /// etcd without `apply`) is not programmed, counted and logged once;
+    /// the Service's other frontends are.
+    #[test]
+    fn external_ips_on_cluster_addresses_are_skipped() {
+        let mut s = ServiceStore::new();
+        let mut g = guard();
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec:\n  clusterIP: 10.96.0.10\n  externalIPs: [\"10.244.3.9\", \"198.51.100.7\"]\n  ports:\n  - {port: 80}\n";
+        put(&mut s, yaml, 5);
+        let (v, n) = judge(&mut g, &s, "ext");
+        assert_eq!(v, Verdict::Program);
+        assert_eq!(n, 2, "the ClusterIP and the good externalIP");
+        assert_eq!(g.skips, 1);
+        judge(&mut g, &s, "ext");
+        assert_eq!(g.skips, 1, "logged and counted once");
     }
 
     #[test]

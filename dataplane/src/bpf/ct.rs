@@ -32,7 +32,7 @@ pub struct Flow {
 impl Flow {
     /// The key of its reverse-NAT entry.
     pub fn reply_key(&self) -> CtKey {
-        ct::reply_key(&self.key, &self.entry.backend, self.entry.snat)
+        ct::entry_reply_key(&self.key, &self.entry)
     }
 
     /// Its reverse-NAT entry.
@@ -367,7 +367,8 @@ pub fn upgrade_v1_entry(key: &CtKey, old: &CtEntryV1, now_ns: u64) -> Flow {
             last_seen_ns: now_ns,
             state: state as u8,
             flags: CT_F_SEEN_REPLY | CT_F_MIGRATED,
-            _pad: [0; 6],
+            snat_port: [0; 2],
+            _pad: [0; 4],
         },
     }
 }

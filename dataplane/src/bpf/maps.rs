@@ -20,10 +20,10 @@ use aya::{
 use dataplane_common::{
     AFFINITY_MAX, AffinityEntry, AffinityKey, BACKENDS_MAX, Backend, BackendKey, CT_MAX, Counter,
     CtEntry, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, FRAGS_MAX, FragEntry, FragKey,
-    LiveInfo, LiveKey, NodeConfig, PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX, PROTO_TCP, PeerInfo,
-    PeerIpInfo, PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX, SOCK_LB_MAX,
-    STATS_LEN, SockFwdKey, SockRnatEntry, SockRnatKey, SvcCounters, SvcInfo, SvcKey, VipInfo,
-    VipKey,
+    LiveInfo, LiveKey, MaglevKey, MaglevTable, NodeConfig, PEER_IPS_MAX, PEERS_MAX, POD_PORTS_MAX,
+    PROTO_TCP, PeerInfo, PeerIpInfo, PeerIpKey, PodPortInfo, PodPortKey, RnatEntry, SERVICES_MAX,
+    SOCK_LB_MAX, STATS_LEN, SockFwdKey, SockRnatEntry, SockRnatKey, SvcCounters, SvcInfo, SvcKey,
+    VipInfo, VipKey,
     ct::{CT_GC_LEN, CtTimeouts},
     map_names,
     masq::{MasqEntry, MasqRev},
@@ -173,6 +173,10 @@ pub const LAYOUTS: &[(&str, Layout)] = &[
         map_names::MASQ_REV,
         Layout::new::<CtKey, MasqRev>(MapType::Hash, CT_MAX),
     ),
+    (
+        map_names::MAGLEV,
+        Layout::new::<MaglevKey, MaglevTable>(MapType::Hash, SERVICES_MAX),
+    ),
 ];
 
 /// The conntrack maps, whose size is the agent's `--ct-max`, not the
@@ -284,6 +288,12 @@ pub enum MapOp {
     DelPodPort(PodPortKey),
     /// The conntrack timeouts (the agent's `--ct-*-timeout` flags).
     CtConfig(CtTimeouts),
+    /// A north-south frontend's Maglev table, computed from its backend
+    /// slots 0..count as the backends map holds them (written just before
+    /// in the same plan): the table is a function of them, so the op
+    /// carries the count rather than 2 KB of table.
+    PutMaglev(MaglevKey, u32),
+    DelMaglev(MaglevKey),
 }
 
 impl MapOp {
@@ -302,6 +312,7 @@ impl MapOp {
                 | MapOp::PutLive(_)
                 | MapOp::PutEndpoint(..)
                 | MapOp::PutPodPort(..)
+                | MapOp::PutMaglev(..)
         )
     }
 }
@@ -407,6 +418,14 @@ impl fmt::Display for MapOp {
             ),
             MapOp::DelPodPort(k) => write!(f, "removing pod port ifindex {}", k.ifindex),
             MapOp::CtConfig(_) => write!(f, "writing the conntrack timeouts"),
+            MapOp::PutMaglev(k, n) => write!(
+                f,
+                "writing the Maglev table of service id {} ({n} backends)",
+                k.svc_id
+            ),
+            MapOp::DelMaglev(k) => {
+                write!(f, "removing the Maglev table of service id {}", k.svc_id)
+            }
         }
     }
 }
@@ -443,6 +462,7 @@ pub struct Maps {
     svc_stats: PerCpuHashMap<MapData, SvcKey, SvcCounters>,
     live: HashMap<MapData, LiveKey, LiveInfo>,
     pod_ports: HashMap<MapData, PodPortKey, PodPortInfo>,
+    maglev: HashMap<MapData, MaglevKey, MaglevTable>,
     ct_cfg: Array<MapData, CtTimeouts>,
     /// Conntrack, handed out as separate handles ([`Maps::conntrack`]).
     ct: MapData,
@@ -501,6 +521,7 @@ impl Maps {
             svc_stats: PerCpuHashMap::try_from(take(map_names::SVC_STATS)?)?,
             live: HashMap::try_from(take(map_names::LIVE)?)?,
             pod_ports: HashMap::try_from(take(map_names::POD_PORTS)?)?,
+            maglev: HashMap::try_from(take(map_names::MAGLEV)?)?,
             ct_cfg: Array::try_from(aya::maps::Map::Array(ct_cfg))?,
             ct_cfg_read,
             ct: map_data(map_names::CT, take(map_names::CT)?)?,
@@ -535,8 +556,30 @@ impl Maps {
             MapOp::PutPodPort(k, v) => self.pod_ports.insert(k, v, 0)?,
             MapOp::DelPodPort(k) => self.pod_ports.remove(k)?,
             MapOp::CtConfig(t) => self.ct_cfg.set(0, t, 0)?,
+            MapOp::PutMaglev(k, n) => {
+                let mut names = Vec::with_capacity(*n as usize);
+                for slot in 0..*n {
+                    let b = self.backends.get(
+                        &BackendKey {
+                            svc_id: k.svc_id,
+                            slot,
+                        },
+                        0,
+                    )?;
+                    names.push(crate::services::maglev::name(&b));
+                }
+                let table = crate::services::maglev::wire_table(&names);
+                self.maglev.insert(k, table.as_ref(), 0)?
+            }
+            MapOp::DelMaglev(k) => self.maglev.remove(k)?,
         }
         Ok(())
+    }
+
+    /// A north-south frontend's Maglev table (`dataplane status` and the
+    /// tests compare them across nodes).
+    pub fn maglev_table(&self, svc_id: u32) -> Result<MaglevTable, MapError> {
+        Ok(self.maglev.get(&MaglevKey { svc_id }, 0)?)
     }
 
     /// The peer maps as the kernel has them.

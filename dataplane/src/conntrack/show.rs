@@ -303,7 +303,8 @@ mod tests {
                 last_seen_ns: 150 * s,
                 state: CtState::TimeWait as u8,
                 flags: CT_F_SEEN_REPLY | CT_F_PICKED_UP,
-                _pad: [0; 6],
+                snat_port: [0; 2],
+                _pad: [0; 4],
             },
         };
         let r = row(&f, 160 * s, &CtTimeouts::default(), None);

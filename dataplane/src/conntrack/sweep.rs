@@ -81,7 +81,7 @@ pub fn orphans(
             match flows.get(&fwd) {
                 Some(e) => {
                     ct::is_expired(e.state, e.last_seen_ns, now_ns, t)
-                        || ct::reply_key(&fwd, &e.backend, e.snat) != *key
+                        || ct::entry_reply_key(&fwd, e) != *key
                 }
                 None => true,
             }

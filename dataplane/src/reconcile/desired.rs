@@ -35,6 +35,9 @@ pub struct FrontendState {
     pub backends: Vec<Backend>,
     /// sessionAffinity ClientIP timeout, seconds.
     pub affinity_timeout_s: Option<u32>,
+    /// `Some` for a north-south frontend (NodePort, externalIP,
+    /// LoadBalancer IP): whether its externalTrafficPolicy is Local.
+    pub north_south: Option<services::TrafficPolicy>,
 }
 
 /// The frontends of one Service.
@@ -81,11 +84,21 @@ pub fn svc_key(f: &services::Frontend) -> SvcKey {
 }
 
 /// One Service's frontends (from [`services::ServiceStore::frontends_for`])
-/// in wire form.
-pub fn frontends(fronts: &BTreeMap<services::Frontend, FrontendSpec>) -> Frontends {
+/// in wire form. A NodePort frontend (address 0.0.0.0: every node
+/// address) is this node's `public_ip` and the nodePort.
+pub fn frontends(
+    fronts: &BTreeMap<services::Frontend, FrontendSpec>,
+    public_ip: Ipv4Addr,
+) -> Frontends {
     fronts
         .iter()
-        .map(|(f, spec)| (svc_key(f), frontend_state(spec)))
+        .map(|(f, spec)| {
+            let mut f = *f;
+            if f.ip.is_unspecified() {
+                f.ip = public_ip;
+            }
+            (svc_key(&f), frontend_state(spec))
+        })
         .collect()
 }
 
@@ -101,6 +114,7 @@ fn frontend_state(spec: &FrontendSpec) -> FrontendState {
             })
             .collect(),
         affinity_timeout_s: spec.affinity_timeout.map(secs_u32),
+        north_south: spec.north_south,
     }
 }
 
@@ -164,6 +178,7 @@ pub fn node_config(n: &NodeFacts) -> NodeConfig {
         vtep_mac: n.vtep_mac,
         underlay_mac: n.underlay_mac,
         bridge_mac: n.bridge_mac,
+        // `--nat-ports` (masquerade) sets these; the default until then.
         _pad: [0; 2],
         host_ifindex: n.host_ifindex,
         host_mac: n.host_mac,

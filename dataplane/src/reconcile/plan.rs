@@ -29,7 +29,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
-    EndpointInfo, EndpointKey, NodeConfig, PeerInfo, PodPortInfo, SVC_F_AFFINITY, SvcInfo, SvcKey,
+    EndpointInfo, EndpointKey, MaglevKey, NodeConfig, PeerInfo, PodPortInfo, SVC_F_AFFINITY,
+    SVC_F_ETP_LOCAL, SVC_F_EXTERNAL, SvcInfo, SvcKey,
 };
 
 use super::{
@@ -39,7 +40,10 @@ use super::{
         peer_ip_key, pod_port_key, vip_info, vip_key,
     },
 };
-use crate::{bpf::MapOp, services::ServiceName};
+use crate::{
+    bpf::MapOp,
+    services::{ServiceName, TrafficPolicy},
+};
 
 /// The node config, if it differs.
 pub fn node(want: &NodeConfig, cur: &MapState) -> Vec<MapOp> {
@@ -95,16 +99,24 @@ pub fn service(owner: &ServiceName, want: &Frontends, cur: &Shadow) -> Vec<MapOp
         .filter_map(|k| maps.services.get(k).map(|i| (*k, *i)))
         .collect();
 
-    // ClusterIP refcounts once this plan is applied.
+    // ClusterIP refcounts once this plan is applied (north-south
+    // frontends have none).
+    let cluster_ip = |i: &SvcInfo| i.flags & SVC_F_EXTERNAL == 0;
     let mut delta: BTreeMap<[u8; 4], i64> = BTreeMap::new();
-    for (k, _) in &removed {
-        *delta.entry(k.vip).or_default() -= 1;
-    }
-    for k in want.keys() {
-        let d = delta.entry(k.vip).or_default();
-        if !maps.services.contains_key(k) {
-            *d += 1;
+    for (k, i) in &removed {
+        if cluster_ip(i) {
+            *delta.entry(k.vip).or_default() -= 1;
         }
+    }
+    for (k, st) in want {
+        let was = maps.services.get(k).is_some_and(cluster_ip);
+        let is = st.north_south.is_none();
+        if !is && !was {
+            continue;
+        }
+        // Every ClusterIP kept is checked too: an earlier plan may have
+        // stopped before its refcount was written.
+        *delta.entry(k.vip).or_default() += i64::from(is) - i64::from(was);
     }
     let (mut vips_first, mut vips_last) = (Vec::new(), Vec::new());
     for (vip, d) in delta {
@@ -152,19 +164,35 @@ fn set_frontend(
     for a in want_live.difference(&old_live) {
         ops.push(MapOp::PutLive(live_key(id, *a)));
     }
+    let mut slots_changed = false;
     for (slot, b) in (0..count).zip(&want.backends) {
         if maps.slot(id, slot) != Some(b) {
             ops.push(MapOp::PutBackend(backend_key(id, slot), *b));
+            slots_changed = true;
         }
+    }
+    let mut flags = if want.affinity_timeout_s.is_some() {
+        SVC_F_AFFINITY
+    } else {
+        0
+    };
+    if let Some(policy) = want.north_south {
+        flags |= SVC_F_EXTERNAL;
+        if policy == TrafficPolicy::Local {
+            flags |= SVC_F_ETP_LOCAL;
+        }
+        // The table names slots, so it follows them (the data path
+        // ignores an entry beyond the count meanwhile).
+        if slots_changed || maps.maglev.get(&id) != Some(&count) {
+            ops.push(MapOp::PutMaglev(MaglevKey { svc_id: id }, count));
+        }
+    } else if maps.maglev.contains_key(&id) {
+        ops.push(MapOp::DelMaglev(MaglevKey { svc_id: id }));
     }
     let info = SvcInfo {
         id,
         count,
-        flags: if want.affinity_timeout_s.is_some() {
-            SVC_F_AFFINITY
-        } else {
-            0
-        },
+        flags,
         affinity_timeout_s: want.affinity_timeout_s.unwrap_or(0),
     };
     if old != Some(&info) {
@@ -188,6 +216,9 @@ fn remove_frontend(ops: &mut Vec<MapOp>, maps: &MapState, key: &SvcKey, info: &S
     }
     for (slot, _) in maps.slots_of(id) {
         ops.push(MapOp::DelBackend(backend_key(id, slot)));
+    }
+    if info.flags & SVC_F_EXTERNAL != 0 || maps.maglev.contains_key(&id) {
+        ops.push(MapOp::DelMaglev(MaglevKey { svc_id: id }));
     }
     ops.push(MapOp::DelSvcStats(*key));
 }
@@ -220,8 +251,10 @@ pub fn unowned(cur: &Shadow) -> Vec<MapOp> {
         .map(|(k, i)| (*k, *i))
         .collect();
     let mut gone: BTreeMap<[u8; 4], u32> = BTreeMap::new();
-    for (k, _) in &removed {
-        *gone.entry(k.vip).or_default() += 1;
+    for (k, i) in &removed {
+        if i.flags & SVC_F_EXTERNAL == 0 {
+            *gone.entry(k.vip).or_default() += 1;
+        }
     }
     // Every ClusterIP in `vips` or losing a frontend: an adopted refcount
     // may be wrong too.

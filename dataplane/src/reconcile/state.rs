@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
     Backend, BackendKey, EndpointInfo, EndpointKey, LiveKey, NodeConfig, PeerInfo, PeerIpInfo,
-    PeerIpKey, PodPortInfo, PodPortKey, SvcInfo, SvcKey, VipInfo, VipKey,
+    PeerIpKey, PodPortInfo, PodPortKey, SVC_F_EXTERNAL, SvcInfo, SvcKey, VipInfo, VipKey,
 };
 use ipnet::Ipv4Net;
 
@@ -58,7 +58,12 @@ pub struct MapState {
     pub pods: BTreeMap<[u8; 4], EndpointInfo>,
     /// `pod_ports_v1`: host-side ifindex -> the pod's addresses.
     pub pod_ports: BTreeMap<u32, PodPortInfo>,
-    /// ClusterIP -> service entries that carry it (derived from `services`).
+    /// North-south frontend id -> the backend count its `maglev_v1`
+    /// table was computed for (rewritten with its slots; not adopted at
+    /// start, so every table is written once by a new agent).
+    pub maglev: BTreeMap<u32, u32>,
+    /// ClusterIP -> ClusterIP service entries that carry it (derived from
+    /// `services`; north-south frontends have no `vips_v1` entry).
     frontends_per_vip: BTreeMap<[u8; 4], u32>,
     ids: IdAllocator,
     /// Ids with slots or `live` pairs but no service entry: left by a
@@ -155,6 +160,7 @@ impl MapState {
         self.pod_ports = rebuilt(take(&mut self.pod_ports));
         self.frontends_per_vip = rebuilt(take(&mut self.frontends_per_vip));
         self.orphans = rebuilt(take(&mut self.orphans));
+        self.maglev = rebuilt(take(&mut self.maglev));
         self.ids.used = rebuilt(take(&mut self.ids.used));
         self.ids.free = rebuilt(take(&mut self.ids.free));
     }
@@ -203,25 +209,26 @@ impl MapState {
                 self.peers.remove(&net);
             }
             MapOp::PutService(k, v) => {
-                if let Some(old) = self.services.insert(k, v) {
+                let old = self.services.insert(k, v);
+                if let Some(old) = old {
                     self.ids.release(old.id);
                     self.refresh_orphan(old.id);
-                } else {
-                    *self.frontends_per_vip.entry(k.vip).or_default() += 1;
                 }
+                self.count_vip(k.vip, old.as_ref(), Some(&v));
                 self.ids.take(v.id);
             }
             MapOp::DelService(k) => {
                 if let Some(old) = self.services.remove(&k) {
                     self.ids.release(old.id);
                     self.refresh_orphan(old.id);
-                    if let Some(n) = self.frontends_per_vip.get_mut(&k.vip) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.frontends_per_vip.remove(&k.vip);
-                        }
-                    }
+                    self.count_vip(k.vip, Some(&old), None);
                 }
+            }
+            MapOp::PutMaglev(k, n) => {
+                self.maglev.insert(k.svc_id, n);
+            }
+            MapOp::DelMaglev(k) => {
+                self.maglev.remove(&k.svc_id);
             }
             MapOp::PutBackend(k, b) => {
                 self.slots.insert((k.svc_id, k.slot), b);
@@ -257,6 +264,24 @@ impl MapState {
         }
     }
 
+    /// Keeps `frontends_per_vip` right when the entry of a frontend on
+    /// `vip` goes from `old` to `new`: only ClusterIP entries count.
+    fn count_vip(&mut self, vip: [u8; 4], old: Option<&SvcInfo>, new: Option<&SvcInfo>) {
+        let cluster_ip = |i: Option<&SvcInfo>| i.is_some_and(|i| i.flags & SVC_F_EXTERNAL == 0);
+        match (cluster_ip(old), cluster_ip(new)) {
+            (false, true) => *self.frontends_per_vip.entry(vip).or_default() += 1,
+            (true, false) => {
+                if let Some(n) = self.frontends_per_vip.get_mut(&vip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.frontends_per_vip.remove(&vip);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Replaces the peer maps' shadow with what the kernel has.
     pub fn adopt_peers(&mut self, kernel: PeerEntries) {
         self.peers = kernel.peers.into_iter().collect();
@@ -288,6 +313,7 @@ impl MapState {
     pub fn adopt_services(&mut self, kernel: &ServiceEntries) {
         self.services.clear();
         self.frontends_per_vip.clear();
+        self.maglev.clear();
         self.ids = IdAllocator::default();
         for (k, v) in &kernel.services {
             self.record(&MapOp::PutService(*k, *v));

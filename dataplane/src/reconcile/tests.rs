@@ -83,6 +83,7 @@ impl Sink for Fake {
             MapOp::DelVip(key) => k.vips.contains_key(&key.vip),
             MapOp::DelLive(key) => k.live.contains(&(key.svc_id, addr(&key.backend))),
             MapOp::DelSvcStats(_) => false,
+            MapOp::DelMaglev(key) => k.maglev.contains_key(&key.svc_id),
             MapOp::DelAffinity(key) => self.affinity.remove(&(key.svc_id, key.client)),
             MapOp::DelEndpoint(key) => self.endpoints.remove(&key.ip).is_some(),
             MapOp::DelPodPort(key) => k.pod_ports.contains_key(&key.ifindex),
@@ -192,6 +193,7 @@ fn fe(backends: &[u8]) -> FrontendState {
     FrontendState {
         backends: backends.iter().map(|b| be(*b)).collect(),
         affinity_timeout_s: None,
+        north_south: None,
     }
 }
 
@@ -1309,8 +1311,9 @@ fn frontends_are_keyed_in_network_byte_order() {
             port: 53,
         }],
         affinity_timeout: Some(std::time::Duration::from_secs(u64::MAX)),
+        north_south: None,
     };
-    let got = desired::frontends(&[(f, spec)].into());
+    let got = desired::frontends(&[(f, spec)].into(), std::net::Ipv4Addr::UNSPECIFIED);
     let (k, st) = got.iter().next().unwrap();
     assert_eq!(*k, key([10, 96, 0, 10], 8080, PROTO_UDP));
     assert_eq!(k.port, [0x1f, 0x90]);

@@ -18,12 +18,20 @@ use super::model::{Frontend, ServiceName, ServiceStore};
 use super::object::{Kind, ObjectRef};
 use super::store::StoreError;
 use super::validate::{self, ClusterIp};
+use crate::config::NodePortRange;
 use crate::etcd::{self, Prefix, kv_client};
 use crate::lease::{LeaseAttrs, subnets_dir};
 
 /// Kubernetes' default service CIDR (kube-apiserver
 /// `--service-cluster-ip-range`).
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
+
+/// Kubernetes' default nodePort range (kube-apiserver
+/// `--service-node-port-range`).
+pub const DEFAULT_NODE_PORT_RANGE: NodePortRange = NodePortRange {
+    min: 30_000,
+    max: 32_767,
+};
 
 /// Where ClusterIPs may lie.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +49,10 @@ pub struct AddressGuard {
     /// Gateways (the first address of each leased subnet, the node's
     /// bridge), with the subnet: no ClusterIP on them.
     pub gateways: BTreeMap<Ipv4Addr, Ipv4Net>,
+    /// Where `apply` allocates nodePorts and which explicit ones it
+    /// accepts: `apply --service-node-port-range`, else `NodePortRange`
+    /// of the network config, else [`DEFAULT_NODE_PORT_RANGE`].
+    pub node_ports: NodePortRange,
 }
 
 impl AddressGuard {
@@ -51,6 +63,7 @@ impl AddressGuard {
             pod_network,
             nodes: BTreeMap::new(),
             gateways: BTreeMap::new(),
+            node_ports: DEFAULT_NODE_PORT_RANGE,
         }
     }
 
@@ -114,6 +127,32 @@ impl AddressGuard {
         Ok(())
     }
 
+    /// Why `ip` cannot be an externalIP or LoadBalancer ingress IP, if it
+    /// cannot: traffic to it would be taken from a pod, a gateway or a
+    /// ClusterIP. (A node's PublicIP may be one: that is how externalIPs
+    /// are often used.)
+    pub fn check_external(&self, ip: Ipv4Addr) -> Result<(), String> {
+        if let Some(subnet) = self.gateways.get(&ip) {
+            return Err(format!(
+                "{ip} is the gateway of the lease {subnet}: an externalIP or LoadBalancer IP cannot be a pod, gateway or ClusterIP address"
+            ));
+        }
+        if let Some(net) = self.pod_network
+            && net.contains(&ip)
+        {
+            return Err(format!(
+                "{ip} is inside the pod network {net}: an externalIP or LoadBalancer IP cannot be a pod, gateway or ClusterIP address"
+            ));
+        }
+        if self.service_cidr.contains(&ip) {
+            return Err(format!(
+                "{ip} is inside the service CIDR {}: an externalIP or LoadBalancer IP cannot be a pod, gateway or ClusterIP address",
+                self.service_cidr
+            ));
+        }
+        Ok(())
+    }
+
     /// The guard `apply` uses: the network config under `etcd_prefix`
     /// (pod network and `ServiceCIDR`) and its leases (node addresses and
     /// gateways). Without a network config, the pod network and lease
@@ -140,6 +179,9 @@ impl AddressGuard {
             Self::service_cidr_of(service_cidr_flag, net.service_cidr),
             Some(net.network),
         );
+        if let Some(r) = net.node_port_range {
+            guard.node_ports = r;
+        }
         let dir = subnets_dir(&prefix);
         let (kvs, _) = etcd::list(&mut kv_client(client), &dir.range()).await?;
         for kv in &kvs {
@@ -164,14 +206,157 @@ pub fn check_addresses(objects: &[Object], guard: &AddressGuard) -> Result<(), S
         let Some(spec) = svc.spec.as_ref() else {
             continue;
         };
+        let invalid = |path: String, message: String| StoreError::Invalid {
+            object: obj.object_ref(),
+            path,
+            message,
+        };
+        for (i, x) in spec.external_ips.iter().flatten().enumerate() {
+            if let Ok(ip) = x.parse() {
+                guard
+                    .check_external(ip)
+                    .map_err(|m| invalid(format!("spec.externalIPs[{i}]"), m))?;
+            }
+        }
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, g) in ingress.into_iter().flatten().enumerate() {
+            if let Some(Ok(ip)) = g.ip.as_deref().map(str::parse) {
+                guard
+                    .check_external(ip)
+                    .map_err(|m| invalid(format!("status.loadBalancer.ingress[{i}].ip"), m))?;
+            }
+        }
         let Ok(ClusterIp::V4(ip)) = validate::cluster_ip(spec) else {
             continue;
         };
-        guard.check(ip).map_err(|message| StoreError::Invalid {
-            object: obj.object_ref(),
-            path: "spec.clusterIP".into(),
-            message,
-        })?;
+        guard
+            .check(ip)
+            .map_err(|m| invalid("spec.clusterIP".into(), m))?;
+    }
+    Ok(())
+}
+
+/// Gives every port of a NodePort or LoadBalancer Service in `objects`
+/// its nodePort, as the API server does: an explicit one must lie in
+/// `range` and be free (no other Service, in etcd or earlier in the file,
+/// has that number, whatever the protocol); a port without one keeps
+/// the number its Service has in `existing` (same port and protocol),
+/// else gets the lowest free number of the range. Refusals name the
+/// Service and the field.
+pub fn allocate_node_ports(
+    objects: &mut [Object],
+    existing: &ServiceStore,
+    range: NodePortRange,
+) -> Result<(), StoreError> {
+    let applied: std::collections::BTreeSet<ServiceName> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Service(_) => {
+                let r = o.object_ref();
+                Some(ServiceName::new(r.namespace.as_str(), r.name.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    // nodePort -> the Service that has it.
+    let mut used: BTreeMap<u16, ServiceName> = BTreeMap::new();
+    for name in existing.service_names() {
+        if applied.contains(name) {
+            continue;
+        }
+        for (_, _, np) in existing.node_ports(name) {
+            used.entry(np).or_insert_with(|| name.clone());
+        }
+    }
+    // Explicit ones first, so an allocation never takes a number a later
+    // Service of the file asks for.
+    for obj in objects.iter() {
+        let Object::Service(svc) = obj else { continue };
+        let name = ServiceName::new(
+            obj.object_ref().namespace.as_str(),
+            obj.object_ref().name.as_str(),
+        );
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        if !matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")) {
+            continue;
+        }
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            let Some(np) = p.node_port.and_then(|n| u16::try_from(n).ok()) else {
+                continue;
+            };
+            let invalid = |message: String| StoreError::Invalid {
+                object: obj.object_ref(),
+                path: format!("spec.ports[{i}].nodePort"),
+                message,
+            };
+            if !range.contains(np) {
+                return Err(invalid(format!(
+                    "{np} is outside the nodePort range {range} (apply --service-node-port-range, or NodePortRange in the network config)"
+                )));
+            }
+            match used.get(&np) {
+                Some(other) if *other != name => {
+                    return Err(invalid(format!(
+                        "{np} is already allocated to service {other}"
+                    )));
+                }
+                _ => {
+                    used.insert(np, name.clone());
+                }
+            }
+        }
+    }
+    let mut next = range.min;
+    for obj in objects.iter_mut() {
+        let r = obj.object_ref();
+        let Object::Service(svc) = obj else { continue };
+        let name = ServiceName::new(r.namespace.as_str(), r.name.as_str());
+        let Some(spec) = svc.spec.as_mut() else {
+            continue;
+        };
+        if !matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")) {
+            continue;
+        }
+        let before = existing.node_ports(&name);
+        for (i, p) in spec.ports.iter_mut().flatten().enumerate() {
+            if p.node_port.is_some() {
+                continue;
+            }
+            let proto = validate::protocol(p.protocol.as_deref()).ok();
+            let kept = before
+                .iter()
+                .find(|(port, pr, np)| {
+                    i32::from(*port) == p.port
+                        && Some(*pr) == proto
+                        && range.contains(*np)
+                        && used.get(np).is_none_or(|o| *o == name)
+                })
+                .map(|(_, _, np)| *np);
+            let np = match kept {
+                Some(np) => np,
+                None => {
+                    while used.contains_key(&next) {
+                        if next == range.max {
+                            return Err(StoreError::Invalid {
+                                object: r.clone(),
+                                path: format!("spec.ports[{i}].nodePort"),
+                                message: format!("no free nodePort left in the range {range}"),
+                            });
+                        }
+                        next += 1;
+                    }
+                    next
+                }
+            };
+            used.insert(np, name.clone());
+            p.node_port = Some(i32::from(np));
+        }
     }
     Ok(())
 }

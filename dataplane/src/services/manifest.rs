@@ -541,7 +541,7 @@ fn describe(v: &Yaml) -> &'static str {
 }
 
 /// Warns about valid settings this dataplane accepts but does not act on,
-/// so nobody waits for a NodePort that never opens.
+/// so nobody waits for frontends that never open.
 fn warn_unsupported(obj: &Object, ctx: &Ctx<'_>) {
     let r = obj.object_ref();
     let at = format!("document {} (line {})", ctx.document, ctx.line);
@@ -549,10 +549,6 @@ fn warn_unsupported(obj: &Object, ctx: &Ctx<'_>) {
         Object::Service(svc) => {
             let Some(spec) = &svc.spec else { return };
             match spec.type_.as_deref() {
-                Some(t @ ("NodePort" | "LoadBalancer")) => log::warn!(
-                    "{at}: {r} has type {t}; only its ClusterIP is served (no node ports, no \
-                     load balancer)"
-                ),
                 Some("ExternalName") => log::warn!(
                     "{at}: {r} has type ExternalName; it gets no frontends (a DNS matter)"
                 ),
@@ -560,9 +556,6 @@ fn warn_unsupported(obj: &Object, ctx: &Ctx<'_>) {
             }
             if spec.cluster_ip.as_deref() == Some("None") {
                 log::info!("{at}: {r} is headless; it gets no frontends");
-            }
-            if spec.external_ips.as_ref().is_some_and(|v| !v.is_empty()) {
-                log::warn!("{at}: {r} has externalIPs; they are not served");
             }
         }
         Object::Endpoints(ep) => {

@@ -29,6 +29,7 @@
 //! and a key always splits back into kind, namespace and name.
 
 pub mod guard;
+pub mod maglev;
 pub mod manifest;
 pub mod model;
 mod object;
@@ -44,7 +45,7 @@ pub use guard::{AddressGuard, DEFAULT_SERVICE_CIDR, check_addresses, check_confl
 pub use manifest::{DocumentError, ManifestError, Object, parse_manifests};
 pub use model::{
     BackendAddr, Decoded, Frontend, FrontendSpec, ServiceName, ServiceStore, ServiceSummary,
-    StoreUpdate,
+    StoreUpdate, TrafficPolicy,
 };
 pub use object::{Kind, ObjectRef, Proto, SERVICE_NAME_LABEL};
 pub use store::{

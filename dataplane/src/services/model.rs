@@ -134,10 +134,14 @@ impl fmt::Display for ServiceName {
     }
 }
 
-/// What a client connects to: ClusterIP, port, protocol.
+/// What a client connects to: ClusterIP, port, protocol; or, for a
+/// north-south frontend, an externalIP or LoadBalancer ingress IP with a
+/// service port, or a nodePort (address 0.0.0.0: every node's PublicIP;
+/// the agent writes its own).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    /// The ClusterIP.
+    /// The ClusterIP (or externalIP, LoadBalancer IP, 0.0.0.0 for a
+    /// nodePort).
     pub ip: Ipv4Addr,
     /// The service port.
     pub port: u16,
@@ -167,6 +171,18 @@ pub struct FrontendSpec {
     /// `Some` when `sessionAffinity` is ClientIP: how long a client keeps
     /// its backend after its last packet (default 10800 s).
     pub affinity_timeout: Option<Duration>,
+    /// `Some` for a north-south frontend (nodePort, externalIP,
+    /// LoadBalancer ingress IP): its `externalTrafficPolicy`.
+    pub north_south: Option<TrafficPolicy>,
+}
+
+/// `spec.externalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TrafficPolicy {
+    /// Any endpoint; the client's source is SNATed to the node.
+    Cluster,
+    /// This node's endpoints only; the client's source is kept.
+    Local,
 }
 
 /// One change seen by the etcd watch ([`super::watch_services`]).
@@ -250,6 +266,12 @@ struct SvcEntry {
     /// Session affinity timeout, seconds.
     affinity_timeout: Option<u32>,
     ports: Box<[SvcPort]>,
+    /// `spec.externalIPs` (IPv4).
+    external_ips: Box<[Ipv4Addr]>,
+    /// `status.loadBalancer.ingress[].ip` (IPv4) of a LoadBalancer.
+    lb_ips: Box<[Ipv4Addr]>,
+    /// `externalTrafficPolicy: Local`.
+    etp_local: bool,
 }
 
 /// `spec.clusterIP` as written, without a copy of the usual case: the
@@ -272,18 +294,43 @@ struct SvcPort {
     fallback: Option<u16>,
     /// A named `targetPort`.
     target_name: Option<Box<str>>,
+    /// `nodePort` of a NodePort or LoadBalancer Service.
+    node_port: Option<u16>,
 }
 
 impl SvcEntry {
-    /// The frontends this Service claims.
-    fn frontends(&self) -> impl Iterator<Item = Frontend> + '_ {
-        self.frontend_ip.into_iter().flat_map(|ip| {
-            self.ports.iter().map(move |p| Frontend {
-                ip,
-                port: p.port,
-                proto: p.proto,
+    /// The frontends this Service claims, each with the port it serves
+    /// and whether it is north-south (nodePort, externalIP, LoadBalancer
+    /// IP) rather than its ClusterIP.
+    fn frontends_of(&self) -> impl Iterator<Item = (Frontend, &SvcPort, bool)> + '_ {
+        self.frontend_ip.into_iter().flat_map(move |ip| {
+            self.ports.iter().flat_map(move |p| {
+                let at = move |ip: Ipv4Addr, port: u16, ns: bool| {
+                    (
+                        Frontend {
+                            ip,
+                            port,
+                            proto: p.proto,
+                        },
+                        p,
+                        ns,
+                    )
+                };
+                std::iter::once(at(ip, p.port, false))
+                    .chain(p.node_port.map(|np| at(Ipv4Addr::UNSPECIFIED, np, true)))
+                    .chain(
+                        self.external_ips
+                            .iter()
+                            .chain(self.lb_ips.iter())
+                            .map(move |x| at(*x, p.port, true)),
+                    )
             })
         })
+    }
+
+    /// The frontends this Service claims.
+    fn frontends(&self) -> impl Iterator<Item = Frontend> + '_ {
+        self.frontends_of().map(|(f, _, _)| f)
     }
 }
 
@@ -365,7 +412,9 @@ fn boxed(s: Option<&str>) -> Box<str> {
 
 fn svc_entry(svc: &Service, create_revision: i64) -> SvcEntry {
     let spec = svc.spec.as_ref();
-    let external = spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName");
+    let type_ = spec.and_then(|s| s.type_.as_deref());
+    let external = type_ == Some("ExternalName");
+    let node_ports = matches!(type_, Some("NodePort" | "LoadBalancer"));
     let frontend_ip = match spec.map(validate::cluster_ip) {
         Some(Ok(ClusterIp::V4(ip))) if !external => Some(ip),
         _ => None,
@@ -388,9 +437,32 @@ fn svc_entry(svc: &Service, create_revision: i64) -> SvcEntry {
                 proto,
                 fallback,
                 target_name,
+                node_port: if node_ports {
+                    sp.node_port.and_then(|n| validate::port_number(n).ok())
+                } else {
+                    None
+                },
             })
         })
         .collect();
+    let v4 = |list: Option<&Vec<String>>| -> Box<[Ipv4Addr]> {
+        list.into_iter()
+            .flatten()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    };
+    let lb_ips: Box<[Ipv4Addr]> = if type_ == Some("LoadBalancer") {
+        svc.status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref()?.parse().ok())
+            .collect()
+    } else {
+        Box::new([])
+    };
     SvcEntry {
         create_revision,
         type_: spec.and_then(|s| s.type_.as_deref()).map(Into::into),
@@ -405,6 +477,13 @@ fn svc_entry(svc: &Service, create_revision: i64) -> SvcEntry {
         local_only: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
         affinity_timeout: spec.and_then(validate::affinity_timeout_secs),
         ports,
+        external_ips: if external {
+            Box::new([])
+        } else {
+            v4(spec.and_then(|s| s.external_ips.as_ref()))
+        },
+        lb_ips,
+        etp_local: spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local"),
     }
 }
 
@@ -836,6 +915,19 @@ impl ServiceStore {
         self.services.get(name)?.frontend_ip
     }
 
+    /// The nodePorts of a service: (service port, protocol, nodePort).
+    pub fn node_ports(&self, name: &ServiceName) -> Vec<(u16, Proto, u16)> {
+        self.services
+            .get(name)
+            .map(|e| {
+                e.ports
+                    .iter()
+                    .filter_map(|p| Some((p.port, p.proto, p.node_port?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The etcd create revision of a service.
     pub fn create_revision(&self, name: &ServiceName) -> Option<i64> {
         Some(self.services.get(name)?.create_revision)
@@ -894,37 +986,50 @@ impl ServiceStore {
         let Some(entry) = self.services.get(svc) else {
             return out;
         };
-        let Some(ip) = entry.frontend_ip else {
+        if entry.frontend_ip.is_none() {
             return out;
-        };
+        }
         let affinity_timeout = entry
             .affinity_timeout
             .map(|s| Duration::from_secs(s.into()));
         let sets = self.endpoint_sets(svc);
-        for sp in entry.ports.iter() {
-            let mut eps: BTreeMap<BackendAddr, Cond> = BTreeMap::new();
-            for set in &sets {
-                let Some(target) = resolve_port(sp, entry.ports.len(), set) else {
-                    continue;
-                };
-                for &(ip, cond) in set.endpoints.iter() {
-                    if entry.local_only && !is_local(ip) {
-                        continue;
+        // Backends of each port, once for `local` = false and true.
+        let mut cache: BTreeMap<(u16, Proto, bool), Vec<BackendAddr>> = BTreeMap::new();
+        for (f, sp, ns) in entry.frontends_of() {
+            let local = if ns {
+                entry.etp_local
+            } else {
+                entry.local_only
+            };
+            let backends = cache
+                .entry((sp.port, sp.proto, local))
+                .or_insert_with(|| {
+                    let mut eps: BTreeMap<BackendAddr, Cond> = BTreeMap::new();
+                    for set in &sets {
+                        let Some(target) = resolve_port(sp, entry.ports.len(), set) else {
+                            continue;
+                        };
+                        for &(ip, cond) in set.endpoints.iter() {
+                            if local && !is_local(ip) {
+                                continue;
+                            }
+                            let e = eps.entry(BackendAddr { ip, port: target }).or_default();
+                            *e = e.merge(cond);
+                        }
                     }
-                    let e = eps.entry(BackendAddr { ip, port: target }).or_default();
-                    *e = e.merge(cond);
-                }
-            }
-            out.entry(Frontend {
-                ip,
-                port: sp.port,
-                proto: sp.proto,
-            })
-            .or_insert_with(|| FrontendSpec {
+                    choose_backends(&eps)
+                })
+                .clone();
+            out.entry(f).or_insert_with(|| FrontendSpec {
                 service: svc.clone(),
                 port_name: sp.name.to_string(),
-                backends: choose_backends(&eps),
+                backends,
                 affinity_timeout,
+                north_south: ns.then_some(if entry.etp_local {
+                    TrafficPolicy::Local
+                } else {
+                    TrafficPolicy::Cluster
+                }),
             });
         }
         out
@@ -950,10 +1055,15 @@ impl ServiceStore {
                     .ports
                     .iter()
                     .map(|p| {
+                        // kubectl's form: `80:30080/TCP` with a nodePort.
+                        let port = match p.node_port {
+                            Some(np) => format!("{}:{np}", p.port),
+                            None => p.port.to_string(),
+                        };
                         if p.name.is_empty() {
-                            format!("{}/{}", p.port, p.proto)
+                            format!("{port}/{}", p.proto)
                         } else {
-                            format!("{}:{}/{}", p.name, p.port, p.proto)
+                            format!("{}:{port}/{}", p.name, p.proto)
                         }
                     })
                     .collect();

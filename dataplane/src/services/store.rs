@@ -60,8 +60,8 @@ pub enum StoreError {
     Duplicate(ObjectRef),
     /// Two Services claim one frontend; nothing was written.
     #[error(
-        "{object} conflicts with service {other}: both claim {}:{} {} (ClusterIP, port, protocol)",
-        frontend.ip, frontend.port, frontend.proto
+        "{object} conflicts with service {other}: both claim {}",
+        claim(frontend)
     )]
     Conflict {
         /// The Service being applied.
@@ -171,6 +171,18 @@ fn check_size(count: usize, op: &'static str) -> Result<(), StoreError> {
 
 fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> i64 {
     header.map_or(0, |h| h.revision())
+}
+
+/// A frontend as a conflict names it.
+fn claim(f: &super::model::Frontend) -> String {
+    if f.ip.is_unspecified() {
+        format!("nodePort {} {}", f.port, f.proto)
+    } else {
+        format!(
+            "{}:{} {} (ClusterIP, port, protocol)",
+            f.ip, f.port, f.proto
+        )
+    }
 }
 
 /// Writes `objects` under `prefix` in one etcd transaction: all or nothing.
@@ -312,8 +324,12 @@ pub async fn apply_guarded(
         }
     })
     .await?;
-    super::guard::check_conflicts(objects, &existing)?;
-    apply(client, prefix, objects).await
+    // nodePorts are allocated here and stored in the Service, as the
+    // API server does, so every agent reads the same port.
+    let mut objects = objects.to_vec();
+    super::guard::allocate_node_ports(&mut objects, &existing, guard.node_ports)?;
+    super::guard::check_conflicts(&objects, &existing)?;
+    apply(client, prefix, &objects).await
 }
 
 /// etcd's size limit, spelled out for the operator.

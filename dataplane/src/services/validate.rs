@@ -298,6 +298,8 @@ pub(crate) fn service(svc: &Service) -> Vec<FieldError> {
         }
     }
 
+    north_south(svc, &mut errs);
+
     match spec.session_affinity.as_deref() {
         None | Some("None") => {
             if spec
@@ -511,5 +513,81 @@ mod tests {
         assert!(port_number(0).is_err());
         assert!(port_number(65536).is_err());
         assert!(port_number(-1).is_err());
+    }
+}
+
+/// An address a client outside the cluster can use: IPv4, not
+/// unspecified, loopback, link-local, multicast or broadcast.
+fn external_ip(s: &str) -> Result<Ipv4Addr, String> {
+    let ip: Ipv4Addr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 address (IPv4 only)"))?;
+    if ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+    {
+        return Err(format!(
+            "{ip} cannot be reached from outside (unspecified, loopback, link-local, multicast or broadcast)"
+        ));
+    }
+    Ok(ip)
+}
+
+/// nodePorts, externalIPs, LoadBalancer ingress IPs and
+/// externalTrafficPolicy, as the API server checks them.
+fn north_south(svc: &Service, errs: &mut Errors) {
+    let Some(spec) = &svc.spec else { return };
+    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let Some(n) = p.node_port else { continue };
+        let at = format!("spec.ports[{i}].nodePort");
+        if !node_ports {
+            errs.add(
+                at,
+                format!(
+                    "may not be used when spec.type is {}",
+                    spec.type_.as_deref().unwrap_or("ClusterIP")
+                ),
+            );
+        } else if let Err(e) = port_number(n) {
+            errs.add(at, e);
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for (i, x) in spec.external_ips.iter().flatten().enumerate() {
+        match external_ip(x) {
+            Ok(ip) if !seen.insert(ip) => {
+                errs.add(format!("spec.externalIPs[{i}]"), format!("duplicate {ip}"))
+            }
+            Ok(_) => {}
+            Err(e) => errs.add(format!("spec.externalIPs[{i}]"), e),
+        }
+    }
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, g) in ingress.into_iter().flatten().enumerate() {
+        if let Some(ip) = g.ip.as_deref()
+            && let Err(e) = external_ip(ip)
+        {
+            errs.add(format!("status.loadBalancer.ingress[{i}].ip"), e);
+        }
+    }
+    let has_external = node_ports || spec.external_ips.as_ref().is_some_and(|v| !v.is_empty());
+    match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => {}
+        Some("Local") if has_external => {}
+        Some("Local") => errs.add(
+            "spec.externalTrafficPolicy",
+            "may only be Local for a NodePort or LoadBalancer Service, or one with externalIPs",
+        ),
+        Some(other) => errs.add(
+            "spec.externalTrafficPolicy",
+            format!("unsupported value {other:?}: must be Cluster or Local"),
+        ),
     }
 }

@@ -1081,6 +1081,7 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
             FrontendState {
                 backends,
                 affinity_timeout_s: None,
+                north_south: None,
             },
         )]
         .into();
