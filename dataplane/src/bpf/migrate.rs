@@ -71,9 +71,9 @@ pub const MIGRATIONS: &[Migration] = &[
     STATS_V1_MIGRATION,
 ];
 
-/// `node_cfg_v1` (56-byte `NodeConfig`): the agent writes `node_cfg_v2`
-/// from its own state before attaching, so nothing is carried over; the
-/// old pin goes once the new programs run.
+/// `node_cfg_v1` (56-byte `NodeConfig`): its successor `node_cfg_v2` is
+/// written by the agent from its own state before attaching, so no entry
+/// is carried over; the old pin goes once the new programs run.
 const NODE_CONFIG_V1_MIGRATION: Migration = Migration {
     from: dataplane_common::map_names::previous::NODE_CONFIG_V1,
     layout: Layout {
@@ -82,7 +82,7 @@ const NODE_CONFIG_V1_MIGRATION: Migration = Migration {
         value_size: 56,
         max_entries: 1,
     },
-    into: &[],
+    into: &[dataplane_common::map_names::NODE_CONFIG],
     convert: |_, _| Vec::new(),
 };
 
@@ -98,7 +98,7 @@ const STATS_V1_MIGRATION: Migration = Migration {
         value_size: 16,
         max_entries: 64,
     },
-    into: &[],
+    into: &[dataplane_common::map_names::STATS],
     convert: |_, _| Vec::new(),
 };
 
