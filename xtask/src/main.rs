@@ -132,6 +132,20 @@ enum Task {
         /// bench/results/memory.md.
         #[arg(long, conflicts_with = "quick")]
         memory: bool,
+        /// Only pod to pod and node to node (every mode, RR/CRR also on
+        /// one CPU, the single-stream retransmission counters), to
+        /// bench/results/p2p.md.
+        #[arg(long, conflicts_with_all = ["memory", "nodeport"])]
+        p2p: bool,
+        /// Only NodePort from outside the cluster (kube-proxy's iptables
+        /// NodePort rules vs this dataplane, 1 and 10,000 Services), to
+        /// bench/results/nodeport.md.
+        #[arg(long, conflicts_with = "memory")]
+        nodeport: bool,
+        /// With --p2p: only these modes, comma-separated, of underlay,
+        /// host, flannel, tc, xdp.
+        #[arg(long, requires = "p2p")]
+        modes: Option<String>,
     },
 }
 
@@ -147,7 +161,29 @@ fn main() -> ExitCode {
             println!("{}", prev_release()?.display());
             Ok(())
         }),
-        Task::Bench { quick, memory } => setup().and_then(|()| bench(quick, memory)),
+        Task::Bench {
+            quick,
+            memory,
+            p2p,
+            nodeport,
+            modes,
+        } => setup().and_then(|()| {
+            let mut args = Vec::new();
+            for (on, flag) in [
+                (quick, "--quick"),
+                (memory, "--memory"),
+                (p2p, "--p2p"),
+                (nodeport, "--nodeport"),
+            ] {
+                if on {
+                    args.push(flag.to_string());
+                }
+            }
+            if let Some(m) = modes {
+                args.push(format!("--modes={m}"));
+            }
+            bench(&args)
+        }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -531,7 +567,7 @@ fn demo() -> anyhow::Result<()> {
     status(c)
 }
 
-fn bench(quick: bool, memory: bool) -> anyhow::Result<()> {
+fn bench(args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark creates network namespaces and loads BPF programs: run as root");
     }
@@ -558,13 +594,8 @@ fn bench(quick: bool, memory: bool) -> anyhow::Result<()> {
         "bench",
         "--",
     ])
-    .env("DATAPLANE_BIN", root().join("target/release/dataplane"));
-    if quick {
-        c.arg("--quick");
-    }
-    if memory {
-        c.arg("--memory");
-    }
+    .env("DATAPLANE_BIN", root().join("target/release/dataplane"))
+    .args(args);
     status(c)
 }
 
