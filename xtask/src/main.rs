@@ -120,11 +120,13 @@ enum Task {
     /// from) out of this repository's history, and print its path.
     /// `cargo xtask test` does this when it runs the restart tests.
     PrevRelease,
-    /// The benchmark (issue #5): pod to pod per mode, ClusterIP against
-    /// kube-proxy's iptables, control plane latency, agent RSS, BPF
-    /// per-packet cost. Writes bench/results/latest.{md,json} and charts.
+    /// The benchmark (issues #5, #12): pod to pod per mode and node to
+    /// node, ClusterIP against kube-proxy's iptables, control plane
+    /// latency, agent RSS, NodePort from outside against kube-proxy's
+    /// iptables, BPF per-packet cost. Writes
+    /// bench/results/latest.{md,json} and charts.
     Bench {
-        /// A short run (under 2 minutes) instead of the full one.
+        /// A short run (about 2 minutes) instead of the full one.
         #[arg(long)]
         quick: bool,
         /// Only the agent memory figures (RSS after the initial sync, with
@@ -138,7 +140,7 @@ enum Task {
         #[arg(long, conflicts_with_all = ["memory", "nodeport"])]
         p2p: bool,
         /// Only NodePort from outside the cluster (kube-proxy's iptables
-        /// NodePort rules vs this dataplane, 1 and 10,000 Services), to
+        /// NodePort rules vs this dataplane, 3 and 10,000 Services), to
         /// bench/results/nodeport.md.
         #[arg(long, conflicts_with = "memory")]
         nodeport: bool,
