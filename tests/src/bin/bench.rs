@@ -1,15 +1,20 @@
-//! `cargo xtask bench [--quick | --memory]`: the benchmark of issue #5.
+//! `cargo xtask bench [--quick | --memory | --p2p [--modes=..] | --nodeport]`:
+//! the benchmark of issues #5 and #12.
 //!
 //! Pod-to-pod across two nodes in four modes (host routing, flannel's
-//! kernel vxlan, this dataplane with TC decapsulation and with XDP),
-//! interleaved per repetition; ClusterIP at 1, 1,000 and 10,000 services
+//! kernel vxlan, this dataplane with TC decapsulation and with XDP) and
+//! node to node over the underlay, interleaved per repetition, RR and CRR
+//! also with client and server on one CPU, with the TCP and drop counters
+//! of every single-stream run; NodePort from outside the cluster against
+//! kube-proxy's iptables NodePort rules; ClusterIP at 1, 1,000 and 10,000 services
 //! against kube-proxy's iptables structure; control plane latency from an
 //! etcd change to the map on every node; agent RSS after the initial sync,
 //! with 1,000 peers and through an hour of churn; the per-packet cost of
 //! each BPF program through BPF_PROG_TEST_RUN. Writes
 //! `bench/results/latest.{md,json}` and two SVG charts. `--memory` runs
 //! the agent memory part alone (about a minute) and writes
-//! `bench/results/memory.md`.
+//! `bench/results/memory.md`; `--p2p` and `--nodeport` run those parts
+//! alone, to `bench/results/p2p.md` and `nodeport.md`.
 //!
 //! Everything runs in network namespaces created through the topology
 //! builder; they are removed on exit, on panic and on Ctrl-C.
