@@ -120,11 +120,13 @@ enum Task {
     /// from) out of this repository's history, and print its path.
     /// `cargo xtask test` does this when it runs the restart tests.
     PrevRelease,
-    /// The benchmark (issue #5): pod to pod per mode, ClusterIP against
-    /// kube-proxy's iptables, control plane latency, agent RSS, BPF
-    /// per-packet cost. Writes bench/results/latest.{md,json} and charts.
+    /// The benchmark (issues #5, #12): pod to pod per mode and node to
+    /// node, ClusterIP against kube-proxy's iptables, control plane
+    /// latency, agent RSS, NodePort from outside against kube-proxy's
+    /// iptables, BPF per-packet cost. Writes
+    /// bench/results/latest.{md,json} and charts.
     Bench {
-        /// A short run (under 2 minutes) instead of the full one.
+        /// A short run (about 2 minutes) instead of the full one.
         #[arg(long)]
         quick: bool,
         /// Only the agent memory figures (RSS after the initial sync, with
@@ -132,6 +134,20 @@ enum Task {
         /// bench/results/memory.md.
         #[arg(long, conflicts_with = "quick")]
         memory: bool,
+        /// Only pod to pod and node to node (every mode, RR/CRR also on
+        /// one CPU, the single-stream retransmission counters), to
+        /// bench/results/p2p.md.
+        #[arg(long, conflicts_with_all = ["memory", "nodeport"])]
+        p2p: bool,
+        /// Only NodePort from outside the cluster (kube-proxy's iptables
+        /// NodePort rules vs this dataplane, 3 and 10,000 Services), to
+        /// bench/results/nodeport.md.
+        #[arg(long, conflicts_with = "memory")]
+        nodeport: bool,
+        /// With --p2p: only these modes, comma-separated, of underlay,
+        /// host, flannel, tc, xdp.
+        #[arg(long, requires = "p2p")]
+        modes: Option<String>,
     },
 }
 
@@ -147,7 +163,29 @@ fn main() -> ExitCode {
             println!("{}", prev_release()?.display());
             Ok(())
         }),
-        Task::Bench { quick, memory } => setup().and_then(|()| bench(quick, memory)),
+        Task::Bench {
+            quick,
+            memory,
+            p2p,
+            nodeport,
+            modes,
+        } => setup().and_then(|()| {
+            let mut args = Vec::new();
+            for (on, flag) in [
+                (quick, "--quick"),
+                (memory, "--memory"),
+                (p2p, "--p2p"),
+                (nodeport, "--nodeport"),
+            ] {
+                if on {
+                    args.push(flag.to_string());
+                }
+            }
+            if let Some(m) = modes {
+                args.push(format!("--modes={m}"));
+            }
+            bench(&args)
+        }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -531,7 +569,7 @@ fn demo() -> anyhow::Result<()> {
     status(c)
 }
 
-fn bench(quick: bool, memory: bool) -> anyhow::Result<()> {
+fn bench(args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark creates network namespaces and loads BPF programs: run as root");
     }
@@ -558,13 +596,8 @@ fn bench(quick: bool, memory: bool) -> anyhow::Result<()> {
         "bench",
         "--",
     ])
-    .env("DATAPLANE_BIN", root().join("target/release/dataplane"));
-    if quick {
-        c.arg("--quick");
-    }
-    if memory {
-        c.arg("--memory");
-    }
+    .env("DATAPLANE_BIN", root().join("target/release/dataplane"))
+    .args(args);
     status(c)
 }
 

@@ -23,6 +23,10 @@ use crate::netns::{NetNs, in_netns};
 
 pub const CLIENT_CPU: usize = 0;
 pub const SERVER_CPU: usize = 1;
+/// The "one CPU" runs: client and server both pinned here, so a
+/// transaction is one CPU's work (per-packet cost) rather than wake-ups
+/// across CPUs.
+pub const SAME_CPU: usize = CLIENT_CPU;
 
 /// Pins the calling thread to `cpu`.
 pub fn pin(cpu: usize) {
@@ -34,9 +38,10 @@ pub fn pin(cpu: usize) {
     }
 }
 
-/// TCP and UDP echo on `ip:port` in a pod, pinned to [`SERVER_CPU`].
-/// TCP connections are served one after the other on the accept thread
-/// (the clients here hold one connection at a time).
+/// TCP and UDP echo on `ip:port` in a pod, pinned to one CPU
+/// ([`SERVER_CPU`] with [`EchoServer::start`]). TCP connections are
+/// served one after the other on the accept thread (the clients here hold
+/// one connection at a time).
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
     listen_fd: i32,
@@ -45,11 +50,16 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start(ns: &NetNs, ip: Ipv4Addr, port: u16) -> anyhow::Result<EchoServer> {
+        Self::start_on(ns, ip, port, SERVER_CPU)
+    }
+
+    /// The echo server with both its threads pinned to `cpu`.
+    pub fn start_on(ns: &NetNs, ip: Ipv4Addr, port: u16, cpu: usize) -> anyhow::Result<EchoServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<i32>>();
         let (s1, tx1) = (stop.clone(), tx.clone());
         let tcp = in_netns(ns, move || {
-            pin(SERVER_CPU);
+            pin(cpu);
             let l = match TcpListener::bind((ip, port)) {
                 Ok(l) => l,
                 Err(e) => {
@@ -83,7 +93,7 @@ impl EchoServer {
         });
         let s2 = stop.clone();
         let udp = in_netns(ns, move || {
-            pin(SERVER_CPU);
+            pin(cpu);
             let sock = match UdpSocket::bind((ip, port)) {
                 Ok(s) => s,
                 Err(e) => {
@@ -161,24 +171,27 @@ const WARMUP: Duration = Duration::from_millis(100);
 
 fn run_client<T: Send + 'static>(
     ns: &NetNs,
+    cpu: usize,
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     in_netns(ns, move || {
-        pin(CLIENT_CPU);
+        pin(cpu);
         f()
     })
     .join()
     .map_err(|_| anyhow::anyhow!("client thread panicked"))?
 }
 
-/// One TCP connection, `size`-byte request and response in a loop.
+/// One TCP connection, `size`-byte request and response in a loop; the
+/// client pinned to `cpu`.
 pub fn tcp_rr(
     ns: &NetNs,
+    cpu: usize,
     dst: SocketAddrV4,
     size: usize,
     dur: Duration,
 ) -> anyhow::Result<RrResult> {
-    run_client(ns, move || {
+    run_client(ns, cpu, move || {
         let mut s =
             TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3)).context("connect")?;
         s.set_nodelay(true)?;
@@ -207,9 +220,15 @@ pub fn tcp_rr(
     })
 }
 
-/// Connect, 1 byte each way, close; a new connection each time.
-pub fn tcp_crr(ns: &NetNs, dst: SocketAddrV4, dur: Duration) -> anyhow::Result<RrResult> {
-    run_client(ns, move || {
+/// Connect, 1 byte each way, close; a new connection each time; the
+/// client pinned to `cpu`.
+pub fn tcp_crr(
+    ns: &NetNs,
+    cpu: usize,
+    dst: SocketAddrV4,
+    dur: Duration,
+) -> anyhow::Result<RrResult> {
+    run_client(ns, cpu, move || {
         let mut lat = Vec::with_capacity(1 << 18);
         let mut conn = Vec::with_capacity(1 << 18);
         let mut errors = 0u64;
@@ -262,7 +281,7 @@ pub fn udp_rr(
     size: usize,
     dur: Duration,
 ) -> anyhow::Result<RrResult> {
-    run_client(ns, move || {
+    run_client(ns, CLIENT_CPU, move || {
         let s = UdpSocket::bind(("0.0.0.0", 0))?;
         s.connect(dst)?;
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -298,7 +317,7 @@ pub fn udp_rr(
 }
 
 /// iperf3 from `client` to `server_ip`, `streams` parallel streams, for
-/// `secs`; client on [`CLIENT_CPU`], server on [`SERVER_CPU`].
+/// `secs`; client and server pinned to `(client, server)` CPUs (`-A`).
 /// Returns (Gbit/s received, retransmits).
 pub fn iperf3(
     server: &NetNs,
@@ -306,15 +325,42 @@ pub fn iperf3(
     client: &NetNs,
     streams: u32,
     secs: f64,
+    cpus: (usize, usize),
 ) -> anyhow::Result<(f64, u64)> {
-    let port = "5201";
+    iperf3_via(
+        server,
+        server_ip,
+        client,
+        SocketAddrV4::new(server_ip, IPERF3_PORT),
+        streams,
+        secs,
+        cpus,
+    )
+}
+
+/// The port iperf3's server listens on.
+pub const IPERF3_PORT: u16 = 5201;
+
+/// [`iperf3`] with the client connecting to `via` (a Service frontend
+/// that leads to the server) instead of the server's own address.
+pub fn iperf3_via(
+    server: &NetNs,
+    server_ip: Ipv4Addr,
+    client: &NetNs,
+    via: SocketAddrV4,
+    streams: u32,
+    secs: f64,
+    cpus: (usize, usize),
+) -> anyhow::Result<(f64, u64)> {
+    let port = IPERF3_PORT.to_string();
+    let port = port.as_str();
     let mut srv = server
         .command("iperf3")
         .args([
             "-s",
             "-1",
             "-A",
-            &SERVER_CPU.to_string(),
+            &cpus.1.to_string(),
             "-B",
             &server_ip.to_string(),
             "-p",
@@ -332,11 +378,11 @@ pub fn iperf3(
             .command("iperf3")
             .args([
                 "-c",
-                &server_ip.to_string(),
+                &via.ip().to_string(),
                 "-p",
-                port,
+                &via.port().to_string(),
                 "-A",
-                &CLIENT_CPU.to_string(),
+                &cpus.0.to_string(),
                 "-J",
                 "-P",
                 &streams.to_string(),

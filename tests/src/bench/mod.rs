@@ -4,5 +4,6 @@
 
 pub mod kube;
 pub mod load;
+pub mod netstat;
 pub mod stats;
 pub mod svg;

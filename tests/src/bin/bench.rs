@@ -1,15 +1,20 @@
-//! `cargo xtask bench [--quick | --memory]`: the benchmark of issue #5.
+//! `cargo xtask bench [--quick | --memory | --p2p [--modes=..] | --nodeport]`:
+//! the benchmark of issues #5 and #12.
 //!
 //! Pod-to-pod across two nodes in four modes (host routing, flannel's
-//! kernel vxlan, this dataplane with TC decapsulation and with XDP),
-//! interleaved per repetition; ClusterIP at 1, 1,000 and 10,000 services
+//! kernel vxlan, this dataplane with TC decapsulation and with XDP) and
+//! node to node over the underlay, interleaved per repetition, RR and CRR
+//! also with client and server on one CPU, with the TCP and drop counters
+//! of every single-stream run; NodePort from outside the cluster against
+//! kube-proxy's iptables NodePort rules; ClusterIP at 1, 1,000 and 10,000 services
 //! against kube-proxy's iptables structure; control plane latency from an
 //! etcd change to the map on every node; agent RSS after the initial sync,
 //! with 1,000 peers and through an hour of churn; the per-packet cost of
 //! each BPF program through BPF_PROG_TEST_RUN. Writes
 //! `bench/results/latest.{md,json}` and two SVG charts. `--memory` runs
 //! the agent memory part alone (about a minute) and writes
-//! `bench/results/memory.md`.
+//! `bench/results/memory.md`; `--p2p` and `--nodeport` run those parts
+//! alone, to `bench/results/p2p.md` and `nodeport.md`.
 //!
 //! Everything runs in network namespaces created through the topology
 //! builder; they are removed on exit, on panic and on Ctrl-C.
@@ -33,16 +38,21 @@ use tests::{
     bench::{
         kube::{self, BenchService},
         load::{self, EchoServer, RrResult},
+        netstat,
         stats::{Summary, f1, f2, num, thousands},
         svg,
     },
     flannel::FlannelNode,
-    netns::in_netns,
+    netns::{NetNs, in_netns},
     topo::{Cluster, add_pod_to},
 };
 
 const OURS_CONFIG: &str = r#"{"Network":"10.0.0.0/12","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
 const SERVER_PORT: u16 = 8080;
+/// The echo server pinned to the client's CPU (one-CPU RR and CRR).
+const SERVER_PORT_SAME_CPU: u16 = 8081;
+/// The mode with no pods and no overlay: node to node over the underlay.
+const UNDERLAY_MODE: &str = "underlay (node to node)";
 
 #[derive(Clone)]
 struct Opts {
@@ -56,6 +66,9 @@ struct Opts {
     cp_events: usize,
     bpf_repeat: u32,
     bpf_new_flows: u32,
+    /// `--modes=underlay,host,flannel,tc,xdp`: only these pod-to-pod modes
+    /// (all when absent).
+    modes: Option<Vec<String>>,
 }
 
 impl Opts {
@@ -72,6 +85,7 @@ impl Opts {
                 cp_events: 20,
                 bpf_repeat: 100_000,
                 bpf_new_flows: 2_000,
+                modes: None,
             }
         } else {
             Opts {
@@ -85,6 +99,7 @@ impl Opts {
                 cp_events: 100,
                 bpf_repeat: 1_000_000,
                 bpf_new_flows: 20_000,
+                modes: None,
             }
         }
     }
@@ -176,20 +191,53 @@ fn sh_out(cmd: &str) -> String {
 
 struct ModeCluster {
     name: &'static str,
+    /// Client and server are the node namespaces themselves, talking over
+    /// the underlay (no pods, no overlay): the limit of the path.
+    on_nodes: bool,
     servers: Vec<EchoServer>,
     _flannel: Vec<FlannelNode>,
     c: Cluster,
 }
 
 impl ModeCluster {
-    fn client(&self) -> &tests::topo::Pod {
-        &self.c.nodes[0].pods[0]
+    fn client_ns(&self) -> &NetNs {
+        if self.on_nodes {
+            &self.c.nodes[0].ns
+        } else {
+            &self.c.nodes[0].pods[0].ns
+        }
     }
-    fn server(&self, k: usize) -> &tests::topo::Pod {
-        &self.c.nodes[1].pods[k]
+    fn client_ip(&self) -> Ipv4Addr {
+        if self.on_nodes {
+            self.c.nodes[0].ip
+        } else {
+            self.c.nodes[0].pods[0].ip
+        }
+    }
+    /// The (first) server's namespace.
+    fn server_ns(&self) -> &NetNs {
+        if self.on_nodes {
+            &self.c.nodes[1].ns
+        } else {
+            &self.c.nodes[1].pods[0].ns
+        }
     }
     fn server_ips(&self) -> Vec<Ipv4Addr> {
-        self.c.nodes[1].pods.iter().map(|p| p.ip).collect()
+        if self.on_nodes {
+            vec![self.c.nodes[1].ip]
+        } else {
+            self.c.nodes[1].pods.iter().map(|p| p.ip).collect()
+        }
+    }
+    /// Every namespace of the cluster (underlay, nodes, pods), for the
+    /// interface drop counters.
+    fn namespaces(&self) -> Vec<&NetNs> {
+        let mut v = vec![&self.c.underlay];
+        for n in &self.c.nodes {
+            v.push(&n.ns);
+            v.extend(n.pods.iter().map(|p| &p.ns));
+        }
+        v
     }
 }
 
@@ -204,34 +252,65 @@ fn net(s: &str) -> ipnet::Ipv4Net {
     s.parse().unwrap()
 }
 
-/// Pods, echo servers on the server pods, client sysctls (CRR opens many
-/// connections: wide port range, TIME_WAIT reuse), and a reachability check.
+/// Echo servers on the servers (pods of node 2, or node 2 itself), one more
+/// on the first server pinned to the client's CPU (the one-CPU runs),
+/// client sysctls (CRR opens many connections: wide port range, TIME_WAIT
+/// reuse), and a reachability check.
 fn finish_cluster(
     name: &'static str,
     c: Cluster,
     flannel: Vec<FlannelNode>,
+    on_nodes: bool,
 ) -> anyhow::Result<ModeCluster> {
-    let mut servers = Vec::new();
-    for p in &c.nodes[1].pods {
-        servers.push(EchoServer::start(&p.ns, p.ip, SERVER_PORT)?);
-    }
-    c.nodes[0].pods[0].ns.sh("sysctl -qw net.ipv4.ip_local_port_range='1024 65535' && sysctl -qw net.ipv4.tcp_tw_reuse=1")?;
-    let m = ModeCluster {
+    let mut m = ModeCluster {
         name,
-        servers,
+        on_nodes,
+        servers: Vec::new(),
         _flannel: flannel,
         c,
     };
-    for ip in m.server_ips() {
+    let ips = m.server_ips();
+    let mut servers = Vec::new();
+    for (k, ip) in ips.iter().enumerate() {
+        let ns = if on_nodes {
+            &m.c.nodes[1].ns
+        } else {
+            &m.c.nodes[1].pods[k].ns
+        };
+        servers.push(EchoServer::start(ns, *ip, SERVER_PORT)?);
+        if k == 0 {
+            servers.push(EchoServer::start_on(
+                ns,
+                *ip,
+                SERVER_PORT_SAME_CPU,
+                load::SAME_CPU,
+            )?);
+        }
+    }
+    m.servers = servers;
+    m.client_ns().sh("sysctl -qw net.ipv4.ip_local_port_range='1024 65535' && sysctl -qw net.ipv4.tcp_tw_reuse=1")?;
+    for ip in ips {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while m.c.ping(0, 0, ip, 1).is_err() {
+        while m
+            .client_ns()
+            .sh(&format!("ping -c 1 -W 2 {ip} >/dev/null"))
+            .is_err()
+        {
             if Instant::now() > deadline {
-                bail!("{name}: pod {} cannot reach {ip}", m.client().ip);
+                bail!("{name}: {} cannot reach {ip}", m.client_ip());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
     Ok(m)
+}
+
+/// Node to node over the underlay: two node namespaces on the underlay
+/// bridge and nothing else.
+fn underlay_cluster() -> anyhow::Result<ModeCluster> {
+    let c = Cluster::new(2)?;
+    tests::interrupt::register(&c);
+    finish_cluster(UNDERLAY_MODE, c, Vec::new(), true)
 }
 
 fn host_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
@@ -252,7 +331,7 @@ fn host_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
     for _ in 0..server_pods {
         add_pod_to(&id, &mut c.nodes[1], &nets[1], 1500)?;
     }
-    finish_cluster("host routing", c, Vec::new())
+    finish_cluster("host routing", c, Vec::new(), false)
 }
 
 fn flannel_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
@@ -271,7 +350,7 @@ fn flannel_cluster(server_pods: usize) -> anyhow::Result<ModeCluster> {
     for _ in 0..server_pods {
         add_pod_to(&id, &mut c.nodes[1], &nets[1], 1450)?;
     }
-    finish_cluster("kernel vxlan (flannel)", c, f)
+    finish_cluster("kernel vxlan (flannel)", c, f, false)
 }
 
 fn ours_cluster(name: &'static str, mode: &str, server_pods: usize) -> anyhow::Result<ModeCluster> {
@@ -307,7 +386,429 @@ fn ours_cluster(name: &'static str, mode: &str, server_pods: usize) -> anyhow::R
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    finish_cluster(name, c, Vec::new())
+    finish_cluster(name, c, Vec::new(), false)
+}
+
+// ---------------------------------------------------------------- NodePort
+
+/// NodePorts of the scenario: echo with `externalTrafficPolicy: Cluster`
+/// (reached on node 1, endpoints on node 2), echo with `Local` (reached on
+/// node 2, where the endpoints are), iperf3 with `Cluster` (node 1).
+const NP_ECHO: u16 = 30080;
+const NP_ECHO_LOCAL: u16 = 30081;
+const NP_BULK: u16 = 30201;
+
+fn nodeport_services(eps: &[Ipv4Addr]) -> Vec<kube::NodePortService> {
+    let np = |k: u8, port, target_port, node_port, local, endpoints: &[Ipv4Addr]| {
+        kube::NodePortService {
+            name: format!("np-{node_port}"),
+            vip: Ipv4Addr::new(10, 100, 255, k),
+            port,
+            target_port,
+            node_port,
+            local,
+            endpoints: endpoints.to_vec(),
+        }
+    };
+    vec![
+        np(1, kube::SVC_PORT, SERVER_PORT, NP_ECHO, false, eps),
+        np(2, kube::SVC_PORT, SERVER_PORT, NP_ECHO_LOCAL, true, eps),
+        np(
+            3,
+            load::IPERF3_PORT,
+            load::IPERF3_PORT,
+            NP_BULK,
+            false,
+            &eps[..1],
+        ),
+    ]
+}
+
+/// One side (kube-proxy or ours) of the NodePort scenario: its cluster
+/// and the outside namespace behind its underlay router.
+struct NpSide {
+    m: ModeCluster,
+    outside: tests::outside::Outside,
+}
+
+impl NpSide {
+    fn new(m: ModeCluster) -> anyhow::Result<NpSide> {
+        let outside = m.c.add_outside()?;
+        outside.ns.sh(
+            "sysctl -qw net.ipv4.ip_local_port_range='1024 65535' && sysctl -qw net.ipv4.tcp_tw_reuse=1",
+        )?;
+        Ok(NpSide { m, outside })
+    }
+    fn node(&self, i: usize) -> Ipv4Addr {
+        self.m.c.nodes[i].ip
+    }
+}
+
+/// Whether a TCP connection from the outside namespace to `dst` is
+/// answered (the echo server's byte comes back) within `within`.
+fn np_answers(side: &NpSide, dst: SocketAddrV4, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let r = in_netns(&side.outside.ns, move || -> std::io::Result<()> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(&dst.into(), Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)
+        })
+        .join();
+        match r {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "probe thread panicked".into(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(last)
+}
+
+#[derive(Default)]
+struct NpLevel {
+    n: u32,
+    /// (figure, kube-proxy runs, ours runs)
+    figs: Vec<(&'static str, &'static str, Vec<f64>, Vec<f64>)>,
+}
+
+/// `--nodeport` (and part of the full run): NodePort from outside the
+/// cluster, kube-proxy's iptables rules on the host-routing cluster
+/// against this dataplane, at 1 and 10,000 Services.
+fn nodeport(o: &Opts, out: &mut Sections<'_>) {
+    let (r, md, sections, errors) = (&mut *out.r, &mut *out.md, &mut *out.json, &mut *out.errors);
+    eprintln!("[nodeport] building clusters");
+    let ipt = match host_cluster(3).and_then(NpSide::new) {
+        Ok(s) => s,
+        Err(e) => {
+            r.missing.push(format!(
+                "NodePort: the kube-proxy cluster did not start: {e:#}"
+            ));
+            return;
+        }
+    };
+    let ours = match ours_cluster("ours, TC decap", "tc", 3).and_then(NpSide::new) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            r.missing
+                .push(format!("NodePort (ours): cluster setup failed: {e:#}"));
+            None
+        }
+    };
+    let ipt_nps = nodeport_services(&ipt.m.server_ips());
+    let ours_nps = ours
+        .as_ref()
+        .map(|s| nodeport_services(&s.m.server_ips()))
+        .unwrap_or_default();
+    // Ours: the NodePort Services through `dataplane apply`, then is the
+    // NodePort served at all? A build without NodePort warns at apply
+    // ("only its ClusterIP is served") and the connection fails.
+    let mut ours = ours;
+    let mut not_served = None;
+    if let Some(side) = &ours {
+        let yaml = kube::nodeport_manifests(&ours_nps);
+        let path = side.m.c.dir.join("nodeports.yaml");
+        let applied = std::fs::write(&path, &yaml)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                let o = side
+                    .m
+                    .c
+                    .underlay
+                    .command(tests::topo::agent_bin().to_str().unwrap_or("dataplane"))
+                    .args(["apply", "-f", path.to_str().unwrap_or("")])
+                    .env("DATAPLANE_ETCD_ENDPOINTS", side.m.c.endpoint())
+                    .output()?;
+                Ok(o)
+            });
+        not_served = match applied {
+            Err(e) => Some(format!("`dataplane apply` could not run: {e:#}")),
+            Ok(o) if !o.status.success() => Some(format!(
+                "`dataplane apply` refused the NodePort Services: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Ok(o) => {
+                let warn = String::from_utf8_lossy(&o.stderr).to_string();
+                let probe = |port, node| {
+                    np_answers(
+                        side,
+                        SocketAddrV4::new(side.node(node), port),
+                        Duration::from_secs(5),
+                    )
+                    .map_err(|e| format!("{}:{port} from outside: {e}", side.node(node)))
+                };
+                match (probe(NP_ECHO, 0), probe(NP_ECHO_LOCAL, 1)) {
+                    (Ok(()), Ok(())) => None,
+                    (a, b) => Some(format!(
+                        "connection failed ({}){}",
+                        [a.err(), b.err()]
+                            .into_iter()
+                            .flatten()
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        warn.lines()
+                            .find(|l| l.contains("NodePort"))
+                            .map(|l| format!("; `dataplane apply` said: {}", l.trim()))
+                            .unwrap_or_default()
+                    )),
+                }
+            }
+        };
+        if let Some(why) = &not_served {
+            r.missing.push(format!(
+                "NodePort (ours): not measured: NodePort not served by this build ({why})"
+            ));
+        }
+    }
+    if not_served.is_some() {
+        ours = None;
+    }
+    // kube-proxy's side must work, or the scenario is broken.
+    let ipt_rules = |fillers: &[BenchService]| -> anyhow::Result<()> {
+        for (i, node) in ipt.m.c.nodes.iter().enumerate() {
+            let subnet = net(&format!("10.244.{}.0/24", i + 1));
+            let table =
+                kube::iptables_nat_with_nodeports(fillers, &ipt_nps, "10.244.0.0/16", |ep| {
+                    subnet.contains(&ep)
+                });
+            let mut child = node
+                .ns
+                .command("iptables-restore")
+                .arg("-w")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("iptables-restore")?;
+            child
+                .stdin
+                .take()
+                .context("stdin")?
+                .write_all(table.as_bytes())?;
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!(
+                    "iptables-restore failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok(())
+    };
+    // The NodePort Services alone, then 10,000 Services in all.
+    let levels: Vec<u32> = vec![ipt_nps.len() as u32, 10_000];
+    let mut filler = 0u32;
+    let mut fillers: Vec<BenchService> = Vec::new();
+    let mut results: Vec<NpLevel> = Vec::new();
+    for &n in &levels {
+        // n Services in all: the 3 NodePort ones and ClusterIP fillers.
+        let mut new = Vec::new();
+        while fillers.len() + new.len() + ipt_nps.len() < n as usize {
+            new.push(kube::filler(filler));
+            filler += 1;
+        }
+        fillers.extend(new.iter().cloned());
+        if let Err(e) = ipt_rules(&fillers) {
+            r.missing
+                .push(format!("NodePort: kube-proxy rules at {n} Services: {e:#}"));
+            break;
+        }
+        if let Err(e) = np_answers(
+            &ipt,
+            SocketAddrV4::new(ipt.node(0), NP_ECHO),
+            Duration::from_secs(5),
+        ) {
+            r.missing.push(format!(
+                "NodePort: kube-proxy's NodePort does not answer at {n} Services: {e}"
+            ));
+            break;
+        }
+        if let Some(side) = &ours {
+            if let Err(e) = apply_services(&side.m.c, &new) {
+                r.missing
+                    .push(format!("NodePort (ours): fillers at {n} Services: {e:#}"));
+                ours = None;
+            } else {
+                // The last filler live on both nodes before measuring.
+                let maps: Vec<_> = side
+                    .m
+                    .c
+                    .nodes
+                    .iter()
+                    .filter_map(|nd| svc_map(&nd.pin_path).ok())
+                    .collect();
+                if let Some(last) = new.last() {
+                    let k = svc_key(last.vip);
+                    if wait_maps(&maps, Duration::from_secs(120), |m| svc_count_is(m, &k, 3))
+                        .is_none()
+                    {
+                        errors.push(format!("NodePort (ours): fillers not live at {n} Services"));
+                    }
+                }
+            }
+        }
+        eprintln!("[nodeport] {n} services");
+        let mut lv = NpLevel {
+            n,
+            figs: Vec::new(),
+        };
+        let mut fig = |name: &'static str, unit: &'static str| -> usize {
+            lv.figs.push((name, unit, Vec::new(), Vec::new()));
+            lv.figs.len() - 1
+        };
+        let (crr_c, crr_l, bulk) = (
+            fig(
+                "CRR, externalTrafficPolicy Cluster (node 1, endpoints on node 2)",
+                "connections/s",
+            ),
+            fig(
+                "CRR, externalTrafficPolicy Local (node 2, its own endpoints)",
+                "connections/s",
+            ),
+            fig(
+                "bulk, 1 stream, Cluster (node 1 -> pod on node 2)",
+                "Gbit/s",
+            ),
+        );
+        let (crr_c_p50, crr_l_p50) = (fig("CRR p50, Cluster", "µs"), fig("CRR p50, Local", "µs"));
+        for _ in 0..o.svc_reps {
+            let sides: Vec<(bool, &NpSide)> = std::iter::once((false, &ipt))
+                .chain(ours.iter().map(|s| (true, s)))
+                .collect();
+            for (is_ours, side) in sides {
+                let put = |lv: &mut NpLevel, k: usize, v: f64| {
+                    if is_ours {
+                        lv.figs[k].3.push(v)
+                    } else {
+                        lv.figs[k].2.push(v)
+                    }
+                };
+                let who = if is_ours { "ours" } else { "kube-proxy" };
+                for (port, node, k, k50) in [
+                    (NP_ECHO, 0, crr_c, crr_c_p50),
+                    (NP_ECHO_LOCAL, 1, crr_l, crr_l_p50),
+                ] {
+                    match load::tcp_crr(
+                        &side.outside.ns,
+                        load::CLIENT_CPU,
+                        SocketAddrV4::new(side.node(node), port),
+                        o.crr,
+                    ) {
+                        Ok(res) => {
+                            put(&mut lv, k, res.rate);
+                            put(&mut lv, k50, res.p50_us);
+                        }
+                        Err(e) => errors.push(format!("NodePort {who} CRR :{port} at {n}: {e:#}")),
+                    }
+                }
+                let srv = &side.m.c.nodes[1].pods[0];
+                match load::iperf3_via(
+                    &srv.ns,
+                    srv.ip,
+                    &side.outside.ns,
+                    SocketAddrV4::new(side.node(0), NP_BULK),
+                    1,
+                    o.bulk_secs,
+                    (load::CLIENT_CPU, load::SERVER_CPU),
+                ) {
+                    Ok((g, _)) => put(&mut lv, bulk, g),
+                    Err(e) => errors.push(format!("NodePort {who} bulk at {n}: {e:#}")),
+                }
+            }
+        }
+        results.push(lv);
+    }
+    // Report.
+    let _ = writeln!(md, "## NodePort from outside the cluster\n");
+    let _ = writeln!(
+        md,
+        "A client in an \"outside\" namespace behind the underlay router (203.0.113.10, no route to pods or Services) connects to a node's address and NodePort. \
+         kube-proxy side: its iptables nat rules (KUBE-SERVICES, whose last rule sends local destinations to KUBE-NODEPORTS -> KUBE-EXT-* -> KUBE-MARK-MASQ and KUBE-SVC-*, \
+         or for `externalTrafficPolicy: Local` KUBE-SVL-* over the node's own endpoints; KUBE-SEP-* DNAT; MASQUERADE of marked packets) \
+         loaded with `iptables-restore` in both node namespaces of the host-routing cluster. Ours: the same Services (`type: NodePort`, explicit `nodePort`) \
+         applied with `dataplane apply` to a TC-decap cluster. Three NodePort Services: echo :{NP_ECHO} (Cluster; endpoints the 3 pods of node 2, reached on node 1), \
+         echo :{NP_ECHO_LOCAL} (Local; reached on node 2), iperf3 :{NP_BULK} (Cluster, one endpoint on node 2, reached on node 1); the rest of each level are ClusterIP fillers \
+         (kube-proxy's NodePort packets first pass every KUBE-SERVICES rule). CRR {} ms, bulk {} s, {} run(s) per level interleaved; median (min–max).\n",
+        o.crr.as_millis(),
+        o.bulk_secs,
+        o.svc_reps
+    );
+    if ours.is_none() {
+        let _ = writeln!(
+            md,
+            "Ours: **not measured**{}.\n",
+            not_served
+                .as_ref()
+                .map(|w| format!(": NodePort not served by this build ({w})"))
+                .unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| services | figure | unit | kube-proxy iptables | ours | ours / kube-proxy |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let mut js = Vec::new();
+    for lv in &results {
+        for (name, unit, ipt_v, ours_v) in &lv.figs {
+            let (a, b) = (Summary::of(ipt_v), Summary::of(ours_v));
+            let fmt = |x: f64| {
+                if *unit == "Gbit/s" {
+                    f2(x)
+                } else if *unit == "µs" {
+                    f1(x)
+                } else {
+                    thousands(x)
+                }
+            };
+            let ours_cell = if b.n == 0 {
+                "not measured".to_string()
+            } else {
+                b.fmt(fmt)
+            };
+            let ratio = if b.n == 0 || a.n == 0 {
+                "".to_string()
+            } else {
+                format!("{}x", f2(b.median / a.median))
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {name} | {unit} | {} | {ours_cell} | {ratio} |",
+                thousands(lv.n as f64),
+                a.fmt(fmt)
+            );
+            js.push(json!({"services": lv.n, "figure": name, "kube_proxy": a.json(unit), "ours": b.json(unit),
+                "ours_over_kube_proxy": num(b.median / a.median)}));
+        }
+    }
+    let _ = writeln!(md);
+    if let Some(last) = results.last() {
+        let (a, b) = (
+            Summary::of(&last.figs[0].2).median,
+            Summary::of(&last.figs[0].3).median,
+        );
+        if ours.is_some() {
+            r.target(
+                &format!(
+                    "NodePort CRR ours / kube-proxy at {} services",
+                    thousands(last.n as f64)
+                ),
+                b / a,
+                1.0,
+                "x",
+                true,
+                "externalTrafficPolicy Cluster, from outside",
+            );
+        }
+    }
+    sections.insert(
+        "nodeport".into(),
+        json!({"ours_served": ours.is_some(), "not_served_reason": not_served, "levels": js}),
+    );
 }
 
 // ---------------------------------------------------------------- pod to pod
@@ -326,15 +827,125 @@ fn summary(f: &Figures, mode: &str, metric: &str) -> Summary {
     )
 }
 
+/// Interface drops (rx + tx `dropped` of every link) summed over the
+/// cluster's namespaces.
+fn link_drops(m: &ModeCluster) -> u64 {
+    m.namespaces()
+        .iter()
+        .filter_map(|ns| ns.sh("ip -j -s link").ok())
+        .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
+        .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+        .map(|l| {
+            l["stats64"]["rx"]["dropped"].as_u64().unwrap_or(0)
+                + l["stats64"]["tx"]["dropped"].as_u64().unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Our data path's drop counters (`drop_*`), summed over the nodes; 0
+/// for the other modes (no agent).
+fn dataplane_drops(m: &ModeCluster) -> u64 {
+    m.c.nodes
+        .iter()
+        .filter(|n| n.agent.is_some())
+        .filter_map(|n| dataplane::bpf::read_pinned_stats(&n.pin_path).ok())
+        .flatten()
+        .filter(|(s, _)| s.name().starts_with("drop_"))
+        .map(|(_, c)| c.packets)
+        .sum()
+}
+
+/// The counters around one single-stream bulk run: the sender's and the
+/// receiver's TCP counters, interface drops in every namespace, backlog
+/// drops, our data path's drop counters.
+struct PathCounters {
+    tx: netstat::Counters,
+    rx: netstat::Counters,
+    links: u64,
+    softnet: u64,
+    dataplane: u64,
+}
+
+impl PathCounters {
+    fn take(m: &ModeCluster) -> anyhow::Result<PathCounters> {
+        Ok(PathCounters {
+            tx: netstat::snapshot(m.client_ns())?,
+            rx: netstat::snapshot(m.server_ns())?,
+            links: link_drops(m),
+            softnet: netstat::softnet_dropped(),
+            dataplane: dataplane_drops(m),
+        })
+    }
+
+    /// Pushes `self - before` as figures `bulk1_tx_*`, `bulk1_rx_*`,
+    /// `bulk1_drops_*`.
+    fn push_delta(&self, before: &PathCounters, f: &mut Figures, mode: &str) {
+        let (dtx, drx) = (
+            netstat::delta(&before.tx, &self.tx),
+            netstat::delta(&before.rx, &self.rx),
+        );
+        for (name, _) in netstat::SENDER {
+            push(
+                f,
+                mode,
+                &format!("bulk1_tx_{name}"),
+                dtx.get(*name).copied().unwrap_or(0) as f64,
+            );
+        }
+        for (name, _) in netstat::RECEIVER {
+            push(
+                f,
+                mode,
+                &format!("bulk1_rx_{name}"),
+                drx.get(*name).copied().unwrap_or(0) as f64,
+            );
+        }
+        for (name, a, b) in [
+            ("links", before.links, self.links),
+            ("softnet", before.softnet, self.softnet),
+            ("dataplane", before.dataplane, self.dataplane),
+        ] {
+            push(
+                f,
+                mode,
+                &format!("bulk1_drops_{name}"),
+                b.saturating_sub(a) as f64,
+            );
+        }
+    }
+}
+
 fn pod_to_pod_rep(m: &ModeCluster, o: &Opts, f: &mut Figures, errors: &mut Vec<String>) {
-    let (cl, sv) = (m.client(), m.server(0));
-    let dst = SocketAddrV4::new(sv.ip, SERVER_PORT);
+    let (cl, sv, sv_ip) = (m.client_ns(), m.server_ns(), m.server_ips()[0]);
+    let dst = SocketAddrV4::new(sv_ip, SERVER_PORT);
+    let dst_same = SocketAddrV4::new(sv_ip, SERVER_PORT_SAME_CPU);
     let name = m.name;
-    for (streams, metric) in [(1, "bulk1_gbps"), (4, "bulk4_gbps")] {
-        match load::iperf3(&sv.ns, sv.ip, &cl.ns, streams, o.bulk_secs) {
+    let split = (load::CLIENT_CPU, load::SERVER_CPU);
+    let same = (load::SAME_CPU, load::SAME_CPU);
+    for (streams, cpus, metric) in [
+        (1, split, "bulk1_gbps"),
+        (4, split, "bulk4_gbps"),
+        (1, same, "bulk1_1cpu_gbps"),
+    ] {
+        let before = (metric == "bulk1_gbps").then(|| PathCounters::take(m));
+        match load::iperf3(sv, sv_ip, cl, streams, o.bulk_secs, cpus) {
             Ok((g, retr)) => {
                 push(f, name, metric, g);
                 push(f, name, &format!("{metric}_retransmits"), retr as f64);
+                // Retransmissions per GB sent: a faster mode sends more.
+                push(
+                    f,
+                    name,
+                    &format!("{metric}_retransmits_per_gb"),
+                    retr as f64 / (g * o.bulk_secs / 8.0),
+                );
+                match (before, PathCounters::take(m)) {
+                    (Some(Ok(b)), Ok(a)) => a.push_delta(&b, f, name),
+                    (Some(Err(e)), _) | (Some(_), Err(e)) => {
+                        errors.push(format!("{name} {metric} counters: {e:#}"))
+                    }
+                    (None, _) => {}
+                }
             }
             Err(e) => errors.push(format!("{name} {metric}: {e:#}")),
         }
@@ -362,9 +973,17 @@ fn pod_to_pod_rep(m: &ModeCluster, o: &Opts, f: &mut Figures, errors: &mut Vec<S
         }
         Err(e) => errors.push(format!("{name} {metric}: {e:#}")),
     };
-    rr("tcp_rr", load::tcp_rr(&cl.ns, dst, 64, o.rr));
-    rr("tcp_crr", load::tcp_crr(&cl.ns, dst, o.crr));
-    rr("udp_rr", load::udp_rr(&cl.ns, dst, 64, o.rr));
+    rr("tcp_rr", load::tcp_rr(cl, load::CLIENT_CPU, dst, 64, o.rr));
+    rr("tcp_crr", load::tcp_crr(cl, load::CLIENT_CPU, dst, o.crr));
+    rr(
+        "tcp_rr_1cpu",
+        load::tcp_rr(cl, load::SAME_CPU, dst_same, 64, o.rr),
+    );
+    rr(
+        "tcp_crr_1cpu",
+        load::tcp_crr(cl, load::SAME_CPU, dst_same, o.crr),
+    );
+    rr("udp_rr", load::udp_rr(cl, dst, 64, o.rr));
 }
 
 fn ethtool_tso(m: &ModeCluster) -> String {
@@ -532,12 +1151,14 @@ fn clusterip(
         // CRR to the last-added service, interleaved.
         for _ in 0..o.svc_reps {
             lr.ipt_crr.push(load::tcp_crr(
-                &host.client().ns,
+                host.client_ns(),
+                load::CLIENT_CPU,
                 SocketAddrV4::new(t_host.vip, kube::SVC_PORT),
                 o.crr,
             )?);
             lr.ours_crr.push(load::tcp_crr(
-                &ours.client().ns,
+                ours.client_ns(),
+                load::CLIENT_CPU,
                 SocketAddrV4::new(t_ours.vip, kube::SVC_PORT),
                 o.crr,
             )?);
@@ -1330,101 +1951,132 @@ fn svc_key_port(vip: Ipv4Addr, port: u16) -> SvcKey {
     }
 }
 
-// ---------------------------------------------------------------- main
+// ---------------------------------------------------------------- pod to pod
 
-/// `--memory`: the agent memory figures alone, to bench/results/memory.md.
-fn memory_only(out_dir: &Path) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut r = Report::default();
-    let mut md = String::new();
-    let res = agent_memory()?;
-    memory_section(&res, &mut md, &mut r);
-    let mut text = format!(
-        "# Agent memory (`cargo xtask bench --memory`)\n\n{}; load average {}; {:.0} s.\n\n| target | measured | goal | result | detail |\n|---|---|---|---|---|\n",
-        sh_out("date -u +%Y-%m-%dT%H:%M:%SZ"),
-        loadavg(),
-        started.elapsed().as_secs_f64()
-    );
-    for t in &r.target_md {
-        let _ = writeln!(text, "{t}");
-    }
-    let _ = writeln!(text);
-    text.push_str(&md);
-    std::fs::write(out_dir.join("memory.md"), &text)?;
-    println!("{text}");
-    Ok(())
+/// Where a part of the benchmark writes: targets and "not measured" (r),
+/// the Markdown sections, the JSON sections, run errors.
+struct Sections<'a> {
+    r: &'a mut Report,
+    md: &'a mut String,
+    json: &'a mut serde_json::Map<String, Value>,
+    errors: &'a mut Vec<String>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    if std::env::args().any(|a| a == "--memory") {
-        tests::interrupt::install_signal_cleanup();
-        let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
-        std::fs::create_dir_all(&out_dir)?;
-        return memory_only(&out_dir);
-    }
-    let o = Opts::new(quick);
-    tests::interrupt::install_signal_cleanup();
-    let started = Instant::now();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out_dir = root.join("bench/results");
-    std::fs::create_dir_all(&out_dir)?;
-    let mut r = Report::default();
-    let load_before = loadavg();
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let machine = json!({
-        "kernel": sh_out("uname -r"),
-        "cpus": cpus,
-        "cpu_model": sh_out("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
-        "load_average_before": load_before,
-        "iptables": sh_out("iptables --version"),
-        "iperf3": sh_out("iperf3 --version | head -1"),
-        "agent_binary": tests::topo::agent_bin().display().to_string(),
-        "mode": if quick { "quick" } else { "full" },
-        "date_utc": sh_out("date -u +%Y-%m-%dT%H:%M:%SZ"),
-    });
-    eprintln!(
-        "bench ({}): kernel {}, {cpus} CPUs, load {load_before}",
-        if quick { "quick" } else { "full" },
-        machine["kernel"]
+/// The "where do single-stream retransmissions come from" table: counter
+/// deltas over each 1-stream bulk run, per mode.
+fn retransmit_counters(
+    figs: &Figures,
+    mode_names: &[&str],
+    md: &mut String,
+    j: &mut serde_json::Map<String, Value>,
+) {
+    let _ = writeln!(
+        md,
+        "Single-stream bulk: counter deltas over each 1-stream run (median (min–max) over repetitions). \
+         Sender: TCP counters of the client's namespace; receiver: the server's (`/proc/net/snmp`, `/proc/net/netstat`, named as `nstat` names them); \
+         interface drops: rx + tx `dropped` of every link in every namespace of the cluster; backlog drops: `/proc/net/softnet_stat` (machine-wide); \
+         data path drops: our `drop_*` counters on both nodes.\n"
     );
-    let mut sections = serde_json::Map::new();
-    let mut md = String::new();
-    let mut errors: Vec<String> = Vec::new();
-    let auto = dataplane::agent::DecapMode::Auto.resolve(Some("veth"));
-
-    // ---- BPF per-program cost (no cluster needed)
-    eprintln!("[bpf] per-program cost via BPF_PROG_TEST_RUN");
-    let bpf = match bpf_costs(&o) {
-        Ok(c) => c,
-        Err(e) => {
-            r.missing.push(format!("BPF per-program cost: {e:#}"));
-            Vec::new()
+    let _ = writeln!(md, "| counter | meaning | {} |", mode_names.join(" | "));
+    let _ = writeln!(md, "|---|---|{}", "---|".repeat(mode_names.len()));
+    let rows = [
+        (
+            "bulk1_gbps_retransmits_per_gb".to_string(),
+            "retransmits per GB".to_string(),
+            "iperf3's retransmits over the bytes sent (a faster mode sends more)",
+        ),
+        (
+            "bulk1_1cpu_gbps_retransmits_per_gb".to_string(),
+            "retransmits per GB, one CPU".to_string(),
+            "the same with sender and receiver pinned to one CPU",
+        ),
+    ]
+    .into_iter()
+    .chain(
+        netstat::SENDER
+            .iter()
+            .map(|(n, m)| (format!("bulk1_tx_{n}"), format!("sender {n}"), *m)),
+    )
+    .chain(
+        netstat::RECEIVER
+            .iter()
+            .map(|(n, m)| (format!("bulk1_rx_{n}"), format!("receiver {n}"), *m)),
+    )
+    .chain([
+        (
+            "bulk1_drops_links".to_string(),
+            "interface drops".to_string(),
+            "packets dropped by a device (veth, bridge)",
+        ),
+        (
+            "bulk1_drops_softnet".to_string(),
+            "backlog drops".to_string(),
+            "packets dropped: a CPU's input backlog full (machine-wide)",
+        ),
+        (
+            "bulk1_drops_dataplane".to_string(),
+            "data path drops".to_string(),
+            "our drop_* counters, both nodes",
+        ),
+    ]);
+    let mut js = serde_json::Map::new();
+    for (metric, label, meaning) in rows {
+        let mut row = format!("| {label} | {meaning} |");
+        for m in mode_names {
+            let s = summary(figs, m, &metric);
+            let _ = write!(row, " {} |", s.fmt(thousands));
+            js.insert(format!("{m}: {metric}"), s.json("count"));
         }
-    };
+        let _ = writeln!(md, "{row}");
+    }
+    let _ = writeln!(md);
+    j.insert("bulk1_counters".into(), Value::Object(js));
+}
 
-    // ---- pod to pod
+/// Pod to pod across nodes in every mode, and node to node over the
+/// underlay, interleaved; returns the clusters (the ClusterIP part reuses
+/// host routing and TC).
+fn pod_to_pod(
+    o: &Opts,
+    started: Instant,
+    chart: &Path,
+    out: &mut Sections<'_>,
+) -> Vec<ModeCluster> {
+    let auto = dataplane::agent::DecapMode::Auto.resolve(Some("veth"));
+    let (r, md, sections, errors) = (&mut *out.r, &mut *out.md, &mut *out.json, &mut *out.errors);
     eprintln!("[p2p] building clusters");
     let mut figs = Figures::new();
     let mut modes: Vec<ModeCluster> = Vec::new();
     let mut tso = BTreeMap::new();
-    for (name, build) in [
+    for (key, name, build) in [
         (
-            "host routing",
-            Box::new(|| host_cluster(3)) as Box<dyn Fn() -> anyhow::Result<ModeCluster>>,
+            "underlay",
+            UNDERLAY_MODE,
+            Box::new(underlay_cluster) as Box<dyn Fn() -> anyhow::Result<ModeCluster>>,
         ),
-        ("kernel vxlan (flannel)", Box::new(|| flannel_cluster(1))),
+        ("host", "host routing", Box::new(|| host_cluster(3))),
         (
+            "flannel",
+            "kernel vxlan (flannel)",
+            Box::new(|| flannel_cluster(1)),
+        ),
+        (
+            "tc",
             "ours, TC decap",
             Box::new(|| ours_cluster("ours, TC decap", "tc", 3)),
         ),
         (
+            "xdp",
             "ours, XDP decap",
             Box::new(|| ours_cluster("ours, XDP decap", "xdp", 1)),
         ),
     ] {
+        if o.modes
+            .as_ref()
+            .is_some_and(|m| !m.iter().any(|k| k == key))
+        {
+            continue;
+        }
         match build() {
             Ok(m) => {
                 tso.insert(name.to_string(), ethtool_tso(&m));
@@ -1445,7 +2097,7 @@ fn main() -> anyhow::Result<()> {
         let n = modes.len();
         for k in 0..n {
             let m = &modes[(k + rep) % n];
-            pod_to_pod_rep(m, &o, &mut figs, &mut errors);
+            pod_to_pod_rep(m, o, &mut figs, errors);
         }
         eprintln!(
             "[p2p] repetition {}/{} done at {:.1} s",
@@ -1457,8 +2109,9 @@ fn main() -> anyhow::Result<()> {
     let mode_names: Vec<&str> = modes.iter().map(|m| m.name).collect();
     let host_ok = mode_names.contains(&"host routing");
     let vx_ok = mode_names.contains(&"kernel vxlan (flannel)");
+    let ul_ok = mode_names.contains(&UNDERLAY_MODE);
 
-    let p2p_metrics: [(&str, &str, &str); 14] = [
+    let p2p_metrics: [(&str, &str, &str); 22] = [
         ("bulk1_gbps", "TCP bulk, 1 stream", "Gbit/s"),
         ("bulk4_gbps", "TCP bulk, 4 streams", "Gbit/s"),
         (
@@ -1471,6 +2124,12 @@ fn main() -> anyhow::Result<()> {
             "retransmits, 4 streams",
             "segments",
         ),
+        ("bulk1_1cpu_gbps", "TCP bulk, 1 stream, one CPU", "Gbit/s"),
+        (
+            "bulk1_1cpu_gbps_retransmits",
+            "retransmits, 1 stream, one CPU",
+            "segments",
+        ),
         ("tcp_rr_rate", "TCP RR 64 B", "transactions/s"),
         ("tcp_rr_p50_us", "TCP RR p50", "µs"),
         ("tcp_rr_p99_us", "TCP RR p99", "µs"),
@@ -1478,6 +2137,12 @@ fn main() -> anyhow::Result<()> {
         ("tcp_crr_p50_us", "TCP CRR p50", "µs"),
         ("tcp_crr_p99_us", "TCP CRR p99", "µs"),
         ("tcp_crr_connect_p50_us", "connect() p50", "µs"),
+        ("tcp_rr_1cpu_rate", "TCP RR 64 B, one CPU", "transactions/s"),
+        ("tcp_rr_1cpu_p50_us", "TCP RR p50, one CPU", "µs"),
+        ("tcp_rr_1cpu_p99_us", "TCP RR p99, one CPU", "µs"),
+        ("tcp_crr_1cpu_rate", "TCP CRR, one CPU", "connections/s"),
+        ("tcp_crr_1cpu_p50_us", "TCP CRR p50, one CPU", "µs"),
+        ("tcp_crr_1cpu_p99_us", "TCP CRR p99, one CPU", "µs"),
         ("udp_rr_rate", "UDP RR 64 B", "transactions/s"),
         ("udp_rr_p50_us", "UDP RR p50", "µs"),
         ("udp_rr_p99_us", "UDP RR p99", "µs"),
@@ -1487,12 +2152,15 @@ fn main() -> anyhow::Result<()> {
         let _ = writeln!(md, "## Pod to pod across nodes\n");
         let _ = writeln!(
             md,
-            "Two node namespaces on a veth underlay (bridge in an underlay namespace), one client pod on node 1, the server pod on node 2. \
-             Load generator in Rust (tests/src/bench/load.rs): client thread pinned to CPU {}, server to CPU {}; bulk is iperf3 -J with -A. \
+            "Two node namespaces on a veth underlay (bridge in an underlay namespace), one client pod on node 1, the server pod on node 2; \
+             \"{UNDERLAY_MODE}\" is the same underlay with client and server in the node namespaces themselves (no pods, no overlay, nothing loaded): the limit of the path. \
+             Load generator in Rust (tests/src/bench/load.rs): client thread pinned to CPU {}, server to CPU {}; the \"one CPU\" rows pin both to CPU {} \
+             (a second echo server, port {SERVER_PORT_SAME_CPU}), so a transaction is one CPU's work, per-packet cost rather than cross-CPU wake-ups; bulk is iperf3 -J with -A. \
              {} repetition(s), modes interleaved (order rotated per repetition); each cell: median (min–max). \
              Bulk {} s per run; RR/CRR/UDP {} ms per run after 100 ms warm-up.\n",
             load::CLIENT_CPU,
             load::SERVER_CPU,
+            load::SAME_CPU,
             o.reps,
             o.bulk_secs,
             o.rr.as_millis()
@@ -1538,11 +2206,17 @@ fn main() -> anyhow::Result<()> {
             "| figure | {} |",
             ours_modes
                 .iter()
-                .flat_map(|m| [format!("{m} / host routing"), format!("{m} / kernel VXLAN")])
+                .flat_map(|m| {
+                    [
+                        format!("{m} / host routing"),
+                        format!("{m} / kernel VXLAN"),
+                        format!("{m} / underlay"),
+                    ]
+                })
                 .collect::<Vec<_>>()
                 .join(" | ")
         );
-        let _ = writeln!(md, "|---|{}", "---|".repeat(ours_modes.len() * 2));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(ours_modes.len() * 3));
         for (metric, label, _) in p2p_metrics.iter().filter(|(m, ..)| !m.contains("retrans")) {
             let mut row = format!("| {label} |");
             for m in &ours_modes {
@@ -1557,9 +2231,15 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     f64::NAN
                 };
-                let _ = write!(row, " {}x | {}x |", f2(h), f2(v));
+                let u = if ul_ok {
+                    ours / summary(&figs, UNDERLAY_MODE, metric).median
+                } else {
+                    f64::NAN
+                };
+                let _ = write!(row, " {}x | {}x | {}x |", f2(h), f2(v), f2(u));
                 ratios.insert(format!("{m} / host routing: {metric}"), num(h));
                 ratios.insert(format!("{m} / kernel VXLAN: {metric}"), num(v));
+                ratios.insert(format!("{m} / underlay: {metric}"), num(u));
             }
             let _ = writeln!(md, "{row}");
         }
@@ -1572,6 +2252,7 @@ fn main() -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join("; ")
         );
+        retransmit_counters(&figs, &mode_names, md, &mut j);
         j.insert("ratios".into(), Value::Object(ratios));
         j.insert("auto_decap_mode_on_veth".into(), json!(format!("{auto:?}")));
         j.insert("tso".into(), json!(tso));
@@ -1579,7 +2260,12 @@ fn main() -> anyhow::Result<()> {
         sections.insert("pod_to_pod".into(), Value::Object(j));
         // Targets.
         for m in &ours_modes {
-            for (metric, label) in [("tcp_rr_rate", "TCP RR"), ("tcp_crr_rate", "TCP CRR")] {
+            for (metric, label) in [
+                ("tcp_rr_rate", "TCP RR"),
+                ("tcp_crr_rate", "TCP CRR"),
+                ("tcp_rr_1cpu_rate", "TCP RR one CPU"),
+                ("tcp_crr_1cpu_rate", "TCP CRR one CPU"),
+            ] {
                 let v = summary(&figs, m, metric).median
                     / summary(&figs, "host routing", metric).median;
                 r.target(
@@ -1631,16 +2317,207 @@ fn main() -> anyhow::Result<()> {
             )
         })
         .collect();
-        std::fs::write(
-            out_dir.join("pod_latency.svg"),
+        if let Err(e) = std::fs::write(
+            chart,
             svg::bars(
                 "Pod-to-pod latency across nodes, per mode (medians)",
                 "latency (µs)",
                 &cats,
                 &series,
             ),
-        )?;
+        ) {
+            errors.push(format!("writing {}: {e}", chart.display()));
+        }
     }
+
+    modes
+}
+
+// ---------------------------------------------------------------- main
+
+/// `--memory`: the agent memory figures alone, to bench/results/memory.md.
+fn memory_only(out_dir: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut r = Report::default();
+    let mut md = String::new();
+    let res = agent_memory()?;
+    memory_section(&res, &mut md, &mut r);
+    let mut text = format!(
+        "# Agent memory (`cargo xtask bench --memory`)\n\n{}; load average {}; {:.0} s.\n\n| target | measured | goal | result | detail |\n|---|---|---|---|---|\n",
+        sh_out("date -u +%Y-%m-%dT%H:%M:%SZ"),
+        loadavg(),
+        started.elapsed().as_secs_f64()
+    );
+    for t in &r.target_md {
+        let _ = writeln!(text, "{t}");
+    }
+    let _ = writeln!(text);
+    text.push_str(&md);
+    std::fs::write(out_dir.join("memory.md"), &text)?;
+    println!("{text}");
+    Ok(())
+}
+
+/// A part of the benchmark run on its own (`--p2p`, `--nodeport`): its
+/// sections with the machine and load in front, to `bench/results/<file>.md`
+/// and `.json`.
+fn write_partial(
+    out_dir: &Path,
+    file: &str,
+    title: &str,
+    started: Instant,
+    load_before: &str,
+    out: Sections<'_>,
+) -> anyhow::Result<()> {
+    let (r, md, errors) = (&*out.r, &*out.md, &*out.errors);
+    let load_after = loadavg();
+    let mut text = format!(
+        "# {title}\n\nMachine: kernel {}, {} CPUs ({}); {}; load average before {load_before}, after {load_after}; {:.0} s.\n\n",
+        sh_out("uname -r"),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        sh_out("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").trim(),
+        sh_out("date -u +%Y-%m-%dT%H:%M:%SZ"),
+        started.elapsed().as_secs_f64()
+    );
+    if !r.target_md.is_empty() {
+        text.push_str("| target | measured | goal | result | detail |\n|---|---|---|---|---|\n");
+        for t in &r.target_md {
+            let _ = writeln!(text, "{t}");
+        }
+        text.push('\n');
+    }
+    let missing: Vec<String> = r
+        .missing
+        .iter()
+        .cloned()
+        .chain(errors.iter().map(|e| format!("run error: {e}")))
+        .collect();
+    if !missing.is_empty() {
+        let _ = writeln!(text, "## Not measured / errors\n");
+        for m in &missing {
+            let _ = writeln!(text, "- {}", m.replace('\n', " "));
+        }
+        text.push('\n');
+    }
+    text.push_str(md);
+    std::fs::write(out_dir.join(format!("{file}.md")), &text)?;
+    let doc = json!({"load_average_before": load_before, "load_average_after": load_after,
+        "targets": r.targets, "not_measured_or_errors": missing, "results": out.json});
+    std::fs::write(
+        out_dir.join(format!("{file}.json")),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
+    println!("{text}");
+    eprintln!("wrote {}", out_dir.join(format!("{file}.md")).display());
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let quick = flag("--quick");
+    if flag("--memory") {
+        tests::interrupt::install_signal_cleanup();
+        let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+        std::fs::create_dir_all(&out_dir)?;
+        return memory_only(&out_dir);
+    }
+    let mut o = Opts::new(quick);
+    o.modes = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--modes="))
+        .map(|m| m.split(',').map(str::to_owned).collect());
+    if flag("--p2p") || flag("--nodeport") {
+        tests::interrupt::install_signal_cleanup();
+        let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+        std::fs::create_dir_all(&out_dir)?;
+        let started = Instant::now();
+        let load_before = loadavg();
+        let mut r = Report::default();
+        let (mut md, mut sections, mut errors) =
+            (String::new(), serde_json::Map::new(), Vec::new());
+        let mut out = Sections {
+            r: &mut r,
+            md: &mut md,
+            json: &mut sections,
+            errors: &mut errors,
+        };
+        let (file, title) = if flag("--p2p") {
+            drop(pod_to_pod(
+                &o,
+                started,
+                &out_dir.join("p2p_latency.svg"),
+                &mut out,
+            ));
+            (
+                "p2p",
+                "Pod to pod and node to node (`cargo xtask bench --p2p`)",
+            )
+        } else {
+            nodeport(&o, &mut out);
+            ("nodeport", "NodePort (`cargo xtask bench --nodeport`)")
+        };
+        return write_partial(
+            &out_dir,
+            file,
+            &format!("{title}{}", if quick { ", quick" } else { "" }),
+            started,
+            &load_before,
+            out,
+        );
+    }
+    tests::interrupt::install_signal_cleanup();
+    let started = Instant::now();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out_dir = root.join("bench/results");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut r = Report::default();
+    let load_before = loadavg();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let machine = json!({
+        "kernel": sh_out("uname -r"),
+        "cpus": cpus,
+        "cpu_model": sh_out("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
+        "load_average_before": load_before,
+        "iptables": sh_out("iptables --version"),
+        "iperf3": sh_out("iperf3 --version | head -1"),
+        "agent_binary": tests::topo::agent_bin().display().to_string(),
+        "mode": if quick { "quick" } else { "full" },
+        "date_utc": sh_out("date -u +%Y-%m-%dT%H:%M:%SZ"),
+    });
+    eprintln!(
+        "bench ({}): kernel {}, {cpus} CPUs, load {load_before}",
+        if quick { "quick" } else { "full" },
+        machine["kernel"]
+    );
+    let mut sections = serde_json::Map::new();
+    let mut md = String::new();
+    let mut errors: Vec<String> = Vec::new();
+
+    // ---- BPF per-program cost (no cluster needed)
+    eprintln!("[bpf] per-program cost via BPF_PROG_TEST_RUN");
+    let bpf = match bpf_costs(&o) {
+        Ok(c) => c,
+        Err(e) => {
+            r.missing.push(format!("BPF per-program cost: {e:#}"));
+            Vec::new()
+        }
+    };
+
+    // ---- pod to pod (and node to node)
+    let mut modes = pod_to_pod(
+        &o,
+        started,
+        &out_dir.join("pod_latency.svg"),
+        &mut Sections {
+            r: &mut r,
+            md: &mut md,
+            json: &mut sections,
+            errors: &mut errors,
+        },
+    );
 
     // ---- ClusterIP
     let mut host = None;
@@ -1955,6 +2832,18 @@ fn main() -> anyhow::Result<()> {
         }
         Err(e) => r.missing.push(format!("agent memory: {e:#}")),
     }
+
+    // ---- NodePort from outside, on clusters of its own
+    eprintln!("[nodeport] at {:.1} s", started.elapsed().as_secs_f64());
+    nodeport(
+        &o,
+        &mut Sections {
+            r: &mut r,
+            md: &mut md,
+            json: &mut sections,
+            errors: &mut errors,
+        },
+    );
 
     // ---- BPF costs table
     {
