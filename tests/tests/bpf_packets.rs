@@ -2627,7 +2627,6 @@ root_test!(
 
 use dataplane::services::TrafficPolicy;
 
-const OUTSIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const NODE_PORT: u16 = 30080;
 
 /// Programs the north-south frontend `OUR_IP:port/proto` with `policy`.
