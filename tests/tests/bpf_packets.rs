@@ -2300,8 +2300,9 @@ root_test!(masquerade_udp_out_and_back_with_checksums, || {
         masq_flows(&mut env)[0].entry.state,
         CtState::UdpReplied as u8
     );
-    // Not for a NAT port of a flow: the node's own, untouched.
-    let other = udp_csum(OUTSIDE, OUR_IP, 53, 61002, b"stray");
+    // A NAT port no flow to this destination holds: the node's own, untouched.
+    let stray = if nat == 61002 { 61001 } else { 61002 };
+    let other = udp_csum(OUTSIDE, OUR_IP, 53, stray, b"stray");
     let input = arriving(env.ul_mac, OUTSIDE, 17, &other);
     let (rc, untouched) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &input);
     assert_eq!((rc, untouched), (TC_ACT_OK, input));
