@@ -43,6 +43,21 @@ pub fn remember(ctx: &TcContext, flow: &Flow) {
     }
 }
 
+/// The ports of the first fragment of `f`'s datagram, if it was
+/// remembered (a translated first fragment).
+#[inline(always)]
+pub fn ports_of(f: &Fragment) -> Option<FragEntry> {
+    let key = FragKey {
+        saddr: f.saddr,
+        daddr: f.daddr,
+        id: f.ip_id,
+        proto: f.proto,
+        _pad: 0,
+    };
+    // SAFETY: plain data, copied out at once.
+    unsafe { FRAGS.get(key) }.copied()
+}
+
 /// A fragment other than the first: translated as its first fragment was
 /// (reply direction first, as `lb` does), passed when it belongs to no
 /// Service flow.

@@ -45,8 +45,8 @@ use dataplane_common::{
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    ct, icmp,
-    l4::{Flow, L4},
+    ct, frag, icmp,
+    l4::{Flow, Fragment, L4},
     lb,
     maps::{CT_CONFIG, MASQ, MASQ_REV},
     nat::{Addr, Port, set_addr, set_addr_l3, set_port},
@@ -164,6 +164,7 @@ pub fn to_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     }
     let p = match pkt.l4 {
         L4::Flow(f) => Packet::Flow(f),
+        L4::Fragment(f) => return later_fragment(ctx, &f, true).unwrap_or(TC_ACT_OK),
         _ => match echo(ctx, &pkt, ICMP_ECHO) {
             Some(p) => p,
             None => return TC_ACT_OK,
@@ -182,6 +183,11 @@ pub fn to_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         // A pod's answer to a client outside: it leaves as it is.
         return TC_ACT_OK;
     }
+    if let Packet::Flow(f) = &p
+        && f.first_fragment
+    {
+        frag::remember(ctx, f);
+    }
     if rewrite(ctx, &p, true, entry.nat_addr, entry.nat_port).is_err() {
         log_event!(ctx, "masq: SNAT of {:i} failed", pkt.saddr);
         count(Stat::DropNatFailed, ctx.len());
@@ -189,6 +195,38 @@ pub fn to_underlay(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     }
     count(Stat::MasqForward, ctx.len());
     TC_ACT_OK
+}
+
+/// A fragment other than the first of a masqueraded datagram: no ports in
+/// it, so its first fragment's (remembered in `frags_v1` as it was
+/// translated) find the flow, and only its address is rewritten (the
+/// first fragment's L4 checksum change covers the whole datagram). `None`
+/// for one of no masqueraded flow (it passes as it is).
+#[inline(always)]
+fn later_fragment(ctx: &TcContext, f: &Fragment, outbound: bool) -> Option<i32> {
+    let ports = frag::ports_of(f)?;
+    let key = ct::key(f.saddr, f.daddr, ports.sport, ports.dport, f.proto);
+    let (ok, stat) = if outbound {
+        let e = MASQ.get_ptr_mut(key)?;
+        // SAFETY: a map value pointer, valid for this program run.
+        let v = unsafe { *e };
+        if v.flags & MASQ_F_INBOUND != 0
+            || rules::is_expired(v.state, v.last_seen_ns, ct::now(), &timeouts())
+        {
+            return None;
+        }
+        let ok = set_addr_l3(ctx, Addr::Src, f.saddr, v.nat_addr).is_ok();
+        (ok, Stat::MasqForward)
+    } else {
+        let (_, r, _) = live_reply(&key)?;
+        let ok = set_addr_l3(ctx, Addr::Dst, f.daddr, r.pod).is_ok();
+        (ok, Stat::MasqReverse)
+    };
+    if !ok {
+        return Some(drop(ctx, Stat::DropNatFailed));
+    }
+    count(stat, ctx.len());
+    Some(TC_ACT_OK)
 }
 
 /// The live mapping of this flow, if it has one it may keep using (an
@@ -423,6 +461,7 @@ pub fn from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
             }
             Packet::Flow(f)
         }
+        L4::Fragment(f) => return later_fragment(ctx, &f, false),
         _ => match echo(ctx, &pkt, ICMP_ECHOREPLY) {
             Some(p) => p,
             None => return icmp_error(ctx, &pkt),
@@ -431,6 +470,11 @@ pub fn from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     let rk = p.key(false);
     let (fwd, r, e) = live_reply(&rk)?;
     let _ = observe(e, p.proto(), Dir::Reply, p.tcp_flags(), ct::now());
+    if let Packet::Flow(f) = &p
+        && f.first_fragment
+    {
+        frag::remember(ctx, f);
+    }
     if rewrite(ctx, &p, false, r.pod, r.pod_port).is_err() {
         log_event!(ctx, "masq: reverse NAT to {:i} failed", fwd.saddr);
         return Some(drop(ctx, Stat::DropNatFailed));

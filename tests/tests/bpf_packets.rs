@@ -2301,8 +2301,9 @@ root_test!(masquerade_udp_out_and_back_with_checksums, || {
         masq_flows(&mut env)[0].entry.state,
         CtState::UdpReplied as u8
     );
-    // Not for a NAT port of a flow: the node's own, untouched.
-    let other = udp_csum(OUTSIDE, OUR_IP, 53, 61002, b"stray");
+    // A NAT port no flow to this destination holds: the node's own, untouched.
+    let stray = if nat == 61002 { 61001 } else { 61002 };
+    let other = udp_csum(OUTSIDE, OUR_IP, 53, stray, b"stray");
     let input = arriving(env.ul_mac, OUTSIDE, 17, &other);
     let (rc, untouched) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &input);
     assert_eq!((rc, untouched), (TC_ACT_OK, input));
@@ -2825,3 +2826,44 @@ root_test!(
         assert_eq!((rc, out), (TC_ACT_OK, f));
     }
 );
+root_test!(fragments_of_a_masqueraded_datagram_follow_the_first, || {
+    let mut env = setup_masq(true, (61000, 61003));
+    let data: Vec<u8> = (0..600u32).map(|i| (i * 11) as u8).collect();
+    let seg = udp_csum(CLIENT, OUTSIDE, 40030, 53, &data);
+    let mut got = Vec::new();
+    for f in fragments(CLIENT, OUTSIDE, 17, 0x4343, &seg, 304) {
+        let frame = eth(PEER_UL_MAC, CNI0_MAC, ETH_P_IP, &f);
+        let (rc, out) = run_tc(&mut env, prog_names::TO_UNDERLAY, &frame);
+        assert_eq!(rc, TC_ACT_OK);
+        let p = parse_eth_ipv4(&out).1;
+        assert_eq!((p.src(), p.dst()), (OUR_IP, OUTSIDE), "every fragment");
+        got.push(p);
+    }
+    let whole: Vec<u8> = got.iter().flat_map(|p| p.payload.clone()).collect();
+    let nat = u16::from_be_bytes([whole[0], whole[1]]);
+    assert!((61000..=61003).contains(&nat));
+    assert_eq!(&whole[8..], &data[..], "data untouched");
+    assert!(
+        l4_checksum_ok(OUR_IP, OUTSIDE, 17, &whole),
+        "UDP checksum of the reassembled datagram"
+    );
+    // The answer, fragmented on the way back.
+    let seg = udp_csum(OUTSIDE, OUR_IP, 53, nat, &data);
+    let mut got = Vec::new();
+    for f in fragments(OUTSIDE, OUR_IP, 17, 0x5454, &seg, 304) {
+        let frame = eth(env.ul_mac, PEER_UL_MAC, ETH_P_IP, &f);
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &frame);
+        assert_eq!(rc, TC_ACT_OK);
+        let p = parse_eth_ipv4(&out).1;
+        assert_eq!((p.src(), p.dst()), (OUTSIDE, CLIENT), "every fragment");
+        got.push(p);
+    }
+    let whole: Vec<u8> = got.iter().flat_map(|p| p.payload.clone()).collect();
+    assert_eq!(u16::from_be_bytes([whole[2], whole[3]]), 40030);
+    assert!(l4_checksum_ok(OUTSIDE, CLIENT, 17, &whole));
+    assert_counters(
+        &env,
+        &[(Stat::MasqForward, 2), (Stat::MasqReverse, 2)],
+        "fragments",
+    );
+});

@@ -84,6 +84,12 @@ fn open_pinned(pin_path: &Path, name: &str) -> Result<MapData, MapError> {
     MapData::from_pin(&path).map_err(|source| MapError::Pinned { path, source })
 }
 
+/// `masq_v1` (forward) and `masq_rev_v1` (reverse).
+type MasqMaps = (
+    HashMap<MapData, CtKey, MasqEntry>,
+    HashMap<MapData, CtKey, MasqRev>,
+);
+
 /// The conntrack maps (Service flows, masqueraded flows) and the
 /// sweeper's counters.
 pub struct CtTable {
@@ -91,10 +97,7 @@ pub struct CtTable {
     rnat: HashMap<MapData, CtKey, RnatEntry>,
     /// `masq_v1` and `masq_rev_v1`; `None` in the pins of a release
     /// without masquerade.
-    masq: Option<(
-        HashMap<MapData, CtKey, MasqEntry>,
-        HashMap<MapData, CtKey, MasqRev>,
-    )>,
+    masq: Option<MasqMaps>,
     gc: Array<MapData, u64>,
     cfg: Array<MapData, CtTimeouts>,
     max_entries: u32,
