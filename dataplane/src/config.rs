@@ -1042,6 +1042,31 @@ mod tests {
     }
 
     #[test]
+    fn node_port_range_is_our_extension() {
+        let c = parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert_eq!(c.node_port_range, None);
+        let c = parse(
+            r#"{"Network":"10.244.0.0/16","NodePortRange":"31000-31999","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.node_port_range,
+            Some(NodePortRange {
+                min: 31000,
+                max: 31999
+            })
+        );
+        for bad in ["31000", "32000-31000", "0-10", "a-b", "1-70000"] {
+            let e = parse(&format!(
+                r#"{{"Network":"10.244.0.0/16","NodePortRange":"{bad}","Backend":{{"Type":"vxlan"}}}}"#
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("field NodePortRange: "), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn service_cidr_is_our_extension() {
         let c = parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
         assert_eq!(c.service_cidr, None);

@@ -62,10 +62,14 @@ impl Env {
 }
 
 fn env() -> Env {
+    env_in("tc")
+}
+
+fn env_in(decap_mode: &str) -> Env {
     let mut c = Cluster::new(3).unwrap();
     c.put_config(CONFIG).unwrap();
     for i in 0..3 {
-        c.start_agent(i, &["--decap-mode", "tc"]).unwrap();
+        c.start_agent(i, &["--decap-mode", decap_mode]).unwrap();
     }
     let mut gateways = Vec::new();
     for i in 0..3 {
@@ -343,4 +347,40 @@ fn external_ip_and_load_balancer_ingress() {
     }
     // Another port of the external IP is no frontend: nothing answers.
     assert!(tcp_ask(out, EXTERNAL_IP, 81).is_err());
+}
+
+/// `--decap-mode xdp`: decap_xdp passes the frames from outside (no
+/// VXLAN) to from_underlay, which serves them as in TC mode; the reply of
+/// a remote backend is decapsulated in XDP (marked "to host", being for
+/// the gateway address) and reverse-translated by from_underlay.
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn node_ports_in_xdp_mode() {
+    require_root();
+    let e = env_in("xdp");
+    e.c.apply_yaml(&manifest(
+        "web",
+        "10.96.0.20",
+        "  type: NodePort\n",
+        Some((30080, 30053)),
+        "",
+        &[e.pod_ip(1)],
+    ))
+    .unwrap();
+    let out = &e.outside.ns;
+    for (i, node) in e.c.nodes.iter().enumerate() {
+        let ip = node.ip;
+        eventually(&format!("TCP nodePort on node {}", i + 1), || {
+            tcp_ask(out, ip, 30080).is_ok()
+        });
+        let t = tcp_ask(out, ip, 30080).unwrap();
+        assert_eq!(source(&t), e.gateways[i], "TCP via node {}: {t}", i + 1);
+        let u = udp_ask(out, ip, 30053, Duration::from_secs(2)).unwrap();
+        assert_eq!(source(&u), e.gateways[i], "UDP via node {}: {u}", i + 1);
+    }
+    // The remote backend's replies came through XDP decapsulation (which
+    // counts them as pass_to_host) and were translated by from_underlay.
+    for i in [0, 2] {
+        assert!(e.stat(i, "np_reverse") > 0 && e.stat(i, "np_to_underlay") > 0);
+    }
 }

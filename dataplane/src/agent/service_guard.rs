@@ -67,18 +67,32 @@ impl ServiceGuard {
         }
         // externalIPs and LoadBalancer IPs on a pod, gateway or ClusterIP
         // address are not programmed (the rest of the Service is).
+        // Likewise a nodePort outside the range (`NodePortRange` of the
+        // network config, else the default).
+        let check = |f: &Frontend, s: &FrontendSpec| -> Result<(), String> {
+            if s.north_south.is_none() {
+                Ok(())
+            } else if f.ip.is_unspecified() {
+                let r = self.addresses.node_ports;
+                if r.contains(f.port) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "nodePort {} is outside the nodePort range {r}",
+                        f.port
+                    ))
+                }
+            } else {
+                self.addresses.check_external(f.ip)
+            }
+        };
         let refused: Vec<String> = fronts
             .iter()
-            .filter(|(f, s)| s.north_south.is_some() && !f.ip.is_unspecified())
-            .filter_map(|(f, _)| self.addresses.check_external(f.ip).err())
+            .filter_map(|(f, s)| check(f, s).err())
             .collect::<BTreeSet<String>>()
             .into_iter()
             .collect();
-        fronts.retain(|f, s| {
-            s.north_south.is_none()
-                || f.ip.is_unspecified()
-                || self.addresses.check_external(f.ip).is_ok()
-        });
+        fronts.retain(|f, s| check(f, s).is_ok());
         let lost: Vec<(Frontend, ServiceName)> = fronts
             .keys()
             .filter_map(|f| match store.owner(f) {
@@ -234,6 +248,13 @@ mod tests {
         assert_eq!(g.skips, 1);
         judge(&mut g, &s, "ext");
         assert_eq!(g.skips, 1, "logged and counted once");
+        // A nodePort outside the range.
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  ports:\n  - {port: 80, nodePort: 30080}\n  - {name: b, port: 81, nodePort: 40000}\n";
+        let yaml = yaml.replace("- {port: 80", "- {name: a, port: 80");
+        put(&mut s, &yaml, 6);
+        let (_, n) = judge(&mut g, &s, "np");
+        assert_eq!(n, 3, "two ClusterIP frontends and nodePort 30080");
+        assert_eq!(g.skips, 2);
     }
 
     #[test]

@@ -247,7 +247,13 @@ pub(super) async fn start(
                 Some(net.network),
             ));
             g.own_lease(lease.subnet, public_ip);
-            info!("service CIDR {}", g.addresses.service_cidr);
+            if let Some(r) = net.node_port_range {
+                g.addresses.node_ports = r;
+            }
+            info!(
+                "service CIDR {}, nodePort range {}",
+                g.addresses.service_cidr, g.addresses.node_ports
+            );
             g
         },
         retry: Retry::default(),

@@ -548,11 +548,8 @@ fn warn_unsupported(obj: &Object, ctx: &Ctx<'_>) {
     match obj {
         Object::Service(svc) => {
             let Some(spec) = &svc.spec else { return };
-            match spec.type_.as_deref() {
-                Some("ExternalName") => log::warn!(
-                    "{at}: {r} has type ExternalName; it gets no frontends (a DNS matter)"
-                ),
-                _ => {}
+            if spec.type_.as_deref() == Some("ExternalName") {
+                log::warn!("{at}: {r} has type ExternalName; it gets no frontends (a DNS matter)");
             }
             if spec.cluster_ip.as_deref() == Some("None") {
                 log::info!("{at}: {r} is headless; it gets no frontends");

@@ -477,45 +477,6 @@ pub(crate) fn endpoint_slice(slice: &EndpointSlice) -> Vec<FieldError> {
     errs.0
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        assert!(is_dns1123_label("my-service"));
-        assert!(is_dns1123_label("1abc"));
-        assert!(!is_dns1123_label("My-service"));
-        assert!(!is_dns1123_label("-a"));
-        assert!(!is_dns1123_label("a/b"));
-        assert!(!is_dns1123_label(&"a".repeat(64)));
-        assert!(is_dns1035_label("a1"));
-        assert!(!is_dns1035_label("1a"));
-        assert!(is_dns1123_subdomain("my-service-abc.x"));
-        assert!(!is_dns1123_subdomain("a..b"));
-        assert!(is_iana_svc_name("http-web"));
-        assert!(!is_iana_svc_name("80"));
-        assert!(!is_iana_svc_name("a--b"));
-        assert!(!is_iana_svc_name("abcdefghijklmnop"));
-    }
-
-    #[test]
-    fn protocols_and_ports() {
-        assert_eq!(protocol(None), Ok(Proto::Tcp));
-        assert_eq!(protocol(Some("UDP")), Ok(Proto::Udp));
-        assert!(
-            protocol(Some("SCTP"))
-                .unwrap_err()
-                .contains("SCTP is not supported")
-        );
-        assert!(protocol(Some("tcp")).is_err());
-        assert_eq!(port_number(65535), Ok(65535));
-        assert!(port_number(0).is_err());
-        assert!(port_number(65536).is_err());
-        assert!(port_number(-1).is_err());
-    }
-}
-
 /// An address a client outside the cluster can use: IPv4, not
 /// unspecified, loopback, link-local, multicast or broadcast.
 fn external_ip(s: &str) -> Result<Ipv4Addr, String> {
@@ -589,5 +550,44 @@ fn north_south(svc: &Service, errs: &mut Errors) {
             "spec.externalTrafficPolicy",
             format!("unsupported value {other:?}: must be Cluster or Local"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(is_dns1123_label("my-service"));
+        assert!(is_dns1123_label("1abc"));
+        assert!(!is_dns1123_label("My-service"));
+        assert!(!is_dns1123_label("-a"));
+        assert!(!is_dns1123_label("a/b"));
+        assert!(!is_dns1123_label(&"a".repeat(64)));
+        assert!(is_dns1035_label("a1"));
+        assert!(!is_dns1035_label("1a"));
+        assert!(is_dns1123_subdomain("my-service-abc.x"));
+        assert!(!is_dns1123_subdomain("a..b"));
+        assert!(is_iana_svc_name("http-web"));
+        assert!(!is_iana_svc_name("80"));
+        assert!(!is_iana_svc_name("a--b"));
+        assert!(!is_iana_svc_name("abcdefghijklmnop"));
+    }
+
+    #[test]
+    fn protocols_and_ports() {
+        assert_eq!(protocol(None), Ok(Proto::Tcp));
+        assert_eq!(protocol(Some("UDP")), Ok(Proto::Udp));
+        assert!(
+            protocol(Some("SCTP"))
+                .unwrap_err()
+                .contains("SCTP is not supported")
+        );
+        assert!(protocol(Some("tcp")).is_err());
+        assert_eq!(port_number(65535), Ok(65535));
+        assert!(port_number(0).is_err());
+        assert!(port_number(65536).is_err());
+        assert!(port_number(-1).is_err());
     }
 }
