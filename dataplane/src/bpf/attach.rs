@@ -669,3 +669,32 @@ impl Attachments {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip_for_every_role() {
+        for (role, idx) in [
+            (LinkRole::UnderlayTc, 2),
+            (LinkRole::UnderlayXdp, 2),
+            (LinkRole::PodPort, 12),
+            (LinkRole::CniPod, 7),
+            (LinkRole::HostTc, 4),
+        ] {
+            assert_eq!(LinkRole::parse(&role.pin_name(idx)), Some((role, idx)));
+        }
+        for name in prog_names::SOCK {
+            let role = LinkRole::Sock(name);
+            assert_eq!(role.pin_name(0), *name);
+            assert_eq!(LinkRole::parse(name), Some((role, 0)));
+            assert_eq!(role.program(), *name);
+            assert_eq!(role.hook(), "cgroup");
+        }
+        assert_eq!(LinkRole::HostTc.hook(), "tcx egress");
+        // A socket link's pin being replaced is nobody's.
+        assert_eq!(LinkRole::parse("sock_connect4_new"), None);
+        assert_eq!(LinkRole::parse("host_tc_x"), None);
+    }
+}
