@@ -205,8 +205,8 @@ pub(super) struct Attachments {
     /// CNI pods' host-side devices, by ifindex (with the name attached to).
     cni_links: HashMap<u32, (String, Held)>,
     underlay: Option<Underlay>,
-    /// `from_host` on the host overlay device.
-    host: Option<Held>,
+    /// `from_host` on the host overlay device (with its ifindex).
+    host: Option<(u32, Held)>,
     /// The cgroup socket programs.
     sock: Vec<Held>,
 }
@@ -582,14 +582,17 @@ impl Attachments {
         iface: &str,
         ifindex: u32,
     ) -> Result<(), AttachError> {
-        if let Some(old) = self.host.take() {
+        match self.host.take() {
             // The same device: keep the pin for `attach` to adopt.
-            drop(old.link);
+            Some((idx, old)) if idx == ifindex => drop(old.link),
+            // A device made anew: the old one's link goes with its pin.
+            Some((_, old)) => old.detach(),
+            None => {}
         }
         let prog = classifier(ebpf, prog_names::FROM_HOST)?;
         let held = self.attach(&mut Egress(prog), LinkRole::HostTc, iface, ifindex)?;
         info!("attached {} to {iface} (egress)", prog_names::FROM_HOST);
-        self.host = Some(held);
+        self.host = Some((ifindex, held));
         Ok(())
     }
 
