@@ -298,15 +298,18 @@ fn other_namespaces_are_untouched() {
         let peer = c.peer_addr().map_err(|e| e.kind())?;
         let q = UdpSocket::bind(("0.0.0.0", 0)).unwrap();
         q.send_to(b"x", (VIP_EMPTY, 53)).map_err(|e| e.kind())?;
+        u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let mut buf = [0u8; 8];
-        let (_, from) = u.recv_from(&mut buf).map_err(|e| e.kind())?;
-        Ok::<_, ErrorKind>((peer, client.ip(), from.ip()))
+        let (n, _) = u.recv_from(&mut buf).map_err(|e| e.kind())?;
+        Ok::<_, ErrorKind>((peer, client.ip(), buf[..n].to_vec()))
     })
     .join()
     .unwrap();
+    // Translated, these would have gone to a pod address this namespace
+    // has no route to.
     assert_eq!(
         got,
-        Ok((sa(VIP_LOCAL, 80), VIP_LOCAL.into(), VIP_LOCAL.into()))
+        Ok((sa(VIP_LOCAL, 80), VIP_LOCAL.into(), b"x".to_vec()))
     );
 }
 
@@ -384,4 +387,50 @@ fn restart_keeps_host_connections_and_uninstall_removes_the_device() {
     let routes = e.node(0).sh("ip route").unwrap();
     assert!(!routes.contains("10.244.0.0/16"), "{routes}");
     assert!(!pin_path.exists());
+}
+
+/// Mixed cluster: the node reaches a pod on a node running stock
+/// flannel's kernel vxlan device, and the flannel node's host reaches
+/// this node's gateway address (a VXLAN packet for the gateway, delivered
+/// to the host through the host device), with TC and with XDP
+/// decapsulation.
+#[test]
+#[ignore = "needs root; `cargo xtask test` runs it"]
+fn node_reaches_a_pod_on_a_flannel_node() {
+    require_root();
+    for mode in ["tc", "xdp"] {
+        let mut c = Cluster::new(2).unwrap();
+        c.put_config(CONFIG).unwrap();
+        let flannel_subnet: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
+        let flannel = tests::flannel::FlannelNode::start(&c, 1, flannel_subnet).unwrap();
+        c.nodes[0]
+            .ns
+            .sh("sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1")
+            .unwrap();
+        c.start_agent(0, &["--decap-mode", mode]).unwrap();
+        let env0 = c.wait_ready(0, Duration::from_secs(30)).unwrap();
+        let id = c.id.clone();
+        tests::topo::add_pod_to(&id, &mut c.nodes[1], &flannel_subnet, 1450).unwrap();
+        eventually("the flannel node in the peer map", || {
+            c.bpftool_dump(0, "peers_v1")
+                .is_ok_and(|d| d.contains("[10,244,200,0]"))
+        });
+        flannel.program_peers(&c).unwrap();
+        let theirs = c.nodes[1].pods[0].ip;
+        let _backend = Backend::start(&c.nodes[1].pods[0].ns, theirs).unwrap();
+        c.nodes[0]
+            .ns
+            .sh(&format!("ping -c 2 -i 0.2 -W 2 {theirs} >/dev/null"))
+            .unwrap_or_else(|e| panic!("{mode}: node -> flannel pod: {e:#}\n{}", c.nodes[0].log()));
+        assert_eq!(
+            tcp_ask(&c.nodes[0].ns, theirs, TCP_PORT),
+            Ok(theirs.to_string()),
+            "{mode}"
+        );
+        let gw = Ipv4Addr::from(u32::from(env0.subnet.network()) + 1);
+        c.nodes[1]
+            .ns
+            .sh(&format!("ping -c 2 -i 0.2 -W 2 {gw} >/dev/null"))
+            .unwrap_or_else(|e| panic!("{mode}: flannel host -> our gateway: {e:#}"));
+    }
 }

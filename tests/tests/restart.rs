@@ -649,8 +649,9 @@ fn uninstall_leaves_nothing() {
     let pin = c.nodes[0].pin_path.clone();
     let links = pinned_links(&pin);
     // from_underlay and to_underlay on the underlay, from_pod on the one
-    // pod port, to_pod on the bridge.
-    assert_eq!(links.len(), 4, "{links:?}");
+    // pod port, to_pod on the bridge, from_host on the host device, the
+    // four socket programs on the cgroup.
+    assert_eq!(links.len(), 9, "{links:?}");
     for (link, prog) in &links {
         assert!(bpftool_ok(&["link", "show", "id", &link.to_string()]));
         assert!(bpftool_ok(&["prog", "show", "id", &prog.to_string()]));
@@ -690,6 +691,14 @@ fn uninstall_leaves_nothing() {
     assert!(
         c.nodes[0].ns.sh("ip link show cni0").is_err(),
         "bridge cni0 gone"
+    );
+    assert!(
+        text.contains("deleted the host device dataplane.1"),
+        "{text}"
+    );
+    assert!(
+        c.nodes[0].ns.sh("ip link show dataplane.1").is_err(),
+        "host device gone"
     );
     assert!(c.ping(0, 0, dst, 1).is_err(), "no data path left");
     assert!(text.contains("net.ipv4.ip_forward restored to 0"), "{text}");

@@ -239,8 +239,8 @@ pub(super) struct Attachments {
     /// `to_pod` on the bridge, with its ifindex.
     bridge: Option<(u32, Held)>,
     underlay: Option<Underlay>,
-    /// `from_host` on the host overlay device.
-    host: Option<Held>,
+    /// `from_host` on the host overlay device (with its ifindex).
+    host: Option<(u32, Held)>,
     /// The cgroup socket programs.
     sock: Vec<Held>,
 }
@@ -646,14 +646,17 @@ impl Attachments {
         iface: &str,
         ifindex: u32,
     ) -> Result<(), AttachError> {
-        if let Some(old) = self.host.take() {
+        match self.host.take() {
             // The same device: keep the pin for `attach` to adopt.
-            drop(old.link);
+            Some((idx, old)) if idx == ifindex => drop(old.link),
+            // A device made anew: the old one's link goes with its pin.
+            Some((_, old)) => old.detach(),
+            None => {}
         }
         let prog = classifier(ebpf, prog_names::FROM_HOST)?;
         let held = self.attach(prog, LinkRole::HostTc, iface, ifindex)?;
         info!("attached {} to {iface} (egress)", prog_names::FROM_HOST);
-        self.host = Some(held);
+        self.host = Some((ifindex, held));
         Ok(())
     }
 
@@ -731,5 +734,34 @@ impl Attachments {
         }
         info!("attached the socket programs to the cgroup {iface}");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip_for_every_role() {
+        for (role, idx) in [
+            (LinkRole::UnderlayTc, 2),
+            (LinkRole::UnderlayXdp, 2),
+            (LinkRole::PodPort, 12),
+            (LinkRole::CniPod, 7),
+            (LinkRole::HostTc, 4),
+        ] {
+            assert_eq!(LinkRole::parse(&role.pin_name(idx)), Some((role, idx)));
+        }
+        for name in prog_names::SOCK {
+            let role = LinkRole::Sock(name);
+            assert_eq!(role.pin_name(0), *name);
+            assert_eq!(LinkRole::parse(name), Some((role, 0)));
+            assert_eq!(role.program(), *name);
+            assert_eq!(role.hook(), "cgroup");
+        }
+        assert_eq!(LinkRole::HostTc.hook(), "tcx egress");
+        // A socket link's pin being replaced is nobody's.
+        assert_eq!(LinkRole::parse("sock_connect4_new"), None);
+        assert_eq!(LinkRole::parse("host_tc_x"), None);
     }
 }

@@ -216,6 +216,8 @@ pub fn human(st: &NodeStatus, now: std::time::SystemTime) -> String {
         for p in &st.programs {
             let dev = match &p.iface {
                 Some(n) => format!("{n} ({})", p.ifindex),
+                // The cgroup socket programs have no device.
+                None if p.hook == "cgroup" => "-".to_owned(),
                 None => format!("ifindex {}", p.ifindex),
             };
             let _ = writeln!(
