@@ -237,6 +237,12 @@ fn node_ports_on_every_node() {
     let p3 = &e.c.nodes[2].pods[0];
     let t = tcp_ask(&p3.ns, n3, 30080).unwrap();
     assert_eq!(source(&t), p3.ip, "east-west to the nodePort: {t}");
+    // The node itself reaching its own PublicIP:nodePort: balanced at the
+    // socket by the host network's programs, which find the frontend as
+    // they find a ClusterIP; the backend (on node 2) sees node 3's
+    // gateway address, the source of the node's traffic to pods.
+    let t = tcp_ask(&e.c.nodes[2].ns, n3, 30080).unwrap();
+    assert_eq!(source(&t), e.gateways[2], "node 3 to its own nodePort: {t}");
 
     // Maglev: the same table on every node for the Cluster Service.
     for c in [30080u16, 30053] {
