@@ -171,9 +171,13 @@ pub fn create(fwd: &CtKey, entry: &CtEntry, rnat: &RnatEntry) -> Result<(), Crea
 }
 
 /// [`create`] for a flow whose reply key holds a port this packet chose
-/// (NodePort SNAT): the reverse-NAT entry is only added if no flow holds
-/// that key yet (`BPF_NOEXIST`). `Ok(false)`: the key is taken, try
-/// another port.
+/// (NodePort SNAT): the reverse-NAT entry is only added if no live flow
+/// holds that key (`BPF_NOEXIST`). A key held by a flow that is closed
+/// (TIME_WAIT, CLOSE), expired, or gone is taken over, as netfilter lets
+/// a new connection reuse a tuple in TIME_WAIT: otherwise every closed
+/// connection would hold its port for the TIME_WAIT timeout (120 s), and
+/// a busy frontend would run out of ports at a few dozen connections per
+/// second per backend. `Ok(false)`: the key is taken, try another port.
 #[inline(always)]
 pub fn create_exclusive(
     fwd: &CtKey,
@@ -181,7 +185,14 @@ pub fn create_exclusive(
     rnat: &RnatEntry,
 ) -> Result<bool, CreateError> {
     let reply = reply_key(fwd, entry);
-    match RNAT.insert(reply, *rnat, BPF_NOEXIST) {
+    let mut inserted = RNAT.insert(reply, *rnat, BPF_NOEXIST);
+    if matches!(inserted, Err(e) if e == -EEXIST) {
+        if !reclaim(&reply) {
+            return Ok(false);
+        }
+        inserted = RNAT.insert(reply, *rnat, BPF_NOEXIST);
+    }
+    match inserted {
         Ok(()) => {}
         Err(e) if e == -EEXIST => return Ok(false),
         Err(e) if e == -E2BIG => return Err(CreateError::Full),
@@ -196,6 +207,40 @@ pub fn create_exclusive(
         });
     }
     Ok(true)
+}
+
+/// Frees the reverse-NAT key `reply` if the flow holding it no longer
+/// needs it: its forward entry is gone or points elsewhere (an orphan),
+/// expired, or closed (TIME_WAIT or CLOSE). Whether the key is free now.
+#[inline(always)]
+fn reclaim(reply: &CtKey) -> bool {
+    // SAFETY: plain data, copied out.
+    let Some(old) = (unsafe { RNAT.get(reply) }).copied() else {
+        return true;
+    };
+    let fwd = ct::forward_key(&old, reply.proto);
+    // SAFETY: plain data, copied out.
+    let free = match (unsafe { CT.get(&fwd) }).copied() {
+        None => true,
+        Some(e) => {
+            reply_key(&fwd, &e) != *reply
+                || e.state == CtState::TimeWait as u8
+                || e.state == CtState::Close as u8
+                || ct::is_expired(e.state, e.last_seen_ns, now(), &timeouts())
+        }
+    };
+    if !free {
+        return false;
+    }
+    // The forward entry only if it is this key's flow.
+    // SAFETY: plain data, copied out.
+    if let Some(e) = unsafe { CT.get(&fwd) }
+        && reply_key(&fwd, e) == *reply
+    {
+        let _ = CT.remove(&fwd);
+    }
+    let _ = RNAT.remove(reply);
+    true
 }
 
 /// Removes a flow: both its entries.

@@ -2867,3 +2867,54 @@ root_test!(fragments_of_a_masqueraded_datagram_follow_the_first, || {
         "fragments",
     );
 });
+
+root_test!(nodeport_snat_port_of_a_closed_flow_is_taken_over, || {
+    // One NAT port: a second client gets it only once the first
+    // client's flow is closed (as netfilter reuses a tuple in
+    // TIME_WAIT), not after the 120 s a closed flow is remembered.
+    let mut env = setup_masq(false, (61000, 61000));
+    route_outside();
+    let remote = Ipv4Addr::new(10, 244, 2, 7);
+    set_ns_frontend(
+        &mut env,
+        NODE_PORT,
+        6,
+        vec![backend(remote, 8080)],
+        TrafficPolicy::Cluster,
+    );
+    let ul_mac = env.ul_mac;
+    let syn = |sport| {
+        let l4 = tcp(OUTSIDE, OUR_IP, sport, NODE_PORT, 1000, 0, TCP_SYN, b"");
+        eth(
+            ul_mac,
+            PEER_UL_MAC,
+            ETH_P_IP,
+            &ipv4(OUTSIDE, OUR_IP, 6, 0, &l4),
+        )
+    };
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &syn(50000));
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(parse_vxlan(&out).inner_ipv4().tcp().source_port, 61000);
+    // The only port is held by a live flow: the second client waits.
+    run_tc(&mut env, prog_names::FROM_UNDERLAY, &syn(50001));
+    assert_counters(
+        &env,
+        &[
+            (Stat::Encapsulated, 1),
+            (Stat::NpForward, 1),
+            (Stat::DropNpNatPorts, 1),
+        ],
+        "one port, one live flow",
+    );
+    // The first client resets its connection: the flow is closed.
+    let rst = tcp(OUTSIDE, OUR_IP, 50000, NODE_PORT, 1001, 0, TCP_RST, b"");
+    let f = from_outside(&env, &rst, 6);
+    run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
+    let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &syn(50001));
+    assert_eq!(rc, TC_ACT_REDIRECT, "the closed flow's port is taken over");
+    let inner = parse_vxlan(&out).inner_ipv4();
+    assert_eq!(
+        (inner.src(), inner.tcp().source_port),
+        (Ipv4Addr::new(10, 244, 1, 1), 61000)
+    );
+});
