@@ -346,6 +346,16 @@ pub const fn is_expired(state: u8, last_seen_ns: u64, now_ns: u64, t: &CtTimeout
     }
 }
 
+/// Whether a flow in `state` may give up its NAT port to a new flow
+/// (the SNAT port allocators take over such ports): it is closed
+/// (TIME_WAIT, CLOSE; netfilter reuses such tuples too) or expired.
+#[inline(always)]
+pub const fn releases_port(state: u8, last_seen_ns: u64, now_ns: u64, t: &CtTimeouts) -> bool {
+    state == CtState::TimeWait as u8
+        || state == CtState::Close as u8
+        || is_expired(state, last_seen_ns, now_ns, t)
+}
+
 /// The write a packet makes to a live entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Observe {
@@ -500,6 +510,31 @@ mod tests {
             Step::To(s, f) => (s, f),
             Step::Reopen => panic!("reopen from {state:?}"),
         }
+    }
+
+    #[test]
+    fn closed_or_expired_flows_release_their_port() {
+        let t = CtTimeouts::DEFAULT;
+        let now = 1_000 * S;
+        for s in [CtState::TimeWait, CtState::Close] {
+            assert!(releases_port(s as u8, now, now, &t), "{s:?}");
+        }
+        for s in [
+            CtState::SynSent,
+            CtState::Established,
+            CtState::FinWait,
+            CtState::CloseWait,
+            CtState::UdpUnreplied,
+            CtState::UdpReplied,
+        ] {
+            assert!(!releases_port(s as u8, now - S, now, &t), "{s:?}");
+        }
+        // Idle past its timeout: released whatever the state.
+        let est = t.secs(CtState::Established) as u64 * S;
+        assert!(releases_port(CtState::Established as u8, now, now + est + S, &t));
+        assert!(!releases_port(CtState::Established as u8, now, now + est - S, &t));
+        // A state no release wrote.
+        assert!(releases_port(250, now, now, &t));
     }
 
     #[test]

@@ -227,8 +227,13 @@ pub const SVC_F_EXTERNAL: u32 = 1 << 1;
 /// `SvcInfo::flags`: `externalTrafficPolicy: Local`. The frontend's
 /// backends are this node's endpoints only and the client's address is
 /// kept (no SNAT); with none, packets from outside are dropped (counted
-/// `drop_np_no_local_endpoint`), as kube-proxy does.
+/// `drop_np_no_local_endpoint`) or rejected, see [`SVC_F_EMPTY_DROPS`].
 pub const SVC_F_ETP_LOCAL: u32 = 1 << 2;
+/// `SvcInfo::flags`: with no backends (`count` 0), new flows from outside
+/// are dropped, not rejected: an `externalTrafficPolicy: Local` frontend
+/// whose Service has endpoints, on other nodes only. kube-proxy drops
+/// those and rejects only when the Service has no endpoints at all.
+pub const SVC_F_EMPTY_DROPS: u32 = 1 << 3;
 
 /// Size of a Maglev lookup table (a prime; see the README, "Maglev").
 pub const MAGLEV_M: u32 = 1021;
@@ -792,7 +797,7 @@ stats! {
     DropNpNoLocalEndpoint = 88, "drop_np_no_local_endpoint",
         "packet from outside to an externalTrafficPolicy Local frontend on a node without a local endpoint (kube-proxy drops these)";
     DropNpNoBackend = 89, "drop_np_no_backend",
-        "new flow from outside to a north-south frontend whose Service has no endpoints";
+        "new flow from outside to a north-south frontend whose chosen backend slot is missing (the agent is rewriting the frontend)";
     DropNpNatPorts = 90, "drop_np_nat_ports",
         "new externalTrafficPolicy Cluster flow for which no free NAT source port was found";
     DropNpFib = 91, "drop_np_fib",
@@ -801,6 +806,8 @@ stats! {
     /// without an entry), from outside.
     DropNpInvalid = 92, "drop_np_invalid",
         "packet from outside to a north-south frontend that opens no flow (TCP segment other than SYN or ACK without an entry, or its backend is gone)";
+    NpRejectNoBackend = 100, "np_reject_no_backend",
+        "new flow from outside to a north-south frontend whose Service has no endpoints, refused (TCP RST, ICMP port unreachable: kube-proxy's REJECT)";
 }
 
 impl Stat {

@@ -45,3 +45,10 @@ pub const AF_INET: u8 = 2;
 /// picks its UDP source ports from.
 pub const VXLAN_SPORT_MIN: u32 = 32768;
 pub const VXLAN_SPORT_MAX: u32 = 60999;
+
+/// `bpf_map_update_elem` errors, negated in what it returns: a key that
+/// exists (with `BPF_NOEXIST`), a full (non-LRU) hash map.
+pub const EEXIST: i32 = 17;
+pub const E2BIG: i32 = 7;
+/// Map update flag: only add a new key.
+pub const BPF_NOEXIST: u64 = 1;

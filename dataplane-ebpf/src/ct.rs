@@ -12,18 +12,17 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use dataplane_common::{
-    CtEntry, CtKey, RnatEntry,
+    Backend, CtEntry, CtKey, RnatEntry, SvcKey,
     ct::{self, CtState, CtTimeouts, Dir, Observe},
 };
 
-use crate::maps::{CT, CT_CONFIG, RNAT};
+use crate::{
+    consts::{BPF_NOEXIST, E2BIG},
+    l4::Flow,
+    maps::{CT, CT_CONFIG, RNAT},
+    natport::{self, Claim},
+};
 
-/// `bpf_map_update_elem` on a full (non-LRU) hash map.
-const E2BIG: i32 = 7;
-/// `bpf_map_update_elem` with `BPF_NOEXIST` on a key that exists.
-const EEXIST: i32 = 17;
-/// Map update flag: only add a new key.
-const BPF_NOEXIST: u64 = 1;
 
 /// The clock of `last_seen_ns` (CLOCK_MONOTONIC, as the agent reads it).
 #[inline(always)]
@@ -150,6 +149,41 @@ pub enum CreateError {
     Failed,
 }
 
+/// The two entries of a new Service flow: the forward one (the client's
+/// packet `flow` to the frontend `front`, sent to `backend`, in the
+/// `initial` state and flags `ct::initial` gave) and the reverse one (a
+/// reply goes back to the client, from the frontend). No SNAT: a caller
+/// that translates the source too fills it in.
+#[inline(always)]
+pub fn new_entries(
+    flow: &Flow,
+    front: &SvcKey,
+    svc_id: u32,
+    backend: Backend,
+    initial: (CtState, u8),
+    flags: u8,
+    now: u64,
+) -> (CtEntry, RnatEntry) {
+    let entry = CtEntry {
+        backend,
+        snat: [0; 4],
+        svc_id,
+        created_ns: now,
+        last_seen_ns: now,
+        state: initial.0 as u8,
+        flags: initial.1 | flags,
+        snat_port: [0; 2],
+        _pad: [0; 4],
+    };
+    let rnat = RnatEntry {
+        vip: front.vip,
+        vport: front.port,
+        client_port: flow.sport,
+        client: flow.saddr,
+    };
+    (entry, rnat)
+}
+
 /// Stores a new flow: its reverse-NAT entry first (a fast reply must find
 /// it), then the forward entry. Nothing is left behind on failure.
 #[inline(always)]
@@ -170,43 +204,32 @@ pub fn create(fwd: &CtKey, entry: &CtEntry, rnat: &RnatEntry) -> Result<(), Crea
     Ok(())
 }
 
-/// [`create`] for a flow whose reply key holds a port this packet chose
-/// (NodePort SNAT): the reverse-NAT entry is only added if no live flow
-/// holds that key (`BPF_NOEXIST`). A key held by a flow that is closed
-/// (TIME_WAIT, CLOSE), expired, or gone is taken over, as netfilter lets
-/// a new connection reuse a tuple in TIME_WAIT: otherwise every closed
-/// connection would hold its port for the TIME_WAIT timeout (120 s), and
-/// a busy frontend would run out of ports at a few dozen connections per
-/// second per backend. `Ok(false)`: the key is taken, try another port.
+/// Claims the reverse-NAT key of a new flow whose reply key holds a port
+/// this packet chose (NodePort SNAT, one try of `natport::allocate`): the
+/// entry is added only if no live flow holds the key; a closed, expired or
+/// orphaned flow's is taken over ([`reclaim`], see `natport`). After
+/// `Claim::Won`, [`create_forward`] completes the flow.
 #[inline(always)]
-pub fn create_exclusive(
-    fwd: &CtKey,
-    entry: &CtEntry,
-    rnat: &RnatEntry,
-) -> Result<bool, CreateError> {
-    let reply = reply_key(fwd, entry);
-    let mut inserted = RNAT.insert(reply, *rnat, BPF_NOEXIST);
-    if matches!(inserted, Err(e) if e == -EEXIST) {
-        if !reclaim(&reply) {
-            return Ok(false);
-        }
-        inserted = RNAT.insert(reply, *rnat, BPF_NOEXIST);
-    }
-    match inserted {
-        Ok(()) => {}
-        Err(e) if e == -EEXIST => return Ok(false),
-        Err(e) if e == -E2BIG => return Err(CreateError::Full),
-        Err(_) => return Err(CreateError::Failed),
-    }
+pub fn claim_reply(reply: &CtKey, rnat: &RnatEntry) -> Claim {
+    natport::claim(
+        || RNAT.insert(reply, *rnat, BPF_NOEXIST),
+        || reclaim(reply),
+    )
+}
+
+/// Stores the forward entry of a flow whose reverse-NAT entry
+/// [`claim_reply`] added; that entry is removed again on failure.
+#[inline(always)]
+pub fn create_forward(fwd: &CtKey, entry: &CtEntry) -> Result<(), CreateError> {
     if let Err(e) = CT.insert(fwd, *entry, 0) {
-        let _ = RNAT.remove(reply);
+        let _ = RNAT.remove(reply_key(fwd, entry));
         return Err(if e == -E2BIG {
             CreateError::Full
         } else {
             CreateError::Failed
         });
     }
-    Ok(true)
+    Ok(())
 }
 
 /// Frees the reverse-NAT key `reply` if the flow holding it no longer
@@ -224,9 +247,7 @@ fn reclaim(reply: &CtKey) -> bool {
         None => true,
         Some(e) => {
             reply_key(&fwd, &e) != *reply
-                || e.state == CtState::TimeWait as u8
-                || e.state == CtState::Close as u8
-                || ct::is_expired(e.state, e.last_seen_ns, now(), &timeouts())
+                || ct::releases_port(e.state, e.last_seen_ns, now(), &timeouts())
         }
     };
     if !free {

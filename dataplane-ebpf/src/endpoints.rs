@@ -22,13 +22,11 @@ use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
 use dataplane_common::{EndpointInfo, EndpointKey, NodeConfig, PodPortKey, Stat};
 
 use crate::{
+    consts::EEXIST,
     event,
     maps::{ENDPOINTS, POD_PORTS},
     parse::{self, Ipv4Packet, in_prefix},
 };
-
-/// What `bpf_map_update_elem` returns, negated, when NOEXIST finds a key.
-const EEXIST: i32 = 17;
 
 /// What kind of port a pod frame came in on, and whether it may pass.
 pub enum Port {

@@ -11,10 +11,13 @@
 //! 1st, 2nd, 4th, 8th, ... time on each CPU ([`repeat_logged`]), so a
 //! flood of such packets costs a handful of records.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{EbpfContext, programs::TcContext};
 use dataplane_common::{NODE_CFG_BPF_LOG, Stat};
 
-use crate::{maps::NODE_CONFIG, stats::count_seen};
+use crate::{
+    maps::NODE_CONFIG,
+    stats::{PacketLen, count_seen},
+};
 
 /// Has the agent asked for rare events to be logged?
 #[inline(always)]
@@ -25,7 +28,7 @@ pub fn enabled() -> bool {
 }
 
 /// What a map update returns, negated, when the map holds `max_entries`.
-const E2BIG: i64 = 7;
+const E2BIG: i64 = crate::consts::E2BIG as i64;
 
 /// Whether a map update failed because the map is full.
 #[inline(always)]
@@ -69,8 +72,8 @@ pub fn config_missing(ctx: &TcContext, program: &str) {
 /// (-E2BIG: the map is full): counted as `map_full` on the way; the
 /// packet then goes on to its outcome.
 #[inline(always)]
-pub fn map_full(ctx: &TcContext, map: &str, err: i64) {
-    let n = count_seen(Stat::MapFull, ctx.len());
+pub fn map_full<C: EbpfContext + PacketLen>(ctx: &C, map: &str, err: i64) {
+    let n = count_seen(Stat::MapFull, ctx.packet_len());
     if repeat_logged(n) {
         log_event!(
             ctx,

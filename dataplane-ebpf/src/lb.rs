@@ -40,7 +40,7 @@ use crate::{
     nat::{Addr, Port, set_addr, set_port},
     parse::{self, Ipv4Packet},
     reject,
-    stats::count,
+    stats::{PacketLen, count},
 };
 
 /// What the service path decided about a packet.
@@ -291,7 +291,7 @@ fn new_flow(
 ) -> Result<CtEntry, Verdict> {
     // INVALID first (a RST is never answered): kube-proxy drops those
     // before its REJECT, which only sees new connections.
-    let Some((state, flags)) = ct_rules::initial(flow.proto, flow.tcp_flags) else {
+    let Some(initial) = ct_rules::initial(flow.proto, flow.tcp_flags) else {
         return Err(drop_counted(ctx, Stat::DropCtInvalid));
     };
     if svc.count == 0 {
@@ -301,30 +301,12 @@ fn new_flow(
         log_event!(ctx, "svc {}: backend slot missing", svc.id);
         return Err(reject(ctx, flow, key, Stat::SvcRejectNoBackend));
     };
+    let (mut entry, rnat) = ct::new_entries(flow, key, svc.id, backend, initial, 0, now);
     // Hairpin: the client is its own backend. Give the flow another source
     // so the pod does not see a packet from itself.
-    let snat = if backend.ip == flow.saddr {
-        HAIRPIN_SNAT_IP
-    } else {
-        [0; 4]
-    };
-    let entry = CtEntry {
-        backend,
-        snat,
-        svc_id: svc.id,
-        created_ns: now,
-        last_seen_ns: now,
-        state: state as u8,
-        flags,
-        snat_port: [0; 2],
-        _pad: [0; 4],
-    };
-    let rnat = RnatEntry {
-        vip: key.vip,
-        vport: key.port,
-        client_port: flow.sport,
-        client: flow.saddr,
-    };
+    if backend.ip == flow.saddr {
+        entry.snat = HAIRPIN_SNAT_IP;
+    }
     match ct::create(ct_key, &entry, &rnat) {
         Ok(()) => {}
         Err(CreateError::Full) => return Err(drop_counted(ctx, Stat::DropCtFull)),
@@ -333,7 +315,7 @@ fn new_flow(
             return Err(reject(ctx, flow, key, Stat::SvcRejectCtFailed));
         }
     }
-    if flags & ct_rules::CT_F_PICKED_UP != 0 {
+    if entry.flags & ct_rules::CT_F_PICKED_UP != 0 {
         count(Stat::SvcCtPickup, ctx.len());
     }
     svc_counters(ctx, key, |c| c.new_flows += 1);
@@ -418,7 +400,7 @@ fn remember_affinity<C: EbpfContext>(ctx: &C, key: &AffinityKey, backend: Backen
 /// error went back to the client, as `drop_reject_failed` when it could
 /// not be built.
 #[inline(always)]
-fn reject(ctx: &TcContext, flow: &Flow, key: &SvcKey, stat: Stat) -> Verdict {
+pub fn reject(ctx: &TcContext, flow: &Flow, key: &SvcKey, stat: Stat) -> Verdict {
     let len = ctx.len();
     svc_counters(ctx, key, |c| c.rejections += 1);
     let r = if flow.proto == PROTO_TCP {
@@ -438,8 +420,9 @@ fn reject(ctx: &TcContext, flow: &Flow, key: &SvcKey, stat: Stat) -> Verdict {
     }
 }
 
+/// Applies `f` to the frontend's counters (`svc_stats_v1`, per CPU).
 #[inline(always)]
-fn svc_counters(ctx: &TcContext, key: &SvcKey, f: impl FnOnce(&mut SvcCounters)) {
+pub fn svc_counters<C: EbpfContext + PacketLen>(ctx: &C, key: &SvcKey, f: impl FnOnce(&mut SvcCounters)) {
     let ptr = match SVC_STATS.get_ptr_mut(key) {
         Some(p) => p,
         None => {

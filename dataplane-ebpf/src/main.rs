@@ -25,6 +25,7 @@ mod lb;
 mod maps;
 mod masq;
 mod nat;
+mod natport;
 mod nodeport;
 mod parse;
 mod reject;

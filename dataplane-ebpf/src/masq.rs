@@ -7,8 +7,9 @@
 //! from this node's pod subnet to neither the cluster network nor
 //! multicast follows its flow's `MASQ` entry, or, if it starts a new
 //! flow, gets one: a NAT port from `--nat-ports` whose reverse key is
-//! free (`BPF_NOEXIST` insert into `MASQ_REV`, from a random port on,
-//! [`ALLOC_TRIES`] tries; none free is `drop_masq_exhausted`). Without
+//! free or held by a closed or expired flow (`natport`: `BPF_NOEXIST`
+//! insert into `MASQ_REV`, from a random port on, `ALLOC_TRIES` tries;
+//! none free is `drop_masq_exhausted`). Without
 //! `--ip-masq` only Service flows to backends outside the cluster network
 //! are masqueraded (the packet is the forward direction of a live Service
 //! flow, `lb::is_service_flow`), so that the backend's reply comes back
@@ -30,7 +31,7 @@
 //! (port unreachable, fragmentation needed) are translated back too.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::bpf_get_prandom_u32,
     programs::TcContext,
 };
@@ -38,25 +39,24 @@ use dataplane_common::{
     CtKey, NODE_CFG_IP_MASQ, NodeConfig, PROTO_TCP, PROTO_UDP, Stat,
     ct::{self as rules, CtState, CtTimeouts, Dir, Observe, TcpNew},
     masq::{
-        self as m, ALLOC_TRIES, MASQ_F_INBOUND, MASQ_F_OWN, MASQ_F_SERVICE, MasqEntry, MasqRev,
+        self as m, MASQ_F_INBOUND, MASQ_F_OWN, MASQ_F_SERVICE, MasqEntry, MasqRev,
         PROTO_ICMP,
     },
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
+    consts::{BPF_NOEXIST, E2BIG, EEXIST},
     ct, frag, icmp,
     l4::{Flow, Fragment, L4},
     lb,
     maps::{CT_CONFIG, MASQ, MASQ_REV},
     nat::{Addr, Port, set_addr, set_addr_l3, set_port},
+    natport::{self, NoPort},
     parse::{self, IP_OFF, Ipv4Packet, ptr_at},
     stats::count,
 };
 
-/// `bpf_map_update_elem` errors, negated.
-const EEXIST: i32 = 17;
-const E2BIG: i32 = 7;
 
 /// ICMP echo reply and request types.
 const ICMP_ECHOREPLY: u8 = 0;
@@ -291,6 +291,39 @@ fn observe(entry: *mut MasqEntry, proto: u8, dir: Dir, tcp: u8, now: u64) -> boo
     }
 }
 
+/// Frees the reverse key `rk` (remote end -> node:NAT port) if the flow
+/// holding it no longer needs it (see `natport`): its forward entry is
+/// gone or maps elsewhere (an orphan), or it is closed or expired.
+/// Whether the key is free now.
+#[inline(always)]
+fn reclaim(rk: &CtKey, now: u64) -> bool {
+    // SAFETY: plain data, copied out.
+    let Some(r) = (unsafe { MASQ_REV.get(rk) }).copied() else {
+        return true;
+    };
+    let fwd = m::forward_key(rk, &r);
+    let holder = MASQ.get_ptr(fwd).map(|e| {
+        // SAFETY: a map value pointer, valid for this program run.
+        let v = unsafe { *e };
+        let ours = v.flags & MASQ_F_INBOUND == 0
+            && m::reply_key(&fwd, v.nat_addr, v.nat_port) == *rk;
+        (ours, v)
+    });
+    match holder {
+        Some((true, v)) => {
+            if !rules::releases_port(v.state, v.last_seen_ns, now, &timeouts()) {
+                return false;
+            }
+            forget(&fwd, rk);
+        }
+        // Gone, or the forward key now holds another mapping.
+        _ => {
+            let _ = MASQ_REV.remove(rk);
+        }
+    }
+    true
+}
+
 /// Removes a flow: both entries.
 #[inline(always)]
 fn forget(fwd: &CtKey, rev: &CtKey) {
@@ -334,25 +367,20 @@ fn new_flow(
     let (min, max) = cfg.nat_ports();
     // SAFETY: helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() };
-    let mut port = None;
-    for i in 0..ALLOC_TRIES {
-        let candidate = m::port_at(min, max, start, i).to_be_bytes();
-        let rk = m::reply_key(key, cfg.public_ip, candidate);
-        match MASQ_REV.insert(rk, rev, BPF_NOEXIST as u64) {
-            Ok(()) => {
-                port = Some(candidate);
-                break;
-            }
-            Err(e) if e == -EEXIST => {}
-            Err(e) if e == -E2BIG => return Err(drop(ctx, Stat::DropMasqFull)),
-            Err(e) => {
-                log_event!(ctx, "masq: masq_rev_v1 insert failed ({})", e);
-                return Err(drop(ctx, Stat::DropNatFailed));
-            }
+    let port = match natport::allocate(min, max, start, |port| {
+        let rk = m::reply_key(key, cfg.public_ip, port);
+        natport::claim(
+            || MASQ_REV.insert(rk, rev, BPF_NOEXIST),
+            || reclaim(&rk, now),
+        )
+    }) {
+        Ok(port) => port,
+        Err(NoPort::Exhausted) => return Err(drop(ctx, Stat::DropMasqExhausted)),
+        Err(NoPort::Full) => return Err(drop(ctx, Stat::DropMasqFull)),
+        Err(NoPort::Failed(e)) => {
+            log_event!(ctx, "masq: masq_rev_v1 insert failed ({})", e);
+            return Err(drop(ctx, Stat::DropNatFailed));
         }
-    }
-    let Some(port) = port else {
-        return Err(drop(ctx, Stat::DropMasqExhausted));
     };
     let entry = MasqEntry {
         nat_addr: cfg.public_ip,
@@ -363,7 +391,7 @@ fn new_flow(
         last_seen_ns: now,
     };
     let rk = m::reply_key(key, cfg.public_ip, port);
-    match MASQ.insert(key, entry, BPF_NOEXIST as u64) {
+    match MASQ.insert(key, entry, BPF_NOEXIST) {
         Ok(()) => Ok(entry),
         Err(e) => {
             let _ = MASQ_REV.remove(rk);
@@ -533,7 +561,7 @@ fn inbound(cfg: &NodeConfig, pkt: &Ipv4Packet) {
         last_seen_ns: now,
     };
     // Full table: the answers are masqueraded, as before this record.
-    let _ = MASQ.insert(key, entry, BPF_NOEXIST as u64);
+    let _ = MASQ.insert(key, entry, BPF_NOEXIST);
 }
 
 /// The flow a reply (`rk`, as it arrives) belongs to, provided its forward

@@ -16,17 +16,24 @@
 //!   ([`decapsulated_to_gateway`], before the packet would go to the host
 //!   stack) or from a local backend's veth (`lb::from_pod`).
 //! - `externalTrafficPolicy: Local`: this node's endpoints only, the
-//!   client's address kept; none: dropped (`drop_np_no_local_endpoint`).
+//!   client's address kept; none here but some on other nodes: dropped
+//!   (`drop_np_no_local_endpoint`).
+//! - A Service without any endpoint refuses new flows as kube-proxy's
+//!   REJECT does: a TCP RST, an ICMP port unreachable for UDP
+//!   (`np_reject_no_backend`).
+//!
+//! Each frontend has its counters in `svc_stats_v1` (new flows, packets,
+//! bytes, rejections), as ClusterIPs do.
 //!
 //! The reply, translated back (source the frontend, destination the
 //! client), leaves through the underlay by a FIB lookup and a redirect
 //! ([`to_underlay`]): the host stack would drop a forwarded packet whose
 //! source is its own address.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use aya_ebpf::{EbpfContext, bindings::TC_ACT_SHOT, programs::TcContext};
 use dataplane_common::{
-    BackendKey, CtEntry, MAGLEV_M, MaglevKey, NodeConfig, PROTO_TCP, RnatEntry, SVC_F_ETP_LOCAL,
-    SVC_F_EXTERNAL, Stat, SvcInfo, SvcKey,
+    BackendKey, CtEntry, MAGLEV_M, MaglevKey, NodeConfig, PROTO_TCP, SVC_F_EMPTY_DROPS,
+    SVC_F_ETP_LOCAL, SVC_F_EXTERNAL, Stat, SvcInfo, SvcKey,
     ct::{self as ct_rules, CT_F_NORTH_SOUTH, Dir},
 };
 
@@ -38,16 +45,14 @@ use crate::{
     lb::{self, Verdict},
     maps::{BACKENDS, MAGLEV, SERVICES},
     nat::{Addr, Port, set_addr, set_port},
+    natport::{self, NoPort},
     parse::{self, in_prefix},
-    stats::count,
+    stats::{PacketLen, count},
 };
-
-/// NAT ports tried for a new flow before giving up.
-const NAT_PORT_TRIES: u32 = 8;
 
 /// A packet that arrived on the underlay and is no VXLAN for this node:
 /// `Some(action)` when it is north-south Service traffic (translated and
-/// sent on, or dropped, counted), `None` to leave it to the kernel.
+/// sent on, or refused, counted), `None` to leave it to the kernel.
 #[inline(always)]
 pub fn from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     let pkt = parse::ipv4(ctx.data(), ctx.data_end())?;
@@ -68,11 +73,21 @@ pub fn from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     let len = ctx.len();
     let entry = match flow_entry(ctx, cfg, &flow, &key, &svc) {
         Ok(e) => e,
-        Err(stat) => {
+        Err(Refused::Drop(stat)) => {
             count(stat, len);
             return Some(TC_ACT_SHOT);
         }
+        Err(Refused::Reject) => {
+            return match lb::reject(ctx, &flow, &key, Stat::NpRejectNoBackend) {
+                Verdict::Done(action) => Some(action),
+                Verdict::Translated(_) | Verdict::Pass => Some(TC_ACT_SHOT),
+            };
+        }
     };
+    lb::svc_counters(ctx, &key, |c| {
+        c.packets += 1;
+        c.bytes += u64::from(len);
+    });
     let b = entry.backend;
     let ok = set_addr(ctx, &flow, Addr::Dst, flow.daddr, b.ip).is_ok()
         && set_port(ctx, &flow, Port::Dst, flow.dport, b.port).is_ok()
@@ -98,16 +113,25 @@ pub fn from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     ))
 }
 
-/// The flow's entry: its live one, or a new one. `Err`: the packet's
-/// drop reason.
+/// Why a packet gets no flow.
+#[derive(Clone, Copy)]
+pub enum Refused {
+    /// Dropped, counted as this.
+    Drop(Stat),
+    /// The Service has no endpoints: refused as kube-proxy's REJECT does
+    /// (TCP RST, ICMP port unreachable), counted `np_reject_no_backend`.
+    Reject,
+}
+
+/// The flow's entry: its live one, or a new one.
 #[inline(always)]
-fn flow_entry(
-    ctx: &TcContext,
+pub fn flow_entry<C: EbpfContext + PacketLen>(
+    ctx: &C,
     cfg: &NodeConfig,
     flow: &Flow,
     key: &SvcKey,
     svc: &SvcInfo,
-) -> Result<CtEntry, Stat> {
+) -> Result<CtEntry, Refused> {
     let now = ct::now();
     let fwd = ct::key(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     if let Some(p) = ct::lookup_forward(&fwd, now) {
@@ -122,17 +146,19 @@ fn flow_entry(
         // Backend gone, frontend reused, or the tuple reopened: start over.
         ct::forget(&fwd, &ct::reply_key(&fwd, &e));
         if flow.proto == PROTO_TCP && !flow.is_tcp_open() {
-            return Err(Stat::DropNpInvalid);
+            return Err(Refused::Drop(Stat::DropNpInvalid));
         }
     }
-    let Some((state, flags)) = ct_rules::initial(flow.proto, flow.tcp_flags) else {
-        return Err(Stat::DropNpInvalid);
+    let Some(initial) = ct_rules::initial(flow.proto, flow.tcp_flags) else {
+        return Err(Refused::Drop(Stat::DropNpInvalid));
     };
     if svc.count == 0 {
-        return Err(if svc.flags & SVC_F_ETP_LOCAL != 0 {
-            Stat::DropNpNoLocalEndpoint
+        // kube-proxy: no endpoints at all, REJECT; endpoints on other
+        // nodes only (ETP Local), DROP.
+        return Err(if svc.flags & SVC_F_EMPTY_DROPS != 0 {
+            Refused::Drop(Stat::DropNpNoLocalEndpoint)
         } else {
-            Stat::DropNpNoBackend
+            Refused::Reject
         });
     }
     let hash = flow_hash(flow);
@@ -146,51 +172,38 @@ fn flow_entry(
     })
     .copied() else {
         log_event!(ctx, "nodeport {}: backend slot missing", svc.id);
-        return Err(Stat::DropNpNoBackend);
+        return Err(Refused::Drop(Stat::DropNpNoBackend));
     };
-    let mut entry = CtEntry {
-        backend,
-        snat: [0; 4],
-        svc_id: svc.id,
-        created_ns: now,
-        last_seen_ns: now,
-        state: state as u8,
-        flags: flags | CT_F_NORTH_SOUTH,
-        snat_port: [0; 2],
-        _pad: [0; 4],
-    };
-    let rnat = RnatEntry {
-        vip: key.vip,
-        vport: key.port,
-        client_port: flow.sport,
-        client: flow.saddr,
-    };
-    if svc.flags & SVC_F_ETP_LOCAL != 0 {
-        return match ct::create(&fwd, &entry, &rnat) {
-            Ok(()) => Ok(entry),
-            Err(CreateError::Full) => Err(Stat::DropCtFull),
-            Err(CreateError::Failed) => Err(Stat::DropNatFailed),
-        };
-    }
-    // Cluster: SNAT to the gateway address and a free NAT port.
-    entry.snat = cfg.gateway;
-    let (min, max) = cfg.nat_ports();
-    let span = u32::from(max - min) + 1;
-    let mut i = 0;
-    while i < NAT_PORT_TRIES {
-        // Spread the tries over the range (a step prime to any span
-        // below 2^16 that is not its multiple).
-        let off = (hash.wrapping_add(i.wrapping_mul(40_503))) % span;
-        entry.snat_port = ((min as u32 + off) as u16).to_be_bytes();
-        match ct::create_exclusive(&fwd, &entry, &rnat) {
-            Ok(true) => return Ok(entry),
-            Ok(false) => {}
-            Err(CreateError::Full) => return Err(Stat::DropCtFull),
-            Err(CreateError::Failed) => return Err(Stat::DropNatFailed),
+    let (mut entry, rnat) =
+        ct::new_entries(flow, key, svc.id, backend, initial, CT_F_NORTH_SOUTH, now);
+    let created = if svc.flags & SVC_F_ETP_LOCAL != 0 {
+        ct::create(&fwd, &entry, &rnat)
+    } else {
+        // Cluster: SNAT to the gateway address and a free NAT port.
+        entry.snat = cfg.gateway;
+        let (min, max) = cfg.nat_ports();
+        let port = natport::allocate(min, max, hash, |port| {
+            let mut e = entry;
+            e.snat_port = port;
+            ct::claim_reply(&ct::reply_key(&fwd, &e), &rnat)
+        });
+        match port {
+            Ok(port) => {
+                entry.snat_port = port;
+                ct::create_forward(&fwd, &entry)
+            }
+            Err(NoPort::Exhausted) => return Err(Refused::Drop(Stat::DropNpNatPorts)),
+            Err(NoPort::Full) => Err(CreateError::Full),
+            Err(NoPort::Failed(_)) => Err(CreateError::Failed),
         }
-        i += 1;
+    };
+    match created {
+        Ok(()) => {}
+        Err(CreateError::Full) => return Err(Refused::Drop(Stat::DropCtFull)),
+        Err(CreateError::Failed) => return Err(Refused::Drop(Stat::DropNatFailed)),
     }
-    Err(Stat::DropNpNatPorts)
+    lb::svc_counters(ctx, key, |c| c.new_flows += 1);
+    Ok(entry)
 }
 
 /// The backend slot of a new flow: the Maglev table's entry at the flow's

@@ -1,5 +1,6 @@
 //! The single place where outcomes are counted.
 
+use aya_ebpf::programs::{TcContext, XdpContext};
 use dataplane_common::{Counter, Stat};
 
 use crate::maps::STATS;
@@ -25,5 +26,25 @@ pub fn count_seen(stat: Stat, bytes: u32) -> u64 {
             }
         }
         None => 0,
+    }
+}
+
+/// The length counted with a packet's outcome: the skb's in TC, the
+/// frame's in XDP. For code both kinds of program run.
+pub trait PacketLen {
+    fn packet_len(&self) -> u32;
+}
+
+impl PacketLen for TcContext {
+    #[inline(always)]
+    fn packet_len(&self) -> u32 {
+        self.len()
+    }
+}
+
+impl PacketLen for XdpContext {
+    #[inline(always)]
+    fn packet_len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
     }
 }

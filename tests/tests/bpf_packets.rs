@@ -977,6 +977,7 @@ fn set_frontend(env: &mut Env, key: SvcKey, backends: Vec<Backend>) {
             backends,
             affinity_timeout_s: None,
             north_south: None,
+            empty_drops: false,
         },
     );
     let name = ServiceName::new("default", "test");
@@ -2638,18 +2639,36 @@ fn set_ns_frontend(
     backends: Vec<Backend>,
     policy: TrafficPolicy,
 ) {
-    let key = SvcKey {
+    set_ns_frontend_with(env, port, proto, backends, policy, false);
+}
+
+/// The key of the north-south frontend `OUR_IP:port/proto`.
+fn ns_key(port: u16, proto: u8) -> SvcKey {
+    SvcKey {
         vip: OUR_IP.octets(),
         port: port.to_be_bytes(),
         proto,
         _pad: 0,
-    };
+    }
+}
+
+/// [`set_ns_frontend`], saying whether the Service has endpoints
+/// elsewhere when `backends` is empty (`empty_drops`).
+fn set_ns_frontend_with(
+    env: &mut Env,
+    port: u16,
+    proto: u8,
+    backends: Vec<Backend>,
+    policy: TrafficPolicy,
+    empty_drops: bool,
+) {
     env.fronts.insert(
-        key,
+        ns_key(port, proto),
         FrontendState {
             backends,
             affinity_timeout_s: None,
             north_south: Some(policy),
+            empty_drops,
         },
     );
     let name = ServiceName::new("default", "test");
@@ -2814,12 +2833,14 @@ root_test!(
             "and back out",
         );
 
-        // Without a local endpoint: dropped, counted.
-        set_ns_frontend(&mut env, NODE_PORT, 17, vec![], TrafficPolicy::Local);
+        // Without a local endpoint, the Service's endpoints elsewhere:
+        // dropped, counted (kube-proxy drops these).
+        set_ns_frontend_with(&mut env, NODE_PORT, 17, vec![], TrafficPolicy::Local, true);
         let f = from_outside(&env, &udp(50002, NODE_PORT, b"q"), 17);
         let (rc, _) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
         assert_eq!(rc, TC_ACT_SHOT);
         assert_eq!(stat(&env, Stat::DropNpNoLocalEndpoint), 1);
+        assert_eq!(stat(&env, Stat::NpRejectNoBackend), 0);
         // Another port of the PublicIP is the host's: passed untouched.
         let f = from_outside(&env, &udp(50002, 22, b"q"), 17);
         let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
@@ -2917,4 +2938,115 @@ root_test!(nodeport_snat_port_of_a_closed_flow_is_taken_over, || {
         (inner.src(), inner.tcp().source_port),
         (Ipv4Addr::new(10, 244, 1, 1), 61000)
     );
+});
+
+root_test!(
+    a_north_south_frontend_without_endpoints_rejects_and_counts_per_frontend,
+    || {
+        let mut env = setup();
+        route_outside();
+        // Per-frontend counters, as ClusterIPs have.
+        let remote = Ipv4Addr::new(10, 244, 2, 7);
+        set_ns_frontend(
+            &mut env,
+            NODE_PORT,
+            6,
+            vec![backend(remote, 8080)],
+            TrafficPolicy::Cluster,
+        );
+        let syn = tcp(OUTSIDE, OUR_IP, 50000, NODE_PORT, 1000, 0, TCP_SYN, b"");
+        let f = from_outside(&env, &syn, 6);
+        let (rc, _) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let ack = tcp(OUTSIDE, OUR_IP, 50000, NODE_PORT, 1001, 1, TCP_ACK, b"hello");
+        let f = from_outside(&env, &ack, 6);
+        run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
+        let c = env.dp.maps().svc_counters();
+        let (_, c) = c
+            .iter()
+            .find(|(k, _)| *k == ns_key(NODE_PORT, 6))
+            .expect("the nodePort's counters");
+        assert_eq!((c.new_flows, c.packets, c.rejections), (1, 2, 0));
+        assert!(c.bytes > 0);
+
+        // No endpoints anywhere (whatever the policy): refused as
+        // kube-proxy's REJECT, back out of the underlay: TCP RST, ICMP
+        // port unreachable.
+        set_ns_frontend(&mut env, NODE_PORT, 6, vec![], TrafficPolicy::Cluster);
+        set_ns_frontend(&mut env, NODE_PORT, 17, vec![], TrafficPolicy::Local);
+        let syn = tcp(OUTSIDE, OUR_IP, 50001, NODE_PORT, 2000, 0, TCP_SYN, b"");
+        let f = from_outside(&env, &syn, 6);
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
+        assert_eq!(rc, TC_ACT_REDIRECT, "the RST goes back the way it came");
+        let (e, rst) = parse_eth_ipv4(&out);
+        assert_eq!(e.destination, PEER_UL_MAC);
+        assert_eq!((rst.src(), rst.dst()), (OUR_IP, OUTSIDE));
+        let t = rst.tcp();
+        assert!(t.rst && t.ack, "RST+ACK");
+        assert_eq!((t.source_port, t.destination_port), (NODE_PORT, 50001));
+        assert_eq!(t.acknowledgment_number, 2001);
+
+        let q = udp_csum(OUTSIDE, OUR_IP, 50002, NODE_PORT, b"query");
+        let f = from_outside(&env, &q, 17);
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let (e, icmp) = parse_eth_ipv4(&out);
+        assert_eq!(e.destination, PEER_UL_MAC);
+        assert_eq!((icmp.src(), icmp.dst()), (OUR_IP, OUTSIDE));
+        assert_eq!(
+            icmp.icmp().icmp_type,
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        );
+        assert_counters(
+            &env,
+            &[
+                (Stat::Encapsulated, 2),
+                (Stat::NpForward, 2),
+                (Stat::NpRejectNoBackend, 2),
+            ],
+            "forwarded, then refused",
+        );
+        let c = env.dp.maps().svc_counters();
+        let rejections = |k| c.iter().find(|(f, _)| *f == k).map(|(_, c)| c.rejections);
+        assert_eq!(rejections(ns_key(NODE_PORT, 6)), Some(1));
+        assert_eq!(rejections(ns_key(NODE_PORT, 17)), Some(1));
+    }
+);
+
+root_test!(masquerade_port_of_a_closed_flow_is_taken_over, || {
+    // One NAT port: a second connection to the same destination gets it
+    // once the first is closed, not after the 120 s TIME_WAIT timeout.
+    let mut env = setup_masq(true, (61000, 61000));
+    let syn = |sport| {
+        let l4 = tcp(CLIENT, OUTSIDE, sport, 443, 1, 0, TCP_SYN, b"");
+        leaving(CLIENT, OUTSIDE, 6, &l4)
+    };
+    let (rc, out) = run_tc(&mut env, prog_names::TO_UNDERLAY, &syn(40000));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(parse_eth_ipv4(&out).1.tcp().source_port, 61000);
+    let (rc, _) = run_tc(&mut env, prog_names::TO_UNDERLAY, &syn(40001));
+    assert_eq!(rc, TC_ACT_SHOT, "the only port is held by a live flow");
+    assert_eq!(stat(&env, Stat::DropMasqExhausted), 1);
+    // The first connection is reset by the pod: closed.
+    let rst = tcp(CLIENT, OUTSIDE, 40000, 443, 2, 0, TCP_RST, b"");
+    run_tc(
+        &mut env,
+        prog_names::TO_UNDERLAY,
+        &leaving(CLIENT, OUTSIDE, 6, &rst),
+    );
+    let (rc, out) = run_tc(&mut env, prog_names::TO_UNDERLAY, &syn(40001));
+    assert_eq!(rc, TC_ACT_OK, "the closed flow's port is taken over");
+    assert_eq!(parse_eth_ipv4(&out).1.tcp().source_port, 61000);
+    let flows = masq_flows(&mut env);
+    assert_eq!(flows.len(), 1, "the closed flow is gone: {flows:?}");
+    // The answer on the port goes to the new connection.
+    let synack = tcp(OUTSIDE, OUR_IP, 443, 61000, 7, 2, TCP_SYN | TCP_ACK, b"");
+    let (rc, back) = arrive(&mut env, OUTSIDE, 6, &synack);
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse_eth_ipv4(&back).1;
+    assert_eq!((p.dst(), p.tcp().destination_port), (CLIENT, 40001));
+    // A live flow's port is never taken: a third connection waits.
+    let (rc, _) = run_tc(&mut env, prog_names::TO_UNDERLAY, &syn(40002));
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(stat(&env, Stat::DropMasqExhausted), 2);
 });

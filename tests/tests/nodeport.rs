@@ -225,12 +225,42 @@ fn node_ports_on_every_node() {
     assert_eq!(source(&t), e.outside.ip, "Local keeps the source: {t}");
     let u = udp_ask(out, n1, ludp, Duration::from_secs(2)).unwrap();
     assert_eq!(source(&u), e.outside.ip, "Local keeps the source: {u}");
-    // Node 3 has none: dropped and counted, nothing answers.
+    // Node 3 has none (the Service's endpoint is on node 1): dropped and
+    // counted, nothing answers, not even a refusal.
     let before = e.stat(2, "drop_np_no_local_endpoint");
     let n3 = e.c.nodes[2].ip;
     assert!(udp_ask(out, n3, ludp, Duration::from_millis(700)).is_err());
-    assert!(tcp_ask(out, n3, ltcp).is_err());
+    let err = tcp_ask(out, n3, ltcp).unwrap_err();
+    assert!(!err.contains("refused"), "dropped, not refused: {err}");
     assert!(e.stat(2, "drop_np_no_local_endpoint") > before);
+
+    // A Service without any endpoint: refused at once (kube-proxy's
+    // REJECT: TCP RST, ICMP port unreachable) by the data path, whatever
+    // the policy, on every node. (The host would refuse a closed port
+    // too: the counter shows who did.)
+    for (name, ip, policy, ports) in [
+        ("empty", "10.96.0.22", "", (30090, 30091)),
+        ("empty-local", "10.96.0.23", "  externalTrafficPolicy: Local\n", (30092, 30093)),
+    ] {
+        e.c.apply_yaml(&manifest(
+            name,
+            ip,
+            &format!("  type: NodePort\n{policy}"),
+            Some(ports),
+            "",
+            &[],
+        ))
+        .unwrap();
+    }
+    for (i, node) in e.c.nodes.iter().enumerate() {
+        let before = e.stat(i, "np_reject_no_backend");
+        eventually(&format!("refusals on node {}", i + 1), || {
+            let t = tcp_ask(out, node.ip, 30090).unwrap_err();
+            let u = udp_ask(out, node.ip, 30093, Duration::from_secs(2)).unwrap_err();
+            assert!(t.contains("refused") && u.contains("refused"), "{t}; {u}");
+            e.stat(i, "np_reject_no_backend") >= before + 2
+        });
+    }
 
     // A pod (node 3) reaching a node's PublicIP:nodePort: served by
     // from_pod on its own node (node 3's address), without SNAT.

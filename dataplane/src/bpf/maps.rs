@@ -583,6 +583,11 @@ impl Maps {
     }
 
     /// The peer maps as the kernel has them.
+    /// Every frontend's counters (`svc_stats_v1`), summed over the CPUs.
+    pub fn svc_counters(&self) -> Vec<(SvcKey, SvcCounters)> {
+        super::stats::read_svc_stats(&self.svc_stats)
+    }
+
     pub fn peer_entries(&self) -> Result<PeerEntries, MapError> {
         let peers = collect(self.peers.iter())?
             .into_iter()

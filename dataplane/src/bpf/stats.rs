@@ -46,6 +46,13 @@ pub fn read_pinned_svc_stats(pin_path: &Path) -> Result<Vec<(SvcKey, SvcCounters
     let data = open_pinned(pin_path, map_names::SVC_STATS)?;
     let map: PerCpuHashMap<MapData, SvcKey, SvcCounters> =
         PerCpuHashMap::try_from(Map::PerCpuHashMap(data))?;
+    Ok(read_svc_stats(&map))
+}
+
+/// Every frontend's counters, summed over the CPUs, in key order.
+pub(super) fn read_svc_stats(
+    map: &PerCpuHashMap<MapData, SvcKey, SvcCounters>,
+) -> Vec<(SvcKey, SvcCounters)> {
     let mut out = Vec::new();
     for (k, per_cpu) in map.iter().filter_map(Result::ok) {
         let sum = per_cpu.iter().fold(SvcCounters::default(), |mut s, c| {
@@ -58,5 +65,5 @@ pub fn read_pinned_svc_stats(pin_path: &Path) -> Result<Vec<(SvcKey, SvcCounters
         out.push((k, sum));
     }
     out.sort_by_key(|(k, _)| *k);
-    Ok(out)
+    out
 }

@@ -38,6 +38,10 @@ pub struct FrontendState {
     /// `Some` for a north-south frontend (NodePort, externalIP,
     /// LoadBalancer IP): whether its externalTrafficPolicy is Local.
     pub north_south: Option<services::TrafficPolicy>,
+    /// No backends here but the Service has endpoints elsewhere
+    /// (`externalTrafficPolicy: Local`): new flows from outside are
+    /// dropped, not rejected (`SVC_F_EMPTY_DROPS`).
+    pub empty_drops: bool,
 }
 
 /// The frontends of one Service.
@@ -115,6 +119,7 @@ fn frontend_state(spec: &FrontendSpec) -> FrontendState {
             .collect(),
         affinity_timeout_s: spec.affinity_timeout.map(secs_u32),
         north_south: spec.north_south,
+        empty_drops: spec.empty_drops,
     }
 }
 

@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
     EndpointInfo, EndpointKey, MaglevKey, NodeConfig, PeerInfo, PodPortInfo, SVC_F_AFFINITY,
-    SVC_F_ETP_LOCAL, SVC_F_EXTERNAL, SvcInfo, SvcKey,
+    SVC_F_EMPTY_DROPS, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL, SvcInfo, SvcKey,
 };
 
 use super::{
@@ -180,6 +180,9 @@ fn set_frontend(
         flags |= SVC_F_EXTERNAL;
         if policy == TrafficPolicy::Local {
             flags |= SVC_F_ETP_LOCAL;
+        }
+        if want.empty_drops {
+            flags |= SVC_F_EMPTY_DROPS;
         }
         // The table names slots, so it follows them (the data path
         // ignores an entry beyond the count meanwhile).

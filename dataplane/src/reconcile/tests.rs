@@ -194,6 +194,7 @@ fn fe(backends: &[u8]) -> FrontendState {
         backends: backends.iter().map(|b| be(*b)).collect(),
         affinity_timeout_s: None,
         north_south: None,
+        empty_drops: false,
     }
 }
 
@@ -1312,6 +1313,7 @@ fn frontends_are_keyed_in_network_byte_order() {
         }],
         affinity_timeout: Some(std::time::Duration::from_secs(u64::MAX)),
         north_south: None,
+        empty_drops: false,
     };
     let got = desired::frontends(&[(f, spec)].into(), std::net::Ipv4Addr::UNSPECIFIED);
     let (k, st) = got.iter().next().unwrap();

@@ -174,6 +174,11 @@ pub struct FrontendSpec {
     /// `Some` for a north-south frontend (nodePort, externalIP,
     /// LoadBalancer ingress IP): its `externalTrafficPolicy`.
     pub north_south: Option<TrafficPolicy>,
+    /// A north-south frontend without backends here whose Service has
+    /// endpoints on other nodes (`externalTrafficPolicy: Local`): new
+    /// flows are dropped, as kube-proxy does. With no endpoints anywhere
+    /// they are rejected.
+    pub empty_drops: bool,
 }
 
 /// `spec.externalTrafficPolicy`.
@@ -1001,25 +1006,29 @@ impl ServiceStore {
             } else {
                 entry.local_only
             };
-            let backends = cache
-                .entry((sp.port, sp.proto, local))
-                .or_insert_with(|| {
-                    let mut eps: BTreeMap<BackendAddr, Cond> = BTreeMap::new();
-                    for set in &sets {
-                        let Some(target) = resolve_port(sp, entry.ports.len(), set) else {
-                            continue;
-                        };
-                        for &(ip, cond) in set.endpoints.iter() {
-                            if local && !is_local(ip) {
+            let mut backends_of = |local: bool| {
+                cache
+                    .entry((sp.port, sp.proto, local))
+                    .or_insert_with(|| {
+                        let mut eps: BTreeMap<BackendAddr, Cond> = BTreeMap::new();
+                        for set in &sets {
+                            let Some(target) = resolve_port(sp, entry.ports.len(), set) else {
                                 continue;
+                            };
+                            for &(ip, cond) in set.endpoints.iter() {
+                                if local && !is_local(ip) {
+                                    continue;
+                                }
+                                let e = eps.entry(BackendAddr { ip, port: target }).or_default();
+                                *e = e.merge(cond);
                             }
-                            let e = eps.entry(BackendAddr { ip, port: target }).or_default();
-                            *e = e.merge(cond);
                         }
-                    }
-                    choose_backends(&eps)
-                })
-                .clone();
+                        choose_backends(&eps)
+                    })
+                    .clone()
+            };
+            let backends = backends_of(local);
+            let empty_drops = ns && local && backends.is_empty() && !backends_of(false).is_empty();
             out.entry(f).or_insert_with(|| FrontendSpec {
                 service: svc.clone(),
                 port_name: sp.name.to_string(),
@@ -1030,6 +1039,7 @@ impl ServiceStore {
                 } else {
                     TrafficPolicy::Cluster
                 }),
+                empty_drops,
             });
         }
         out
@@ -1244,6 +1254,42 @@ mod tests {
         assert_eq!(backends(&s, fe("10.96.0.10", 80, Proto::Tcp)), vec![]);
         let s = store(SVC);
         assert_eq!(backends(&s, fe("10.96.0.10", 80, Proto::Tcp)), vec![]);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_drops_only_with_endpoints_elsewhere() {
+        let svc = SVC
+            .replace("  ports:", "  type: NodePort\n  externalTrafficPolicy: Local\n  ports:")
+            .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}");
+        let s = store(&format!(
+            "{svc}{}",
+            slice(
+                "web-1",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.244.2.2]}]"
+            )
+        ));
+        let node1 = |ip: Ipv4Addr| ip.octets()[2] == 1;
+        let node2 = |ip: Ipv4Addr| ip.octets()[2] == 2;
+        let np = fe("0.0.0.0", 30080, Proto::Tcp);
+        let cip = fe("10.96.0.10", 80, Proto::Tcp);
+        // Node 1 has none of the endpoints: its nodePort drops.
+        let f = s.frontends_for(&sn("web"), &node1);
+        assert_eq!(f[&np].north_south, Some(TrafficPolicy::Local));
+        assert_eq!(f[&np].backends, vec![]);
+        assert!(f[&np].empty_drops);
+        // The ClusterIP is not north-south: all endpoints, never drops.
+        assert_eq!(f[&cip].backends, vec![b("10.244.2.2", 8080)]);
+        assert!(!f[&cip].empty_drops);
+        // Node 2 has it.
+        let f = s.frontends_for(&sn("web"), &node2);
+        assert_eq!(f[&np].backends, vec![b("10.244.2.2", 8080)]);
+        assert!(!f[&np].empty_drops);
+        // No endpoints anywhere: rejected everywhere, as kube-proxy does.
+        let s = store(&svc);
+        let f = s.frontends_for(&sn("web"), &node1);
+        assert_eq!(f[&np].backends, vec![]);
+        assert!(!f[&np].empty_drops);
     }
 
     #[test]

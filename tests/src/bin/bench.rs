@@ -1703,6 +1703,7 @@ fn bpf_costs(o: &Opts) -> anyhow::Result<Vec<ProgCost>> {
                 backends,
                 affinity_timeout_s: None,
                 north_south: None,
+                empty_drops: false,
             },
         )]
         .into();
