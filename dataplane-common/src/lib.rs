@@ -808,6 +808,12 @@ stats! {
         "packet from outside to a north-south frontend that opens no flow (TCP segment other than SYN or ACK without an entry, or its backend is gone)";
     NpRejectNoBackend = 100, "np_reject_no_backend",
         "new flow from outside to a north-south frontend whose Service has no endpoints, refused (TCP RST, ICMP port unreachable: kube-proxy's REJECT)";
+    /// Counted on the way, like `svc_icmp_reverse`.
+    NpIcmpReverse = 101, "np_icmp_reverse",
+        "ICMP error from a backend or its path about a packet from outside, translated back and sent out of the underlay to the client (then counted by its outcome)";
+    /// Counted on the way, like `svc_icmp_forward`.
+    NpIcmpForward = 102, "np_icmp_forward",
+        "ICMP error from outside about a reply of a north-south flow, translated and sent on to the backend (then counted by its outcome)";
 }
 
 impl Stat {

@@ -20,7 +20,6 @@ use crate::{
     consts::{BPF_NOEXIST, E2BIG},
     l4::Flow,
     maps::{CT, CT_CONFIG, RNAT},
-    natport::{self, Claim},
 };
 
 
@@ -204,21 +203,17 @@ pub fn create(fwd: &CtKey, entry: &CtEntry, rnat: &RnatEntry) -> Result<(), Crea
     Ok(())
 }
 
-/// Claims the reverse-NAT key of a new flow whose reply key holds a port
-/// this packet chose (NodePort SNAT, one try of `natport::allocate`): the
-/// entry is added only if no live flow holds the key; a closed, expired or
-/// orphaned flow's is taken over ([`reclaim`], see `natport`). After
-/// `Claim::Won`, [`create_forward`] completes the flow.
+/// Adds the reverse-NAT entry of a new flow whose reply key holds a port
+/// this packet chose (NodePort SNAT, one try of `natport::allocate`),
+/// only if no flow holds the key (`BPF_NOEXIST`). After it,
+/// [`create_forward`] completes the flow.
 #[inline(always)]
-pub fn claim_reply(reply: &CtKey, rnat: &RnatEntry) -> Claim {
-    natport::claim(
-        || RNAT.insert(reply, *rnat, BPF_NOEXIST),
-        || reclaim(reply),
-    )
+pub fn insert_reply(reply: &CtKey, rnat: &RnatEntry) -> Result<(), i32> {
+    RNAT.insert(reply, *rnat, BPF_NOEXIST)
 }
 
 /// Stores the forward entry of a flow whose reverse-NAT entry
-/// [`claim_reply`] added; that entry is removed again on failure.
+/// [`insert_reply`] added; that entry is removed again on failure.
 #[inline(always)]
 pub fn create_forward(fwd: &CtKey, entry: &CtEntry) -> Result<(), CreateError> {
     if let Err(e) = CT.insert(fwd, *entry, 0) {
@@ -236,7 +231,7 @@ pub fn create_forward(fwd: &CtKey, entry: &CtEntry) -> Result<(), CreateError> {
 /// needs it: its forward entry is gone or points elsewhere (an orphan),
 /// expired, or closed (TIME_WAIT or CLOSE). Whether the key is free now.
 #[inline(always)]
-fn reclaim(reply: &CtKey) -> bool {
+pub fn reclaim(reply: &CtKey) -> bool {
     // SAFETY: plain data, copied out.
     let Some(old) = (unsafe { RNAT.get(reply) }).copied() else {
         return true;

@@ -6,13 +6,18 @@
 //! addresses rewritten (they carry no L4 header; the first fragment's L4
 //! checksum change covers the whole datagram).
 //!
+//! North-south flows (NodePort, externalIP, LoadBalancer IP) too: their
+//! fragments from outside follow the first to the backend
+//! (`nodeport::from_underlay`), their replies' fragments leave by the
+//! underlay after it.
+//!
 //! A later fragment that arrives before its first (reordering, or the
 //! entry was evicted) cannot be placed: to a ClusterIP it is dropped and
 //! counted (`drop_frag_no_first`); a reply fragment cannot be told from
 //! other pod traffic and goes on untranslated.
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
-use dataplane_common::{FragEntry, FragKey, Stat};
+use dataplane_common::{CtEntry, FragEntry, FragKey, Stat};
 
 use crate::{
     l4::{Flow, Fragment},
@@ -76,14 +81,18 @@ pub fn follow(ctx: &TcContext, f: &Fragment) -> Verdict {
     };
     let ct_key = track::key(f.saddr, f.daddr, ports.sport, ports.dport, f.proto);
     let len = ctx.len();
-    let (ok, to, stat) = if let Some(r) = track::reply(&ct_key) {
+    let (ok, to, stat, north_south) = if let Some(b) = track::reply(&ct_key) {
+        let r = b.rnat;
         let ok = set_addr_l3(ctx, Addr::Src, f.saddr, r.vip).is_ok()
             && set_addr_l3(ctx, Addr::Dst, f.daddr, r.client).is_ok();
-        (ok, r.client, Stat::SvcReverse)
+        let stat = if b.north_south {
+            Stat::NpReverse
+        } else {
+            Stat::SvcReverse
+        };
+        (ok, r.client, stat, b.north_south)
     } else if let Some(e) = track::forward(&ct_key) {
-        let ok = set_addr_l3(ctx, Addr::Dst, f.daddr, e.backend.ip).is_ok()
-            && (e.snat == [0; 4] || set_addr_l3(ctx, Addr::Src, f.saddr, e.snat).is_ok());
-        (ok, e.backend.ip, Stat::SvcForward)
+        (forward(ctx, f, &e), e.backend.ip, Stat::SvcForward, false)
     } else {
         return unplaced(ctx, f);
     };
@@ -93,7 +102,39 @@ pub fn follow(ctx: &TcContext, f: &Fragment) -> Verdict {
         return Verdict::Done(TC_ACT_SHOT);
     }
     count(stat, len);
+    if north_south {
+        // A north-south reply leaves by the underlay, as its first did.
+        return Verdict::Done(crate::nodeport::to_underlay(ctx, to));
+    }
     Verdict::Translated(to)
+}
+
+/// A later fragment from outside the cluster (on the underlay, not
+/// VXLAN) of a north-south flow's datagram: translated as its first was.
+/// `Some(Ok(backend))` translated, `Some(Err(..))` its end (counted),
+/// `None`: of no north-south flow (the kernel gets it).
+#[inline(always)]
+pub fn from_outside(ctx: &TcContext, f: &Fragment) -> Option<Result<[u8; 4], Verdict>> {
+    let ports = ports_of(f)?;
+    let e = track::forward(&track::key(f.saddr, f.daddr, ports.sport, ports.dport, f.proto))?;
+    if !track::is_north_south(&e) {
+        return None;
+    }
+    if !forward(ctx, f, &e) {
+        log_event!(ctx, "nodeport: fragment NAT to {:i} failed", e.backend.ip);
+        count(Stat::DropNatFailed, ctx.len());
+        return Some(Err(Verdict::Done(TC_ACT_SHOT)));
+    }
+    count(Stat::NpForward, ctx.len());
+    Some(Ok(e.backend.ip))
+}
+
+/// Rewrites a fragment of a flow's forward direction as its entry says:
+/// destination the backend, source the SNAT address if any.
+#[inline(always)]
+fn forward(ctx: &TcContext, f: &Fragment, e: &CtEntry) -> bool {
+    set_addr_l3(ctx, Addr::Dst, f.daddr, e.backend.ip).is_ok()
+        && (e.snat == [0; 4] || set_addr_l3(ctx, Addr::Src, f.saddr, e.snat).is_ok())
 }
 
 /// A later fragment without a known first fragment.

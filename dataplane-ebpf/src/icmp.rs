@@ -15,6 +15,11 @@
 //!   ClusterIP:port. The outer destination and the quote's source become
 //!   the backend.
 //!
+//! North-south flows alike: an error from a local or remote backend
+//! about a packet from outside goes back out of the underlay to the
+//! client; one from outside about a reply goes on to the backend
+//! ([`from_outside`]).
+//!
 //! The quote's IPv4 checksum, its TCP/UDP checksum where the quote holds
 //! it, the ICMP checksum and the outer IPv4 checksum are updated
 //! incrementally. Every change is paired with the checksum that covers
@@ -177,7 +182,8 @@ fn translate(ctx: &TcContext, pkt: &Ipv4Packet, from_client: bool) -> Option<Ver
         (rw, e.backend.ip, Stat::SvcIcmpForward)
     } else {
         // The backend or the path answers a packet client -> backend.
-        let r = track::reply(&key)?;
+        let b = track::reply(&key)?;
+        let r = b.rnat;
         let rw = Rewrite {
             outer_src: if pkt.saddr == q_dst { r.vip } else { pkt.saddr },
             outer_dst: r.client,
@@ -186,15 +192,70 @@ fn translate(ctx: &TcContext, pkt: &Ipv4Packet, from_client: bool) -> Option<Ver
             quote_dst: r.vip,
             quote_dport: r.vport,
         };
+        if b.north_south {
+            // To a client outside: it leaves by the underlay.
+            return Some(match translated(ctx, &rw, r.client, Stat::NpIcmpReverse) {
+                Ok(to) => Verdict::Done(crate::nodeport::to_underlay(ctx, to)),
+                Err(v) => v,
+            });
+        }
         (rw, r.client, Stat::SvcIcmpReverse)
     };
-    if rewrite(ctx, &rw).is_err() {
+    Some(match translated(ctx, &rw, to, stat) {
+        Ok(to) => Verdict::Translated(to),
+        Err(v) => v,
+    })
+}
+
+/// Writes `rw` into the error, counted as `stat`: `Ok(to)`, or the
+/// packet's end when the rewrite failed (counted).
+#[inline(always)]
+fn translated(ctx: &TcContext, rw: &Rewrite, to: [u8; 4], stat: Stat) -> Result<[u8; 4], Verdict> {
+    if rewrite(ctx, rw).is_err() {
         log_event!(ctx, "svc: ICMP error translation to {:i} failed", to);
         count(Stat::DropNatFailed, ctx.len());
-        return Some(Verdict::Done(TC_ACT_SHOT));
+        return Err(Verdict::Done(TC_ACT_SHOT));
     }
     count(stat, ctx.len());
-    Some(Verdict::Translated(to))
+    Ok(to)
+}
+
+/// An ICMP error from outside the cluster (arriving on the underlay)
+/// about a reply of a north-south flow, frontend -> client: the path to
+/// the client says the reply was too big, or the client refuses it. The
+/// error goes on to the backend, as the reply came from it: `Some(to)`
+/// (the backend, after the rewrite), the packet's end when the rewrite
+/// failed, `None` when it is about no north-south flow.
+#[inline(always)]
+pub fn from_outside(ctx: &TcContext, pkt: &Ipv4Packet) -> Option<Result<[u8; 4], Verdict>> {
+    let q = quoted_flow(ctx, pkt)?;
+    // The quoted reply, seen as the client's packet: the forward key.
+    let key = track::key(q.daddr, q.saddr, q.dport, q.sport, q.proto);
+    let e = track::forward(&key)?;
+    if !track::is_north_south(&e) {
+        return None;
+    }
+    // What the backend sent its reply to: the SNAT address and port
+    // (ETP Cluster), else the client.
+    let (to_addr, to_port) = if e.snat == [0; 4] {
+        (q.daddr, q.dport)
+    } else if e.snat_port == [0; 2] {
+        (e.snat, q.dport)
+    } else {
+        (e.snat, e.snat_port)
+    };
+    let rw = Rewrite {
+        // From the SNAT address when there is one: a remote backend's
+        // node only accepts what the overlay carries from this node's
+        // subnet; else from whoever sent it (the client or its path).
+        outer_src: if e.snat == [0; 4] { pkt.saddr } else { e.snat },
+        outer_dst: e.backend.ip,
+        quote_src: e.backend.ip,
+        quote_sport: e.backend.port,
+        quote_dst: to_addr,
+        quote_dport: to_port,
+    };
+    Some(translated(ctx, &rw, e.backend.ip, Stat::NpIcmpForward))
 }
 
 /// Writes `rw` into the error and fixes the four checksums.

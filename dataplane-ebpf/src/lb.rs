@@ -155,6 +155,11 @@ pub fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Option<Verdict> {
         return Some(drop_counted(ctx, Stat::DropNatFailed));
     }
     if north_south {
+        // Its later fragments follow it (the callers remember only
+        // translations that stay here).
+        if flow.first_fragment {
+            frag::remember(ctx, flow);
+        }
         // It leaves through the underlay towards the client.
         count(Stat::NpReverse, ctx.len());
         return Some(Verdict::Done(crate::nodeport::to_underlay(ctx, r.client)));
@@ -183,7 +188,7 @@ pub fn reverse_nat_decapsulated(ctx: &TcContext) -> Result<Option<[u8; 4]>, i32>
 /// Reverse NAT of a packet for a pod of this node that did not come from
 /// a pod: a reply, later fragment or ICMP error of a Service flow.
 #[inline(always)]
-fn reverse_nat_inbound(ctx: &TcContext, pkt: &Ipv4Packet) -> Option<Verdict> {
+pub fn reverse_nat_inbound(ctx: &TcContext, pkt: &Ipv4Packet) -> Option<Verdict> {
     match pkt.l4 {
         L4::Flow(flow) => {
             let v = reverse_nat(ctx, &flow);

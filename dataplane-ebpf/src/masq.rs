@@ -367,13 +367,15 @@ fn new_flow(
     let (min, max) = cfg.nat_ports();
     // SAFETY: helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() };
-    let port = match natport::allocate(min, max, start, |port| {
-        let rk = m::reply_key(key, cfg.public_ip, port);
-        natport::claim(
-            || MASQ_REV.insert(rk, rev, BPF_NOEXIST),
-            || reclaim(&rk, now),
-        )
-    }) {
+    let rk = |port| m::reply_key(key, cfg.public_ip, port);
+    let port = match natport::allocate(
+        min,
+        max,
+        start,
+        natport::MASQ_TRIES,
+        |port| MASQ_REV.insert(rk(port), rev, BPF_NOEXIST),
+        |port| reclaim(&rk(port), now),
+    ) {
         Ok(port) => port,
         Err(NoPort::Exhausted) => return Err(drop(ctx, Stat::DropMasqExhausted)),
         Err(NoPort::Full) => return Err(drop(ctx, Stat::DropMasqFull)),

@@ -40,13 +40,13 @@ use dataplane_common::{
 use crate::{
     ct::{self, CreateError, Seen},
     encap::{self, Hop},
-    forward,
+    forward, frag, icmp,
     l4::{Flow, L4},
     lb::{self, Verdict},
     maps::{BACKENDS, MAGLEV, SERVICES},
     nat::{Addr, Port, set_addr, set_port},
     natport::{self, NoPort},
-    parse::{self, in_prefix},
+    parse::{self, Ipv4Packet, in_prefix},
     stats::{PacketLen, count},
 };
 
@@ -56,9 +56,36 @@ use crate::{
 #[inline(always)]
 pub fn from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     let pkt = parse::ipv4(ctx.data(), ctx.data_end())?;
-    let L4::Flow(flow) = pkt.l4 else {
-        return None;
+    let translated = match pkt.l4 {
+        L4::Flow(flow) => return flow_from_outside(ctx, cfg, &pkt, &flow),
+        // The rest of a datagram whose first fragment went to a backend.
+        L4::Fragment(f) => frag::from_outside(ctx, &f)?,
+        // An ICMP error about a reply a backend sent out.
+        L4::Other => icmp::from_outside(ctx, &pkt)?,
+        L4::Malformed => return None,
     };
+    Some(match translated {
+        Ok(backend) => to_backend(ctx, cfg, backend, pkt.tos),
+        Err(Verdict::Done(action)) => action,
+        Err(Verdict::Translated(_) | Verdict::Pass) => TC_ACT_SHOT,
+    })
+}
+
+/// A translated packet from outside on its way to `backend`: into a pod
+/// of this node, or encapsulated to the backend's node.
+#[inline(always)]
+fn to_backend(ctx: &TcContext, cfg: &NodeConfig, backend: [u8; 4], tos: u8) -> i32 {
+    if in_prefix(backend, cfg.subnet, cfg.subnet_prefix_len) {
+        return crate::to_local_pod(ctx, cfg, backend);
+    }
+    encap::encap_to_peer(ctx, cfg, backend, tos, Hop::Forwarded)
+}
+
+/// A TCP/UDP packet from outside: to a north-south frontend, it is
+/// translated (a new flow gets its backend) and sent on, or refused.
+#[inline(always)]
+fn flow_from_outside(ctx: &TcContext, cfg: &NodeConfig, pkt: &Ipv4Packet, flow: &Flow) -> Option<i32> {
+    let flow = *flow;
     let key = SvcKey {
         vip: flow.daddr,
         port: flow.dport,
@@ -100,17 +127,11 @@ pub fn from_underlay(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
         count(Stat::DropNatFailed, len);
         return Some(TC_ACT_SHOT);
     }
-    count(Stat::NpForward, len);
-    if in_prefix(b.ip, cfg.subnet, cfg.subnet_prefix_len) {
-        return Some(crate::to_local_pod(ctx, cfg, b.ip));
+    if flow.first_fragment {
+        frag::remember(ctx, &flow);
     }
-    Some(encap::encap_to_peer(
-        ctx,
-        cfg,
-        b.ip,
-        pkt.tos,
-        Hop::Forwarded,
-    ))
+    count(Stat::NpForward, len);
+    Some(to_backend(ctx, cfg, b.ip, pkt.tos))
 }
 
 /// Why a packet gets no flow.
@@ -182,11 +203,19 @@ pub fn flow_entry<C: EbpfContext + PacketLen>(
         // Cluster: SNAT to the gateway address and a free NAT port.
         entry.snat = cfg.gateway;
         let (min, max) = cfg.nat_ports();
-        let port = natport::allocate(min, max, hash, |port| {
+        let reply = |port| {
             let mut e = entry;
             e.snat_port = port;
-            ct::claim_reply(&ct::reply_key(&fwd, &e), &rnat)
-        });
+            ct::reply_key(&fwd, &e)
+        };
+        let port = natport::allocate(
+            min,
+            max,
+            hash,
+            natport::NODEPORT_TRIES,
+            |port| ct::insert_reply(&reply(port), &rnat),
+            |port| ct::reclaim(&reply(port)),
+        );
         match port {
             Ok(port) => {
                 entry.snat_port = port;
@@ -259,16 +288,15 @@ fn mix(mut h: u32) -> u32 {
 #[inline(always)]
 pub fn decapsulated_to_gateway(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     let pkt = parse::ipv4(ctx.data(), ctx.data_end())?;
-    let L4::Flow(flow) = pkt.l4 else {
-        return None;
-    };
-    match lb::reverse_nat(ctx, &flow)? {
+    // A reply, one of its later fragments, or an ICMP error from the
+    // backend about the client's packet.
+    match lb::reverse_nat_inbound(ctx, &pkt)? {
         // A north-south reply: already sent out (`to_underlay`), or dropped.
         Verdict::Done(action) => Some(action),
         // A Service reply for a pod (not expected at the gateway address).
-        Verdict::Translated(_) | Verdict::Pass => {
-            Some(forward::redirect_to_bridge(cfg.bridge_ifindex))
-        }
+        Verdict::Translated(_) => Some(forward::redirect_to_bridge(cfg.bridge_ifindex)),
+        // Not a Service reply: the host stack's.
+        Verdict::Pass => None,
     }
 }
 
