@@ -362,10 +362,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 }
 
 /// The release the upgrade test upgrades from: the last one that landed
-/// (stop 15: `ct_v2`, `node_cfg_v1`, `stats_v1`). Move it forward when a
-/// release is cut. The conversion from the release before it (`ct_v1`)
+/// (stop 16: `stats_v2`, `node_cfg_v2`, north-south Services). Move it
+/// forward when a release is cut. The conversion from the release before it (`ct_v1`)
 /// keeps its own test (`an_older_layout_is_migrated_through_the_pinned_maps`).
-const PREV_RELEASE: &str = "f0f9b0606869d2e7d98986777f1bc580aa0d0706";
+const PREV_RELEASE: &str = "1a833edc732085483f0810bbc3aa5a701f2a5eae";
 
 /// Whether `cargo test` with these arguments may run `tests/tests/restart.rs`.
 fn runs_restart_tests(cargo_args: &[String]) -> bool {
