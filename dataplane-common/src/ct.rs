@@ -531,8 +531,18 @@ mod tests {
         }
         // Idle past its timeout: released whatever the state.
         let est = t.secs(CtState::Established) as u64 * S;
-        assert!(releases_port(CtState::Established as u8, now, now + est + S, &t));
-        assert!(!releases_port(CtState::Established as u8, now, now + est - S, &t));
+        assert!(releases_port(
+            CtState::Established as u8,
+            now,
+            now + est + S,
+            &t
+        ));
+        assert!(!releases_port(
+            CtState::Established as u8,
+            now,
+            now + est - S,
+            &t
+        ));
         // A state no release wrote.
         assert!(releases_port(250, now, now, &t));
     }

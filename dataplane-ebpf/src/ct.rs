@@ -22,7 +22,6 @@ use crate::{
     maps::{CT, CT_CONFIG, RNAT},
 };
 
-
 /// The clock of `last_seen_ns` (CLOCK_MONOTONIC, as the agent reads it).
 #[inline(always)]
 pub fn now() -> u64 {

@@ -116,7 +116,13 @@ pub fn follow(ctx: &TcContext, f: &Fragment) -> Verdict {
 #[inline(always)]
 pub fn from_outside(ctx: &TcContext, f: &Fragment) -> Option<Result<[u8; 4], Verdict>> {
     let ports = ports_of(f)?;
-    let e = track::forward(&track::key(f.saddr, f.daddr, ports.sport, ports.dport, f.proto))?;
+    let e = track::forward(&track::key(
+        f.saddr,
+        f.daddr,
+        ports.sport,
+        ports.dport,
+        f.proto,
+    ))?;
     if !track::is_north_south(&e) {
         return None;
     }

@@ -427,7 +427,11 @@ pub fn reject(ctx: &TcContext, flow: &Flow, key: &SvcKey, stat: Stat) -> Verdict
 
 /// Applies `f` to the frontend's counters (`svc_stats_v1`, per CPU).
 #[inline(always)]
-pub fn svc_counters<C: EbpfContext + PacketLen>(ctx: &C, key: &SvcKey, f: impl FnOnce(&mut SvcCounters)) {
+pub fn svc_counters<C: EbpfContext + PacketLen>(
+    ctx: &C,
+    key: &SvcKey,
+    f: impl FnOnce(&mut SvcCounters),
+) {
     let ptr = match SVC_STATS.get_ptr_mut(key) {
         Some(p) => p,
         None => {

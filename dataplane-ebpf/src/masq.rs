@@ -38,10 +38,7 @@ use aya_ebpf::{
 use dataplane_common::{
     CtKey, NODE_CFG_IP_MASQ, NodeConfig, PROTO_TCP, PROTO_UDP, Stat,
     ct::{self as rules, CtState, CtTimeouts, Dir, Observe, TcpNew},
-    masq::{
-        self as m, MASQ_F_INBOUND, MASQ_F_OWN, MASQ_F_SERVICE, MasqEntry, MasqRev,
-        PROTO_ICMP,
-    },
+    masq::{self as m, MASQ_F_INBOUND, MASQ_F_OWN, MASQ_F_SERVICE, MasqEntry, MasqRev, PROTO_ICMP},
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -56,7 +53,6 @@ use crate::{
     parse::{self, IP_OFF, Ipv4Packet, ptr_at},
     stats::count,
 };
-
 
 /// ICMP echo reply and request types.
 const ICMP_ECHOREPLY: u8 = 0;
@@ -305,8 +301,8 @@ fn reclaim(rk: &CtKey, now: u64) -> bool {
     let holder = MASQ.get_ptr(fwd).map(|e| {
         // SAFETY: a map value pointer, valid for this program run.
         let v = unsafe { *e };
-        let ours = v.flags & MASQ_F_INBOUND == 0
-            && m::reply_key(&fwd, v.nat_addr, v.nat_port) == *rk;
+        let ours =
+            v.flags & MASQ_F_INBOUND == 0 && m::reply_key(&fwd, v.nat_addr, v.nat_port) == *rk;
         (ours, v)
     });
     match holder {

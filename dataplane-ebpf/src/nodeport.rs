@@ -84,7 +84,12 @@ fn to_backend(ctx: &TcContext, cfg: &NodeConfig, backend: [u8; 4], tos: u8) -> i
 /// A TCP/UDP packet from outside: to a north-south frontend, it is
 /// translated (a new flow gets its backend) and sent on, or refused.
 #[inline(always)]
-fn flow_from_outside(ctx: &TcContext, cfg: &NodeConfig, pkt: &Ipv4Packet, flow: &Flow) -> Option<i32> {
+fn flow_from_outside(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    pkt: &Ipv4Packet,
+    flow: &Flow,
+) -> Option<i32> {
     let flow = *flow;
     let key = SvcKey {
         vip: flow.daddr,

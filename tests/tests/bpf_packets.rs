@@ -2677,6 +2677,15 @@ fn set_ns_frontend_with(
         .unwrap();
 }
 
+/// A node with a route to the outside and the north-south frontend
+/// `OUR_IP:NODE_PORT/proto`.
+fn ns_setup(proto: u8, backends: Vec<Backend>, policy: TrafficPolicy) -> Env {
+    let mut env = setup();
+    route_outside();
+    set_ns_frontend(&mut env, NODE_PORT, proto, backends, policy);
+    env
+}
+
 /// A frame from the outside (through the underlay's router, 192.168.100.2)
 /// to this node's PublicIP.
 fn from_outside(env: &Env, l4: &[u8], proto: u8) -> Vec<u8> {
@@ -2696,16 +2705,8 @@ fn route_outside() {
 root_test!(
     nodeport_cluster_snats_to_the_gateway_and_the_reply_leaves_by_the_underlay,
     || {
-        let mut env = setup();
-        route_outside();
         let remote = Ipv4Addr::new(10, 244, 2, 7);
-        set_ns_frontend(
-            &mut env,
-            NODE_PORT,
-            6,
-            vec![backend(remote, 8080)],
-            TrafficPolicy::Cluster,
-        );
+        let mut env = ns_setup(6, vec![backend(remote, 8080)], TrafficPolicy::Cluster);
         let syn = tcp(OUTSIDE, OUR_IP, 50000, NODE_PORT, 1000, 0, TCP_SYN, b"");
         let f = from_outside(&env, &syn, 6);
         let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
@@ -2781,15 +2782,7 @@ root_test!(
 root_test!(
     nodeport_local_keeps_the_client_and_drops_without_a_local_endpoint,
     || {
-        let mut env = setup();
-        route_outside();
-        set_ns_frontend(
-            &mut env,
-            NODE_PORT,
-            17,
-            vec![backend(LOCAL_BACKEND, 5353)],
-            TrafficPolicy::Local,
-        );
+        let mut env = ns_setup(17, vec![backend(LOCAL_BACKEND, 5353)], TrafficPolicy::Local);
         let f = from_outside(&env, &udp(50001, NODE_PORT, b"q"), 17);
         let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
         assert_eq!(rc, TC_ACT_REDIRECT);
@@ -2943,22 +2936,16 @@ root_test!(nodeport_snat_port_of_a_closed_flow_is_taken_over, || {
 root_test!(
     a_north_south_frontend_without_endpoints_rejects_and_counts_per_frontend,
     || {
-        let mut env = setup();
-        route_outside();
         // Per-frontend counters, as ClusterIPs have.
         let remote = Ipv4Addr::new(10, 244, 2, 7);
-        set_ns_frontend(
-            &mut env,
-            NODE_PORT,
-            6,
-            vec![backend(remote, 8080)],
-            TrafficPolicy::Cluster,
-        );
+        let mut env = ns_setup(6, vec![backend(remote, 8080)], TrafficPolicy::Cluster);
         let syn = tcp(OUTSIDE, OUR_IP, 50000, NODE_PORT, 1000, 0, TCP_SYN, b"");
         let f = from_outside(&env, &syn, 6);
         let (rc, _) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
         assert_eq!(rc, TC_ACT_REDIRECT);
-        let ack = tcp(OUTSIDE, OUR_IP, 50000, NODE_PORT, 1001, 1, TCP_ACK, b"hello");
+        let ack = tcp(
+            OUTSIDE, OUR_IP, 50000, NODE_PORT, 1001, 1, TCP_ACK, b"hello",
+        );
         let f = from_outside(&env, &ack, 6);
         run_tc(&mut env, prog_names::FROM_UNDERLAY, &f);
         let c = env.dp.maps().svc_counters();
@@ -3051,149 +3038,160 @@ root_test!(masquerade_port_of_a_closed_flow_is_taken_over, || {
     assert_eq!(stat(&env, Stat::DropMasqExhausted), 2);
 });
 
-root_test!(north_south_fragments_and_icmp_errors_are_translated_both_ways, || {
-    let mut env = setup();
-    route_outside();
-    let remote = Ipv4Addr::new(10, 244, 2, 7);
-    let gw = Ipv4Addr::new(10, 244, 1, 1);
-    set_ns_frontend(
-        &mut env,
-        NODE_PORT,
-        17,
-        vec![backend(remote, 5353)],
-        TrafficPolicy::Cluster,
-    );
-    let ul = env.ul_mac;
-    let outside_frame = |ip: &[u8]| eth(ul, PEER_UL_MAC, ETH_P_IP, ip);
+root_test!(
+    north_south_fragments_and_icmp_errors_are_translated_both_ways,
+    || {
+        let remote = Ipv4Addr::new(10, 244, 2, 7);
+        let gw = Ipv4Addr::new(10, 244, 1, 1);
+        let mut env = ns_setup(17, vec![backend(remote, 5353)], TrafficPolicy::Cluster);
+        let ul = env.ul_mac;
+        let outside_frame = |ip: &[u8]| eth(ul, PEER_UL_MAC, ETH_P_IP, ip);
 
-    // A fragmented datagram from outside: both fragments go to the
-    // backend, SNATed to the gateway address.
-    let data: Vec<u8> = (0..600u32).map(|i| (i * 7) as u8).collect();
-    let seg = udp_csum(OUTSIDE, OUR_IP, 50010, NODE_PORT, &data);
-    let mut got = Vec::new();
-    for f in fragments(OUTSIDE, OUR_IP, 17, 0x4343, &seg, 304) {
-        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &outside_frame(&f));
-        assert_eq!(rc, TC_ACT_REDIRECT, "fragment encapsulated");
-        let v = parse_vxlan(&out);
-        assert_eq!(v.dst_ip, PEER_IP);
-        let p = v.inner_ipv4();
-        assert_eq!((p.src(), p.dst()), (gw, remote), "SNAT and DNAT");
-        got.push(p);
-    }
-    let whole: Vec<u8> = got.iter().flat_map(|p| p.payload.clone()).collect();
-    let nat_port = u16::from_be_bytes([whole[0], whole[1]]);
-    assert_eq!(&whole[2..4], &5353u16.to_be_bytes(), "to the backend's port");
-    assert_eq!(&whole[8..], &data[..]);
-    assert!(l4_checksum_ok(gw, remote, 17, &whole), "datagram checksum");
+        // A fragmented datagram from outside: both fragments go to the
+        // backend, SNATed to the gateway address.
+        let data: Vec<u8> = (0..600u32).map(|i| (i * 7) as u8).collect();
+        let seg = udp_csum(OUTSIDE, OUR_IP, 50010, NODE_PORT, &data);
+        let mut got = Vec::new();
+        for f in fragments(OUTSIDE, OUR_IP, 17, 0x4343, &seg, 304) {
+            let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &outside_frame(&f));
+            assert_eq!(rc, TC_ACT_REDIRECT, "fragment encapsulated");
+            let v = parse_vxlan(&out);
+            assert_eq!(v.dst_ip, PEER_IP);
+            let p = v.inner_ipv4();
+            assert_eq!((p.src(), p.dst()), (gw, remote), "SNAT and DNAT");
+            got.push(p);
+        }
+        let whole: Vec<u8> = got.iter().flat_map(|p| p.payload.clone()).collect();
+        let nat_port = u16::from_be_bytes([whole[0], whole[1]]);
+        assert_eq!(
+            &whole[2..4],
+            &5353u16.to_be_bytes(),
+            "to the backend's port"
+        );
+        assert_eq!(&whole[8..], &data[..]);
+        assert!(l4_checksum_ok(gw, remote, 17, &whole), "datagram checksum");
 
-    // The backend's fragmented reply, in VXLAN to the gateway address:
-    // both fragments leave by the underlay from the nodePort.
-    let seg = udp_csum(remote, gw, 5353, nat_port, &data);
-    let mut got = Vec::new();
-    for f in fragments(remote, gw, 17, 0x5252, &seg, 304) {
+        // The backend's fragmented reply, in VXLAN to the gateway address:
+        // both fragments leave by the underlay from the nodePort.
+        let seg = udp_csum(remote, gw, 5353, nat_port, &data);
+        let mut got = Vec::new();
+        for f in fragments(remote, gw, 17, 0x5252, &seg, 304) {
+            let (rc, out) = run_tc(
+                &mut env,
+                prog_names::FROM_UNDERLAY,
+                &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &f, ul),
+            );
+            assert_eq!(rc, TC_ACT_REDIRECT);
+            let (e, p) = parse_eth_ipv4(&out);
+            assert_eq!(e.destination, PEER_UL_MAC, "to the router");
+            assert_eq!((p.src(), p.dst()), (OUR_IP, OUTSIDE));
+            got.push(p);
+        }
+        let whole: Vec<u8> = got.iter().flat_map(|p| p.payload.clone()).collect();
+        assert_eq!(&whole[0..2], &NODE_PORT.to_be_bytes());
+        assert_eq!(&whole[2..4], &50010u16.to_be_bytes());
+        assert!(l4_checksum_ok(OUR_IP, OUTSIDE, 17, &whole));
+        assert_counters(
+            &env,
+            &[
+                (Stat::Encapsulated, 2),
+                (Stat::NpForward, 2),
+                (Stat::NpReverse, 2),
+                (Stat::NpToUnderlay, 2),
+            ],
+            "fragments both ways",
+        );
+
+        // The backend refuses a datagram (port unreachable, in VXLAN to the
+        // gateway): the client gets it from the nodePort, quoting what it sent.
+        let sent = ipv4(
+            gw,
+            remote,
+            17,
+            0,
+            &udp_csum(gw, remote, nat_port, 5353, b"q"),
+        );
+        let err = ipv4(remote, gw, 1, 0xc0, &icmp_error(3, 3, [0; 4], &sent));
         let (rc, out) = run_tc(
             &mut env,
             prog_names::FROM_UNDERLAY,
-            &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &f, ul),
+            &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &err, ul),
         );
         assert_eq!(rc, TC_ACT_REDIRECT);
         let (e, p) = parse_eth_ipv4(&out);
-        assert_eq!(e.destination, PEER_UL_MAC, "to the router");
-        assert_eq!((p.src(), p.dst()), (OUR_IP, OUTSIDE));
-        got.push(p);
+        assert_eq!(e.destination, PEER_UL_MAC);
+        assert_eq!((p.src(), p.dst()), (OUR_IP, OUTSIDE), "from the frontend");
+        let (q, rest) = parse_quote(&p.payload);
+        assert_eq!(
+            (Ipv4Addr::from(q.source), Ipv4Addr::from(q.destination)),
+            (OUTSIDE, OUR_IP),
+            "the quote as the client sent it"
+        );
+        assert_eq!(&rest[0..2], &50010u16.to_be_bytes());
+        assert_eq!(&rest[2..4], &NODE_PORT.to_be_bytes());
+
+        // A router on the client's path says the reply is too big: the error
+        // goes on to the backend, quoting the reply as the backend sent it.
+        let router = Ipv4Addr::new(203, 0, 113, 1);
+        let reply = ipv4(
+            OUR_IP,
+            OUTSIDE,
+            17,
+            0,
+            &udp_csum(OUR_IP, OUTSIDE, NODE_PORT, 50010, b"a"),
+        );
+        let mtu = [0, 0, 0x04, 0xb0];
+        let err = ipv4(router, OUR_IP, 1, 0xc0, &icmp_error(3, 4, mtu, &reply));
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &outside_frame(&err));
+        assert_eq!(rc, TC_ACT_REDIRECT, "encapsulated to the backend");
+        let p = parse_vxlan(&out).inner_ipv4();
+        assert_eq!(
+            (p.src(), p.dst()),
+            (gw, remote),
+            "from the gateway (the overlay carries only this node's subnet)"
+        );
+        let (q, rest) = parse_quote(&p.payload);
+        assert_eq!(
+            (Ipv4Addr::from(q.source), Ipv4Addr::from(q.destination)),
+            (remote, gw)
+        );
+        assert_eq!(&rest[0..2], &5353u16.to_be_bytes());
+        assert_eq!(&rest[2..4], &nat_port.to_be_bytes());
+        assert!(
+            l4_checksum_ok(remote, gw, 17, &rest),
+            "the quoted UDP checksum, fixed"
+        );
+        assert_counters(
+            &env,
+            &[
+                (Stat::Encapsulated, 3),
+                (Stat::NpForward, 2),
+                (Stat::NpReverse, 2),
+                (Stat::NpToUnderlay, 3),
+                (Stat::NpIcmpReverse, 1),
+                (Stat::NpIcmpForward, 1),
+            ],
+            "ICMP errors both ways",
+        );
+        // An error about no north-south flow is the host's.
+        let other = ipv4(
+            OUR_IP,
+            OUTSIDE,
+            17,
+            0,
+            &udp_csum(OUR_IP, OUTSIDE, 22, 50010, b"a"),
+        );
+        let err = outside_frame(&ipv4(
+            router,
+            OUR_IP,
+            1,
+            0xc0,
+            &icmp_error(3, 4, mtu, &other),
+        ));
+        let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &err);
+        assert_eq!((rc, out), (TC_ACT_OK, err));
     }
-    let whole: Vec<u8> = got.iter().flat_map(|p| p.payload.clone()).collect();
-    assert_eq!(&whole[0..2], &NODE_PORT.to_be_bytes());
-    assert_eq!(&whole[2..4], &50010u16.to_be_bytes());
-    assert!(l4_checksum_ok(OUR_IP, OUTSIDE, 17, &whole));
-    assert_counters(
-        &env,
-        &[
-            (Stat::Encapsulated, 2),
-            (Stat::NpForward, 2),
-            (Stat::NpReverse, 2),
-            (Stat::NpToUnderlay, 2),
-        ],
-        "fragments both ways",
-    );
-
-    // The backend refuses a datagram (port unreachable, in VXLAN to the
-    // gateway): the client gets it from the nodePort, quoting what it sent.
-    let sent = ipv4(gw, remote, 17, 0, &udp_csum(gw, remote, nat_port, 5353, b"q"));
-    let err = ipv4(remote, gw, 1, 0xc0, &icmp_error(3, 3, [0; 4], &sent));
-    let (rc, out) = run_tc(
-        &mut env,
-        prog_names::FROM_UNDERLAY,
-        &vxlan_from(PEER_IP, 0x08, 1, OUR_VTEP, &err, ul),
-    );
-    assert_eq!(rc, TC_ACT_REDIRECT);
-    let (e, p) = parse_eth_ipv4(&out);
-    assert_eq!(e.destination, PEER_UL_MAC);
-    assert_eq!((p.src(), p.dst()), (OUR_IP, OUTSIDE), "from the frontend");
-    let (q, rest) = parse_quote(&p.payload);
-    assert_eq!(
-        (Ipv4Addr::from(q.source), Ipv4Addr::from(q.destination)),
-        (OUTSIDE, OUR_IP),
-        "the quote as the client sent it"
-    );
-    assert_eq!(&rest[0..2], &50010u16.to_be_bytes());
-    assert_eq!(&rest[2..4], &NODE_PORT.to_be_bytes());
-
-    // A router on the client's path says the reply is too big: the error
-    // goes on to the backend, quoting the reply as the backend sent it.
-    let router = Ipv4Addr::new(203, 0, 113, 1);
-    let reply = ipv4(
-        OUR_IP,
-        OUTSIDE,
-        17,
-        0,
-        &udp_csum(OUR_IP, OUTSIDE, NODE_PORT, 50010, b"a"),
-    );
-    let mtu = [0, 0, 0x04, 0xb0];
-    let err = ipv4(router, OUR_IP, 1, 0xc0, &icmp_error(3, 4, mtu, &reply));
-    let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &outside_frame(&err));
-    assert_eq!(rc, TC_ACT_REDIRECT, "encapsulated to the backend");
-    let p = parse_vxlan(&out).inner_ipv4();
-    assert_eq!(
-        (p.src(), p.dst()),
-        (gw, remote),
-        "from the gateway (the overlay carries only this node's subnet)"
-    );
-    let (q, rest) = parse_quote(&p.payload);
-    assert_eq!(
-        (Ipv4Addr::from(q.source), Ipv4Addr::from(q.destination)),
-        (remote, gw)
-    );
-    assert_eq!(&rest[0..2], &5353u16.to_be_bytes());
-    assert_eq!(&rest[2..4], &nat_port.to_be_bytes());
-    assert!(
-        l4_checksum_ok(remote, gw, 17, &rest),
-        "the quoted UDP checksum, fixed"
-    );
-    assert_counters(
-        &env,
-        &[
-            (Stat::Encapsulated, 3),
-            (Stat::NpForward, 2),
-            (Stat::NpReverse, 2),
-            (Stat::NpToUnderlay, 3),
-            (Stat::NpIcmpReverse, 1),
-            (Stat::NpIcmpForward, 1),
-        ],
-        "ICMP errors both ways",
-    );
-    // An error about no north-south flow is the host's.
-    let other = ipv4(
-        OUR_IP,
-        OUTSIDE,
-        17,
-        0,
-        &udp_csum(OUR_IP, OUTSIDE, 22, 50010, b"a"),
-    );
-    let err = outside_frame(&ipv4(router, OUR_IP, 1, 0xc0, &icmp_error(3, 4, mtu, &other)));
-    let (rc, out) = run_tc(&mut env, prog_names::FROM_UNDERLAY, &err);
-    assert_eq!((rc, out), (TC_ACT_OK, err));
-});
+);
 
 /// The verifier walks every path of a program, up to a million
 /// instructions; past that the program does not load at all (`E2BIG`),

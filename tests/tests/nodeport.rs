@@ -240,7 +240,12 @@ fn node_ports_on_every_node() {
     // too: the counter shows who did.)
     for (name, ip, policy, ports) in [
         ("empty", "10.96.0.22", "", (30090, 30091)),
-        ("empty-local", "10.96.0.23", "  externalTrafficPolicy: Local\n", (30092, 30093)),
+        (
+            "empty-local",
+            "10.96.0.23",
+            "  externalTrafficPolicy: Local\n",
+            (30092, 30093),
+        ),
     ] {
         e.c.apply_yaml(&manifest(
             name,

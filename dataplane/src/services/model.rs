@@ -1259,7 +1259,10 @@ mod tests {
     #[test]
     fn external_traffic_policy_local_drops_only_with_endpoints_elsewhere() {
         let svc = SVC
-            .replace("  ports:", "  type: NodePort\n  externalTrafficPolicy: Local\n  ports:")
+            .replace(
+                "  ports:",
+                "  type: NodePort\n  externalTrafficPolicy: Local\n  ports:",
+            )
             .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}");
         let s = store(&format!(
             "{svc}{}",
