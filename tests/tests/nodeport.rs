@@ -17,7 +17,7 @@ use std::{
 };
 
 use tests::{
-    netns::require_root,
+    netns::{NetNs, in_netns, require_root},
     outside::{Outside, Witness},
     svc::{TCP_PORT, UDP_PORT, tcp_ask, udp_ask},
     topo::Cluster,
@@ -135,6 +135,27 @@ fn manifest(
     s
 }
 
+/// One HTTP GET of `/` from the namespace `ns`: the whole response.
+fn http_get(ns: &NetNs, ip: Ipv4Addr, port: u16) -> Result<String, String> {
+    in_netns(ns, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from((ip, port)),
+            Duration::from_secs(2),
+        )
+        .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        Ok(out)
+    })
+    .join()
+    .expect("client thread")
+}
+
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !f() {
@@ -233,6 +254,33 @@ fn node_ports_on_every_node() {
     let err = tcp_ask(out, n3, ltcp).unwrap_err();
     assert!(!err.contains("refused"), "dropped, not refused: {err}");
     assert!(e.stat(2, "drop_np_no_local_endpoint") > before);
+
+    // A LoadBalancer with externalTrafficPolicy Local: its
+    // healthCheckNodePort tells a load balancer which nodes have an
+    // endpoint (node 1: 200; node 3: 503), as kube-proxy's does.
+    e.c.apply_yaml(&manifest(
+        "lb-local",
+        "10.96.0.24",
+        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 30300\n",
+        None,
+        "",
+        &[a],
+    ))
+    .unwrap();
+    for (node, status, n) in [(0, "200", 1), (2, "503", 0)] {
+        let ip = e.c.nodes[node].ip;
+        eventually(&format!("health check on node {}", node + 1), || {
+            http_get(out, ip, 30300).is_ok_and(|r| r.starts_with(&format!("HTTP/1.1 {status}")))
+        });
+        let r = http_get(out, ip, 30300).unwrap();
+        assert!(
+            r.contains(&format!(
+                r#""localEndpoints":{n},"service":{{"name":"lb-local","namespace":"default"}}"#
+            )),
+            "node {}: {r}",
+            node + 1
+        );
+    }
 
     // A Service without any endpoint: refused at once (kube-proxy's
     // REJECT: TCP RST, ICMP port unreachable) by the data path, whatever

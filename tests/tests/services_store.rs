@@ -843,3 +843,74 @@ async fn apply_allocates_node_ports_without_duplicates() {
         vec![(80, Proto::Tcp, 31000), (53, Proto::Udp, 31001)]
     );
 }
+
+/// `healthCheckNodePort`, as the API server handles it: a LoadBalancer
+/// with externalTrafficPolicy Local gets one from the nodePort range
+/// (never one a nodePort or another Service holds), keeps it when
+/// re-applied without it; an explicit one is checked like a nodePort;
+/// any other Service may not set one.
+#[tokio::test]
+async fn apply_allocates_health_check_node_ports() {
+    let (_etcd, mut client) = setup().await;
+    let mut guard = services::AddressGuard::new("10.96.0.0/12".parse().unwrap(), None);
+    guard.node_ports = "30000-30009".parse().unwrap();
+    let lb = |name: &str, ip: &str, etp: &str, hc: Option<i32>| {
+        let Object::Service(mut s) = node_port_service(name, ip, None, None) else {
+            unreachable!()
+        };
+        let spec = s.spec.as_mut().unwrap();
+        spec.type_ = Some("LoadBalancer".into());
+        spec.external_traffic_policy = Some(etp.into());
+        spec.health_check_node_port = hc;
+        Object::Service(s)
+    };
+    let c0 = client.clone();
+    let apply = |objects: Vec<Object>| {
+        let (mut c, g) = (c0.clone(), guard.clone());
+        async move { services::apply_guarded(&mut c, DEFAULT_PREFIX, &objects, &g).await }
+    };
+    apply(vec![
+        lb("local", "10.96.3.1", "Local", None),
+        lb("cluster", "10.96.3.2", "Cluster", None),
+    ])
+    .await
+    .unwrap();
+    let store = services::list(&mut client, DEFAULT_PREFIX).await.unwrap();
+    let np: Vec<u16> = store.node_ports(&sn("local")).iter().map(|p| p.2).collect();
+    assert_eq!(np, vec![30000, 30001]);
+    assert_eq!(store.health_check_node_port(&sn("local")), Some(30002));
+    assert_eq!(store.health_check_node_port(&sn("cluster")), None);
+    // Re-applied without it: kept, nothing rewritten.
+    let s = apply(vec![lb("local", "10.96.3.1", "Local", None)])
+        .await
+        .unwrap();
+    assert_eq!(s.count(ApplyOutcome::Unchanged), 1);
+    // An explicit one held by another Service's nodePort, or outside the range.
+    let e = apply(vec![lb("other", "10.96.3.3", "Local", Some(30001))])
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().ends_with(
+            "spec.healthCheckNodePort: 30001 is already allocated to service default/local"
+        ),
+        "{e}"
+    );
+    let e = apply(vec![lb("other", "10.96.3.3", "Local", Some(31000))])
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("spec.healthCheckNodePort: 31000 is outside"),
+        "{e}"
+    );
+    // Only a LoadBalancer with externalTrafficPolicy Local has one.
+    let e = apply(vec![lb("other", "10.96.3.3", "Cluster", Some(30009))])
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().ends_with(
+            "spec.healthCheckNodePort: may only be set when spec.type is LoadBalancer and spec.externalTrafficPolicy is Local"
+        ),
+        "{e}"
+    );
+}

@@ -23,6 +23,7 @@
 
 pub mod cni;
 pub mod forwarding;
+mod health_check;
 pub mod hostnet;
 pub(crate) mod instance;
 pub mod nat_ports;
@@ -200,6 +201,8 @@ struct Agent {
     store: ServiceStore,
     /// Services skipped for their ClusterIP or a frontend another owns.
     svc_guard: service_guard::ServiceGuard,
+    /// `healthCheckNodePort` servers.
+    health_checks: health_check::HealthChecks,
     retry: Retry,
     transient_errors: u64,
     /// CNI pods registered with this agent.
@@ -414,6 +417,20 @@ impl Agent {
             return;
         }
         let had = self.rec.owns_frontends(name);
+        // This node's endpoints behind its externalTrafficPolicy Local
+        // frontends, for the load balancers' health checks.
+        let local: std::collections::BTreeSet<_> = fronts
+            .values()
+            .filter(|s| s.north_south == Some(crate::services::TrafficPolicy::Local))
+            .flat_map(|s| s.backends.iter().map(|b| b.ip))
+            .collect();
+        self.health_checks.set(
+            name,
+            self.store
+                .health_check_node_port(name)
+                .filter(|_| !fronts.is_empty()),
+            local.len(),
+        );
         let (ready, total) = self.store.endpoint_counts(name);
         self.status.service(name, fronts.len(), ready, total);
         let want = desired::frontends(&fronts, self.attrs.public_ip);

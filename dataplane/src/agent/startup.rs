@@ -256,6 +256,7 @@ pub(super) async fn start(
             );
             g
         },
+        health_checks: Default::default(),
         retry: Retry::default(),
         transient_errors: 0,
         cfg,

@@ -271,6 +271,9 @@ pub fn allocate_node_ports(
         for (_, _, np) in existing.node_ports(name) {
             used.entry(np).or_insert_with(|| name.clone());
         }
+        if let Some(hc) = existing.health_check_node_port(name) {
+            used.entry(hc).or_insert_with(|| name.clone());
+        }
     }
     // Explicit ones first, so an allocation never takes a number a later
     // Service of the file asks for.
@@ -295,21 +298,18 @@ pub fn allocate_node_ports(
                 path: format!("spec.ports[{i}].nodePort"),
                 message,
             };
-            if !range.contains(np) {
-                return Err(invalid(format!(
-                    "{np} is outside the nodePort range {range} (apply --service-node-port-range, or NodePortRange in the network config)"
-                )));
-            }
-            match used.get(&np) {
-                Some(other) if *other != name => {
-                    return Err(invalid(format!(
-                        "{np} is already allocated to service {other}"
-                    )));
-                }
-                _ => {
-                    used.insert(np, name.clone());
-                }
-            }
+            claim_explicit(&mut used, &name, np, range).map_err(invalid)?;
+        }
+        if wants_health_check(spec)
+            && let Some(hc) = spec
+                .health_check_node_port
+                .and_then(|n| u16::try_from(n).ok())
+        {
+            claim_explicit(&mut used, &name, hc, range).map_err(|message| StoreError::Invalid {
+                object: obj.object_ref(),
+                path: "spec.healthCheckNodePort".into(),
+                message,
+            })?;
         }
     }
     let mut next = range.min;
@@ -340,25 +340,81 @@ pub fn allocate_node_ports(
                 .map(|(_, _, np)| *np);
             let np = match kept {
                 Some(np) => np,
-                None => {
-                    while used.contains_key(&next) {
-                        if next == range.max {
-                            return Err(StoreError::Invalid {
-                                object: r.clone(),
-                                path: format!("spec.ports[{i}].nodePort"),
-                                message: format!("no free nodePort left in the range {range}"),
-                            });
-                        }
-                        next += 1;
-                    }
-                    next
-                }
+                None => next_free(&used, &mut next, range).ok_or_else(|| StoreError::Invalid {
+                    object: r.clone(),
+                    path: format!("spec.ports[{i}].nodePort"),
+                    message: format!("no free nodePort left in the range {range}"),
+                })?,
             };
             used.insert(np, name.clone());
             p.node_port = Some(i32::from(np));
         }
+        // LoadBalancer with externalTrafficPolicy Local: the port load
+        // balancers probe, from the same range, kept across applies.
+        if wants_health_check(spec) && spec.health_check_node_port.is_none() {
+            let kept = existing
+                .health_check_node_port(&name)
+                .filter(|hc| range.contains(*hc) && used.get(hc).is_none_or(|o| *o == name));
+            let hc = match kept {
+                Some(hc) => hc,
+                None => next_free(&used, &mut next, range).ok_or_else(|| StoreError::Invalid {
+                    object: r.clone(),
+                    path: "spec.healthCheckNodePort".into(),
+                    message: format!("no free nodePort left in the range {range}"),
+                })?,
+            };
+            used.insert(hc, name.clone());
+            spec.health_check_node_port = Some(i32::from(hc));
+        }
     }
     Ok(())
+}
+
+/// Whether a Service gets a `healthCheckNodePort`: a LoadBalancer with
+/// `externalTrafficPolicy: Local`, as the API server allocates it.
+fn wants_health_check(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> bool {
+    spec.type_.as_deref() == Some("LoadBalancer")
+        && spec.external_traffic_policy.as_deref() == Some("Local")
+}
+
+/// Takes an explicit nodePort (or health check port) `np` for `name`:
+/// inside `range` and held by no other Service.
+fn claim_explicit(
+    used: &mut BTreeMap<u16, ServiceName>,
+    name: &ServiceName,
+    np: u16,
+    range: NodePortRange,
+) -> Result<(), String> {
+    if !range.contains(np) {
+        return Err(format!(
+            "{np} is outside the nodePort range {range} (apply --service-node-port-range, or NodePortRange in the network config)"
+        ));
+    }
+    match used.get(&np) {
+        Some(other) if other != name => {
+            Err(format!("{np} is already allocated to service {other}"))
+        }
+        _ => {
+            used.insert(np, name.clone());
+            Ok(())
+        }
+    }
+}
+
+/// The lowest number from `next` on that no Service holds (`next` left
+/// there), or `None` when the range is used up.
+fn next_free(
+    used: &BTreeMap<u16, ServiceName>,
+    next: &mut u16,
+    range: NodePortRange,
+) -> Option<u16> {
+    while used.contains_key(next) {
+        if *next >= range.max {
+            return None;
+        }
+        *next += 1;
+    }
+    Some(*next)
 }
 
 /// Frontends claimed by two Services once `objects` replace their

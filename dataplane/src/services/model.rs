@@ -277,6 +277,10 @@ struct SvcEntry {
     lb_ips: Box<[Ipv4Addr]>,
     /// `externalTrafficPolicy: Local`.
     etp_local: bool,
+    /// `spec.healthCheckNodePort` of a LoadBalancer Service with
+    /// `externalTrafficPolicy: Local`: where the agent tells load
+    /// balancers whether this node has an endpoint.
+    health_check_node_port: Option<u16>,
 }
 
 /// `spec.clusterIP` as written, without a copy of the usual case: the
@@ -468,6 +472,7 @@ fn svc_entry(svc: &Service, create_revision: i64) -> SvcEntry {
     } else {
         Box::new([])
     };
+    let etp_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
     SvcEntry {
         create_revision,
         type_: spec.and_then(|s| s.type_.as_deref()).map(Into::into),
@@ -488,7 +493,12 @@ fn svc_entry(svc: &Service, create_revision: i64) -> SvcEntry {
             v4(spec.and_then(|s| s.external_ips.as_ref()))
         },
         lb_ips,
-        etp_local: spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local"),
+        etp_local,
+        health_check_node_port: spec
+            .filter(|s| etp_local && s.type_.as_deref() == Some("LoadBalancer"))
+            .and_then(|s| s.health_check_node_port)
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n != 0),
     }
 }
 
@@ -931,6 +941,12 @@ impl ServiceStore {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The `healthCheckNodePort` of a LoadBalancer Service with
+    /// `externalTrafficPolicy: Local`.
+    pub fn health_check_node_port(&self, name: &ServiceName) -> Option<u16> {
+        self.services.get(name)?.health_check_node_port
     }
 
     /// The etcd create revision of a service.

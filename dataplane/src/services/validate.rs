@@ -538,6 +538,19 @@ fn north_south(svc: &Service, errs: &mut Errors) {
             errs.add(format!("status.loadBalancer.ingress[{i}].ip"), e);
         }
     }
+    if let Some(hc) = spec.health_check_node_port {
+        let at = "spec.healthCheckNodePort";
+        if spec.type_.as_deref() != Some("LoadBalancer")
+            || spec.external_traffic_policy.as_deref() != Some("Local")
+        {
+            errs.add(
+                at,
+                "may only be set when spec.type is LoadBalancer and spec.externalTrafficPolicy is Local",
+            );
+        } else if let Err(e) = port_number(hc) {
+            errs.add(at, e);
+        }
+    }
     let has_external = node_ports || spec.external_ips.as_ref().is_some_and(|v| !v.is_empty());
     match spec.external_traffic_policy.as_deref() {
         None | Some("Cluster") => {}
