@@ -19,7 +19,7 @@ use std::{
 use tests::{
     netns::{NetNs, in_netns, require_root},
     outside::{Outside, Witness},
-    svc::{TCP_PORT, UDP_PORT, tcp_ask, udp_ask},
+    svc::{Conn, TCP_PORT, UDP_PORT, tcp_ask, udp_ask},
     topo::Cluster,
 };
 
@@ -236,6 +236,28 @@ fn node_ports_on_every_node() {
         let u = udp_ask(out, ip, 30053, Duration::from_secs(2)).unwrap();
         assert_eq!(source(&u), e.gateways[i], "UDP via node {}: {u}", i + 1);
     }
+
+    // `conntrack list` on the entry node names the Service of a
+    // north-south flow and the address and port it leaves with.
+    let (_held, _) = Conn::open(out, e.c.nodes[0].ip, 30080).unwrap();
+    let pin = e.c.nodes[0].pin_path.to_str().unwrap().to_owned();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(
+        &e.c.cli(&["conntrack", "list", "--output", "json", "--pin-path", &pin])
+            .unwrap(),
+    )
+    .unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["kind"] == "north-south" && r["proto"] == "TCP" && r["state"] == "established")
+        .unwrap_or_else(|| panic!("no established north-south flow: {rows:#?}"));
+    assert_eq!(row["service"], "default/web", "{row}");
+    assert_eq!(row["frontend"], format!("{}:30080", e.c.nodes[0].ip));
+    assert!(
+        row["nat"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(&format!("{}:", e.gateways[0]))),
+        "{row}"
+    );
 
     // Local: node 1 has the endpoint and keeps the client's address.
     let n1 = e.c.nodes[0].ip;

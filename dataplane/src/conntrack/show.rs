@@ -13,7 +13,7 @@ use std::{
 
 use dataplane_common::{
     CtKey, PROTO_TCP,
-    ct::{self, CT_F_MIGRATED, CT_F_PICKED_UP, CtState, CtTimeouts},
+    ct::{self, CT_F_MIGRATED, CT_F_NORTH_SOUTH, CT_F_PICKED_UP, CtState, CtTimeouts},
     masq::{MASQ_F_INBOUND, MASQ_F_SERVICE, PROTO_ICMP},
 };
 use serde::Serialize;
@@ -40,9 +40,17 @@ impl ServiceIndex {
         ServiceIndex { by_frontend }
     }
 
-    /// The Service a flow's forward key is a connection to.
+    /// The Service a flow's forward key is a connection to: its frontend,
+    /// or a nodePort (on any address of the node, so listed under the
+    /// unspecified address).
     pub fn service_of(&self, key: &CtKey) -> Option<&ServiceName> {
-        self.by_frontend.get(&frontend_of(key)?)
+        let f = frontend_of(key)?;
+        self.by_frontend.get(&f).or_else(|| {
+            self.by_frontend.get(&Frontend {
+                ip: Ipv4Addr::UNSPECIFIED,
+                ..f
+            })
+        })
     }
 
     /// Whether `name` is a known Service.
@@ -67,7 +75,9 @@ fn frontend_of(key: &CtKey) -> Option<Frontend> {
 /// One flow as `dataplane conntrack list` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FlowRow {
-    /// `service` (a ClusterIP flow) or `masq` (a masqueraded flow).
+    /// `service` (a ClusterIP flow), `north-south` (to a nodePort,
+    /// externalIP or LoadBalancer IP from outside) or `masq` (a
+    /// masqueraded flow).
     pub kind: &'static str,
     pub proto: &'static str,
     pub client: SocketAddrV4,
@@ -86,7 +96,8 @@ pub struct FlowRow {
     pub svc_id: u32,
     /// `namespace/name`, when etcd was reachable and knows the frontend.
     pub service: Option<String>,
-    /// The address and port a masqueraded flow leaves with.
+    /// The address and port a masqueraded or NodePort-SNATed flow leaves
+    /// with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nat: Option<SocketAddrV4>,
     /// `picked-up` (mid-stream, no SYN seen), `migrated` (from ct_v1),
@@ -151,8 +162,13 @@ fn row(f: &Flow, now_ns: u64, t: &CtTimeouts, services: Option<&ServiceIndex>) -
     if e.flags & CT_F_MIGRATED != 0 {
         notes.push("migrated");
     }
+    let north_south = e.flags & CT_F_NORTH_SOUTH != 0;
     FlowRow {
-        kind: "service",
+        kind: if north_south {
+            "north-south"
+        } else {
+            "service"
+        },
         proto: proto_name(k.proto),
         client: sock(k.saddr, k.sport),
         frontend: sock(k.daddr, k.dport),
@@ -166,7 +182,9 @@ fn row(f: &Flow, now_ns: u64, t: &CtTimeouts, services: Option<&ServiceIndex>) -
         service: services
             .and_then(|s| s.service_of(k))
             .map(|n| n.to_string()),
-        nat: None,
+        // An externalTrafficPolicy Cluster flow leaves with the gateway
+        // address and a NAT port.
+        nat: (e.snat_port != [0; 2]).then(|| sock(e.snat, e.snat_port)),
         notes,
     }
 }
@@ -240,7 +258,7 @@ pub fn flush(
 /// The rows as a table for a terminal.
 pub fn render(rows: &[FlowRow]) -> String {
     let mut s = format!(
-        "{:<7} {:<5} {:<21} {:<21} {:<21} {:<13} {:>8} {:>8} {:>8}  SERVICE\n",
+        "{:<11} {:<5} {:<21} {:<21} {:<21} {:<13} {:>8} {:>8} {:>8}  SERVICE\n",
         "KIND", "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE", "AGE(s)", "IDLE(s)", "EXP(s)"
     );
     for r in rows {
@@ -250,7 +268,7 @@ pub fn render(rows: &[FlowRow]) -> String {
             (None, None) => format!("(svc id {})", r.svc_id),
         };
         let mut line = format!(
-            "{:<7} {:<5} {:<21} {:<21} {:<21} {:<13} {:>8} {:>8} {:>8}  {service}",
+            "{:<11} {:<5} {:<21} {:<21} {:<21} {:<13} {:>8} {:>8} {:>8}  {service}",
             r.kind,
             r.proto,
             r.client.to_string(),
@@ -261,8 +279,12 @@ pub fn render(rows: &[FlowRow]) -> String {
             r.idle_s,
             r.expires_in_s
         );
-        if let Some(snat) = r.snat {
-            line.push_str(&format!(" (source {snat})"));
+        match (r.snat, r.nat) {
+            (Some(_), Some(nat)) if r.service.is_some() => {
+                line.push_str(&format!(" (source {nat})"))
+            }
+            (Some(snat), _) => line.push_str(&format!(" (source {snat})")),
+            _ => {}
         }
         for n in &r.notes {
             line.push_str(&format!(" [{n}]"));
@@ -317,5 +339,52 @@ mod tests {
         assert_eq!(r.service, None);
         let text = render(&[r]);
         assert!(text.contains("(svc id 4)"), "{text}");
+    }
+
+    #[test]
+    fn a_node_port_flow_names_its_service_and_nat() {
+        let objs = crate::services::manifest::parse_manifests(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  \
+             clusterIP: 10.96.0.10\n  ports:\n  - {port: 80, nodePort: 30080}\n",
+        )
+        .unwrap();
+        let index = ServiceIndex::new(&ServiceStore::from_objects(&objs));
+        let f = Flow {
+            key: CtKey {
+                saddr: [203, 0, 113, 10],
+                daddr: [192, 168, 100, 11],
+                sport: 50000u16.to_be_bytes(),
+                dport: 30080u16.to_be_bytes(),
+                proto: PROTO_TCP,
+                _pad: [0; 3],
+            },
+            entry: CtEntry {
+                backend: Backend {
+                    ip: [10, 244, 2, 7],
+                    port: 80u16.to_be_bytes(),
+                    _pad: [0; 2],
+                },
+                snat: [10, 244, 1, 1],
+                svc_id: 5,
+                created_ns: 0,
+                last_seen_ns: 0,
+                state: CtState::Established as u8,
+                flags: CT_F_NORTH_SOUTH,
+                snat_port: 61000u16.to_be_bytes(),
+                _pad: [0; 4],
+            },
+        };
+        let r = row(&f, 0, &CtTimeouts::default(), Some(&index));
+        assert_eq!(r.kind, "north-south");
+        assert_eq!(r.service.as_deref(), Some("default/web"));
+        assert_eq!(
+            r.nat.map(|n| n.to_string()).as_deref(),
+            Some("10.244.1.1:61000")
+        );
+        assert!(matches_service(
+            &f,
+            Some(&index),
+            Some(&ServiceName::new("default", "web"))
+        ));
     }
 }
