@@ -237,7 +237,7 @@ pub fn reclaim(reply: &CtKey) -> bool {
     };
     let fwd = ct::forward_key(&old, reply.proto);
     // SAFETY: plain data, copied out.
-    let free = match (unsafe { CT.get(&fwd) }).copied() {
+    let free = match (unsafe { CT.get(fwd) }).copied() {
         None => true,
         Some(e) => {
             reply_key(&fwd, &e) != *reply
@@ -249,10 +249,10 @@ pub fn reclaim(reply: &CtKey) -> bool {
     }
     // The forward entry only if it is this key's flow.
     // SAFETY: plain data, copied out.
-    if let Some(e) = unsafe { CT.get(&fwd) }
+    if let Some(e) = unsafe { CT.get(fwd) }
         && reply_key(&fwd, e) == *reply
     {
-        let _ = CT.remove(&fwd);
+        let _ = CT.remove(fwd);
     }
     let _ = RNAT.remove(reply);
     true
