@@ -230,14 +230,18 @@ pub fn create_forward(fwd: &CtKey, entry: &CtEntry) -> Result<(), CreateError> {
 /// needs it: its forward entry is gone or points elsewhere (an orphan),
 /// expired, or closed (TIME_WAIT or CLOSE). Whether the key is free now.
 #[inline(always)]
+#[allow(clippy::needless_borrows_for_generic_args)]
 pub fn reclaim(reply: &CtKey) -> bool {
     // SAFETY: plain data, copied out.
     let Some(old) = (unsafe { RNAT.get(reply) }).copied() else {
         return true;
     };
     let fwd = ct::forward_key(&old, reply.proto);
+    // The key by reference, not by value as clippy would have it: a
+    // 16-byte copy on the stack, which `from_underlay` has no room for
+    // (it broke the `--bpf-log` build: "combined stack size ... 528").
     // SAFETY: plain data, copied out.
-    let free = match (unsafe { CT.get(fwd) }).copied() {
+    let free = match (unsafe { CT.get(&fwd) }).copied() {
         None => true,
         Some(e) => {
             reply_key(&fwd, &e) != *reply
@@ -249,10 +253,10 @@ pub fn reclaim(reply: &CtKey) -> bool {
     }
     // The forward entry only if it is this key's flow.
     // SAFETY: plain data, copied out.
-    if let Some(e) = unsafe { CT.get(fwd) }
+    if let Some(e) = unsafe { CT.get(&fwd) }
         && reply_key(&fwd, e) == *reply
     {
-        let _ = CT.remove(fwd);
+        let _ = CT.remove(&fwd);
     }
     let _ = RNAT.remove(reply);
     true
