@@ -7,9 +7,9 @@
 //! from this node's pod subnet to neither the cluster network nor
 //! multicast follows its flow's `MASQ` entry, or, if it starts a new
 //! flow, gets one: a NAT port from `--nat-ports` whose reverse key is
-//! free or held by a closed or expired flow (`natport`: `BPF_NOEXIST`
-//! insert into `MASQ_REV`, from a random port on, `ALLOC_TRIES` tries;
-//! none free is `drop_masq_exhausted`). Without
+//! free, or else held by a closed or expired flow (`natport`: `BPF_NOEXIST`
+//! inserts into `MASQ_REV` from a random port on, `natport::MASQ_TRIES`;
+//! none is `drop_masq_exhausted`). Without
 //! `--ip-masq` only Service flows to backends outside the cluster network
 //! are masqueraded (the packet is the forward direction of a live Service
 //! flow, `lb::is_service_flow`), so that the backend's reply comes back
